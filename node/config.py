@@ -1,0 +1,130 @@
+"""A node's configuration: `<home>/config.toml`, written by `edgeswarm init`.
+
+    [node]
+    regions = ["plant/line1"]          # region trees this node follows
+    max_message_bytes = 262144         # larger messages are rejected unread
+
+    [broker]
+    host = "127.0.0.1"
+    port = 1883
+    protocol = "auto"                  # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
+    embedded = false                   # host an embedded broker on host:port
+
+The home directory (default ~/.edgeswarm, or $EDGESWARM_HOME) also holds `node.key`
+(the Ed25519 seed, mode 0600) and `store.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeswarm.shared.envelope import DEFAULT_MAX_BYTES
+from edgeswarm.shared.topics import TopicError, validate_region
+
+CONFIG_FILE = "config.toml"
+KEY_FILE = "node.key"
+STORE_FILE = "store.db"
+
+
+class ConfigError(Exception):
+    """A configuration file that is missing, unreadable or wrong."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EDGESWARM_HOME") or Path.home() / ".edgeswarm")
+
+
+@dataclass
+class Config:
+    home: Path
+    regions: list[str] = field(default_factory=list)
+    max_message_bytes: int = DEFAULT_MAX_BYTES
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    protocol: str = "auto"
+    embedded_broker: bool = False
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home)
+        for r in self.regions:
+            try:
+                validate_region(r)
+            except TopicError as e:
+                raise ConfigError(f"node.regions: {e}") from None
+        if not isinstance(self.max_message_bytes, int) or not 1024 <= self.max_message_bytes <= 64 * 2**20:
+            raise ConfigError("node.max_message_bytes must be an integer between 1024 and 67108864")
+        if not isinstance(self.broker_port, int) or not 0 < self.broker_port < 65536:
+            raise ConfigError(f"broker.port must be a TCP port number, not {self.broker_port!r}")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"broker.protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
+
+    @property
+    def key_path(self) -> Path:
+        return self.home / KEY_FILE
+
+    @property
+    def store_path(self) -> Path:
+        return self.home / STORE_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_FILE
+
+    @classmethod
+    def load(cls, home: Path | None = None) -> Config:
+        home = Path(home) if home else default_home()
+        path = home / CONFIG_FILE
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"no configuration at {path}; run `edgeswarm init` first") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        node, broker = data.pop("node", {}), data.pop("broker", {})
+        if data or not isinstance(node, dict) or not isinstance(broker, dict):
+            raise ConfigError(f"{path}: only [node] and [broker] tables are allowed")
+        known_node = {"regions", "max_message_bytes"}
+        known_broker = {"host", "port", "protocol", "embedded"}
+        unknown = (set(node) - known_node) | (set(broker) - known_broker)
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        regions = node.get("regions", [])
+        if not isinstance(regions, list) or not all(isinstance(r, str) for r in regions):
+            raise ConfigError(f"{path}: node.regions must be a list of region names")
+        embedded = broker.get("embedded", False)
+        if not isinstance(embedded, bool):
+            raise ConfigError(f"{path}: broker.embedded must be true or false")
+        host = broker.get("host", "127.0.0.1")
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{path}: broker.host must be a host name or address")
+        return cls(home=home, regions=regions,
+                   max_message_bytes=node.get("max_message_bytes", DEFAULT_MAX_BYTES),
+                   broker_host=host, broker_port=broker.get("port", 1883),
+                   protocol=str(broker.get("protocol", "auto")), embedded_broker=embedded)
+
+    def to_toml(self) -> str:
+        # JSON strings are valid TOML basic strings.
+        regions = ", ".join(json.dumps(r) for r in self.regions)
+        return (
+            "# edgeswarm node configuration\n"
+            "[node]\n"
+            f"regions = [{regions}]\n"
+            f"max_message_bytes = {self.max_message_bytes}\n\n"
+            "[broker]\n"
+            f"host = {json.dumps(self.broker_host)}\n"
+            f"port = {self.broker_port}\n"
+            f'protocol = "{self.protocol}"\n'
+            f"embedded = {'true' if self.embedded_broker else 'false'}\n"
+        )
+
+    def save(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.config_path.exists():
+            raise ConfigError(f"{self.config_path} already exists; refusing to overwrite it")
+        self.config_path.write_text(self.to_toml(), encoding="utf-8")

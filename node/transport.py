@@ -1,0 +1,173 @@
+"""The MQTT connection: the only module that imports paho.
+
+Speaks MQTT 5 where the broker does (content type `application/cbor`, no-local
+subscriptions) and MQTT 3.1.1 otherwise; with protocol "auto" it tries 5 first and falls
+back to 3.1.1 when the broker refuses the protocol version (amqtt does).
+Resubscribes after every reconnect; paho reconnects by itself in its network thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgeswarm.shared.envelope import CONTENT_TYPE
+
+log = logging.getLogger("edgeswarm.transport")
+
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+
+
+class TransportError(Exception):
+    """The broker cannot be reached or refused the connection."""
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class Transport:
+    def __init__(self, host: str, port: int, client_id: str, *, protocol: str = "auto",
+                 keepalive: int = 30, connect_timeout: float = 10.0) -> None:
+        if protocol not in ("auto", *PROTOCOLS):
+            raise TransportError(f"unknown MQTT protocol {protocol!r}; use auto, 5 or 3.1.1")
+        self.host, self.port, self.client_id = host, port, client_id
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.on_message: MessageHandler | None = None
+        self.on_ack: Callable[[int], None] | None = None
+        self.on_connected: Callable[[], None] | None = None
+        self._filters: set[str] = set()
+        self._client: mqtt.Client | None = None
+        self._version = 0
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._answered = threading.Event()
+
+    @property
+    def mqtt_version(self) -> str:
+        return "5" if self._version == mqtt.MQTTv5 else "3.1.1"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- connection ------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, waiting for the broker's answer; TransportError with the reason otherwise."""
+        versions = [PROTOCOLS[self.protocol]] if self.protocol != "auto" else [mqtt.MQTTv5, mqtt.MQTTv311]
+        for i, version in enumerate(versions):
+            last = i == len(versions) - 1
+            refusal = self._try_connect(version)
+            if refusal is None:
+                return
+            self._stop_client()
+            if last or "protocol" not in refusal.lower():
+                raise TransportError(f"broker {self.host}:{self.port} refused the connection: {refusal}")
+            log.info("broker does not speak MQTT 5 (%s); using 3.1.1", refusal)
+
+    def _try_connect(self, version: int) -> str | None:
+        self._version = version
+        self._refused = None
+        self._answered.clear()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version,
+                        clean_session=True if version != mqtt.MQTTv5 else None)
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(1, 30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        self._client = c
+        try:
+            c.connect(self.host, self.port, keepalive=self.keepalive)
+        except OSError as e:
+            self._client = None
+            raise TransportError(f"cannot reach broker {self.host}:{self.port}: {e.strerror or e}") from None
+        c.loop_start()
+        if not self._answered.wait(self.connect_timeout):
+            self._stop_client()
+            raise TransportError(f"broker {self.host}:{self.port} did not answer within {self.connect_timeout:.0f} s")
+        return self._refused
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            self._answered.set()
+            client.disconnect()
+            return
+        self._subscribe(client, self._filters)
+        self._connected.set()
+        self._answered.set()
+        log.info("connected to %s:%s (MQTT %s)", self.host, self.port, self.mqtt_version)
+        if self.on_connected:
+            self.on_connected()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._answered.is_set():
+            # Closed before any CONNACK: an MQTT 3.1.1-only broker may just drop an MQTT 5 CONNECT.
+            self._refused = f"connection closed ({reason_code}); unsupported protocol version?"
+            self._answered.set()
+        elif reason_code.is_failure:
+            log.warning("disconnected from %s:%s: %s; reconnecting", self.host, self.port, reason_code)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def _stop_client(self) -> None:
+        c, self._client = self._client, None
+        if c is not None:
+            c.disconnect()
+            c.loop_stop()
+        self._connected.clear()
+
+    def close(self) -> None:
+        self._stop_client()
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def subscribe(self, filters: Iterable[str]) -> None:
+        new = [f for f in filters if f not in self._filters]
+        self._filters.update(new)
+        if self._client is not None and self.connected and new:
+            self._subscribe(self._client, new)
+
+    def _subscribe(self, client: mqtt.Client, filters: Iterable[str]) -> None:
+        filters = sorted(filters)
+        if not filters:
+            return
+        if self._version == mqtt.MQTTv5:
+            client.subscribe([(f, SubscribeOptions(qos=1, noLocal=True)) for f in filters])
+        else:
+            client.subscribe([(f, 1) for f in filters])
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        if self.on_message is not None:
+            self.on_message(message.topic, message.payload)
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Queue a message; returns its message id (acknowledged later through on_ack)."""
+        if self._client is None:
+            raise TransportError("not connected: call connect() first")
+        props = None
+        if self._version == mqtt.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = CONTENT_TYPE
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        return info.mid
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if self.on_ack is not None and not reason_code.is_failure:
+            self.on_ack(mid)

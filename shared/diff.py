@@ -1,0 +1,123 @@
+"""Frame diffs and version hashes.
+
+A frame value is a map (or None once the frame is deleted). A diff is a list of operations
+  ["set", path, value]   set the value at path, creating intermediate maps
+  ["del", path]          remove the key at path (it must exist)
+where a path is a list of text keys; the empty path is the whole frame.
+
+A version hash names one state of one frame: BLAKE2b-256 of the canonical CBOR of
+[region, key, parent version or null, value]. Anyone holding the parent and the diff can
+recompute it, so a diff whose claimed hash does not match is rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+from .envelope import MalformedError, canonical, check_plain, strict_loads
+
+HASH_BYTES = 32
+
+
+class DiffError(ValueError):
+    """A diff that does not apply to its parent."""
+
+
+def version_hash(region: str, key: str, parent: bytes | None, value: dict | None) -> bytes:
+    return hashlib.blake2b(canonical([region, key, parent, value]), digest_size=HASH_BYTES).digest()
+
+
+def normalize(value: Any) -> Any:
+    """The value as every node will decode it (tuples become lists, ...); MalformedError otherwise."""
+    try:
+        data = canonical(value)
+    except Exception as e:
+        raise MalformedError(f"value cannot be encoded as CBOR: {e}") from None
+    return strict_loads(data)
+
+
+def check_frame_value(value: Any) -> None:
+    if value is not None and type(value) is not dict:
+        raise DiffError(f"a frame value is a map, not {type(value).__name__}")
+
+
+def check_ops(ops: Any) -> None:
+    """Raise DiffError unless `ops` is a well-formed list of operations."""
+    if type(ops) is not list or not ops:
+        raise DiffError("a diff is a non-empty list of operations")
+    for op in ops:
+        if type(op) is not list or not op or op[0] not in ("set", "del"):
+            raise DiffError(f"unknown diff operation {op!r:.60}")
+        if len(op) != (3 if op[0] == "set" else 2):
+            raise DiffError(f"diff operation {op[0]!r} has {len(op)} elements")
+        path = op[1]
+        if type(path) is not list or any(type(p) is not str for p in path):
+            raise DiffError("a diff path is a list of text keys")
+        if op[0] == "del" and not path:
+            raise DiffError("'del' needs a non-empty path; delete a frame by setting it to null")
+        if op[0] == "set":
+            try:
+                check_plain(op[2])
+            except MalformedError as e:
+                raise DiffError(str(e)) from None
+            if not path:
+                check_frame_value(op[2])
+
+
+def apply(value: dict | None, ops: list) -> dict | None:
+    """The value after applying `ops` to `value`; `value` itself is not changed."""
+    check_ops(ops)
+    result = copy.deepcopy(value)
+    for op in ops:
+        path = op[1]
+        if not path:
+            result = copy.deepcopy(op[2])
+            continue
+        if result is None:
+            if op[0] == "del":
+                raise DiffError(f"cannot delete {'/'.join(path)!r} from a deleted frame")
+            result = {}
+        target = result
+        for i, k in enumerate(path[:-1]):
+            nxt = target.get(k)
+            if nxt is None and op[0] == "set":
+                nxt = target[k] = {}
+            if type(nxt) is not dict:
+                raise DiffError(f"path {'/'.join(path[:i + 1])!r} is not a map")
+            target = nxt
+        if op[0] == "set":
+            target[path[-1]] = copy.deepcopy(op[2])
+        elif path[-1] in target:
+            del target[path[-1]]
+        else:
+            raise DiffError(f"cannot delete missing key {'/'.join(path)!r}")
+    return result
+
+
+def _same(a: Any, b: Any) -> bool:
+    # 1, 1.0 and True are equal in Python but encode differently; compare encodings.
+    return type(a) is type(b) and (a == b if type(a) in (str, bytes, int) else canonical(a) == canonical(b))
+
+
+def make(old: dict | None, new: dict | None) -> list:
+    """The operations that turn `old` into `new` (an empty list when they are the same)."""
+    if type(old) is not dict or type(new) is not dict:
+        return [] if _same(old, new) else [["set", [], new]]
+    ops: list = []
+    _diff_maps(old, new, [], ops)
+    return ops
+
+
+def _diff_maps(old: dict, new: dict, path: list, ops: list) -> None:
+    for k in old:
+        if k not in new:
+            ops.append(["del", path + [k]])
+    for k, v in new.items():
+        if k not in old:
+            ops.append(["set", path + [k], v])
+        elif type(v) is dict and type(old[k]) is dict:
+            _diff_maps(old[k], v, path + [k], ops)
+        elif not _same(old[k], v):
+            ops.append(["set", path + [k], v])

@@ -1,0 +1,215 @@
+"""The signed envelope every edgeswarm message travels in.
+
+Wire form (CBOR): a two-element array `[payload, signature]` where
+  payload   = canonical CBOR of the map
+              {"v": 1, "k": kind, "r": region or null, "s": sender public key (32 bytes),
+               "n": sequence number (per sender, from 1), "t": hybrid logical clock, "b": body}
+  signature = Ed25519 signature of exactly those payload bytes (64 bytes).
+The signature covers the bytes as sent, so nothing is ever re-serialised before checking.
+The message id is BLAKE2b-256 of the payload.
+
+Decoding is strict: size limit first, then shape and types, then the version, then the
+signature. Every failure is an `EnvelopeError` subclass whose `reason` names a counter;
+nothing else escapes `decode`.
+
+Values are limited to a plain data model that encodes one way only: maps with text keys,
+arrays, text, bytes, integers within 64 bits, floats, booleans and null. No tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, node_id_of, verify
+from .topics import TopicError, parse_topic, validate_kind, validate_region
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_BYTES = 256 * 1024
+MAX_DEPTH = 32
+CONTENT_TYPE = "application/cbor"
+_INT_MIN, _INT_MAX = -(2**64), 2**64 - 1
+_SEQ_MAX = 2**63 - 1
+_KEYS = frozenset("vkrsntb")
+
+
+class EnvelopeError(Exception):
+    reason = "invalid"
+
+
+class OversizeError(EnvelopeError):
+    reason = "oversize"
+
+
+class MalformedError(EnvelopeError):
+    reason = "malformed"
+
+
+class UnsupportedVersionError(EnvelopeError):
+    reason = "version"
+
+
+class BadSignatureError(EnvelopeError):
+    reason = "bad-signature"
+
+
+class TopicMismatchError(EnvelopeError):
+    reason = "topic-mismatch"
+
+
+class ReplayError(EnvelopeError):
+    reason = "replay"
+
+
+class DuplicateError(ReplayError):
+    reason = "duplicate"
+
+
+# -- canonical CBOR and the plain data model ---------------------------------------------
+
+def canonical(obj: Any) -> bytes:
+    """The one byte string `obj` encodes to (RFC 8949 core deterministic encoding)."""
+    return cbor2.dumps(obj, canonical=True)
+
+
+def check_plain(obj: Any, depth: int = 0) -> None:
+    """Raise MalformedError unless `obj` lies inside the plain data model."""
+    if depth > MAX_DEPTH:
+        raise MalformedError(f"nested deeper than {MAX_DEPTH} levels")
+    t = type(obj)
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) is not str:
+                raise MalformedError(f"map key of type {type(k).__name__}; keys must be text")
+            check_plain(v, depth + 1)
+    elif t is list:
+        for v in obj:
+            check_plain(v, depth + 1)
+    elif t is int:
+        if not _INT_MIN <= obj <= _INT_MAX:
+            raise MalformedError("integer outside the 64-bit range")
+    elif t in (str, bytes, float, bool) or obj is None:
+        pass
+    else:
+        raise MalformedError(f"value of type {t.__name__} is outside the plain data model")
+
+
+def strict_loads(data: bytes) -> Any:
+    """Decode CBOR that must be exactly one plain item; MalformedError otherwise."""
+    try:
+        obj = cbor2.loads(data, max_depth=MAX_DEPTH + 2, allow_duplicate_keys=False)
+    except Exception as e:  # cbor2 raises several types; all mean "not valid CBOR for us"
+        raise MalformedError(f"not valid CBOR: {e}") from None
+    check_plain(obj)
+    return obj
+
+
+# -- envelopes ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: str
+    region: str | None
+    sender: bytes  # Ed25519 public key
+    seq: int
+    hlc: int
+    body: Any
+    raw: bytes = field(repr=False)
+    payload: bytes = field(repr=False)
+
+    @property
+    def sender_id(self) -> str:
+        return node_id_of(self.sender)
+
+    @property
+    def msg_id(self) -> bytes:
+        return hashlib.blake2b(self.payload, digest_size=32).digest()
+
+
+def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int, body: Any) -> Envelope:
+    validate_kind(kind)
+    if region is not None:
+        validate_region(region)
+    check_plain(body)
+    payload = canonical({"v": FORMAT_VERSION, "k": kind, "r": region, "s": identity.public_key,
+                         "n": seq, "t": hlc, "b": body})
+    raw = cbor2.dumps([payload, identity.sign(payload)])
+    return Envelope(kind, region, identity.public_key, seq, hlc, body, raw, payload)
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None) -> Envelope:
+    """Check and open one message. Raises only EnvelopeError subclasses."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedError("message is not bytes")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise OversizeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    outer = strict_loads(data)
+    if (type(outer) is not list or len(outer) != 2 or type(outer[0]) is not bytes
+            or type(outer[1]) is not bytes or len(outer[1]) != SIGNATURE_BYTES):
+        raise MalformedError("not an envelope: expected [payload bytes, 64-byte signature]")
+    payload, signature = outer
+    m = strict_loads(payload)
+    if type(m) is not dict:
+        raise MalformedError("envelope payload is not a map")
+    if type(m.get("v")) is int and m["v"] != FORMAT_VERSION:
+        raise UnsupportedVersionError(f"envelope format version {m['v']} (this node reads {FORMAT_VERSION})")
+    if m.keys() != _KEYS:
+        raise MalformedError(f"envelope fields {sorted(m)} are not {sorted(_KEYS)}")
+    kind, region, sender, seq, hlc = m["k"], m["r"], m["s"], m["n"], m["t"]
+    if type(kind) is not str or type(sender) is not bytes or len(sender) != PUBLIC_KEY_BYTES:
+        raise MalformedError("envelope kind or sender has the wrong type")
+    if type(seq) is not int or not 1 <= seq <= _SEQ_MAX or type(hlc) is not int or hlc < 0:
+        raise MalformedError("envelope sequence number or clock is out of range")
+    try:
+        validate_kind(kind)
+        if region is not None:
+            if type(region) is not str:
+                raise MalformedError("envelope region is not text")
+            validate_region(region)
+    except TopicError as e:
+        raise MalformedError(str(e)) from None
+    if not verify(sender, payload, signature):
+        raise BadSignatureError(f"signature does not match the payload from {node_id_of(sender)}")
+    env = Envelope(kind, region, sender, seq, hlc, m["b"], data, payload)
+    if topic is not None:
+        check_topic(env, topic)
+    return env
+
+
+def check_topic(env: Envelope, topic: str) -> None:
+    """A signed message must arrive on the topic its contents name, not be replayed elsewhere."""
+    try:
+        t = parse_topic(topic)
+    except TopicError as e:
+        raise TopicMismatchError(str(e)) from None
+    if t.kind != env.kind or t.region != env.region:
+        raise TopicMismatchError(f"a {env.kind} message for region {env.region!r} arrived on {topic!r}")
+
+
+# -- replay protection -------------------------------------------------------------------
+
+WINDOW = 64
+
+
+def accept_seq(top: int, mask: int, seq: int) -> tuple[int, int]:
+    """Sliding-window replay check (as in IPsec).
+
+    (top, mask) is a sender's state: the highest sequence number accepted and a bitmap of
+    the WINDOW numbers below and including it (bit i set = top - i seen). Returns the new
+    state, or raises DuplicateError / ReplayError. Messages reordered within the window
+    are accepted once.
+    """
+    if seq > top:
+        shift = seq - top
+        mask = ((mask << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+        return seq, mask
+    offset = top - seq
+    if offset >= WINDOW:
+        raise ReplayError(f"sequence number {seq} is older than the replay window (latest {top})")
+    if mask >> offset & 1:
+        raise DuplicateError(f"sequence number {seq} was already received")
+    return top, mask | (1 << offset)

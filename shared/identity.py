@@ -1,0 +1,103 @@
+"""Node identity: an Ed25519 key pair, and the node id derived from its public key.
+
+The private key is a 32-byte seed kept in a file that only its owner may read (mode 0600).
+A node id is short, topic-safe text that anyone can recompute from the public key, so a
+signed envelope that carries the public key also proves which node sent it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError as _NaclBadSignature
+from nacl.signing import SigningKey, VerifyKey
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+_SEED_BYTES = 32
+_NODE_ID_BYTES = 10  # 80 bits: 16 base32 characters
+
+
+class IdentityError(Exception):
+    """A key file that is missing, malformed or readable by others."""
+
+
+def node_id_of(public_key: bytes) -> str:
+    """The node id of a public key: lowercase base32 of its BLAKE2b-80 digest."""
+    digest = hashlib.blake2b(public_key, digest_size=_NODE_ID_BYTES).digest()
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True when `signature` is a valid Ed25519 signature of `message` by `public_key`."""
+    try:
+        VerifyKey(public_key).verify(message, signature)
+    except (_NaclBadSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    signing_key: SigningKey
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(SigningKey.generate())
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def node_id(self) -> str:
+        return node_id_of(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signing_key.sign(message).signature
+
+    def save(self, path: Path) -> None:
+        """Write the seed to a new file created with mode 0600; never overwrite a key."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise IdentityError(f"key file {path} already exists; refusing to overwrite it") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(self.signing_key))
+            f.flush()
+            os.fsync(f.fileno())
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        path = Path(path)
+        try:
+            st = path.stat()
+            seed = path.read_bytes()
+        except FileNotFoundError:
+            raise IdentityError(f"no key file at {path}; run `edgeswarm init` first") from None
+        except OSError as e:
+            raise IdentityError(f"cannot read key file {path}: {e.strerror}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise IdentityError(
+                f"key file {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                f"run: chmod 600 {path}"
+            )
+        if len(seed) != _SEED_BYTES:
+            raise IdentityError(f"key file {path} is not a {_SEED_BYTES}-byte Ed25519 seed")
+        return cls(SigningKey(seed))
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Identity:
+        path = Path(path)
+        if path.exists():
+            return cls.load(path)
+        identity = cls.generate()
+        identity.save(path)
+        return identity

@@ -1,0 +1,213 @@
+"""The wire format: identity, envelope, topics, diffs, clock."""
+
+import os
+import stat
+
+import cbor2
+import pytest
+
+from edgeswarm.shared import diff
+from edgeswarm.shared.clock import HybridClock, wall_ms
+from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
+                                       OversizeError, ReplayError, TopicMismatchError,
+                                       UnsupportedVersionError, accept_seq, canonical, decode, encode)
+from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
+from edgeswarm.shared.topics import (TopicError, node_topic, parse_topic, region_filter, region_topic,
+                                     validate_region)
+
+
+@pytest.fixture
+def me():
+    return Identity.generate()
+
+
+# -- identity ------------------------------------------------------------------------------
+
+def test_key_file_is_private_and_round_trips(tmp_path):
+    path = tmp_path / "node.key"
+    ident = Identity.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = Identity.load(path)
+    assert again.public_key == ident.public_key
+    assert again.node_id == node_id_of(ident.public_key)
+    assert len(ident.node_id) == 16 and ident.node_id.isalnum()
+
+
+def test_key_file_refused_when_others_can_read_it(tmp_path):
+    path = tmp_path / "node.key"
+    Identity.generate().save(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        Identity.load(path)
+
+
+def test_key_file_never_overwritten_and_bad_seed_refused(tmp_path):
+    path = tmp_path / "node.key"
+    Identity.generate().save(path)
+    with pytest.raises(IdentityError, match="already exists"):
+        Identity.generate().save(path)
+    path.write_bytes(b"short")
+    with pytest.raises(IdentityError, match="32-byte"):
+        Identity.load(path)
+
+
+# -- envelope ------------------------------------------------------------------------------
+
+def test_envelope_round_trip(me):
+    env = encode(me, "diff", "plant/line1", 7, 123456, {"a": [1, 2.5, "x", b"\x00", None, True]})
+    got = decode(env.raw, topic="es/v1/diff/plant/line1")
+    assert (got.kind, got.region, got.seq, got.hlc, got.body) == ("diff", "plant/line1", 7, 123456, env.body)
+    assert got.sender_id == me.node_id
+    assert got.msg_id == env.msg_id and len(got.msg_id) == 32
+
+
+def test_payload_is_canonical_cbor(me):
+    env = encode(me, "diff", "r", 1, 1, {"b": 1, "a": 2})
+    payload, _ = cbor2.loads(env.raw)
+    assert canonical(cbor2.loads(payload)) == payload
+
+
+def _resign(me, payload_map):
+    payload = cbor2.dumps(payload_map, canonical=True)
+    return cbor2.dumps([payload, me.sign(payload)])
+
+
+def test_tampered_payload_fails_signature(me):
+    env = encode(me, "diff", "r", 1, 1, {"x": 1})
+    payload, sig = cbor2.loads(env.raw)
+    m = cbor2.loads(payload)
+    m["b"] = {"x": 2}
+    with pytest.raises(BadSignatureError):
+        decode(cbor2.dumps([canonical(m), sig]))
+    with pytest.raises(BadSignatureError):
+        decode(cbor2.dumps([payload, bytes(64)]))
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"", MalformedError),
+    (b"\xff\xfe", MalformedError),
+    (cbor2.dumps({"not": "an envelope"}), MalformedError),
+    (cbor2.dumps([b"x", b"short-signature"]), MalformedError),
+    (cbor2.dumps([cbor2.dumps([1, 2]), bytes(64)]), MalformedError),
+    (b"\x81" * 5000, MalformedError),                       # nesting bomb
+    (bytes.fromhex("d81c81d81d00"), MalformedError),         # self-referencing shared value
+    (bytes.fromhex("c11a514b67b0"), MalformedError),         # tagged datetime
+    (cbor2.dumps(2**70), MalformedError),                    # bignum
+    (bytes.fromhex("a2616101616102"), MalformedError),       # duplicate map key
+])
+def test_garbage_is_a_typed_error(data, error):
+    with pytest.raises(error):
+        decode(data)
+
+
+def test_wrong_field_types_and_versions(me):
+    base = {"v": 1, "k": "diff", "r": "r", "s": me.public_key, "n": 1, "t": 1, "b": None}
+    assert decode(_resign(me, base)).seq == 1
+    for change in ({"n": 0}, {"n": "1"}, {"t": -1}, {"k": "nope"}, {"r": "a/+/b"}, {"r": 5},
+                   {"s": b"x" * 31}, {"extra": 1}):
+        with pytest.raises(MalformedError):
+            decode(_resign(me, {**base, **change}))
+    with pytest.raises(UnsupportedVersionError):
+        decode(_resign(me, {**base, "v": 2}))
+
+
+def test_size_limit(me):
+    env = encode(me, "diff", "r", 1, 1, {"blob": b"x" * 5000})
+    assert decode(env.raw, max_bytes=len(env.raw)).seq == 1
+    with pytest.raises(OversizeError):
+        decode(env.raw, max_bytes=len(env.raw) - 1)
+
+
+def test_envelope_must_arrive_on_its_own_topic(me):
+    env = encode(me, "diff", "plant/a", 1, 1, None)
+    with pytest.raises(TopicMismatchError):
+        decode(env.raw, topic="es/v1/diff/plant/b")
+    with pytest.raises(TopicMismatchError):
+        decode(env.raw, topic="es/v1/vote/plant/a")
+    with pytest.raises(TopicMismatchError):
+        decode(env.raw, topic="somewhere/else")
+
+
+def test_replay_window():
+    top, mask = accept_seq(0, 0, 1)
+    top, mask = accept_seq(top, mask, 3)
+    top, mask = accept_seq(top, mask, 2)  # reordered: accepted once
+    with pytest.raises(DuplicateError):
+        accept_seq(top, mask, 2)
+    with pytest.raises(DuplicateError):
+        accept_seq(top, mask, 3)
+    top, mask = accept_seq(top, mask, 3 + WINDOW + 5)
+    with pytest.raises(ReplayError):
+        accept_seq(top, mask, 4)
+    top2, _ = accept_seq(top, mask, top - 1)
+    assert top2 == top
+
+
+# -- topics --------------------------------------------------------------------------------
+
+def test_topic_scheme():
+    assert region_topic("diff", "plant/line1") == "es/v1/diff/plant/line1"
+    assert region_filter("plant/line1") == "es/v1/+/plant/line1/#"
+    assert node_topic("abc", "birth") == "es/v1/node/abc/birth"
+    t = parse_topic("es/v1/diff/plant/line1/vision")
+    assert (t.kind, t.region, t.node_id) == ("diff", "plant/line1/vision", None)
+    t = parse_topic("es/v1/node/abc/birth")
+    assert (t.kind, t.node_id) == ("birth", "abc")
+
+
+@pytest.mark.parametrize("bad", ["", "a//b", "/a", "a/", "a/+/b", "a/#", "$SYS/x", "a\x00b",
+                                 "x" * 65, "/".join("a" * 17), "é" * 200])
+def test_bad_region_names(bad):
+    with pytest.raises(TopicError):
+        validate_region(bad)
+
+
+# -- diffs ---------------------------------------------------------------------------------
+
+def test_diff_round_trip_and_nested_paths():
+    old = {"speed": 1, "limits": {"max": 3, "min": 0}, "tags": ["a"]}
+    new = {"limits": {"max": 4, "min": 0}, "tags": ["a", "b"], "mode": {"auto": True}}
+    ops = diff.make(old, new)
+    assert diff.apply(old, ops) == new
+    assert ["del", ["speed"]] in ops and ["set", ["limits", "max"], 4] in ops
+    assert old["limits"]["max"] == 3  # input unchanged
+    assert diff.make(new, new) == []
+
+
+def test_diff_distinguishes_int_float_bool():
+    assert diff.make({"a": 1}, {"a": True}) == [["set", ["a"], True]]
+    assert diff.make({"a": 1}, {"a": 1.0}) == [["set", ["a"], 1.0]]
+
+
+def test_diff_errors():
+    with pytest.raises(diff.DiffError):
+        diff.apply({"a": 1}, [["del", ["b"]]])
+    with pytest.raises(diff.DiffError):
+        diff.apply({"a": 1}, [["set", ["a", "b"], 1]])
+    with pytest.raises(diff.DiffError):
+        diff.apply({}, [["mv", ["a"]]])
+    with pytest.raises(diff.DiffError):
+        diff.apply({}, [["set", [], [1, 2]]])
+    with pytest.raises(diff.DiffError):
+        diff.apply({}, [])
+
+
+def test_version_hash_binds_parent_frame_and_value():
+    h = diff.version_hash("r", "k", None, {"a": 1})
+    assert len(h) == 32
+    assert h != diff.version_hash("r", "k", h, {"a": 1})
+    assert h != diff.version_hash("r", "k2", None, {"a": 1})
+    assert h != diff.version_hash("r", "k", None, {"a": 1.0})
+
+
+# -- clock ---------------------------------------------------------------------------------
+
+def test_hybrid_clock_is_monotonic_and_follows_remote():
+    wall = [1000.0]
+    clock = HybridClock(wall=lambda: wall[0])
+    a = clock.now()
+    wall[0] = 999.0  # wall clock stepped back
+    b = clock.now()
+    assert b > a and wall_ms(b) == 1_000_000
+    clock.observe(b + 10_000_000)
+    assert clock.now() > b + 10_000_000
