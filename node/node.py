@@ -64,6 +64,7 @@ class Node:
         self._subscribers: list[tuple[str | None, Callback]] = []
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
+        self._activity = threading.Condition()
         self._inflight: dict[int, bytes] = {}
         self._early_acks: set[int] = set()
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
@@ -175,6 +176,8 @@ class Node:
         if region is None:
             region = decode(raw, max_bytes=len(raw)).region
         mid = self.transport.publish(region_topic("diff", region), raw)
+        if mid is None:
+            return  # not started: the envelope stays in the outbox until start()
         with self._acks:
             if mid in self._early_acks:  # the broker answered before we recorded the id
                 self._early_acks.discard(mid)
@@ -249,6 +252,13 @@ class Node:
         except Exception:  # a bug must not stop the network thread
             self.counters["rejected.internal"] += 1
             log.exception("internal error while handling a message on %s", topic)
+        with self._activity:
+            self._activity.notify_all()
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Wait until `condition()` holds, re-checking after each message this node handles."""
+        with self._activity:
+            return self._activity.wait_for(condition, timeout)
 
     def receive(self, topic: str, payload: bytes) -> None:
         """Handle one message as it came from the broker."""

@@ -157,10 +157,11 @@ class Transport:
 
     # -- publishing ------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        """Queue a message; returns its message id (acknowledged later through on_ack)."""
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
+        """Queue a message; returns its message id (acknowledged later through on_ack), or
+        None when connect() has not been called."""
         if self._client is None:
-            raise TransportError("not connected: call connect() first")
+            return None
         props = None
         if self._version == mqtt.MQTTv5:
             props = Properties(PacketTypes.PUBLISH)

@@ -1,0 +1,286 @@
+"""The `edgeswarm` command: a thin layer over Node, Transport and EmbeddedBroker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeswarm.broker.embedded import BrokerError, EmbeddedBroker
+from edgeswarm.shared.envelope import EnvelopeError, decode
+from edgeswarm.shared.identity import Identity, IdentityError
+from edgeswarm.shared.topics import TopicError, region_filter
+
+from .config import Config, ConfigError, default_home
+from .node import Node
+from .store import StoreError
+from .transport import Transport, TransportError
+
+log = logging.getLogger("edgeswarm")
+
+_EXPECTED = (ConfigError, IdentityError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
+             ValueError, KeyError, OSError)
+
+
+def to_json(obj: Any) -> Any:
+    """CBOR data as JSON: byte strings become hex text."""
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def _print_json(obj: Any, stream=sys.stdout) -> None:
+    print(json.dumps(to_json(obj), ensure_ascii=False, sort_keys=True), file=stream, flush=True)
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    config = Config.load(args.home)
+    if getattr(args, "host", None):
+        config.broker_host = args.host
+    if getattr(args, "port", None):
+        config.broker_port = args.port
+    if getattr(args, "embedded_broker", False):
+        config.embedded_broker = True
+    if config.embedded_broker:
+        config.protocol = "3.1.1"  # amqtt speaks nothing else
+    return config
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+# -- commands --------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = Path(args.home or default_home())
+    config = Config(home=home, regions=args.region or [], broker_host=args.host or "127.0.0.1",
+                    broker_port=args.port or 1883, protocol=args.protocol,
+                    embedded_broker=args.embedded_broker)
+    config.save()
+    identity = Identity.load_or_create(config.key_path)
+    print(f"node {identity.node_id} initialised in {home}")
+    print(f"  key:    {config.key_path} (keep it private)")
+    print(f"  config: {config.config_path}")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883).start()
+    print(f"edgeswarm broker listening on {broker.host}:{broker.port} (MQTT 3.1.1)", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        broker.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    broker = None
+    if config.embedded_broker:
+        broker = EmbeddedBroker(config.broker_host, config.broker_port).start()
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.is_set():
+            try:
+                node.start()
+                break
+            except TransportError as e:
+                log.warning("%s; retrying in 5 s", e)
+                stop.wait(5.0)
+        if not stop.is_set():
+            print(f"node {node.node_id} running: broker {config.broker_host}:{config.broker_port}"
+                  f"{' (embedded)' if broker else ''}, regions {', '.join(config.regions) or '(none)'}",
+                  flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+        if broker:
+            broker.stop()
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"value is not valid JSON: {e}") from None
+    node = Node(_load_config(args), client_tag="put")
+    try:
+        node.start()
+        version = node.put(args.region, args.key, value)
+        if not node.wait_published(args.timeout):
+            raise TransportError(f"the broker did not acknowledge within {args.timeout:.0f} s; "
+                                 "the change is stored and will be sent by the next run")
+    finally:
+        node.stop()
+    print(version)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    config = Config.load(args.home)
+    node = Node(config)
+    try:
+        if args.key is None:
+            for key in node.keys(args.region):
+                fv = node.head(args.region, key)
+                _print_json({"key": key, "version": fv.version, "author": fv.author, "value": fv.value})
+        elif args.history:
+            for fv in node.history(args.region, args.key):
+                _print_json({"version": fv.version, "parent": fv.parent, "author": fv.author,
+                             "hlc": fv.hlc, "state": fv.state, "value": fv.value})
+        else:
+            fv = node.head(args.region, args.key)
+            if fv is None or fv.value is None:
+                raise KeyError(f"no frame {args.key!r} in region {args.region!r}")
+            _print_json(fv.value)
+    finally:
+        node.store.close()
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    try:
+        config = _load_config(args)
+        host, port, protocol = config.broker_host, config.broker_port, config.protocol
+        max_bytes = config.max_message_bytes
+    except ConfigError:
+        if args.home:
+            raise
+        host, port, protocol, max_bytes = args.host or "127.0.0.1", args.port or 1883, "auto", None
+    seen = 0
+    done = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        nonlocal seen
+        try:
+            env = decode(payload, topic=topic, **({"max_bytes": max_bytes} if max_bytes else {}))
+        except EnvelopeError as e:
+            _print_json({"topic": topic, "rejected": e.reason, "detail": str(e)}, sys.stderr)
+            return
+        _print_json({"topic": topic, "kind": env.kind, "region": env.region, "sender": env.sender_id,
+                     "seq": env.seq, "hlc": env.hlc, "body": env.body})
+        seen += 1
+        if args.count and seen >= args.count:
+            done.set()
+
+    transport = Transport(host, port, f"es-watch-{Identity.generate().node_id}", protocol=protocol)
+    transport.on_message = on_message
+    transport.subscribe([region_filter(args.region)])
+    transport.connect()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        if not done.wait(args.timeout) and args.count:
+            print(f"edgeswarm: watch saw {seen} of {args.count} messages before the timeout", file=sys.stderr)
+            return 1
+    finally:
+        transport.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(nodes=args.nodes, home=args.dir)
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeswarm", description="An equal-peer swarm sharing signed frames over MQTT.")
+    p.add_argument("--home", type=Path, help="node directory (default $EDGESWARM_HOME or ~/.edgeswarm)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: broker too)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def broker_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--host", help="broker host (overrides the config)")
+        sp.add_argument("--port", type=int, help="broker port (overrides the config)")
+
+    sp = sub.add_parser("init", help="create this node's key and configuration")
+    broker_opts(sp)
+    sp.add_argument("--region", action="append", help="a region tree to follow (repeatable)")
+    sp.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"])
+    sp.add_argument("--embedded-broker", action="store_true", help="host the broker in this node")
+    sp.set_defaults(func=cmd_init)
+
+    sp = sub.add_parser("broker", help="run an embedded broker alone")
+    broker_opts(sp)
+    sp.set_defaults(func=cmd_broker)
+
+    sp = sub.add_parser("run", help="run the node until stopped")
+    broker_opts(sp)
+    sp.add_argument("--embedded-broker", action="store_true", help="host the broker in this node")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("put", help="replace a frame's value (JSON) and publish the change")
+    broker_opts(sp)
+    sp.add_argument("region")
+    sp.add_argument("key")
+    sp.add_argument("value", help='a JSON object, e.g. \'{"speed": 1.2}\'')
+    sp.add_argument("--timeout", type=float, default=10.0)
+    sp.set_defaults(func=cmd_put)
+
+    sp = sub.add_parser("get", help="print a frame (or a region's frames) from the local store")
+    sp.add_argument("region")
+    sp.add_argument("key", nargs="?")
+    sp.add_argument("--history", action="store_true", help="every version of the frame")
+    sp.set_defaults(func=cmd_get)
+
+    sp = sub.add_parser("watch", help="print verified messages of a region tree as JSON lines")
+    broker_opts(sp)
+    sp.add_argument("region")
+    sp.add_argument("--count", type=int, default=0, help="exit after this many messages")
+    sp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sp.set_defaults(func=cmd_watch)
+
+    sp = sub.add_parser("demo", help="embedded broker + local nodes writing frames and converging")
+    sp.add_argument("--nodes", type=int, default=3)
+    sp.add_argument("--dir", type=Path, help="keep the nodes' files here (default: a temporary directory)")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(level=logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except _EXPECTED as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"edgeswarm: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

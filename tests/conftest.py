@@ -1,0 +1,68 @@
+"""Shared fixtures: real brokers on real sockets, nodes with real keys and SQLite files."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.node import Config, Node
+
+MOSQUITTO = ("127.0.0.1", 1883)
+
+
+def mosquitto_running() -> bool:
+    try:
+        with socket.create_connection(MOSQUITTO, timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class BrokerAddress:
+    def __init__(self, name: str, host: str, port: int, protocol: str) -> None:
+        self.name, self.host, self.port, self.protocol = name, host, port, protocol
+
+
+@pytest.fixture(scope="session")
+def embedded_broker():
+    with EmbeddedBroker() as broker:  # a free port, never 1883
+        yield broker
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def broker(request, embedded_broker):
+    """Every integration test runs on the embedded broker and, when one is running, on Mosquitto."""
+    if request.param == "embedded":
+        return BrokerAddress("embedded", embedded_broker.host, embedded_broker.port, "3.1.1")
+    if not mosquitto_running():
+        pytest.skip("no Mosquitto listening on 127.0.0.1:1883 (install and start mosquitto to run this case)")
+    return BrokerAddress("mosquitto", *MOSQUITTO, "auto")
+
+
+@pytest.fixture
+def region():
+    """A region no other test (or other user of a shared broker) writes to."""
+    return f"test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_node(tmp_path, broker, region):
+    nodes: list[Node] = []
+
+    def make(name: str | None = None, start: bool = True, **overrides) -> Node:
+        home = tmp_path / (name or f"node{len(nodes)}")
+        config = Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
+                        protocol=broker.protocol, **overrides)
+        node = Node(config)
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in nodes:
+        try:
+            node.stop()
+        except Exception:
+            pass

@@ -1,0 +1,173 @@
+"""Nodes exchanging signed frame diffs through a real broker, and rejecting tampered input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import cbor2
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeswarm.shared import diff
+from edgeswarm.shared.envelope import canonical, encode
+from edgeswarm.shared.identity import Identity
+from edgeswarm.shared.topics import region_topic
+
+TIMEOUT = 10.0
+
+
+def same_head(node, region, key, version):
+    head = node.head(region, key)
+    return head is not None and head.version == version
+
+
+def test_frames_converge_with_the_same_version_hash(make_node, region):
+    a, b, c = make_node(), make_node(), make_node()
+    v1 = a.put(region, "conveyor", {"speed": 1.2, "limits": {"max": 3.0}})
+    for n in (b, c):
+        assert n.wait_until(lambda n=n: same_head(n, region, "conveyor", v1), TIMEOUT)
+        assert n.get(region, "conveyor") == {"speed": 1.2, "limits": {"max": 3.0}}
+
+    v2 = b.patch(region, "conveyor", set={("limits", "max"): 4.0}, delete=["speed"])
+    for n in (a, c):
+        assert n.wait_until(lambda n=n: same_head(n, region, "conveyor", v2), TIMEOUT)
+    assert a.get(region, "conveyor") == {"limits": {"max": 4.0}}
+
+    v3 = c.delete(region, "conveyor")
+    for n in (a, b):
+        assert n.wait_until(lambda n=n: same_head(n, region, "conveyor", v3), TIMEOUT)
+        assert n.get(region, "conveyor") is None
+        assert [fv.version for fv in n.history(region, "conveyor")] == [v1, v2, v3]
+    assert a.regions() == b.regions() == [region]
+    assert a.history(region, "conveyor")[1].author == b.node_id
+
+
+def test_subregions_and_subscriptions(make_node, region):
+    a, b = make_node(), make_node()
+    seen = []
+    b.subscribe(seen.append, region=f"{region}/vision")
+    a.put(f"{region}/vision", "camera", {"fps": 30})
+    v = a.put(f"{region}/audio", "mic", {"gain": 2})
+    assert b.wait_until(lambda: same_head(b, f"{region}/audio", "mic", v), TIMEOUT)
+    assert [(fv.region, fv.key, fv.value) for fv in seen] == [(f"{region}/vision", "camera", {"fps": 30})]
+
+
+def test_async_iterator_of_changes(make_node, region):
+    a, b = make_node(), make_node()
+
+    async def main():
+        changes = b.changes(region)
+        first = asyncio.ensure_future(changes.__anext__())
+        await asyncio.sleep(0)  # let the iterator subscribe before the write
+        version = a.put(region, "k", {"x": 1})
+        fv = await asyncio.wait_for(first, TIMEOUT)
+        await changes.aclose()
+        return version, fv
+
+    version, fv = asyncio.run(main())
+    assert (fv.version, fv.value, fv.author) == (version, {"x": 1}, a.node_id)
+
+
+def test_outbox_sends_what_was_written_before_start(make_node, region):
+    b = make_node()
+    a = make_node(start=False)
+    v = a.put(region, "offline", {"written": "before connecting"})
+    assert a.store.unpublished()
+    a.start()
+    assert b.wait_until(lambda: same_head(b, region, "offline", v), TIMEOUT)
+    assert a.wait_published(TIMEOUT)
+    assert not a.store.unpublished()
+
+
+class Attacker:
+    """A plain MQTT client, as anyone with access to the broker could run."""
+
+    def __init__(self, broker):
+        protocol = mqtt.MQTTv311 if broker.protocol == "3.1.1" else mqtt.MQTTv5
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, topic, payload):
+        self.client.publish(topic, payload, qos=1).wait_for_publish(TIMEOUT)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def attacker(broker):
+    a = Attacker(broker)
+    yield a
+    a.close()
+
+
+def test_tampered_input_is_rejected_counted_and_harmless(make_node, region, attacker):
+    a, b = make_node(), make_node()
+    v1 = a.put(region, "valve", {"open": False})
+    assert b.wait_until(lambda: same_head(b, region, "valve", v1), TIMEOUT)
+    topic = region_topic("diff", region)
+    genuine = a.store.db.execute("SELECT envelope FROM diffs").fetchone()[0]
+    payload, sig = cbor2.loads(genuine)
+
+    def expect(reason, raw, on=topic):
+        before = b.counters[f"rejected.{reason}"]
+        attacker.send(on, raw)
+        assert b.wait_until(lambda: b.counters[f"rejected.{reason}"] == before + 1, TIMEOUT), b.stats()
+
+    # garbage bytes, and CBOR that is not an envelope
+    expect("malformed", b"\x00\xffnot cbor at all")
+    expect("malformed", cbor2.dumps({"open": True}))
+    # a genuine payload with a forged signature, and a modified payload under the genuine one
+    expect("bad-signature", cbor2.dumps([payload, bytes(64)]))
+    m = cbor2.loads(payload)
+    m["b"]["ops"] = [["set", ["open"], True]]
+    expect("bad-signature", cbor2.dumps([canonical(m), sig]))
+    # the genuine message again (replay), and moved to another region's topic
+    expect("duplicate", genuine)
+    expect("topic-mismatch", genuine, on=region_topic("diff", region + "/other"))
+    # oversize, even if validly signed
+    mallory = Identity.generate()
+    big = encode(mallory, "diff", region, 1, 1, {"blob": b"x" * (b.config.max_message_bytes + 1)})
+    expect("oversize", big.raw)
+    # a validly signed diff whose claimed version hash does not follow from parent + ops
+    parent = bytes.fromhex(v1)
+    lie = encode(mallory, "diff", region, 2, 2, {"key": "valve", "parent": parent,
+                                                 "version": diff.version_hash(region, "valve", parent, {"open": "lie"}),
+                                                 "ops": [["set", ["open"], True]]})
+    expect("wrong-hash", lie.raw)
+    # an old sequence number from that sender, now that it has sent 2
+    expect("duplicate", lie.raw)
+    # a diff that does not apply to its parent
+    bad = encode(mallory, "diff", region, 3, 3, {"key": "valve", "parent": parent,
+                                                 "version": bytes(32), "ops": [["del", ["missing"]]]})
+    expect("bad-diff", bad.raw)
+
+    # b kept its data and keeps working
+    assert b.get(region, "valve") == {"open": False}
+    assert [fv.version for fv in b.history(region, "valve")] == [v1]
+    v2 = a.put(region, "valve", {"open": True})
+    assert b.wait_until(lambda: same_head(b, region, "valve", v2), TIMEOUT)
+    assert b.counters["rejected.internal"] == 0
+
+
+def test_diff_with_missing_parent_waits_then_applies(make_node, region, attacker):
+    b = make_node()
+    other = Identity.generate()
+    v1_value, v2_value = {"n": 1}, {"n": 2}
+    v1 = diff.version_hash(region, "k", None, v1_value)
+    v2 = diff.version_hash(region, "k", v1, v2_value)
+    first = encode(other, "diff", region, 1, 10, {"key": "k", "parent": None, "version": v1,
+                                                  "ops": [["set", [], v1_value]]})
+    second = encode(other, "diff", region, 2, 11, {"key": "k", "parent": v1, "version": v2,
+                                                   "ops": [["set", ["n"], 2]]})
+    topic = region_topic("diff", region)
+    attacker.send(topic, second.raw)  # the child arrives first
+    assert b.wait_until(lambda: b.counters["pending"] == 1, TIMEOUT)
+    assert b.get(region, "k") is None and b.store.count_diffs("pending") == 1
+    attacker.send(topic, first.raw)
+    assert b.wait_until(lambda: same_head(b, region, "k", v2.hex()), TIMEOUT)
+    assert b.get(region, "k") == v2_value
+    assert b.store.count_diffs("pending") == 0
