@@ -16,10 +16,10 @@ from typing import Any
 from edgeswarm.broker.embedded import BrokerError, EmbeddedBroker
 from edgeswarm.shared.envelope import EnvelopeError, decode
 from edgeswarm.shared.identity import Identity, IdentityError
-from edgeswarm.shared.topics import TopicError, region_filter
+from edgeswarm.shared.topics import TopicError, region_filter, validate_region
 
 from .config import Config, ConfigError, default_home
-from .node import Node
+from .node import Node, validate_key
 from .store import StoreError
 from .transport import Transport, TransportError
 
@@ -125,6 +125,8 @@ def cmd_put(args: argparse.Namespace) -> int:
         value = json.loads(args.value)
     except json.JSONDecodeError as e:
         raise ValueError(f"value is not valid JSON: {e}") from None
+    validate_region(args.region)
+    validate_key(args.key)
     node = Node(_load_config(args), client_tag="put")
     try:
         node.start()
@@ -189,6 +191,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     transport.on_message = on_message
     transport.subscribe([region_filter(args.region)])
     transport.connect()
+    print(f"watching {region_filter(args.region)} on {host}:{port}", file=sys.stderr, flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:

@@ -332,6 +332,7 @@ class Node:
             return None
         self.store.add_version(env.region, key, version, parent, new, sender, env.hlc)
         self.counters["applied"] += 1
+        log.info("stored %s/%s version %s from %s", env.region, key, version.hex(), sender)
         return FrameVersion(env.region, key, version.hex(), None if parent is None else parent.hex(),
                             new, sender, env.hlc, "shadow")
 

@@ -130,7 +130,7 @@ class Store:
         return default if row is None else row[0]
 
     def set_meta(self, name: str, value: int) -> None:
-        self.db["meta"].upsert({"name": name, "value": value}, pk="name")
+        self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", [name, value])
 
     def next_seq(self) -> int:
         with self.transaction():
@@ -145,8 +145,8 @@ class Store:
         return (0, 0) if row is None else (row[0], int.from_bytes(row[1], "big"))
 
     def set_sender_window(self, node_id: str, public_key: bytes, top: int, mask: int, hlc: int) -> None:
-        self.db["senders"].upsert({"node_id": node_id, "public_key": public_key, "top": top,
-                                   "mask": mask.to_bytes(8, "big"), "hlc": hlc}, pk="node_id")
+        self.db.execute("INSERT OR REPLACE INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)",
+                        [node_id, public_key, top, mask.to_bytes(8, "big"), hlc])
 
     # -- versions and frames ---------------------------------------------------------
 
@@ -164,9 +164,10 @@ class Store:
         with self.transaction():
             if self.has_version(version):
                 return False
-            self.db["versions"].insert({"version": version, "region": region, "key": key,
-                                        "parent": parent, "value": canonical(value), "author": author,
-                                        "hlc": hlc, "state": state})
+            self.db.execute(
+                "INSERT INTO versions (version, region, key, parent, value, author, hlc, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [version, region, key, parent, canonical(value), author, hlc, state])
             self._update_head(region, key)
             return True
 
@@ -176,7 +177,7 @@ class Store:
             """SELECT version FROM versions v WHERE region = ? AND key = ?
                AND NOT EXISTS (SELECT 1 FROM versions c WHERE c.parent = v.version)
                ORDER BY hlc DESC, version DESC LIMIT 1""", [region, key]).fetchone()
-        self.db["frames"].upsert({"region": region, "key": key, "head": row[0]}, pk=("region", "key"))
+        self.db.execute("INSERT OR REPLACE INTO frames (region, key, head) VALUES (?, ?, ?)", [region, key, row[0]])
 
     _VERSION_COLS = "region, key, version, parent, value, author, hlc, state"
 
@@ -211,9 +212,10 @@ class Store:
 
     def add_diff(self, msg_id: bytes, sender: str, seq: int, region: str, key: str, version: bytes,
                  parent: bytes | None, envelope: bytes, status: str, published: bool = True) -> None:
-        self.db["diffs"].insert({"msg_id": msg_id, "sender": sender, "seq": seq, "region": region,
-                                 "key": key, "version": version, "parent": parent, "envelope": envelope,
-                                 "status": status, "published": int(published)}, ignore=True)
+        self.db.execute(
+            "INSERT OR IGNORE INTO diffs (msg_id, sender, seq, region, key, version, parent, envelope, status,"
+            " published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [msg_id, sender, seq, region, key, version, parent, envelope, status, int(published)])
 
     def set_diff_status(self, msg_id: bytes, status: str) -> None:
         self.db.execute("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])

@@ -50,6 +50,9 @@ class Transport:
         self._connected = threading.Event()
         self._refused: str | None = None
         self._answered = threading.Event()
+        self._suback = threading.Condition()
+        self._pending_subs: set[int] = set()
+        self._early_subacks: set[int] = set()
 
     @property
     def mqtt_version(self) -> str:
@@ -87,6 +90,7 @@ class Transport:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         self._client = c
         try:
             c.connect(self.host, self.port, keepalive=self.keepalive)
@@ -97,6 +101,9 @@ class Transport:
         if not self._answered.wait(self.connect_timeout):
             self._stop_client()
             raise TransportError(f"broker {self.host}:{self.port} did not answer within {self.connect_timeout:.0f} s")
+        if self._refused is None and not self.wait_subscribed(self.connect_timeout):
+            self._stop_client()
+            raise TransportError(f"broker {self.host}:{self.port} did not confirm the subscriptions")
         return self._refused
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -105,6 +112,9 @@ class Transport:
             self._answered.set()
             client.disconnect()
             return
+        with self._suback:  # a dropped connection never acknowledges its subscriptions
+            self._pending_subs.clear()
+            self._early_subacks.clear()
         self._subscribe(client, self._filters)
         self._connected.set()
         self._answered.set()
@@ -147,9 +157,31 @@ class Transport:
         if not filters:
             return
         if self._version == mqtt.MQTTv5:
-            client.subscribe([(f, SubscribeOptions(qos=1, noLocal=True)) for f in filters])
+            rc, mid = client.subscribe([(f, SubscribeOptions(qos=1, noLocal=True)) for f in filters])
         else:
-            client.subscribe([(f, 1) for f in filters])
+            rc, mid = client.subscribe([(f, 1) for f in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            with self._suback:
+                if mid in self._early_subacks:  # acknowledged before we got here
+                    self._early_subacks.discard(mid)
+                else:
+                    self._pending_subs.add(mid)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                log.warning("broker %s:%s refused a subscription: %s", self.host, self.port, rc)
+        with self._suback:
+            if mid in self._pending_subs:
+                self._pending_subs.discard(mid)
+            else:
+                self._early_subacks.add(mid)
+            self._suback.notify_all()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the broker has acknowledged every subscription sent so far."""
+        with self._suback:
+            return self._suback.wait_for(lambda: not self._pending_subs, timeout)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if self.on_message is not None:

@@ -1,0 +1,118 @@
+"""Envelope and frame throughput, measured in one run.
+
+    python bench/bench_envelope.py [--seconds 2] [--frames 2000]
+
+Prints, per second: raw PyNaCl Ed25519 sign and verify of a payload the size of a typical
+diff envelope, edgeswarm's envelope encode+sign and decode+verify of the same diff (the
+ratio to raw is the figure that matters: what the envelope costs on top of the signature),
+and frames per second from one node to another through the embedded broker (and through
+Mosquitto on 127.0.0.1:1883 when one is running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.node import Config, Node
+from edgeswarm.shared import diff
+from edgeswarm.shared.envelope import decode, encode
+from edgeswarm.shared.identity import Identity
+
+
+def rate(fn, seconds: float) -> float:
+    """Calls of fn per second, timed over about `seconds`."""
+    n, batch = 0, 64
+    t0 = time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for _ in range(batch):
+            fn()
+        n += batch
+    return n / elapsed
+
+
+def sample_diff(identity: Identity):
+    region, key = "plant/line1/vision", "camera-3"
+    old = {"fps": 30, "exposure": 0.01, "gain": 1.5, "roi": {"x": 0, "y": 0, "w": 640, "h": 480}}
+    new = {**old, "fps": 25, "roi": {**old["roi"], "w": 320}}
+    parent = diff.version_hash(region, key, None, old)
+    body = {"key": key, "parent": parent, "version": diff.version_hash(region, key, parent, new),
+            "ops": diff.make(old, new)}
+    return region, body
+
+
+def bench_envelope(seconds: float) -> None:
+    me = Identity.generate()
+    region, body = sample_diff(me)
+    env = encode(me, "diff", region, 1, 1, body)
+    topic = f"es/v1/diff/{region}"
+    raw_key = SigningKey(bytes(me.signing_key))
+    message = env.payload  # the same bytes the envelope signs
+    signed = raw_key.sign(message)
+    verify_key = raw_key.verify_key
+
+    sign_raw = rate(lambda: raw_key.sign(message), seconds)
+    verify_raw = rate(lambda: verify_key.verify(signed), seconds)
+    enc = rate(lambda: encode(me, "diff", region, 1, 1, body), seconds)
+    dec = rate(lambda: decode(env.raw, topic=topic), seconds)
+    print(f"payload {len(message)} B, envelope {len(env.raw)} B on the wire")
+    print(f"{'operation':<34}{'per second':>12}{'vs raw':>9}")
+    print(f"{'raw PyNaCl sign':<34}{sign_raw:>12,.0f}")
+    print(f"{'envelope encode + sign':<34}{enc:>12,.0f}{enc / sign_raw:>9.2f}")
+    print(f"{'raw PyNaCl verify':<34}{verify_raw:>12,.0f}")
+    print(f"{'envelope decode + verify':<34}{dec:>12,.0f}{dec / verify_raw:>9.2f}")
+
+
+def bench_frames(name: str, host: str, port: int, protocol: str, frames: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        region = f"bench/{int(time.time() * 1000)}"
+        nodes = [Node(Config(home=Path(tmp) / n, regions=[region], broker_host=host, broker_port=port,
+                             protocol=protocol)).start() for n in ("writer", "reader")]
+        writer, reader = nodes
+        try:
+            t0 = time.perf_counter()
+            for i in range(frames):
+                writer.put(region, f"k{i % 50}", {"i": i, "reading": i * 0.5})
+            t_written = time.perf_counter() - t0
+            ok = reader.wait_until(lambda: reader.counters["applied"] >= frames, timeout=120)
+            elapsed = time.perf_counter() - t0
+            got = reader.counters["applied"]
+            print(f"{name:<10} {frames} frames: writer {frames / t_written:,.0f}/s, "
+                  f"delivered and applied {got / elapsed:,.0f}/s end to end"
+                  + ("" if ok else f" (only {got} arrived within 120 s)"))
+        finally:
+            for n in nodes:
+                n.stop()
+
+
+def mosquitto_running() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 1883), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=2.0, help="time per micro-benchmark")
+    p.add_argument("--frames", type=int, default=2000, help="frames sent through each broker")
+    args = p.parse_args()
+    bench_envelope(args.seconds)
+    print()
+    with EmbeddedBroker() as broker:
+        bench_frames("embedded", broker.host, broker.port, "3.1.1", args.frames)
+    if mosquitto_running():
+        bench_frames("mosquitto", "127.0.0.1", 1883, "auto", args.frames)
+    else:
+        print("mosquitto  skipped: nothing listens on 127.0.0.1:1883")
+
+
+if __name__ == "__main__":
+    main()
