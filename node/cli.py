@@ -150,13 +150,40 @@ def cmd_get(args: argparse.Namespace) -> int:
                 _print_json({"key": key, "version": fv.version, "author": fv.author, "value": fv.value})
         elif args.history:
             for fv in node.history(args.region, args.key):
-                _print_json({"version": fv.version, "parent": fv.parent, "author": fv.author,
+                _print_json({"version": fv.version, "parents": list(fv.parents), "author": fv.author,
                              "hlc": fv.hlc, "state": fv.state, "value": fv.value})
         else:
-            fv = node.head(args.region, args.key)
+            fv = node.consensus(args.region, args.key) if args.consensus else node.head(args.region, args.key)
             if fv is None or fv.value is None:
                 raise KeyError(f"no frame {args.key!r} in region {args.region!r}")
             _print_json(fv.value)
+    finally:
+        node.store.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    node = Node(Config.load(args.home))
+    try:
+        keys = [args.key] if args.key else node.keys(args.region)
+        if not keys:
+            raise KeyError(f"no frames in region {args.region!r}")
+        for key in keys:
+            status = node.status(args.region, key)
+            if args.key is None:
+                status = {k: status[k] for k in ("key", "head", "consensus", "state", "forks")}
+            _print_json(status)
+    finally:
+        node.store.close()
+    return 0
+
+
+def cmd_forks(args: argparse.Namespace) -> int:
+    node = Node(Config.load(args.home))
+    try:
+        for fv in node.forks(args.region, args.key):
+            _print_json({"version": fv.version, "parents": list(fv.parents), "author": fv.author,
+                         "hlc": fv.hlc, "value": fv.value})
     finally:
         node.store.close()
     return 0
@@ -247,8 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("get", help="print a frame (or a region's frames) from the local store")
     sp.add_argument("region")
     sp.add_argument("key", nargs="?")
-    sp.add_argument("--history", action="store_true", help="every version of the frame")
+    sp.add_argument("--history", action="store_true", help="every version of the frame, with its state")
+    sp.add_argument("--consensus", action="store_true", help="the consensus value instead of this node's head")
     sp.set_defaults(func=cmd_get)
+
+    sp = sub.add_parser("status", help="head, consensus, vote tally and forks of a frame (or of a region's frames)")
+    sp.add_argument("region")
+    sp.add_argument("key", nargs="?")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("forks", help="the branches of a frame that conflict with its head (never deleted)")
+    sp.add_argument("region")
+    sp.add_argument("key")
+    sp.set_defaults(func=cmd_forks)
 
     sp = sub.add_parser("watch", help="print verified messages of a region tree as JSON lines")
     broker_opts(sp)

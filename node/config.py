@@ -2,6 +2,9 @@
 
     [node]
     regions = ["plant/line1"]          # region trees this node follows
+    members = ["3xiocnjkbn7puzss", ...] # node ids whose votes and writes count; empty: every
+                                       # node seen (open swarm: no protection against rogues)
+    quorum = 0                         # votes that make consensus; 0: a majority of members
     max_message_bytes = 262144         # larger messages are rejected unread
 
     [broker]
@@ -9,6 +12,11 @@
     port = 1883
     protocol = "auto"                  # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
     embedded = false                   # host an embedded broker on host:port
+
+    [[rules]]                          # coherence rules, see node/coherence.py
+    region = "plant/line1"
+    required = ["speed"]
+    types = { speed = "number" }
 
 The home directory (default ~/.edgeswarm, or $EDGESWARM_HOME) also holds `node.key`
 (the Ed25519 seed, mode 0600) and `store.db`.
@@ -24,6 +32,8 @@ from pathlib import Path
 
 from edgeswarm.shared.envelope import DEFAULT_MAX_BYTES
 from edgeswarm.shared.topics import TopicError, validate_region
+
+from .coherence import Rule
 
 CONFIG_FILE = "config.toml"
 KEY_FILE = "node.key"
@@ -47,9 +57,18 @@ class Config:
     broker_port: int = 1883
     protocol: str = "auto"
     embedded_broker: bool = False
+    members: list[str] = field(default_factory=list)
+    quorum: int = 0
+    rules: list[Rule] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
+        if not isinstance(self.members, list) or not all(isinstance(m, str) and m for m in self.members):
+            raise ConfigError("node.members must be a list of node ids")
+        if not isinstance(self.quorum, int) or isinstance(self.quorum, bool) or self.quorum < 0:
+            raise ConfigError("node.quorum must be 0 (a majority of members) or a positive number of votes")
+        if self.members and self.quorum > len(self.members):
+            raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
             try:
                 validate_region(r)
@@ -86,10 +105,14 @@ class Config:
             raise ConfigError(f"cannot read {path}: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
-        node, broker = data.pop("node", {}), data.pop("broker", {})
-        if data or not isinstance(node, dict) or not isinstance(broker, dict):
-            raise ConfigError(f"{path}: only [node] and [broker] tables are allowed")
-        known_node = {"regions", "max_message_bytes"}
+        node, broker, rules = data.pop("node", {}), data.pop("broker", {}), data.pop("rules", [])
+        if data or not isinstance(node, dict) or not isinstance(broker, dict) or not isinstance(rules, list):
+            raise ConfigError(f"{path}: only [node], [broker] and [[rules]] tables are allowed")
+        try:
+            rules = [Rule.from_config(r) for r in rules]
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        known_node = {"regions", "max_message_bytes", "members", "quorum"}
         known_broker = {"host", "port", "protocol", "embedded"}
         unknown = (set(node) - known_node) | (set(broker) - known_broker)
         if unknown:
@@ -106,7 +129,8 @@ class Config:
         return cls(home=home, regions=regions,
                    max_message_bytes=node.get("max_message_bytes", DEFAULT_MAX_BYTES),
                    broker_host=host, broker_port=broker.get("port", 1883),
-                   protocol=str(broker.get("protocol", "auto")), embedded_broker=embedded)
+                   protocol=str(broker.get("protocol", "auto")), embedded_broker=embedded,
+                   members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules)
 
     def to_toml(self) -> str:
         # JSON strings are valid TOML basic strings.
@@ -115,6 +139,8 @@ class Config:
             "# edgeswarm node configuration\n"
             "[node]\n"
             f"regions = [{regions}]\n"
+            f"members = [{', '.join(json.dumps(m) for m in self.members)}]\n"
+            f"quorum = {self.quorum}\n"
             f"max_message_bytes = {self.max_message_bytes}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"

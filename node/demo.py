@@ -9,6 +9,8 @@ from pathlib import Path
 
 from edgeswarm.broker.embedded import EmbeddedBroker
 
+from edgeswarm.shared.identity import Identity
+
 from .config import Config
 from .node import Node
 
@@ -16,8 +18,10 @@ REGION = "demo/line1"
 
 
 def _converged(nodes: list[Node]) -> bool:
+    """Every node has the same head and the same consensus for every frame, and they agree."""
     first = nodes[0].store.frame_heads()
-    return bool(first) and all(n.store.frame_heads() == first for n in nodes[1:])
+    return (bool(first) and all(head == consensus for _, _, head, consensus in first)
+            and all(n.store.frame_heads() == first for n in nodes[1:]))
 
 
 def _has(node: Node, key: str, version: str) -> bool:
@@ -40,9 +44,12 @@ def run_demo(nodes: int = 3, home: Path | None = None, timeout: float = 15.0) ->
         raise ValueError("the demo runs between 2 and 20 nodes")
     with tempfile.TemporaryDirectory(prefix="edgeswarm-demo-") as tmp, EmbeddedBroker() as broker:
         base = Path(home) if home else Path(tmp)
-        print(f"embedded broker on {broker.host}:{broker.port}; {nodes} nodes in {base}")
-        swarm = [Node(Config(home=base / f"node{i}", regions=["demo"], broker_port=broker.port,
-                             protocol="3.1.1")) for i in range(nodes)]
+        print(f"embedded broker on {broker.host}:{broker.port}; {nodes} nodes in {base}, "
+              f"consensus at {nodes // 2 + 1} votes")
+        homes = [base / f"node{i}" for i in range(nodes)]
+        members = [Identity.load_or_create(Config(home=h).key_path).node_id for h in homes]
+        swarm = [Node(Config(home=h, regions=["demo"], broker_port=broker.port, protocol="3.1.1",
+                             members=members)) for h in homes]
         changed = threading.Event()
         try:
             for n in swarm:
@@ -62,17 +69,28 @@ def run_demo(nodes: int = 3, home: Path | None = None, timeout: float = 15.0) ->
                     return 1
                 version = n.patch(REGION, "setpoints", set={("zone", str(i)): 18 + i})
                 print(f"  {n.node_id} patch  {REGION} setpoints  -> {version[:12]}")
+            # Two nodes edit different zones of the same version at once: a three-way merge.
+            if not _wait_until(lambda: all(_has(n, "setpoints", version) for n in swarm), changed, timeout):
+                print("NOT converged: setpoints did not reach every node")
+                return 1
+            a, b = swarm[0], swarm[1]
+            va = a.patch(REGION, "setpoints", set={("zone", "0"): 17.5})
+            vb = b.patch(REGION, "setpoints", set={("zone", "1"): 21.5})
+            print(f"  {a.node_id} patch  {REGION} setpoints  -> {va[:12]}  (concurrently)")
+            print(f"  {b.node_id} patch  {REGION} setpoints  -> {vb[:12]}  (concurrently)")
             if not _wait_until(lambda: _converged(swarm), changed, timeout):
                 print("NOT converged: the nodes hold different versions")
                 return 1
             took = (time.monotonic() - t0) * 1000
             heads = swarm[0].store.frame_heads()
-            print(f"converged in {took:.0f} ms: all {nodes} nodes hold the same {len(heads)} frame versions")
+            print(f"converged in {took:.0f} ms: all {nodes} nodes hold the same consensus for {len(heads)} frames")
             print(f"  {'frame':<24}" + "".join(f"{n.node_id[:10]:>12}" for n in swarm))
-            for region, key, _ in heads:
-                row = "".join(f"{n.head(region, key).version[:10]:>12}" for n in swarm)
+            for region, key, _, _ in heads:
+                row = "".join(f"{n.consensus(region, key).version[:10]:>12}" for n in swarm)
                 print(f"  {region + '/' + key:<24}{row}")
-            print(f"  setpoints = {swarm[-1].get(REGION, 'setpoints')}")
+            print(f"  setpoints = {swarm[-1].get(REGION, 'setpoints', consensus=True)}")
+            merges = sum(n.stats().get("merges", 0) for n in swarm)
+            print(f"merge versions computed: {merges} (identical hash on every node)")
             rejected = sum(v for n in swarm for k, v in n.stats().items() if k.startswith("rejected."))
             print(f"messages rejected: {rejected}")
             return 0

@@ -6,11 +6,13 @@
         node.patch("plant/line1", "conveyor", set={("limits", "max"): 2.0})
         node.get("plant/line1", "conveyor")
 
-Write path: read the head, make the diff, store the new version and the signed envelope in
-one transaction (the envelope stays in the outbox until the broker acknowledges it),
-publish. Receive path: decode (size, shape, signature, topic), replay window, parent
-lookup (missing parent: kept pending), apply, check the version hash, store. A message
-that fails any step is counted by reason and never raises out of the receive loop.
+Write path: read the head, make the diff, check coherence, store the new version and the
+signed envelope in one transaction with the vote it causes (both stay in the outbox until
+the broker acknowledges them), publish. Receive path: decode (size, shape, signature,
+topic), replay window, then for a diff: parent lookup (missing: kept pending), apply,
+version hash, coherence, store; for a vote: equivocation check, store. Either way the
+voter then recomputes the frame's head and consensus and this node votes for its new head.
+A message that fails any step is counted by reason and never raises out of the receive loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import asyncio
 import logging
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from edgeswarm.shared import diff
@@ -29,8 +32,10 @@ from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, 
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import region_covers, region_filter, region_topic, validate_region
 
+from . import voter
+from .coherence import Coherence, CoherenceError, Validator
 from .config import Config
-from .store import FrameVersion, Store
+from .store import Frame, FrameVersion, Queued, Store, VersionMeta
 from .transport import Transport
 
 log = logging.getLogger("edgeswarm.node")
@@ -60,15 +65,20 @@ class Node:
         self.node_id = self.identity.node_id
         self.store = Store(config.store_path)
         self.clock = HybridClock(self.store.meta("hlc"))
+        self.coherence = Coherence(config.rules)
         self.counters: Counter[str] = Counter()
+        self._static_members = frozenset(config.members) if config.members else None
         self._subscribers: list[tuple[str | None, Callback]] = []
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
         self._activity = threading.Condition()
         self._inflight: dict[int, bytes] = {}
         self._early_acks: set[int] = set()
+        self._sends: list[Queued] = []
+        self._events: list[FrameVersion] = []
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
-        self.transport = Transport(config.broker_host, config.broker_port, client_id, protocol=config.protocol)
+        self.transport = Transport(config.broker_host, config.broker_port, client_id, protocol=config.protocol,
+                                   persistent=not client_tag)
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack
 
@@ -79,7 +89,7 @@ class Node:
         self.transport.subscribe(region_filter(r) for r in self.config.regions)
         self.transport.connect()
         for item in self.store.unpublished():
-            self._publish(item.msg_id, item.envelope)
+            self._publish(item)
         return self
 
     def stop(self) -> None:
@@ -92,18 +102,64 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # -- membership ------------------------------------------------------------------
+
+    def members(self) -> set[str]:
+        """The nodes whose writes and votes count: the configured list, or (open swarm)
+        this node and every node it has received a valid message from."""
+        if self._static_members is not None:
+            return set(self._static_members)
+        return {self.node_id, *self.store.senders()}
+
+    def quorum(self) -> int:
+        return self.config.quorum or len(self.members()) // 2 + 1
+
+    def _counts(self, flagged: set[str]) -> Callable[[str], bool]:
+        members = self._static_members
+        return lambda n: n not in flagged and (members is None or n in members)
+
+    def add_validator(self, fn: Validator, region: str | None = None) -> None:
+        """Register `fn(region, key, value) -> None | reason` as a coherence check."""
+        self.coherence.add(fn, region)
+
     # -- reading ---------------------------------------------------------------------
 
-    def get(self, region: str, key: str) -> dict | None:
-        """The current value of a frame; None when it does not exist or was deleted."""
-        fv = self.store.head(region, key)
+    def get(self, region: str, key: str, *, consensus: bool = False) -> dict | None:
+        """The value of a frame at this node's head (or at consensus); None when it does not
+        exist or was deleted."""
+        fv = self.consensus(region, key) if consensus else self.head(region, key)
         return None if fv is None else fv.value
 
     def head(self, region: str, key: str) -> FrameVersion | None:
-        return self.store.head(region, key)
+        frame = self.store.frame(region, key)
+        return None if frame.head is None else self.store.version(frame.head)
+
+    def consensus(self, region: str, key: str) -> FrameVersion | None:
+        frame = self.store.frame(region, key)
+        return None if frame.consensus is None else self.store.version(frame.consensus)
 
     def history(self, region: str, key: str) -> list[FrameVersion]:
         return self.store.history(region, key)
+
+    def forks(self, region: str, key: str) -> list[FrameVersion]:
+        """The branch tips that conflict with the head (kept, never deleted)."""
+        return [self.store.version(v) for v in self._decide(region, key, readonly=True).forks]
+
+    def status(self, region: str, key: str) -> dict:
+        """Head, consensus, quorum, vote tally and forks of a frame."""
+        d = self._decide(region, key, readonly=True)
+        votes = self.store.latest_votes(region, key)
+        return {
+            "region": region, "key": key,
+            "head": d.head.hex() if d.head else None,
+            "consensus": d.consensus.hex() if d.consensus else None,
+            "state": d.states.get(d.head) if d.head else None,
+            "quorum": self.quorum(), "members": sorted(self.members()),
+            "support": {v.hex(): n for v, n in sorted(d.support.items(), key=lambda i: -i[1])},
+            "votes": {voter_id: v.hex() for voter_id, v in sorted(votes.items())},
+            "forks": [v.hex() for v in d.forks],
+            "flagged": sorted(self.store.flagged()),
+        }
 
     def regions(self) -> list[str]:
         return self.store.regions()
@@ -143,47 +199,79 @@ class Node:
     def _change(self, region: str, key: str, compute: Callable[[dict | None], dict | None]) -> str:
         validate_region(region)
         validate_key(key)
-        with self.store.transaction():
-            head = self.store.head(region, key)
-            old = None if head is None else head.value
+        with self._transaction():
+            head = self.store.frame(region, key).head
+            old = None if head is None else self.store.value(head)
             new = compute(old)
             ops = diff.make(old, new)
             if not ops:
-                return head.version if head is not None else self._no_change(region, key)
-            parent = None if head is None else bytes.fromhex(head.version)
-            version = diff.version_hash(region, key, parent, new)
-            seq, hlc = self.store.next_seq(), self.clock.now()
-            env = encode(self.identity, "diff", region, seq, hlc,
-                         {"key": key, "parent": parent, "version": version, "ops": ops})
+                if head is None:
+                    raise KeyError(f"no frame {key!r} in region {region!r}")
+                return head.hex()
+            reason = self.coherence.check(region, key, new)
+            if reason:
+                raise CoherenceError(f"{region}/{key}: {reason}")
+            version = diff.version_hash(region, key, head, new)
+            body = {"key": key, "parent": head, "version": version, "ops": ops}
+            parent_meta = self._meta(head)
+            if parent_meta is not None and parent_meta.is_merge:
+                body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
+            env = self._send("diff", region, body)
             if len(env.raw) > self.config.max_message_bytes:
                 raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is "
                                  f"{self.config.max_message_bytes} (node.max_message_bytes)")
-            self.store.add_version(region, key, version, parent, new, self.node_id, hlc)
-            self.store.add_diff(env.msg_id, self.node_id, seq, region, key, version, parent, env.raw,
-                                "applied", published=False)
-            self.store.set_meta("hlc", hlc)
-        self.counters["sent"] += 1
-        self._publish(env.msg_id, env.raw, region)
-        self._notify(FrameVersion(region, key, version.hex(), None if parent is None else parent.hex(),
-                                  new, self.node_id, hlc, "shadow"))
+            gen = parent_meta.gen + 1 if parent_meta else 1
+            self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, env.hlc, gen)
+            self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")
+            self.counters["sent"] += 1
+            self._reconsider(region, key)
         return version.hex()
 
-    @staticmethod
-    def _no_change(region: str, key: str) -> str:
-        raise ValueError(f"nothing to write: frame {key!r} in region {region!r} does not exist")
+    def _meta(self, version: bytes | None) -> VersionMeta | None:
+        return None if version is None else self.store.version_meta(version)
 
-    def _publish(self, msg_id: bytes, raw: bytes, region: str | None = None) -> None:
-        if region is None:
-            region = decode(raw, max_bytes=len(raw)).region
-        mid = self.transport.publish(region_topic("diff", region), raw)
+    # -- transactions, outbox and publishing -----------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A store transaction; what it queued is published and notified after COMMIT,
+        and forgotten on ROLLBACK."""
+        try:
+            with self.store.transaction():
+                yield
+        except BaseException:
+            with self.store.transaction():
+                self._sends.clear()
+                self._events.clear()
+            raise
+        with self.store.transaction():
+            sends, self._sends = self._sends, []
+            events, self._events = self._events, []
+        for item in sends:
+            self._publish(item)
+        for fv in events:
+            self._notify(fv)
+
+    def _send(self, kind: str, region: str, body: Any) -> Envelope:
+        """Sign a message and put it in the outbox (inside the caller's transaction)."""
+        seq, hlc = self.store.next_seq(), self.clock.now()
+        env = encode(self.identity, kind, region, seq, hlc, body)
+        self.store.set_meta("hlc", hlc)
+        item = Queued(env.msg_id, region_topic(kind, region), env.raw)
+        self.store.queue(item.msg_id, item.topic, item.envelope, seq)
+        self._sends.append(item)
+        return env
+
+    def _publish(self, item: Queued) -> None:
+        mid = self.transport.publish(item.topic, item.envelope)
         if mid is None:
             return  # not started: the envelope stays in the outbox until start()
         with self._acks:
             if mid in self._early_acks:  # the broker answered before we recorded the id
                 self._early_acks.discard(mid)
-                self.store.mark_published(msg_id)
+                self.store.mark_published(item.msg_id)
             else:
-                self._inflight[mid] = msg_id
+                self._inflight[mid] = item.msg_id
 
     def _on_ack(self, mid: int) -> None:
         with self._acks:
@@ -202,9 +290,9 @@ class Node:
     # -- subscriptions ---------------------------------------------------------------
 
     def subscribe(self, callback: Callback, region: str | None = None) -> Callable[[], None]:
-        """Call `callback(FrameVersion)` for every stored change in `region` (and below, or
-        everywhere when None). Callbacks run in the network thread: keep them short.
-        Returns a function that unsubscribes."""
+        """Call `callback(FrameVersion)` when a frame in `region` (and below, or anywhere when
+        None) gets a new head (state "shadow") or a new consensus (state "consensus").
+        Callbacks run in the network thread: keep them short. Returns an unsubscribe function."""
         if region is not None:
             validate_region(region)
         entry = (region, callback)
@@ -218,7 +306,7 @@ class Node:
         return unsubscribe
 
     async def changes(self, region: str | None = None) -> AsyncIterator[FrameVersion]:
-        """Async iterator over stored changes in `region` (and below)."""
+        """Async iterator over the same events as `subscribe`."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[FrameVersion] = asyncio.Queue()
         unsubscribe = self.subscribe(lambda fv: loop.call_soon_threadsafe(queue.put_nowait, fv), region)
@@ -271,97 +359,260 @@ class Node:
         if env.sender == self.identity.public_key:
             self.counters["own"] += 1
             return
-        if env.kind != "diff":
+        handler = {"diff": self._receive_diff, "vote": self._receive_vote}.get(env.kind)
+        if handler is None:
             self.counters[f"ignored.{env.kind}"] += 1
             return
-        applied = self._receive_diff(env)
-        for fv in applied:
-            self._notify(fv)
+        with self._transaction():
+            if self._accept(env):
+                handler(env)
 
-    def _receive_diff(self, env: Envelope) -> list[FrameVersion]:
+    def _accept(self, env: Envelope) -> bool:
+        """Replay window: each (sender, seq) is taken once."""
         sender = env.sender_id
-        with self.store.transaction():
-            top, mask = self.store.sender_window(sender)
-            try:
-                top, mask = accept_seq(top, mask, env.seq)
-            except EnvelopeError as e:
-                self._reject(e.reason, f"from {sender}: {e}")
-                return []
-            self.store.set_sender_window(sender, env.sender, top, mask, env.hlc)
-            self.clock.observe(env.hlc)
-            try:
-                body = _diff_body(env.body)
-            except (MalformedError, ValueError) as e:
-                self._reject("bad-diff", f"from {sender}: {e}")
-                return []
-            key, parent, version, ops = body
-            if self.store.has_version(version):
-                self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "applied")
-                self.counters["known"] += 1
-                return []
-            if parent is not None and not self.store.has_version(parent):
-                self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "pending")
-                self.counters["pending"] += 1
-                return []
-            fv = self._apply(env, key, parent, version, ops)
-            if fv is None:
-                return []
+        top, mask = self.store.sender_window(sender)
+        try:
+            top, mask = accept_seq(top, mask, env.seq)
+        except EnvelopeError as e:
+            self._reject(e.reason, f"from {sender}: {e}")
+            return False
+        self.store.set_sender_window(sender, env.sender, top, mask, env.hlc)
+        self.clock.observe(env.hlc)
+        return True
+
+    def _receive_diff(self, env: Envelope) -> None:
+        sender = env.sender_id
+        try:
+            key, parent, version, ops, merge = _diff_body(env.body)
+        except (MalformedError, ValueError) as e:
+            self._reject("bad-diff", f"from {sender}: {e}")
+            return
+        if self.store.has_version(version):
             self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "applied")
-            applied = [fv]
-            applied += self._apply_pending(version)
-            return applied
+            self.counters["known"] += 1
+            return
+        if parent is not None and not self.store.has_version(parent) and merge:
+            self._materialize(env.region, key, merge, parent)
+        if parent is not None and not self.store.has_version(parent):
+            self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "pending")
+            self.counters["pending"] += 1
+            return
+        ok = self._apply(env, key, parent, version, ops)
+        self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw,
+                            "applied" if ok else "rejected")
+        if ok:
+            self._retry_pending(env.region, key)
+            self._reconsider(env.region, key)
 
-    def _apply(self, env: Envelope, key: str, parent: bytes | None, version: bytes, ops: list) -> FrameVersion | None:
-        """Apply a diff to its stored parent and store the result if the hash matches."""
+    def _apply(self, env: Envelope, key: str, parent: bytes | None, version: bytes, ops: list) -> bool:
+        """Apply a diff to its stored parent; store the result if the hash matches."""
         sender = env.sender_id
-        if parent is None:
-            old = None
-        else:
+        parent_meta = None
+        old = None
+        if parent is not None:
             info = self.store.version_info(parent)
             if info is None or info[:2] != (env.region, key):
                 self._reject("bad-diff", f"from {sender}: parent belongs to another frame")
-                return None
+                return False
             old = info[2]
+            parent_meta = self._meta(parent)
         try:
             new = diff.apply(old, ops)
         except diff.DiffError as e:
             self._reject("bad-diff", f"from {sender}: {e}")
-            return None
+            return False
         if diff.version_hash(env.region, key, parent, new) != version:
             self._reject("wrong-hash", f"from {sender}: parent + diff does not give version {version.hex()[:16]}")
-            return None
-        self.store.add_version(env.region, key, version, parent, new, sender, env.hlc)
+            return False
+        reason = self.coherence.check(env.region, key, new)
+        if reason:
+            self.counters["incoherent"] += 1
+            log.warning("version %s of %s/%s from %s fails coherence: %s", version.hex()[:16], env.region, key,
+                        sender, reason)
+        gen = parent_meta.gen + 1 if parent_meta else 1
+        self.store.add_version(env.region, key, version, (parent,) if parent else (), new, sender, env.hlc, gen,
+                               coherent=not reason, reason=reason)
         self.counters["applied"] += 1
         log.info("stored %s/%s version %s from %s", env.region, key, version.hex(), sender)
-        return FrameVersion(env.region, key, version.hex(), None if parent is None else parent.hex(),
-                            new, sender, env.hlc, "shadow")
+        return True
 
-    def _apply_pending(self, version: bytes) -> list[FrameVersion]:
-        """Apply the diffs that were waiting for `version`, and those waiting for them."""
-        applied: list[FrameVersion] = []
-        ready = [version]
-        while ready:
-            for item in self.store.pending_children(ready.pop()):
-                env = decode(item.envelope, max_bytes=len(item.envelope))
-                key, parent, child, ops = _diff_body(env.body)
-                fv = self._apply(env, key, parent, child, ops)
-                self.store.set_diff_status(item.msg_id, "applied" if fv else "rejected")
-                if fv is not None:
-                    self.counters["pending-applied"] += 1
-                    applied.append(fv)
-                    ready.append(child)
-        return applied
+    def _retry_pending(self, region: str, key: str) -> None:
+        """Apply the diffs of this frame that were waiting for a parent, until none can be."""
+        progress = True
+        while progress:
+            progress = False
+            for msg_id, raw in self.store.pending(region, key):
+                env = decode(raw, max_bytes=len(raw))
+                key_, parent, version, ops, merge = _diff_body(env.body)
+                if not self.store.has_version(parent) and merge:
+                    self._materialize(region, key, merge, parent)
+                if self.store.has_version(version) or self.store.has_version(parent):
+                    ok = self.store.has_version(version) or self._apply(env, key_, parent, version, ops)
+                    self.store.set_diff_status(msg_id, "applied" if ok else "rejected")
+                    self.counters["pending-applied" if ok else "pending-rejected"] += 1
+                    progress = True
+
+    def _receive_vote(self, env: Envelope) -> None:
+        voter_id = env.sender_id
+        try:
+            key, version, round_, merge = _vote_body(env.body)
+        except (MalformedError, ValueError) as e:
+            self._reject("bad-vote", f"from {voter_id}: {e}")
+            return
+        if voter_id in self.store.flagged():
+            self.counters["ignored.flagged-vote"] += 1
+            return
+        previous = self.store.vote_at(env.region, key, voter_id, round_)
+        if previous is not None:
+            if previous[0] != version:
+                self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1], env.raw)
+            return
+        self.store.add_vote(env.region, key, voter_id, round_, version, env.raw)
+        self.counters["votes"] += 1
+        if not self.store.has_version(version) and merge:
+            self._materialize(env.region, key, merge, version)
+            self._retry_pending(env.region, key)
+        self._reconsider(env.region, key)
+
+    def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
+        """An equivocating node: keep both signed votes as proof, ignore it from now on."""
+        self.store.flag(node_id, reason, evidence_a, evidence_b)
+        self.counters["equivocations"] += 1
+        log.warning("node %s equivocates (%s); its votes and writes no longer count", node_id, reason)
+        for region, key in self.store.voted_frames(node_id):
+            self._reconsider(region, key)
+
+    # -- the voter -------------------------------------------------------------------
+
+    def _dag(self, region: str, key: str) -> voter.Dag:
+        return voter.Dag(self.store.frame_meta(region, key))
+
+    def _merge_value(self, dag: voter.Dag, region: str, key: str,
+                     parents: tuple[bytes, ...]) -> tuple[bytes, dict] | None:
+        """(hash, value) of the three-way merge of `parents`, or None when they conflict or
+        the result fails coherence."""
+        base = dag.lca(parents)
+        try:
+            value = diff.merge(None if base is None else self.store.value(base),
+                               [self.store.value(p) for p in sorted(parents)])
+        except diff.MergeConflict:
+            return None
+        if self.coherence.check(region, key, value):
+            return None
+        return diff.merge_hash(region, key, list(parents), value), value
+
+    def _store_merge(self, dag: voter.Dag, region: str, key: str, parents: tuple[bytes, ...],
+                     version: bytes, value: dict) -> None:
+        metas = [dag.versions[p] for p in parents]
+        meta = VersionMeta(version, tuple(sorted(parents)), "", 1 + max(m.gen for m in metas),
+                           max(m.hlc for m in metas), True)
+        self.store.add_version(region, key, version, meta.parents, value, "", meta.hlc, meta.gen)
+        dag.add(meta)
+        self.counters["merges"] += 1
+
+    def _materialize(self, region: str, key: str, parents: list[bytes], expected: bytes) -> None:
+        """Rebuild a merge a peer built on or voted for, when all its parents are here."""
+        if not all(self.store.has_version(p) for p in parents) or len(parents) < 2:
+            return
+        dag = self._dag(region, key)
+        if not all(p in dag.versions for p in parents):
+            return
+        result = self._merge_value(dag, region, key, tuple(parents))
+        if result is None or result[0] != expected:
+            self._reject("bad-merge", f"merge {expected.hex()[:16]} of {region}/{key} does not rebuild here")
+            return
+        self._store_merge(dag, region, key, tuple(parents), *result)
+
+    def _decide(self, region: str, key: str, readonly: bool = False) -> voter.Decision:
+        dag = self._dag(region, key)
+        counts = self._counts(self.store.flagged())
+        eligible = dag.eligible(counts)
+        votes = {v: w for v, w in self.store.latest_votes(region, key).items() if counts(v)}
+        cache: dict[tuple[bytes, ...], tuple[bytes, dict] | None] = {}
+
+        def try_merge(parents: tuple[bytes, ...]) -> bytes | None:
+            parents = tuple(sorted(parents))
+            stored = self.store.merge_of(parents)
+            if stored is not None:
+                return stored
+            if parents not in cache:
+                cache[parents] = self._merge_value(dag, region, key, parents)
+            return cache[parents] and cache[parents][0]
+
+        frame = self.store.frame(region, key)
+        if readonly:
+            head, leaves = frame.head, voter.choose_head(dag, eligible, votes, lambda p: self.store.merge_of(tuple(sorted(p))))[1]
+            return voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
+        head, leaves = voter.choose_head(dag, eligible, votes, try_merge)
+        if head is not None and head not in dag.versions:
+            parents = next(p for p, r in cache.items() if r and r[0] == head)
+            self._store_merge(dag, region, key, parents, head, cache[parents][1])
+            eligible.add(head)
+        round_ = frame.round
+        if head is not None and votes.get(self.node_id) != head and counts(self.node_id) \
+                and self.node_id in self.members():
+            round_ += 1
+            body = {"key": key, "version": head, "round": round_}
+            if dag.versions[head].is_merge:
+                body["merge"] = list(dag.versions[head].parents)
+            env = self._send("vote", region, body)
+            self.store.add_vote(region, key, self.node_id, round_, head, env.raw)
+            votes[self.node_id] = head
+        decision = voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
+        decision.round = round_
+        return decision
+
+    def _reconsider(self, region: str, key: str) -> None:
+        """Recompute head, own vote and consensus of a frame after any change to it."""
+        before = self.store.frame(region, key)
+        d = self._decide(region, key)
+        self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round))
+        self.store.set_states(d.states)
+        if d.head != before.head and d.head is not None:
+            self._events.append(self.store.version(d.head))
+        if d.consensus != before.consensus and d.consensus is not None:
+            self.counters["consensus"] += 1
+            if d.resolution:
+                self.counters["fork-resolutions"] += 1
+                log.warning("%s/%s: consensus moves to another branch, %s -> %s", region, key,
+                            before.consensus.hex()[:16] if before.consensus else None, d.consensus.hex()[:16])
+            self._events.append(self.store.version(d.consensus))
 
 
-def _diff_body(body: Any) -> tuple[str, bytes | None, bytes, list]:
-    if type(body) is not dict or body.keys() != {"key", "parent", "version", "ops"}:
-        raise MalformedError("a diff body is a map of key, parent, version and ops")
+def _hash(h: Any, what: str) -> bytes:
+    if type(h) is not bytes or len(h) != diff.HASH_BYTES:
+        raise MalformedError(f"{what} is a {diff.HASH_BYTES}-byte hash")
+    return h
+
+
+def _merge_parents(body: dict) -> list[bytes] | None:
+    merge = body.get("merge")
+    if merge is None:
+        return None
+    if type(merge) is not list or not 2 <= len(merge) <= 64:
+        raise MalformedError("merge lists 2 to 64 parent versions")
+    return [_hash(h, "a merge parent") for h in merge]
+
+
+def _diff_body(body: Any) -> tuple[str, bytes | None, bytes, list, list[bytes] | None]:
+    if type(body) is not dict or not {"key", "parent", "version", "ops"} <= body.keys() <= {
+            "key", "parent", "version", "ops", "merge"}:
+        raise MalformedError("a diff body is a map of key, parent, version, ops (and merge)")
     key, parent, version, ops = body["key"], body["parent"], body["version"], body["ops"]
     validate_key(key)
-    for h in (parent, version):
-        if h is not None and (type(h) is not bytes or len(h) != diff.HASH_BYTES):
-            raise MalformedError(f"a version hash is {diff.HASH_BYTES} bytes")
-    if version is None:
-        raise MalformedError("a diff names its new version")
+    if parent is not None:
+        _hash(parent, "parent")
+    _hash(version, "version")
     diff.check_ops(ops)
-    return key, parent, version, ops
+    return key, parent, version, ops, _merge_parents(body)
+
+
+def _vote_body(body: Any) -> tuple[str, bytes, int, list[bytes] | None]:
+    if type(body) is not dict or not {"key", "version", "round"} <= body.keys() <= {"key", "version", "round", "merge"}:
+        raise MalformedError("a vote body is a map of key, version, round (and merge)")
+    key, version, round_ = body["key"], body["version"], body["round"]
+    validate_key(key)
+    _hash(version, "version")
+    if type(round_) is not int or not 1 <= round_ <= 2**63 - 1:
+        raise MalformedError("a vote round is a positive integer")
+    return key, version, round_, _merge_parents(body)

@@ -1,12 +1,16 @@
 """A node's SQLite store (one file, WAL) through sqlite-utils.
 
 Tables
-  versions  every version of every frame: region, key, version hash, parent hash, value
-            (canonical CBOR), author node id, clock, state. Nothing is ever deleted.
-  frames    the current head of each frame (derived from versions, kept for O(1) reads).
-  diffs     every diff envelope sent or received, as raw bytes, with its status
-            (applied / pending while the parent is missing) and, for our own, whether the
-            broker acknowledged it (the outbox).
+  versions  every version of every frame: region, key, version hash, parent hash (or, for
+            a merge, the sorted parents), value (canonical CBOR), author node id (empty for
+            a merge), clock, generation, coherence verdict and state. Nothing is deleted.
+  frames    per frame: the local head (fork choice), the consensus version, this node's
+            vote round. Derived from versions and votes, kept for O(1) reads.
+  diffs     every diff envelope sent or received, raw, with its status
+            (applied / pending while a parent is missing / rejected).
+  votes     every vote: (region, key, voter, round) -> version, with the signed envelope.
+  flagged   nodes caught voting twice in one round, with both signed votes as evidence.
+  outbox    this node's own envelopes until the broker acknowledges them.
   senders   per-sender replay window (highest sequence number and bitmap).
   meta      this node's own sequence counter and last clock.
 
@@ -22,10 +26,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import sqlite_utils
 
+from edgeswarm.shared.diff import HASH_BYTES
 from edgeswarm.shared.envelope import canonical, strict_loads
 
 SCHEMA_VERSION = 1
@@ -40,21 +44,54 @@ class FrameVersion:
     region: str
     key: str
     version: str  # hex
-    parent: str | None  # hex
+    parents: tuple[str, ...]  # hex; two or more for a merge
     value: dict | None  # None: the frame was deleted in this version
-    author: str
+    author: str  # node id; "" for a merge every node computes
     hlc: int
-    state: str
+    state: str  # shadow, consensus, fork, rejected, superseded
+
+    @property
+    def parent(self) -> str | None:
+        return self.parents[0] if len(self.parents) == 1 else None
 
 
 @dataclass(frozen=True)
-class PendingDiff:
+class VersionMeta:
+    """What the voter needs to know about a version (no value)."""
+    version: bytes
+    parents: tuple[bytes, ...]
+    author: str
+    gen: int
+    hlc: int
+    coherent: bool
+
+    @property
+    def is_merge(self) -> bool:
+        return len(self.parents) > 1
+
+
+@dataclass(frozen=True)
+class Queued:
     msg_id: bytes
+    topic: str
     envelope: bytes
 
 
-def _hex(b: bytes | None) -> str | None:
-    return None if b is None else b.hex()
+@dataclass(frozen=True)
+class Frame:
+    head: bytes | None
+    consensus: bytes | None
+    round: int
+
+
+def split_hashes(blob: bytes | None) -> tuple[bytes, ...]:
+    if not blob:
+        return ()
+    return tuple(blob[i:i + HASH_BYTES] for i in range(0, len(blob), HASH_BYTES))
+
+
+def _parents(parent: bytes | None, merge_of: bytes | None) -> tuple[bytes, ...]:
+    return split_hashes(merge_of) if merge_of else ((parent,) if parent else ())
 
 
 class Store:
@@ -85,17 +122,24 @@ class Store:
         db = self.db
         with self.transaction():
             db["versions"].create({"version": bytes, "region": str, "key": str, "parent": bytes,
-                                   "value": bytes, "author": str, "hlc": int, "state": str},
-                                  pk="version", not_null={"region", "key", "author", "hlc", "state"})
-            db["versions"].create_index(["region", "key", "hlc"])
-            db["versions"].create_index(["parent"])
-            db["frames"].create({"region": str, "key": str, "head": bytes}, pk=("region", "key"))
+                                   "merge_of": bytes, "value": bytes, "author": str, "hlc": int,
+                                   "gen": int, "coherent": int, "reason": str, "state": str},
+                                  pk="version", not_null={"region", "key", "author", "hlc", "gen", "state"})
+            db["versions"].create_index(["region", "key", "gen"])
+            db["versions"].create_index(["merge_of"])
+            db["frames"].create({"region": str, "key": str, "head": bytes, "consensus": bytes, "round": int},
+                                pk=("region", "key"))
             db["diffs"].create({"msg_id": bytes, "sender": str, "seq": int, "region": str, "key": str,
-                                "version": bytes, "parent": bytes, "envelope": bytes, "status": str,
-                                "published": int},
+                                "version": bytes, "parent": bytes, "envelope": bytes, "status": str},
                                pk="msg_id", not_null={"sender", "seq", "envelope", "status"})
-            db["diffs"].create_index(["status", "parent"])
-            db["diffs"].create_index(["published"])
+            db["diffs"].create_index(["status", "region", "key"])
+            db["votes"].create({"region": str, "key": str, "voter": str, "round": int, "version": bytes,
+                                "envelope": bytes}, pk=("region", "key", "voter", "round"))
+            db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
+                                 pk="node_id")
+            db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "acked": int, "seq": int},
+                                pk="msg_id")
+            db["outbox"].create_index(["acked", "seq"])
             db["senders"].create({"node_id": str, "public_key": bytes, "top": int, "mask": bytes,
                                   "hlc": int}, pk="node_id")
             db["meta"].create({"name": str, "value": int}, pk="name")
@@ -123,10 +167,13 @@ class Store:
         with self._lock:
             self.db.conn.close()
 
+    def _one(self, sql: str, params: list) -> tuple | None:
+        return self.db.execute(sql, params).fetchone()
+
     # -- own counters ----------------------------------------------------------------
 
     def meta(self, name: str, default: int = 0) -> int:
-        row = self.db.execute("SELECT value FROM meta WHERE name = ?", [name]).fetchone()
+        row = self._one("SELECT value FROM meta WHERE name = ?", [name])
         return default if row is None else row[0]
 
     def set_meta(self, name: str, value: int) -> None:
@@ -141,62 +188,94 @@ class Store:
     # -- senders ---------------------------------------------------------------------
 
     def sender_window(self, node_id: str) -> tuple[int, int]:
-        row = self.db.execute("SELECT top, mask FROM senders WHERE node_id = ?", [node_id]).fetchone()
+        row = self._one("SELECT top, mask FROM senders WHERE node_id = ?", [node_id])
         return (0, 0) if row is None else (row[0], int.from_bytes(row[1], "big"))
 
     def set_sender_window(self, node_id: str, public_key: bytes, top: int, mask: int, hlc: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)",
                         [node_id, public_key, top, mask.to_bytes(8, "big"), hlc])
 
-    # -- versions and frames ---------------------------------------------------------
+    def senders(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT node_id FROM senders ORDER BY node_id")]
+
+    # -- versions --------------------------------------------------------------------
 
     def has_version(self, version: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM versions WHERE version = ?", [version]).fetchone() is not None
+        return self._one("SELECT 1 FROM versions WHERE version = ?", [version]) is not None
 
     def version_info(self, version: bytes) -> tuple[str, str, dict | None] | None:
         """(region, key, value) of a stored version, or None."""
-        row = self.db.execute("SELECT region, key, value FROM versions WHERE version = ?", [version]).fetchone()
+        row = self._one("SELECT region, key, value FROM versions WHERE version = ?", [version])
         return None if row is None else (row[0], row[1], strict_loads(row[2]))
 
-    def add_version(self, region: str, key: str, version: bytes, parent: bytes | None,
-                    value: dict | None, author: str, hlc: int, state: str = "shadow") -> bool:
-        """Store a version and move the frame's head. False when it was already stored."""
+    def value(self, version: bytes) -> dict | None:
+        return strict_loads(self._one("SELECT value FROM versions WHERE version = ?", [version])[0])
+
+    def add_version(self, region: str, key: str, version: bytes, parents: tuple[bytes, ...],
+                    value: dict | None, author: str, hlc: int, gen: int,
+                    coherent: bool = True, reason: str | None = None) -> bool:
+        """Store a version. False when it was already stored."""
         with self.transaction():
             if self.has_version(version):
                 return False
+            merge = len(parents) > 1
             self.db.execute(
-                "INSERT INTO versions (version, region, key, parent, value, author, hlc, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [version, region, key, parent, canonical(value), author, hlc, state])
-            self._update_head(region, key)
+                "INSERT INTO versions (version, region, key, parent, merge_of, value, author, hlc, gen, coherent,"
+                " reason, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [version, region, key, None if merge or not parents else parents[0],
+                 b"".join(sorted(parents)) if merge else None, canonical(value), author, hlc, gen,
+                 int(coherent), reason, "shadow" if coherent else "rejected"])
             return True
 
-    def _update_head(self, region: str, key: str) -> None:
-        # Deterministic for a given set of versions: the latest leaf by (clock, hash).
-        row = self.db.execute(
-            """SELECT version FROM versions v WHERE region = ? AND key = ?
-               AND NOT EXISTS (SELECT 1 FROM versions c WHERE c.parent = v.version)
-               ORDER BY hlc DESC, version DESC LIMIT 1""", [region, key]).fetchone()
-        self.db.execute("INSERT OR REPLACE INTO frames (region, key, head) VALUES (?, ?, ?)", [region, key, row[0]])
+    def merge_of(self, parents: tuple[bytes, ...]) -> bytes | None:
+        row = self._one("SELECT version FROM versions WHERE merge_of = ?", [b"".join(sorted(parents))])
+        return None if row is None else row[0]
 
-    _VERSION_COLS = "region, key, version, parent, value, author, hlc, state"
+    def version_meta(self, version: bytes) -> VersionMeta | None:
+        row = self._one("SELECT version, parent, merge_of, author, gen, hlc, coherent FROM versions"
+                        " WHERE version = ?", [version])
+        return None if row is None else VersionMeta(row[0], _parents(row[1], row[2]), *row[3:6], bool(row[6]))
+
+    def frame_meta(self, region: str, key: str) -> dict[bytes, VersionMeta]:
+        rows = self.db.execute(
+            "SELECT version, parent, merge_of, author, gen, hlc, coherent FROM versions"
+            " WHERE region = ? AND key = ?", [region, key])
+        return {v: VersionMeta(v, _parents(p, m), a, g, h, bool(c)) for v, p, m, a, g, h, c in rows}
+
+    def set_states(self, states: dict[bytes, str]) -> None:
+        self.db.conn.executemany("UPDATE versions SET state = ? WHERE version = ? AND state != ?",
+                            [(s, v, s) for v, s in states.items()])
+
+    _VERSION_COLS = "region, key, version, parent, merge_of, value, author, hlc, state"
 
     def _frame_version(self, row: tuple) -> FrameVersion:
-        region, key, version, parent, value, author, hlc, state = row
-        return FrameVersion(region, key, version.hex(), _hex(parent), strict_loads(value), author, hlc, state)
+        region, key, version, parent, merge_of, value, author, hlc, state = row
+        return FrameVersion(region, key, version.hex(), tuple(p.hex() for p in _parents(parent, merge_of)),
+                            strict_loads(value), author, hlc, state)
 
-    def head(self, region: str, key: str) -> FrameVersion | None:
-        row = self.db.execute(
-            f"""SELECT {self._VERSION_COLS} FROM versions
-                WHERE version = (SELECT head FROM frames WHERE region = ? AND key = ?)""",
-            [region, key]).fetchone()
+    def version(self, version: bytes) -> FrameVersion | None:
+        row = self._one(f"SELECT {self._VERSION_COLS} FROM versions WHERE version = ?", [version])
         return None if row is None else self._frame_version(row)
 
     def history(self, region: str, key: str) -> list[FrameVersion]:
         rows = self.db.execute(
-            f"SELECT {self._VERSION_COLS} FROM versions WHERE region = ? AND key = ? ORDER BY hlc, version",
+            f"SELECT {self._VERSION_COLS} FROM versions WHERE region = ? AND key = ? ORDER BY gen, hlc, version",
             [region, key]).fetchall()
         return [self._frame_version(r) for r in rows]
+
+    def rejection_reason(self, version: bytes) -> str | None:
+        row = self._one("SELECT reason FROM versions WHERE version = ?", [version])
+        return None if row is None else row[0]
+
+    # -- frames ----------------------------------------------------------------------
+
+    def frame(self, region: str, key: str) -> Frame:
+        row = self._one("SELECT head, consensus, round FROM frames WHERE region = ? AND key = ?", [region, key])
+        return Frame(None, None, 0) if row is None else Frame(row[0], row[1], row[2] or 0)
+
+    def set_frame(self, region: str, key: str, frame: Frame) -> None:
+        self.db.execute("INSERT OR REPLACE INTO frames (region, key, head, consensus, round) VALUES (?, ?, ?, ?, ?)",
+                        [region, key, frame.head, frame.consensus, frame.round])
 
     def regions(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT region FROM frames ORDER BY region")]
@@ -204,34 +283,69 @@ class Store:
     def keys(self, region: str) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
 
-    def frame_heads(self) -> list[tuple[str, str, str]]:
-        """(region, key, head version hex) of every frame."""
-        return [(r, k, h.hex()) for r, k, h in self.db.execute("SELECT region, key, head FROM frames ORDER BY region, key")]
+    def frame_heads(self) -> list[tuple[str, str, str, str | None]]:
+        """(region, key, head hex, consensus hex or None) of every frame."""
+        return [(r, k, h.hex(), c.hex() if c else None) for r, k, h, c in
+                self.db.execute("SELECT region, key, head, consensus FROM frames ORDER BY region, key")]
 
     # -- diffs -----------------------------------------------------------------------
 
     def add_diff(self, msg_id: bytes, sender: str, seq: int, region: str, key: str, version: bytes,
-                 parent: bytes | None, envelope: bytes, status: str, published: bool = True) -> None:
+                 parent: bytes | None, envelope: bytes, status: str) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO diffs (msg_id, sender, seq, region, key, version, parent, envelope, status,"
-            " published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [msg_id, sender, seq, region, key, version, parent, envelope, status, int(published)])
+            "INSERT OR IGNORE INTO diffs (msg_id, sender, seq, region, key, version, parent, envelope, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [msg_id, sender, seq, region, key, version, parent, envelope, status])
 
     def set_diff_status(self, msg_id: bytes, status: str) -> None:
         self.db.execute("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])
 
-    def pending_children(self, parent: bytes) -> list[PendingDiff]:
-        rows = self.db.execute("SELECT msg_id, envelope FROM diffs WHERE status = 'pending' AND parent = ?",
-                               [parent]).fetchall()
-        return [PendingDiff(*r) for r in rows]
+    def pending(self, region: str, key: str) -> list[tuple[bytes, bytes]]:
+        """(msg_id, envelope) of the diffs of a frame still waiting for a parent."""
+        return self.db.execute("SELECT msg_id, envelope FROM diffs WHERE status = 'pending'"
+                               " AND region = ? AND key = ? ORDER BY seq", [region, key]).fetchall()
 
     def count_diffs(self, status: str) -> int:
-        return self.db.execute("SELECT count(*) FROM diffs WHERE status = ?", [status]).fetchone()[0]
+        return self._one("SELECT count(*) FROM diffs WHERE status = ?", [status])[0]
 
-    def unpublished(self) -> list[PendingDiff]:
-        rows = self.db.execute("SELECT msg_id, envelope FROM diffs WHERE published = 0 ORDER BY seq").fetchall()
-        return [PendingDiff(*r) for r in rows]
+    # -- votes -----------------------------------------------------------------------
+
+    def vote_at(self, region: str, key: str, voter: str, round_: int) -> tuple[bytes, bytes] | None:
+        """(version, envelope) of a voter's vote in a round, if any."""
+        return self._one("SELECT version, envelope FROM votes WHERE region = ? AND key = ? AND voter = ? AND round = ?",
+                         [region, key, voter, round_])
+
+    def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO votes (region, key, voter, round, version, envelope)"
+                        " VALUES (?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version, envelope])
+
+    def latest_votes(self, region: str, key: str) -> dict[str, bytes]:
+        """voter -> the version of its highest-round vote on this frame."""
+        rows = self.db.execute(
+            "SELECT voter, version, max(round) FROM votes WHERE region = ? AND key = ? GROUP BY voter",
+            [region, key])
+        return {voter: version for voter, version, _ in rows}
+
+    def voted_frames(self, voter: str) -> list[tuple[str, str]]:
+        return [tuple(r) for r in self.db.execute("SELECT DISTINCT region, key FROM votes WHERE voter = ?", [voter])]
+
+    def flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO flagged (node_id, reason, evidence_a, evidence_b) VALUES (?, ?, ?, ?)",
+                        [node_id, reason, evidence_a, evidence_b])
+
+    def flagged(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT node_id FROM flagged")}
+
+    # -- outbox ----------------------------------------------------------------------
+
+    def queue(self, msg_id: bytes, topic: str, envelope: bytes, seq: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, acked, seq) VALUES (?, ?, ?, 0, ?)",
+                        [msg_id, topic, envelope, seq])
+
+    def unpublished(self) -> list[Queued]:
+        rows = self.db.execute("SELECT msg_id, topic, envelope FROM outbox WHERE acked = 0 ORDER BY seq").fetchall()
+        return [Queued(*r) for r in rows]
 
     def mark_published(self, msg_id: bytes) -> None:
         with self.transaction():
-            self.db.execute("UPDATE diffs SET published = 1 WHERE msg_id = ?", [msg_id])
+            self.db.execute("UPDATE outbox SET acked = 1 WHERE msg_id = ?", [msg_id])

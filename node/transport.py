@@ -22,6 +22,7 @@ from edgeswarm.shared.envelope import CONTENT_TYPE
 
 log = logging.getLogger("edgeswarm.transport")
 
+SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps a persistent session of an absent node
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
@@ -34,13 +35,16 @@ MessageHandler = Callable[[str, bytes], None]
 
 class Transport:
     def __init__(self, host: str, port: int, client_id: str, *, protocol: str = "auto",
-                 keepalive: int = 30, connect_timeout: float = 10.0) -> None:
+                 keepalive: int = 30, connect_timeout: float = 10.0, persistent: bool = False) -> None:
         if protocol not in ("auto", *PROTOCOLS):
             raise TransportError(f"unknown MQTT protocol {protocol!r}; use auto, 5 or 3.1.1")
         self.host, self.port, self.client_id = host, port, client_id
         self.protocol = protocol
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
+        # A persistent session makes the broker queue QoS 1 messages while this client is
+        # away (a restart, a crash, a network cut) and deliver them when it returns.
+        self.persistent = persistent
         self.on_message: MessageHandler | None = None
         self.on_ack: Callable[[int], None] | None = None
         self.on_connected: Callable[[], None] | None = None
@@ -82,7 +86,7 @@ class Transport:
         self._refused = None
         self._answered.clear()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version,
-                        clean_session=True if version != mqtt.MQTTv5 else None)
+                        clean_session=None if version == mqtt.MQTTv5 else not self.persistent)
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(1, 30)
@@ -93,7 +97,13 @@ class Transport:
         c.on_subscribe = self._on_subscribe
         self._client = c
         try:
-            c.connect(self.host, self.port, keepalive=self.keepalive)
+            if version == mqtt.MQTTv5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = SESSION_EXPIRY if self.persistent else 0
+                c.connect(self.host, self.port, keepalive=self.keepalive, clean_start=not self.persistent,
+                          properties=props)
+            else:
+                c.connect(self.host, self.port, keepalive=self.keepalive)
         except OSError as e:
             self._client = None
             raise TransportError(f"cannot reach broker {self.host}:{self.port}: {e.strerror or e}") from None

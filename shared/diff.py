@@ -121,3 +121,42 @@ def _diff_maps(old: dict, new: dict, path: list, ops: list) -> None:
             _diff_maps(old[k], v, path + [k], ops)
         elif not _same(old[k], v):
             ops.append(["set", path + [k], v])
+
+
+# -- three-way merge ---------------------------------------------------------------------
+
+class MergeConflict(ValueError):
+    """Concurrent changes that touch the same place differently."""
+
+
+def merge_hash(region: str, key: str, parents: list[bytes], value: dict | None) -> bytes:
+    """The version hash of a merge: like version_hash, with the sorted list of parents."""
+    return hashlib.blake2b(canonical([region, key, sorted(parents), value]), digest_size=HASH_BYTES).digest()
+
+
+def _related(p: list, q: list) -> bool:
+    n = min(len(p), len(q))
+    return p[:n] == q[:n]
+
+
+def merge(base: dict | None, sides: list[dict | None]) -> dict:
+    """The value that combines every side's changes relative to `base` (their common ancestor).
+
+    Changes may overlap only where they are identical; otherwise MergeConflict. A side that
+    deleted the frame conflicts with any other change. The result does not depend on the
+    order of `sides`.
+    """
+    base = base if base is not None else {}
+    taken: list[list] = []
+    for side in sides:
+        if side is None:
+            raise MergeConflict("one side deleted the frame")
+        for op in make(base, side):
+            for other in taken:
+                if _related(op[1], other[1]) and not (op[1] == other[1] and _same(op, other)):
+                    raise MergeConflict(f"both sides change {'/'.join(op[1]) or 'the whole frame'!r}")
+            if not any(op[1] == other[1] for other in taken):
+                taken.append(op)
+    # Disjoint operations commute; apply in a canonical order anyway.
+    taken.sort(key=lambda op: canonical(op[1]))
+    return apply(base, taken) if taken else copy.deepcopy(base)

@@ -50,7 +50,11 @@ def test_subregions_and_subscriptions(make_node, region):
     a.put(f"{region}/vision", "camera", {"fps": 30})
     v = a.put(f"{region}/audio", "mic", {"gain": 2})
     assert b.wait_until(lambda: same_head(b, f"{region}/audio", "mic", v), TIMEOUT)
-    assert [(fv.region, fv.key, fv.value) for fv in seen] == [(f"{region}/vision", "camera", {"fps": 30})]
+    # b follows vision only: the camera frame's new head, then its consensus (a and b agree)
+    assert b.wait_until(lambda: len(seen) == 2, TIMEOUT)
+    assert [(fv.region, fv.key, fv.value, fv.state) for fv in seen] == [
+        (f"{region}/vision", "camera", {"fps": 30}, "shadow"),
+        (f"{region}/vision", "camera", {"fps": 30}, "consensus")]
 
 
 def test_async_iterator_of_changes(make_node, region):

@@ -1,0 +1,156 @@
+"""The local consensus voter: fork choice, merges and consensus for one frame.
+
+Pure decisions over a snapshot of a frame's version graph and its latest votes; the node
+stores what they produce. Every node given the same versions and votes decides the same.
+
+- Eligible versions: coherent, authored by a member that is not flagged (merges: all
+  parents eligible), with every ancestor eligible. Only eligible versions are voted for.
+- Leaves: eligible authored versions that no other eligible authored version descends
+  from (merges are transparent: a merge joins branches only once someone builds on it).
+- Fork choice: leaves ordered by score (members whose latest vote is the leaf or one of
+  its ancestors), then lower hash. The best leaf is joined by every other leaf that merges
+  cleanly with it (three-way merge from their common ancestor, coherent result); the
+  merge of that set is the head. Leaves that conflict stay as forks.
+- Support of a version: members whose latest vote is that version or a descendant.
+- Consensus: the deepest version (generation, then lower hash) with support >= quorum.
+  It only moves to a descendant of the current consensus (or of all parents of a merge
+  consensus); moving to another branch is an explicit fork resolution; votes lagging
+  behind never move it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .store import VersionMeta
+
+# try_merge(parents) -> the merge's version hash, or None when the parents conflict.
+TryMerge = Callable[[tuple[bytes, ...]], "bytes | None"]
+
+
+class Dag:
+    def __init__(self, versions: dict[bytes, VersionMeta]) -> None:
+        self.versions = versions
+        self._anc: dict[bytes, frozenset[bytes]] = {}
+
+    def add(self, meta: VersionMeta) -> None:
+        self.versions[meta.version] = meta
+
+    def ancestors(self, v: bytes) -> frozenset[bytes]:
+        """`v` and every stored version it descends from."""
+        if v in self._anc:
+            return self._anc[v]
+        # Iterative post-order: graphs can be deep.
+        stack = [v]
+        while stack:
+            top = stack[-1]
+            meta = self.versions.get(top)
+            todo = [p for p in (meta.parents if meta else ()) if p not in self._anc and p in self.versions]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            acc = {top}
+            for p in (meta.parents if meta else ()):
+                acc |= self._anc.get(p, frozenset())
+            self._anc[top] = frozenset(acc)
+        return self._anc[v]
+
+    def lca(self, vs: Iterable[bytes]) -> bytes | None:
+        """The nearest common ancestor (deepest generation, then lower hash), or None."""
+        common = None
+        for v in vs:
+            common = set(self.ancestors(v)) if common is None else common & self.ancestors(v)
+        if not common:
+            return None
+        return min(common, key=lambda h: (-self.versions[h].gen, h))
+
+    def eligible(self, authors_ok: Callable[[str], bool]) -> set[bytes]:
+        ok: set[bytes] = set()
+        for meta in sorted(self.versions.values(), key=lambda m: m.gen):
+            if not meta.coherent or not all(p in ok for p in meta.parents):
+                continue
+            if meta.is_merge or authors_ok(meta.author):
+                ok.add(meta.version)
+        return ok
+
+
+@dataclass
+class Decision:
+    head: bytes | None
+    consensus: bytes | None
+    resolution: bool = False
+    forks: list[bytes] = field(default_factory=list)
+    support: dict[bytes, int] = field(default_factory=dict)
+    states: dict[bytes, str] = field(default_factory=dict)
+    round: int = 0  # this node's vote round on the frame after the decision
+
+
+def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], try_merge: TryMerge) -> tuple[bytes | None, list[bytes]]:
+    """(head, leaves ordered best first)."""
+    authored = [v for v in eligible if not dag.versions[v].is_merge]
+    inner: set[bytes] = set()
+    for v in authored:
+        inner |= dag.ancestors(v) - {v}
+    leaves = [v for v in authored if v not in inner]
+    if not leaves:
+        return None, []
+
+    def score(leaf: bytes) -> int:
+        anc = dag.ancestors(leaf)
+        return sum(1 for w in votes.values() if w in anc)
+
+    order = sorted(leaves, key=lambda v: (-score(v), v))
+    chosen, head = [order[0]], order[0]
+    for leaf in order[1:]:
+        merged = try_merge(tuple(chosen + [leaf]))
+        if merged is not None:
+            chosen.append(leaf)
+            head = merged
+    return head, order
+
+
+def decide(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], quorum: int, head: bytes | None,
+           leaves: list[bytes], current: bytes | None) -> Decision:
+    """Consensus and states, once the head (and any merge it needed) is in `dag`."""
+    counted = {voter: w for voter, w in votes.items() if w in eligible}
+    support: dict[bytes, int] = {}
+    for w in counted.values():
+        for v in dag.ancestors(w):
+            support[v] = support.get(v, 0) + 1
+    candidates = [v for v, n in support.items() if n >= quorum and v in eligible]
+    best = min(candidates, key=lambda h: (-dag.versions[h].gen, h)) if candidates else None
+
+    consensus, resolution = current, False
+    if current is not None and current not in eligible:
+        consensus, resolution = best, best is not None
+    elif best is not None and best != current:
+        if current is None or current in dag.ancestors(best) or _covers(dag, best, current):
+            consensus = best
+        elif best not in dag.ancestors(current) and not _covers(dag, current, best):
+            consensus, resolution = best, True
+
+    on_consensus = dag.ancestors(consensus) if consensus else frozenset()
+    on_head = dag.ancestors(head) if head else frozenset()
+    states = {}
+    for v, meta in dag.versions.items():
+        if not meta.coherent:
+            states[v] = "rejected"
+        elif v not in eligible:
+            states[v] = "ineligible"
+        elif v in on_consensus:
+            states[v] = "consensus"
+        elif v in on_head:
+            states[v] = "shadow"
+        else:
+            states[v] = "superseded" if meta.is_merge else "fork"
+    forks = [leaf for leaf in leaves if leaf not in on_head]
+    return Decision(head, consensus, resolution, forks, support, states)
+
+
+def _covers(dag: Dag, newer: bytes, older: bytes) -> bool:
+    """`newer` contains everything `older` merged (older is a merge of newer's ancestors)."""
+    meta = dag.versions[older]
+    anc = dag.ancestors(newer)
+    return meta.is_merge and all(p in anc for p in meta.parents)
