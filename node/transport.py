@@ -22,6 +22,7 @@ from edgeswarm.shared.envelope import CONTENT_TYPE
 
 log = logging.getLogger("edgeswarm.transport")
 
+PROBE_TIMEOUT = 2.0  # seconds to wait for an answer to an MQTT 5 CONNECT in "auto" mode
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps a persistent session of an absent node
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
@@ -73,7 +74,7 @@ class Transport:
         versions = [PROTOCOLS[self.protocol]] if self.protocol != "auto" else [mqtt.MQTTv5, mqtt.MQTTv311]
         for i, version in enumerate(versions):
             last = i == len(versions) - 1
-            refusal = self._try_connect(version)
+            refusal = self._try_connect(version, probe=not last)
             if refusal is None:
                 return
             self._stop_client()
@@ -81,7 +82,7 @@ class Transport:
                 raise TransportError(f"broker {self.host}:{self.port} refused the connection: {refusal}")
             log.info("broker does not speak MQTT 5 (%s); using 3.1.1", refusal)
 
-    def _try_connect(self, version: int) -> str | None:
+    def _try_connect(self, version: int, probe: bool = False) -> str | None:
         self._version = version
         self._refused = None
         self._answered.clear()
@@ -95,6 +96,7 @@ class Transport:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_connect_fail = self._on_connect_fail
         self._client = c
         try:
             if version == mqtt.MQTTv5:
@@ -108,8 +110,10 @@ class Transport:
             self._client = None
             raise TransportError(f"cannot reach broker {self.host}:{self.port}: {e.strerror or e}") from None
         c.loop_start()
-        if not self._answered.wait(self.connect_timeout):
+        if not self._answered.wait(min(self.connect_timeout, PROBE_TIMEOUT) if probe else self.connect_timeout):
             self._stop_client()
+            if probe:  # amqtt neither answers nor closes an MQTT 5 CONNECT that has properties
+                return "no answer to an MQTT 5 CONNECT (unsupported protocol version?)"
             raise TransportError(f"broker {self.host}:{self.port} did not answer within {self.connect_timeout:.0f} s")
         if self._refused is None and not self.wait_subscribed(self.connect_timeout):
             self._stop_client()
@@ -131,6 +135,11 @@ class Transport:
         log.info("connected to %s:%s (MQTT %s)", self.host, self.port, self.mqtt_version)
         if self.on_connected:
             self.on_connected()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if not self._answered.is_set():
+            self._refused = "connection closed during the handshake; unsupported protocol version?"
+            self._answered.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
