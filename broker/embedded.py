@@ -1,8 +1,9 @@
 """The embedded MQTT broker: amqtt in its own thread and event loop.
 
 Any node can host the bus. amqtt speaks MQTT 3.1.1 only, so clients of this broker use
-3.1.1 (the node's transport falls back by itself). Only the anonymous-auth plugin is
-loaded: the default set (event and packet loggers, $SYS) costs about 40 % of throughput.
+3.1.1 (the node's transport falls back by itself). Only one plugin is loaded, an open
+access plugin that keeps persistent sessions (see plugins.py): the default set (event and
+packet loggers, $SYS) costs about 40 % of throughput.
 amqtt is imported here only, when a broker is actually started.
 """
 
@@ -43,7 +44,7 @@ class EmbeddedBroker:
     def config(self) -> dict:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {"edgeswarm.broker.plugins.OpenAccessPlugin": {}},
         }
 
     def start(self) -> EmbeddedBroker:

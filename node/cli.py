@@ -57,11 +57,16 @@ def _load_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM. Install it before announcing readiness."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
+    return stop
+
+
+def _wait(stop: threading.Event) -> None:
+    while not stop.wait(1.0):  # wake up now and then so the main thread sees signals
         pass
 
 
@@ -81,10 +86,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    stop = _stop_on_signal()
     broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883).start()
     print(f"edgeswarm broker listening on {broker.host}:{broker.port} (MQTT 3.1.1)", flush=True)
     try:
-        _wait_for_signal()
+        _wait(stop)
     finally:
         broker.stop()
     return 0
@@ -92,13 +98,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
+    stop = _stop_on_signal()
     broker = None
     if config.embedded_broker:
         broker = EmbeddedBroker(config.broker_host, config.broker_port).start()
     node = Node(config)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.is_set():
             try:
@@ -111,8 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"node {node.node_id} running: broker {config.broker_host}:{config.broker_port}"
                   f"{' (embedded)' if broker else ''}, regions {', '.join(config.regions) or '(none)'}",
                   flush=True)
-        while not stop.wait(1.0):
-            pass
+        _wait(stop)
     finally:
         node.stop()
         if broker:
@@ -199,7 +202,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             raise
         host, port, protocol, max_bytes = args.host or "127.0.0.1", args.port or 1883, "auto", None
     seen = 0
-    done = threading.Event()
+    done = _stop_on_signal()
 
     def on_message(topic: str, payload: bytes) -> None:
         nonlocal seen
@@ -219,8 +222,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
     transport.subscribe([region_filter(args.region)])
     transport.connect()
     print(f"watching {region_filter(args.region)} on {host}:{port}", file=sys.stderr, flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     try:
         if not done.wait(args.timeout) and args.count:
             print(f"edgeswarm: watch saw {seen} of {args.count} messages before the timeout", file=sys.stderr)

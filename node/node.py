@@ -332,7 +332,9 @@ class Node:
         self.counters[f"rejected.{reason}"] += 1
         n = self.counters[f"rejected.{reason}"]
         if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: visible without flooding the log
-            log.warning("rejected message (%s, %d so far): %s", reason, n, detail)
+            # QoS 1 delivers at least once: duplicates are normal, the rest is not.
+            log.log(logging.DEBUG if reason == "duplicate" else logging.WARNING,
+                    "rejected message (%s, %d so far): %s", reason, n, detail)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:

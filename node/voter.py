@@ -120,16 +120,25 @@ def decide(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], quorum: int,
         for v in dag.ancestors(w):
             support[v] = support.get(v, 0) + 1
     candidates = [v for v, n in support.items() if n >= quorum and v in eligible]
-    best = min(candidates, key=lambda h: (-dag.versions[h].gen, h)) if candidates else None
+
+    def deepest(vs: list[bytes]) -> bytes | None:
+        return min(vs, key=lambda h: (-dag.versions[h].gen, h)) if vs else None
+
+    def extends(v: bytes, base: bytes) -> bool:
+        return base in dag.ancestors(v) or _covers(dag, v, base)
 
     consensus, resolution = current, False
-    if current is not None and current not in eligible:
-        consensus, resolution = best, best is not None
-    elif best is not None and best != current:
-        if current is None or current in dag.ancestors(best) or _covers(dag, best, current):
-            consensus = best
-        elif best not in dag.ancestors(current) and not _covers(dag, current, best):
-            consensus, resolution = best, True
+    if current is None or current not in eligible:
+        consensus = deepest(candidates)
+        resolution = current is not None and consensus is not None
+    elif current in candidates:
+        # Still supported: only move forward. (Votes for a merge support both branches it
+        # joins, so two branches can both have a quorum until the merge itself has one.)
+        consensus = deepest([v for v in candidates if extends(v, current)]) or current
+    else:
+        best = deepest(candidates)
+        if best is not None and not extends(current, best):
+            consensus, resolution = best, not extends(best, current)
 
     on_consensus = dag.ancestors(consensus) if consensus else frozenset()
     on_head = dag.ancestors(head) if head else frozenset()

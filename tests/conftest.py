@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import uuid
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.node import Config, Node
@@ -66,3 +68,54 @@ def make_node(tmp_path, broker, region):
             node.stop()
         except Exception:
             pass
+
+
+@pytest.fixture
+def make_swarm(tmp_path, broker, region):
+    """make_swarm(n, extra_members=0, **config) -> (nodes, identities of extra members that run
+    no node). Every node knows the full member list; consensus needs a majority."""
+    from edgeswarm.shared.identity import Identity
+
+    nodes: list[Node] = []
+
+    def make(n: int, extra_members: int = 0, **overrides):
+        homes = [tmp_path / f"node{i}" for i in range(n)]
+        identities = [Identity.load_or_create(h / "node.key") for h in homes]
+        extras = [Identity.generate() for _ in range(extra_members)]
+        members = [i.node_id for i in identities + extras]
+        for home in homes:
+            config = Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
+                            protocol=broker.protocol, members=members, **overrides)
+            nodes.append(Node(config).start())
+        return list(nodes), extras
+
+    yield make
+    for node in nodes:
+        try:
+            node.stop()
+        except Exception:
+            pass
+
+
+class Attacker:
+    """A plain MQTT client, as anyone with access to the broker could run."""
+
+    def __init__(self, broker):
+        protocol = mqtt.MQTTv311 if broker.protocol == "3.1.1" else mqtt.MQTTv5
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, topic, payload):
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10.0)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def attacker(broker):
+    a = Attacker(broker)
+    yield a
+    a.close()

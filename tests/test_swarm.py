@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import cbor2
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import canonical, encode
@@ -82,30 +80,6 @@ def test_outbox_sends_what_was_written_before_start(make_node, region):
     assert b.wait_until(lambda: same_head(b, region, "offline", v), TIMEOUT)
     assert a.wait_published(TIMEOUT)
     assert not a.store.unpublished()
-
-
-class Attacker:
-    """A plain MQTT client, as anyone with access to the broker could run."""
-
-    def __init__(self, broker):
-        protocol = mqtt.MQTTv311 if broker.protocol == "3.1.1" else mqtt.MQTTv5
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def send(self, topic, payload):
-        self.client.publish(topic, payload, qos=1).wait_for_publish(TIMEOUT)
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture
-def attacker(broker):
-    a = Attacker(broker)
-    yield a
-    a.close()
 
 
 def test_tampered_input_is_rejected_counted_and_harmless(make_node, region, attacker):

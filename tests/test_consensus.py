@@ -1,0 +1,193 @@
+"""Five nodes on a real broker: consensus, merges, forks, crashes, rogues and coherence."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeswarm.node import Node
+from edgeswarm.node.coherence import CoherenceError, Rule
+from edgeswarm.shared import diff
+from edgeswarm.shared.envelope import encode
+from edgeswarm.shared.topics import region_topic
+
+TIMEOUT = 15.0
+
+
+def at_consensus(node, region, key, version):
+    c = node.consensus(region, key)
+    return c is not None and c.version == version
+
+
+def wait_all(nodes, condition):
+    for n in nodes:
+        assert n.wait_until(lambda n=n: condition(n), TIMEOUT), (n.node_id, n.status(*condition.frame))
+
+
+def consensus_everywhere(nodes, region, key, version):
+    cond = lambda n: at_consensus(n, region, key, version)  # noqa: E731
+    cond.frame = (region, key)
+    wait_all(nodes, cond)
+
+
+def agreed_everywhere(nodes, region, key, version, forks=()):
+    """Every node has `version` as head and consensus, and `forks` as its forks."""
+    def settled(n):
+        status = n.status(region, key)
+        return status["consensus"] == version and status["head"] == version and status["forks"] == list(forks)
+    settled.frame = (region, key)
+    wait_all(nodes, settled)
+    return nodes[0].consensus(region, key)
+
+
+def test_sequential_writes_reach_consensus_everywhere(make_swarm, region):
+    nodes, _ = make_swarm(5)
+    version = None
+    for i, writer in enumerate(nodes):
+        if version is not None:
+            assert writer.wait_until(lambda w=writer, v=version: at_consensus(w, region, "line", v), TIMEOUT)
+        version = writer.patch(region, "line", set={f"station{i}": i})
+    consensus_everywhere(nodes, region, "line", version)
+    for n in nodes:
+        assert n.get(region, "line", consensus=True) == {f"station{i}": i for i in range(5)}
+        assert n.wait_until(lambda n=n: n.status(region, "line")["support"].get(version) == 5, TIMEOUT)
+        status = n.status(region, "line")
+        assert status["quorum"] == 3 and not status["forks"]
+        assert [fv.state for fv in n.history(region, "line")] == ["consensus"] * 5
+
+
+def _offline_edit(nodes, region, key, offline_change, online_change):
+    """nodes[1] edits while cut off from the broker; nodes[0] edits the same version online;
+    nodes[1] comes back. Returns the two versions."""
+    a, b = nodes[0], nodes[1]
+    b.transport.close()  # cut off; its persistent session keeps collecting messages
+    vb = offline_change(b)
+    va = online_change(a)
+    consensus_everywhere([n for n in nodes if n is not b], region, key, va)  # 4 of 5 is a quorum
+    b.start()  # sends its outbox, receives what it missed
+    return va, vb
+
+
+def test_concurrent_disjoint_edits_merge_to_one_hash(make_swarm, region):
+    nodes, _ = make_swarm(5)
+    v0 = nodes[0].put(region, "cfg", {"x": 0, "y": 0, "limits": {"lo": 1, "hi": 9}})
+    consensus_everywhere(nodes, region, "cfg", v0)
+    va, vb = _offline_edit(nodes, region, "cfg",
+                           lambda b: b.patch(region, "cfg", set={"x": 1, ("limits", "hi"): 8}),
+                           lambda a: a.patch(region, "cfg", set={"y": 2, ("limits", "lo"): 2}))
+    value = {"x": 1, "y": 2, "limits": {"lo": 2, "hi": 8}}
+    expected = diff.merge_hash(region, "cfg", [bytes.fromhex(va), bytes.fromhex(vb)], value).hex()
+    merged = agreed_everywhere(nodes, region, "cfg", expected)
+    assert set(merged.parents) == {va, vb} and merged.author == "" and merged.value == value
+    for n in nodes:
+        assert n.get(region, "cfg") == merged.value
+        assert {fv.version: fv.state for fv in n.history(region, "cfg")} == {
+            v0: "consensus", va: "consensus", vb: "consensus", merged.version: "consensus"}
+
+
+def test_conflicting_edits_keep_both_forks_and_agree(make_swarm, region):
+    nodes, _ = make_swarm(5)
+    v0 = nodes[0].put(region, "valve", {"open": False, "note": "start"})
+    consensus_everywhere(nodes, region, "valve", v0)
+    va, vb = _offline_edit(nodes, region, "valve",
+                           lambda b: b.patch(region, "valve", set={"open": True}),
+                           lambda a: a.patch(region, "valve", set={"open": "half"}))
+    agreed_everywhere(nodes, region, "valve", va, forks=[vb])  # four votes against one
+    for n in nodes:
+        forks = n.forks(region, "valve")
+        assert [f.version for f in forks] == [vb] and forks[0].value == {"open": True, "note": "start"}
+        states = {fv.version: fv.state for fv in n.history(region, "valve")}
+        assert states == {v0: "consensus", va: "consensus", vb: "fork"}
+
+
+def test_node_crashing_mid_vote_restarts_into_the_same_state(make_swarm, region):
+    nodes, _ = make_swarm(5)
+    a, e = nodes[0], nodes[4]
+    v0 = a.put(region, "pump", {"rpm": 100})
+    consensus_everywhere(nodes, region, "pump", v0)
+    e.transport.close()  # e's link goes down...
+    v1 = a.patch(region, "pump", set={"rpm": 200})
+    consensus_everywhere(nodes[:4], region, "pump", v1)
+    # ...just after the diff reached it: e stores v1 and its vote, but dies before sending it.
+    raw = a.store.db.execute("SELECT envelope FROM diffs WHERE version = ?", [bytes.fromhex(v1)]).fetchone()[0]
+    e.receive(region_topic("diff", region), raw)
+    assert e.head(region, "pump").version == v1 and e.store.unpublished()
+    e.store.close()  # crash: no clean stop
+
+    restarted = Node(e.config).start()
+    try:
+        consensus_everywhere([restarted], region, "pump", v1)
+        assert restarted.wait_published(TIMEOUT) and not restarted.store.unpublished()
+        for n in nodes[:4]:
+            assert n.wait_until(lambda n=n: n.status(region, "pump")["votes"].get(e.node_id) == v1, TIMEOUT)
+        assert {n.status(region, "pump")["support"][v1] for n in nodes[:4]} == {5}
+        assert restarted.status(region, "pump")["support"][v1] == 5
+    finally:
+        restarted.stop()
+
+
+def test_rogue_outsider_cannot_move_consensus(make_swarm, make_node, region):
+    nodes, _ = make_swarm(4)
+    rogue = make_node("rogue")  # a valid key, but not in anyone's member list
+    v0 = nodes[0].put(region, "door", {"locked": True})
+    consensus_everywhere(nodes, region, "door", v0)
+    assert rogue.wait_until(lambda: rogue.head(region, "door") is not None, TIMEOUT)
+    vr = rogue.patch(region, "door", set={"locked": False})  # built on the consensus, and voted for
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.store.has_version(bytes.fromhex(vr))
+                            and n.status(region, "door")["votes"].get(rogue.node_id) == vr, TIMEOUT)
+        status = n.status(region, "door")
+        assert status["consensus"] == v0 and status["head"] == v0
+        assert n.store.version(bytes.fromhex(vr)).state == "ineligible"
+        assert vr not in status["support"]
+        assert n.get(region, "door") == {"locked": True}
+
+
+def test_equivocating_member_is_flagged_and_ignored(make_swarm, region, attacker):
+    nodes, (mallory,) = make_swarm(4, extra_members=1)
+    v0 = nodes[0].put(region, "door", {"locked": True})
+    consensus_everywhere(nodes, region, "door", v0)
+    topic = region_topic("vote", region)
+    other = diff.version_hash(region, "door", bytes.fromhex(v0), {"locked": False})
+    attacker.send(topic, encode(mallory, "vote", region, 1, 1,
+                                {"key": "door", "version": bytes.fromhex(v0), "round": 1}).raw)
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.status(region, "door")["support"].get(v0) == 5, TIMEOUT)
+    attacker.send(topic, encode(mallory, "vote", region, 2, 2,
+                                {"key": "door", "version": other, "round": 1}).raw)
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.counters["equivocations"] == 1, TIMEOUT)
+        status = n.status(region, "door")
+        assert status["flagged"] == [mallory.node_id] and status["support"][v0] == 4
+    attacker.send(topic, encode(mallory, "vote", region, 3, 3,
+                                {"key": "door", "version": other, "round": 2}).raw)
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.counters["ignored.flagged-vote"] == 1, TIMEOUT)
+        assert n.status(region, "door")["consensus"] == v0
+
+
+def test_incoherent_version_never_becomes_consensus(make_swarm, region, attacker):
+    rule = Rule(region=region, required=("rpm",), types={"rpm": "int"})
+    nodes, (member,) = make_swarm(4, extra_members=1, rules=[rule])
+    a = nodes[0]
+    a.add_validator(lambda r, k, v: "rpm above 3000" if v.get("rpm", 0) > 3000 else None, region)
+    with pytest.raises(CoherenceError, match="missing required key 'rpm'"):
+        a.put(region, "pump", {"speed": 1})
+    with pytest.raises(CoherenceError, match="rpm above 3000"):
+        a.put(region, "pump", {"rpm": 5000})
+    assert a.head(region, "pump") is None and not a.store.unpublished()
+
+    v0 = a.put(region, "pump", {"rpm": 100})
+    consensus_everywhere(nodes, region, "pump", v0)
+    # A member bypasses its own checks: a validly signed diff that breaks the rule, and a vote.
+    bad_value = {"rpm": "fast"}
+    bad = diff.version_hash(region, "pump", bytes.fromhex(v0), bad_value)
+    attacker.send(region_topic("diff", region), encode(member, "diff", region, 1, 1, {
+        "key": "pump", "parent": bytes.fromhex(v0), "version": bad, "ops": [["set", ["rpm"], "fast"]]}).raw)
+    attacker.send(region_topic("vote", region), encode(member, "vote", region, 2, 2,
+                                                       {"key": "pump", "version": bad, "round": 1}).raw)
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.status(region, "pump")["votes"].get(member.node_id) == bad.hex(), TIMEOUT)
+        fv = n.store.version(bad)
+        assert fv is not None and fv.state == "rejected"
+        assert "'rpm' must be int" in n.store.rejection_reason(bad)
+        assert n.status(region, "pump")["consensus"] == v0 and n.get(region, "pump") == {"rpm": 100}
