@@ -403,7 +403,6 @@ class Node:
         self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw,
                             "applied" if ok else "rejected")
         if ok:
-            self._retry_pending(env.region, key)
             self._reconsider(env.region, key)
 
     def _apply(self, env: Envelope, key: str, parent: bytes | None, version: bytes, ops: list) -> bool:
@@ -438,11 +437,14 @@ class Node:
         log.info("stored %s/%s version %s from %s", env.region, key, version.hex(), sender)
         return True
 
-    def _retry_pending(self, region: str, key: str) -> None:
-        """Apply the diffs of this frame that were waiting for a parent, until none can be."""
+    def _catch_up(self, region: str, key: str) -> None:
+        """Rebuild the merges peers voted for and apply the diffs that were waiting for a
+        parent, until neither makes progress."""
         progress = True
         while progress:
             progress = False
+            for version, parents in self.store.voted_merges(region, key):
+                progress |= self._materialize(region, key, list(parents), version)
             for msg_id, raw in self.store.pending(region, key):
                 env = decode(raw, max_bytes=len(raw))
                 key_, parent, version, ops, merge = _diff_body(env.body)
@@ -469,11 +471,8 @@ class Node:
             if previous[0] != version:
                 self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1], env.raw)
             return
-        self.store.add_vote(env.region, key, voter_id, round_, version, env.raw)
+        self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
         self.counters["votes"] += 1
-        if not self.store.has_version(version) and merge:
-            self._materialize(env.region, key, merge, version)
-            self._retry_pending(env.region, key)
         self._reconsider(env.region, key)
 
     def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
@@ -512,18 +511,20 @@ class Node:
         dag.add(meta)
         self.counters["merges"] += 1
 
-    def _materialize(self, region: str, key: str, parents: list[bytes], expected: bytes) -> None:
-        """Rebuild a merge a peer built on or voted for, when all its parents are here."""
-        if not all(self.store.has_version(p) for p in parents) or len(parents) < 2:
-            return
+    def _materialize(self, region: str, key: str, parents: list[bytes], expected: bytes) -> bool:
+        """Rebuild a merge a peer built on or voted for, once all its parents are here."""
+        if self.store.has_version(expected) or not all(self.store.has_version(p) for p in parents):
+            return False
         dag = self._dag(region, key)
         if not all(p in dag.versions for p in parents):
-            return
+            return False
         result = self._merge_value(dag, region, key, tuple(parents))
         if result is None or result[0] != expected:
-            self._reject("bad-merge", f"merge {expected.hex()[:16]} of {region}/{key} does not rebuild here")
-            return
+            self.counters["bad-merge"] += 1
+            log.warning("merge %s of %s/%s does not rebuild here", expected.hex()[:16], region, key)
+            return False
         self._store_merge(dag, region, key, tuple(parents), *result)
+        return True
 
     def _decide(self, region: str, key: str, readonly: bool = False) -> voter.Decision:
         dag = self._dag(region, key)
@@ -558,7 +559,7 @@ class Node:
             if dag.versions[head].is_merge:
                 body["merge"] = list(dag.versions[head].parents)
             env = self._send("vote", region, body)
-            self.store.add_vote(region, key, self.node_id, round_, head, env.raw)
+            self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
             votes[self.node_id] = head
         decision = voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
         decision.round = round_
@@ -566,6 +567,7 @@ class Node:
 
     def _reconsider(self, region: str, key: str) -> None:
         """Recompute head, own vote and consensus of a frame after any change to it."""
+        self._catch_up(region, key)
         before = self.store.frame(region, key)
         d = self._decide(region, key)
         self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round))

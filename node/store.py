@@ -134,7 +134,7 @@ class Store:
                                pk="msg_id", not_null={"sender", "seq", "envelope", "status"})
             db["diffs"].create_index(["status", "region", "key"])
             db["votes"].create({"region": str, "key": str, "voter": str, "round": int, "version": bytes,
-                                "envelope": bytes}, pk=("region", "key", "voter", "round"))
+                                "merge_of": bytes, "envelope": bytes}, pk=("region", "key", "voter", "round"))
             db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
                                  pk="node_id")
             db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "acked": int, "seq": int},
@@ -315,9 +315,18 @@ class Store:
         return self._one("SELECT version, envelope FROM votes WHERE region = ? AND key = ? AND voter = ? AND round = ?",
                          [region, key, voter, round_])
 
-    def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes) -> None:
-        self.db.execute("INSERT OR IGNORE INTO votes (region, key, voter, round, version, envelope)"
-                        " VALUES (?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version, envelope])
+    def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes,
+                 merge_of: tuple[bytes, ...] | None = None) -> None:
+        self.db.execute("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
+                                                          b"".join(sorted(merge_of)) if merge_of else None, envelope])
+
+    def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
+        """(version, parents) of voted merges of a frame that this store does not hold."""
+        rows = self.db.execute(
+            "SELECT DISTINCT version, merge_of FROM votes WHERE region = ? AND key = ? AND merge_of IS NOT NULL"
+            " AND version NOT IN (SELECT version FROM versions)", [region, key])
+        return [(v, split_hashes(m)) for v, m in rows]
 
     def latest_votes(self, region: str, key: str) -> dict[str, bytes]:
         """voter -> the version of its highest-round vote on this frame."""

@@ -1,0 +1,110 @@
+"""Property: whatever the interleaving of writes and deliveries, nodes converge.
+
+The nodes are real (keys, SQLite stores, signed envelopes) but never connect to a broker:
+each one's outbox is the network, and the test decides which message reaches which node
+when, in any order, some of them twice.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from edgeswarm.node import Config, Node
+from edgeswarm.shared.identity import Identity
+
+REGION = "sim/line"
+NODES = 3
+
+write = st.tuples(st.just("write"), st.integers(0, NODES - 1), st.sampled_from(["a", "b"]),
+                  st.sampled_from(["x", "y", "z"]), st.integers(0, 3))
+deliver = st.tuples(st.just("deliver"), st.integers(0, NODES - 1), st.integers(0, 1000))
+redeliver = st.tuples(st.just("redeliver"), st.integers(0, NODES - 1), st.integers(0, 1000))
+send = st.tuples(st.just("send"), st.integers(0, NODES - 1))
+actions = st.lists(st.one_of(write, write, deliver, deliver, deliver, redeliver, send, send), min_size=10,
+                   max_size=80)
+
+
+class Network:
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.queues: list[list[tuple[str, bytes]]] = [[] for _ in nodes]
+        self.delivered: list[list[tuple[str, bytes]]] = [[] for _ in nodes]
+
+    def send(self, i: int) -> None:
+        """What node i has in its outbox goes onto the wire towards every other node."""
+        node = self.nodes[i]
+        for item in node.store.unpublished():
+            node.store.mark_published(item.msg_id)
+            for j in range(len(self.nodes)):
+                if j != i:
+                    self.queues[j].append((item.topic, item.envelope))
+
+    def deliver(self, j: int, pick: int) -> None:
+        if self.queues[j]:
+            message = self.queues[j].pop(pick % len(self.queues[j]))
+            self.delivered[j].append(message)
+            self.nodes[j].receive(*message)
+
+    def redeliver(self, j: int, pick: int) -> None:
+        if self.delivered[j]:
+            self.nodes[j].receive(*self.delivered[j][pick % len(self.delivered[j])])
+
+    def settle(self) -> int:
+        rounds = 0
+        while True:
+            for i in range(len(self.nodes)):
+                self.send(i)
+            if not any(self.queues):
+                return rounds
+            rounds += 1
+            assert rounds < 200, "the swarm keeps talking: no quiescence"
+            for j in range(len(self.nodes)):
+                while self.queues[j]:
+                    self.deliver(j, 0)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions)
+def test_any_interleaving_converges_and_loses_nothing(steps):
+    with tempfile.TemporaryDirectory() as tmp:
+        homes = [Path(tmp) / f"n{i}" for i in range(NODES)]
+        members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
+        nodes = [Node(Config(home=h, regions=["sim"], members=members)) for h in homes]
+        net = Network(nodes)
+        written: set[str] = set()
+        try:
+            for step in steps:
+                if step[0] == "write":
+                    _, i, key, field, value = step
+                    written.add(nodes[i].patch(REGION, key, set={field: value}))
+                elif step[0] == "deliver":
+                    net.deliver(step[1], step[2])
+                elif step[0] == "redeliver":
+                    net.redeliver(step[1], step[2])
+                else:
+                    net.send(step[1])
+            event(f"settled in {min(net.settle(), 5)}+ rounds")
+            stats = sum((n.counters for n in nodes), start=Counter())
+            for name in ("merges", "pending", "fork-resolutions", "rejected.duplicate"):
+                event(f"{name}: {'yes' if stats[name] else 'no'}")
+
+            for node in nodes:
+                assert node.counters["rejected.internal"] == 0
+                versions = {fv.version for key in ("a", "b") for fv in node.history(REGION, key)}
+                assert written <= versions, "an accepted version was lost"
+            for key in ("a", "b"):
+                views = [n.status(REGION, key) for n in nodes]
+                assert len({(v["head"], v["consensus"], tuple(v["forks"])) for v in views}) == 1, views
+                event(f"forks: {'yes' if views[0]['forks'] else 'no'}")
+                if any(fv_key == key for fv_key in nodes[0].keys(REGION)):
+                    assert views[0]["consensus"] == views[0]["head"] is not None
+                    values = {repr(n.get(REGION, key, consensus=True)) for n in nodes}
+                    assert len(values) == 1
+        finally:
+            for node in nodes:
+                node.stop()
