@@ -530,7 +530,8 @@ class Node:
         dag = self._dag(region, key)
         counts = self._counts(self.store.flagged())
         eligible = dag.eligible(counts)
-        votes = {v: w for v, w in self.store.latest_votes(region, key).items() if counts(v)}
+        history = {v: ws for v, ws in self.store.votes_in_order(region, key).items() if counts(v)}
+        votes = {v: ws[-1] for v, ws in history.items()}  # latest
         cache: dict[tuple[bytes, ...], tuple[bytes, dict] | None] = {}
 
         def try_merge(parents: tuple[bytes, ...]) -> bytes | None:
@@ -544,9 +545,10 @@ class Node:
 
         frame = self.store.frame(region, key)
         if readonly:
-            head, leaves = frame.head, voter.choose_head(dag, eligible, votes, lambda p: self.store.merge_of(tuple(sorted(p))))[1]
+            head, leaves = frame.head, voter.choose_head(dag, eligible, history,
+                                                         lambda p: self.store.merge_of(tuple(sorted(p))))[1]
             return voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
-        head, leaves = voter.choose_head(dag, eligible, votes, try_merge)
+        head, leaves = voter.choose_head(dag, eligible, history, try_merge)
         if head is not None and head not in dag.versions:
             parents = next(p for p, r in cache.items() if r and r[0] == head)
             self._store_merge(dag, region, key, parents, head, cache[parents][1])

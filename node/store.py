@@ -335,6 +335,14 @@ class Store:
             [region, key])
         return {voter: version for voter, version, _ in rows}
 
+    def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
+        """voter -> the versions it voted for on this frame, in round order."""
+        out: dict[str, list[bytes]] = {}
+        for voter_id, version in self.db.execute(
+                "SELECT voter, version FROM votes WHERE region = ? AND key = ? ORDER BY voter, round", [region, key]):
+            out.setdefault(voter_id, []).append(version)
+        return out
+
     def voted_frames(self, voter: str) -> list[tuple[str, str]]:
         return [tuple(r) for r in self.db.execute("SELECT DISTINCT region, key FROM votes WHERE voter = ?", [voter])]
 

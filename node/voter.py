@@ -7,10 +7,13 @@ stores what they produce. Every node given the same versions and votes decides t
   parents eligible), with every ancestor eligible. Only eligible versions are voted for.
 - Leaves: eligible authored versions that no other eligible authored version descends
   from (merges are transparent: a merge joins branches only once someone builds on it).
-- Fork choice: leaves ordered by score (members whose latest vote is the leaf or one of
-  its ancestors), then lower hash. The best leaf is joined by every other leaf that merges
-  cleanly with it (three-way merge from their common ancestor, coherent result); the
-  merge of that set is the head. Leaves that conflict stay as forks.
+- Fork choice: leaves ordered by score, then lower hash. The score of a leaf counts the
+  members whose *first* vote after the leaves' common ancestor lies on that leaf's branch:
+  a branch the swarm backed early keeps its place, and because first votes never change,
+  the tally cannot swing back and forth (counting latest votes lets nodes that learn of
+  each other's switches in lockstep flip forever). The best leaf is joined by every other
+  leaf that merges cleanly with it (three-way merge from their common ancestor, coherent
+  result); the merge of that set is the head. Leaves that conflict stay as forks.
 - Support of a version: members whose latest vote is that version or a descendant.
 - Consensus: the deepest version (generation, then lower hash) with support >= quorum.
   It only moves to a descendant of the current consensus (or of all parents of a merge
@@ -87,8 +90,9 @@ class Decision:
     round: int = 0  # this node's vote round on the frame after the decision
 
 
-def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], try_merge: TryMerge) -> tuple[bytes | None, list[bytes]]:
-    """(head, leaves ordered best first)."""
+def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, list[bytes]],
+                try_merge: TryMerge) -> tuple[bytes | None, list[bytes]]:
+    """(head, leaves ordered best first). `votes`: each counted voter's votes in round order."""
     authored = [v for v in eligible if not dag.versions[v].is_merge]
     inner: set[bytes] = set()
     for v in authored:
@@ -97,9 +101,16 @@ def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], try_mer
     if not leaves:
         return None, []
 
+    fork = dag.lca(leaves)
+    before = dag.ancestors(fork) if fork is not None else frozenset()
+    branches: set[bytes] = set()
+    for leaf in leaves:
+        branches |= dag.ancestors(leaf) - before
+    first = [next((w for w in ws if w in branches), None) for ws in votes.values()]
+
     def score(leaf: bytes) -> int:
         anc = dag.ancestors(leaf)
-        return sum(1 for w in votes.values() if w in anc)
+        return sum(1 for w in first if w in anc)
 
     order = sorted(leaves, key=lambda v: (-score(v), v))
     chosen, head = [order[0]], order[0]

@@ -2,11 +2,13 @@
 
 The nodes are real (keys, SQLite stores, signed envelopes) but never connect to a broker:
 each one's outbox is the network, and the test decides which message reaches which node
-when, in any order, some of them twice.
+when, in any order, some of them twice. EDGESWARM_SIM_EXAMPLES sets how many interleavings
+are tried (150 by default).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -68,7 +70,7 @@ class Network:
                     self.deliver(j, 0)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("EDGESWARM_SIM_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(actions)
 def test_any_interleaving_converges_and_loses_nothing(steps):
     with tempfile.TemporaryDirectory() as tmp:
