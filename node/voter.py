@@ -16,9 +16,9 @@ stores what they produce. Every node given the same versions and votes decides t
   result); the merge of that set is the head. Leaves that conflict stay as forks.
 - Support of a version: members whose latest vote is that version or a descendant.
 - Consensus: the deepest version (generation, then lower hash) with support >= quorum.
-  It only moves to a descendant of the current consensus (or of all parents of a merge
-  consensus); moving to another branch is an explicit fork resolution; votes lagging
-  behind never move it back.
+  While the current consensus keeps a quorum it only moves forward, to a descendant (or a
+  merge containing it). When the members' latest votes leave it, it follows them, and a
+  move that does not extend it is counted as an explicit fork resolution.
 """
 
 from __future__ import annotations
@@ -41,24 +41,18 @@ class Dag:
         self.versions[meta.version] = meta
 
     def ancestors(self, v: bytes) -> frozenset[bytes]:
-        """`v` and every stored version it descends from."""
-        if v in self._anc:
-            return self._anc[v]
-        # Iterative post-order: graphs can be deep.
-        stack = [v]
-        while stack:
-            top = stack[-1]
-            meta = self.versions.get(top)
-            todo = [p for p in (meta.parents if meta else ()) if p not in self._anc and p in self.versions]
-            if todo:
-                stack.extend(todo)
-                continue
-            stack.pop()
-            acc = {top}
-            for p in (meta.parents if meta else ()):
-                acc |= self._anc.get(p, frozenset())
-            self._anc[top] = frozenset(acc)
-        return self._anc[v]
+        """`v` and every stored version it descends from (one walk, cached per version asked)."""
+        found = self._anc.get(v)
+        if found is None:
+            seen, todo = {v}, [v]
+            while todo:
+                meta = self.versions.get(todo.pop())
+                for p in meta.parents if meta else ():
+                    if p not in seen and p in self.versions:
+                        seen.add(p)
+                        todo.append(p)
+            found = self._anc[v] = frozenset(seen)
+        return found
 
     def lca(self, vs: Iterable[bytes]) -> bytes | None:
         """The nearest common ancestor (deepest generation, then lower hash), or None."""
@@ -93,11 +87,15 @@ class Decision:
 def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, list[bytes]],
                 try_merge: TryMerge) -> tuple[bytes | None, list[bytes]]:
     """(head, leaves ordered best first). `votes`: each counted voter's votes in round order."""
-    authored = [v for v in eligible if not dag.versions[v].is_merge]
-    inner: set[bytes] = set()
-    for v in authored:
-        inner |= dag.ancestors(v) - {v}
-    leaves = [v for v in authored if v not in inner]
+    # A leaf: an authored version no other authored version descends from. One pass from
+    # the newest generation down marks everything below an authored version.
+    covered: set[bytes] = set()
+    leaves = []
+    for meta in sorted((dag.versions[v] for v in eligible), key=lambda m: -m.gen):
+        if not meta.is_merge and meta.version not in covered:
+            leaves.append(meta.version)
+        if meta.version in covered or not meta.is_merge:
+            covered.update(meta.parents)
     if not leaves:
         return None, []
 
@@ -147,8 +145,11 @@ def decide(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], quorum: int,
         # joins, so two branches can both have a quorum until the merge itself has one.)
         consensus = deepest([v for v in candidates if extends(v, current)]) or current
     else:
+        # The members moved off the current consensus: every counted vote is a member's
+        # latest, so this is not lag but the swarm resolving a fork (or dropping a merge
+        # whose branches came to conflict).
         best = deepest(candidates)
-        if best is not None and not extends(current, best):
+        if best is not None:
             consensus, resolution = best, not extends(best, current)
 
     on_consensus = dag.ancestors(consensus) if consensus else frozenset()
