@@ -573,7 +573,9 @@ class Node:
         before = self.store.frame(region, key)
         d = self._decide(region, key)
         self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round))
-        self.store.set_states(d.states)
+        dag = d.dag
+        self.store.set_states({v: st for v, st in d.states.items()
+                               if v not in dag.versions or dag.versions[v].state != st})
         if d.head != before.head and d.head is not None:
             self._events.append(self.store.version(d.head))
         if d.consensus != before.consensus and d.consensus is not None:

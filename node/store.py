@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -55,15 +56,16 @@ class FrameVersion:
         return self.parents[0] if len(self.parents) == 1 else None
 
 
-@dataclass(frozen=True)
-class VersionMeta:
-    """What the voter needs to know about a version (no value)."""
+class VersionMeta(NamedTuple):
+    """What the voter needs to know about a version (no value). A tuple: frames are
+    reloaded for every decision, so this is built often."""
     version: bytes
     parents: tuple[bytes, ...]
     author: str
     gen: int
     hlc: int
     coherent: bool
+    state: str = "shadow"
 
     @property
     def is_merge(self) -> bool:
@@ -232,9 +234,9 @@ class Store:
         return None if row is None else row[0]
 
     def version_meta(self, version: bytes) -> VersionMeta | None:
-        row = self._one("SELECT version, parent, merge_of, author, gen, hlc, coherent FROM versions"
+        row = self._one("SELECT version, parent, merge_of, author, gen, hlc, coherent, state FROM versions"
                         " WHERE version = ?", [version])
-        return None if row is None else VersionMeta(row[0], _parents(row[1], row[2]), *row[3:6], bool(row[6]))
+        return None if row is None else VersionMeta(row[0], _parents(row[1], row[2]), *row[3:6], bool(row[6]), row[7])
 
     def frame_meta(self, region: str, key: str) -> dict[bytes, VersionMeta]:
         rows = self.db.execute(

@@ -82,6 +82,7 @@ class Decision:
     support: dict[bytes, int] = field(default_factory=dict)
     states: dict[bytes, str] = field(default_factory=dict)
     round: int = 0  # this node's vote round on the frame after the decision
+    dag: Dag | None = None
 
 
 def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, list[bytes]],
@@ -167,7 +168,7 @@ def decide(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], quorum: int,
         else:
             states[v] = "superseded" if meta.is_merge else "fork"
     forks = [leaf for leaf in leaves if leaf not in on_head]
-    return Decision(head, consensus, resolution, forks, support, states)
+    return Decision(head, consensus, resolution, forks, support, states, dag=dag)
 
 
 def _covers(dag: Dag, newer: bytes, older: bytes) -> bool:
