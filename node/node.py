@@ -530,8 +530,10 @@ class Node:
         dag = self._dag(region, key)
         counts = self._counts(self.store.flagged())
         eligible = dag.eligible(counts)
-        history = {v: ws for v, ws in self.store.votes_in_order(region, key).items() if counts(v)}
-        votes = {v: ws[-1] for v, ws in history.items()}  # latest
+        votes = {v: w for v, w in self.store.latest_votes(region, key).items() if counts(v)}
+
+        def history() -> dict[str, list[bytes]]:
+            return {v: ws for v, ws in self.store.votes_in_order(region, key).items() if counts(v)}
         cache: dict[tuple[bytes, ...], tuple[bytes, dict] | None] = {}
 
         def try_merge(parents: tuple[bytes, ...]) -> bytes | None:

@@ -169,8 +169,16 @@ class Store:
         with self._lock:
             self.db.conn.close()
 
+    def _exec(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+        """Run one statement under the store lock and return all its rows. The connection is
+        shared by the API's threads and the network thread: a read must never see another
+        thread's transaction half done."""
+        with self._lock:
+            return self.db.execute(sql, params).fetchall()
+
     def _one(self, sql: str, params: list) -> tuple | None:
-        return self.db.execute(sql, params).fetchone()
+        rows = self._exec(sql, params)
+        return rows[0] if rows else None
 
     # -- own counters ----------------------------------------------------------------
 
@@ -179,7 +187,7 @@ class Store:
         return default if row is None else row[0]
 
     def set_meta(self, name: str, value: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", [name, value])
+        self._exec("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", [name, value])
 
     def next_seq(self) -> int:
         with self.transaction():
@@ -194,11 +202,11 @@ class Store:
         return (0, 0) if row is None else (row[0], int.from_bytes(row[1], "big"))
 
     def set_sender_window(self, node_id: str, public_key: bytes, top: int, mask: int, hlc: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)",
+        self._exec("INSERT OR REPLACE INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)",
                         [node_id, public_key, top, mask.to_bytes(8, "big"), hlc])
 
     def senders(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT node_id FROM senders ORDER BY node_id")]
+        return [r[0] for r in self._exec("SELECT node_id FROM senders ORDER BY node_id")]
 
     # -- versions --------------------------------------------------------------------
 
@@ -221,7 +229,7 @@ class Store:
             if self.has_version(version):
                 return False
             merge = len(parents) > 1
-            self.db.execute(
+            self._exec(
                 "INSERT INTO versions (version, region, key, parent, merge_of, value, author, hlc, gen, coherent,"
                 " reason, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [version, region, key, None if merge or not parents else parents[0],
@@ -239,7 +247,7 @@ class Store:
         return None if row is None else VersionMeta(row[0], _parents(row[1], row[2]), *row[3:6], bool(row[6]), row[7])
 
     def frame_meta(self, region: str, key: str) -> dict[bytes, VersionMeta]:
-        rows = self.db.execute(
+        rows = self._exec(
             "SELECT version, parent, merge_of, author, gen, hlc, coherent FROM versions"
             " WHERE region = ? AND key = ?", [region, key])
         return {v: VersionMeta(v, _parents(p, m), a, g, h, bool(c)) for v, p, m, a, g, h, c in rows}
@@ -260,9 +268,9 @@ class Store:
         return None if row is None else self._frame_version(row)
 
     def history(self, region: str, key: str) -> list[FrameVersion]:
-        rows = self.db.execute(
+        rows = self._exec(
             f"SELECT {self._VERSION_COLS} FROM versions WHERE region = ? AND key = ? ORDER BY gen, hlc, version",
-            [region, key]).fetchall()
+            [region, key])
         return [self._frame_version(r) for r in rows]
 
     def rejection_reason(self, version: bytes) -> str | None:
@@ -276,36 +284,36 @@ class Store:
         return Frame(None, None, 0) if row is None else Frame(row[0], row[1], row[2] or 0)
 
     def set_frame(self, region: str, key: str, frame: Frame) -> None:
-        self.db.execute("INSERT OR REPLACE INTO frames (region, key, head, consensus, round) VALUES (?, ?, ?, ?, ?)",
+        self._exec("INSERT OR REPLACE INTO frames (region, key, head, consensus, round) VALUES (?, ?, ?, ?, ?)",
                         [region, key, frame.head, frame.consensus, frame.round])
 
     def regions(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT region FROM frames ORDER BY region")]
+        return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
 
     def keys(self, region: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
+        return [r[0] for r in self._exec("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
 
     def frame_heads(self) -> list[tuple[str, str, str, str | None]]:
         """(region, key, head hex, consensus hex or None) of every frame."""
         return [(r, k, h.hex(), c.hex() if c else None) for r, k, h, c in
-                self.db.execute("SELECT region, key, head, consensus FROM frames ORDER BY region, key")]
+                self._exec("SELECT region, key, head, consensus FROM frames ORDER BY region, key")]
 
     # -- diffs -----------------------------------------------------------------------
 
     def add_diff(self, msg_id: bytes, sender: str, seq: int, region: str, key: str, version: bytes,
                  parent: bytes | None, envelope: bytes, status: str) -> None:
-        self.db.execute(
+        self._exec(
             "INSERT OR IGNORE INTO diffs (msg_id, sender, seq, region, key, version, parent, envelope, status)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [msg_id, sender, seq, region, key, version, parent, envelope, status])
 
     def set_diff_status(self, msg_id: bytes, status: str) -> None:
-        self.db.execute("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])
+        self._exec("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])
 
     def pending(self, region: str, key: str) -> list[tuple[bytes, bytes]]:
         """(msg_id, envelope) of the diffs of a frame still waiting for a parent."""
-        return self.db.execute("SELECT msg_id, envelope FROM diffs WHERE status = 'pending'"
-                               " AND region = ? AND key = ? ORDER BY seq", [region, key]).fetchall()
+        return self._exec("SELECT msg_id, envelope FROM diffs WHERE status = 'pending'"
+                               " AND region = ? AND key = ? ORDER BY seq", [region, key])
 
     def count_diffs(self, status: str) -> int:
         return self._one("SELECT count(*) FROM diffs WHERE status = ?", [status])[0]
@@ -319,20 +327,20 @@ class Store:
 
     def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes,
                  merge_of: tuple[bytes, ...] | None = None) -> None:
-        self.db.execute("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
+        self._exec("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
                                                           b"".join(sorted(merge_of)) if merge_of else None, envelope])
 
     def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """(version, parents) of voted merges of a frame that this store does not hold."""
-        rows = self.db.execute(
+        rows = self._exec(
             "SELECT DISTINCT version, merge_of FROM votes WHERE region = ? AND key = ? AND merge_of IS NOT NULL"
             " AND version NOT IN (SELECT version FROM versions)", [region, key])
         return [(v, split_hashes(m)) for v, m in rows]
 
     def latest_votes(self, region: str, key: str) -> dict[str, bytes]:
         """voter -> the version of its highest-round vote on this frame."""
-        rows = self.db.execute(
+        rows = self._exec(
             "SELECT voter, version, max(round) FROM votes WHERE region = ? AND key = ? GROUP BY voter",
             [region, key])
         return {voter: version for voter, version, _ in rows}
@@ -340,31 +348,31 @@ class Store:
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""
         out: dict[str, list[bytes]] = {}
-        for voter_id, version in self.db.execute(
+        for voter_id, version in self._exec(
                 "SELECT voter, version FROM votes WHERE region = ? AND key = ? ORDER BY voter, round", [region, key]):
             out.setdefault(voter_id, []).append(version)
         return out
 
     def voted_frames(self, voter: str) -> list[tuple[str, str]]:
-        return [tuple(r) for r in self.db.execute("SELECT DISTINCT region, key FROM votes WHERE voter = ?", [voter])]
+        return [tuple(r) for r in self._exec("SELECT DISTINCT region, key FROM votes WHERE voter = ?", [voter])]
 
     def flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
-        self.db.execute("INSERT OR IGNORE INTO flagged (node_id, reason, evidence_a, evidence_b) VALUES (?, ?, ?, ?)",
+        self._exec("INSERT OR IGNORE INTO flagged (node_id, reason, evidence_a, evidence_b) VALUES (?, ?, ?, ?)",
                         [node_id, reason, evidence_a, evidence_b])
 
     def flagged(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT node_id FROM flagged")}
+        return {r[0] for r in self._exec("SELECT node_id FROM flagged")}
 
     # -- outbox ----------------------------------------------------------------------
 
     def queue(self, msg_id: bytes, topic: str, envelope: bytes, seq: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, acked, seq) VALUES (?, ?, ?, 0, ?)",
+        self._exec("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, acked, seq) VALUES (?, ?, ?, 0, ?)",
                         [msg_id, topic, envelope, seq])
 
     def unpublished(self) -> list[Queued]:
-        rows = self.db.execute("SELECT msg_id, topic, envelope FROM outbox WHERE acked = 0 ORDER BY seq").fetchall()
+        rows = self._exec("SELECT msg_id, topic, envelope FROM outbox WHERE acked = 0 ORDER BY seq")
         return [Queued(*r) for r in rows]
 
     def mark_published(self, msg_id: bytes) -> None:
         with self.transaction():
-            self.db.execute("UPDATE outbox SET acked = 1 WHERE msg_id = ?", [msg_id])
+            self._exec("UPDATE outbox SET acked = 1 WHERE msg_id = ?", [msg_id])

@@ -85,9 +85,10 @@ class Decision:
     dag: Dag | None = None
 
 
-def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, list[bytes]],
+def choose_head(dag: Dag, eligible: set[bytes], votes: Callable[[], dict[str, list[bytes]]],
                 try_merge: TryMerge) -> tuple[bytes | None, list[bytes]]:
-    """(head, leaves ordered best first). `votes`: each counted voter's votes in round order."""
+    """(head, leaves ordered best first). `votes()`: each counted voter's votes in round
+    order, asked for only when there is more than one leaf."""
     # A leaf: an authored version no other authored version descends from. One pass from
     # the newest generation down marks everything below an authored version.
     covered: set[bytes] = set()
@@ -97,15 +98,15 @@ def choose_head(dag: Dag, eligible: set[bytes], votes: dict[str, list[bytes]],
             leaves.append(meta.version)
         if meta.version in covered or not meta.is_merge:
             covered.update(meta.parents)
-    if not leaves:
-        return None, []
+    if len(leaves) < 2:
+        return (leaves[0], leaves) if leaves else (None, [])
 
     fork = dag.lca(leaves)
     before = dag.ancestors(fork) if fork is not None else frozenset()
     branches: set[bytes] = set()
     for leaf in leaves:
         branches |= dag.ancestors(leaf) - before
-    first = [next((w for w in ws if w in branches), None) for ws in votes.values()]
+    first = [next((w for w in ws if w in branches), None) for ws in votes().values()]
 
     def score(leaf: bytes) -> int:
         anc = dag.ancestors(leaf)
