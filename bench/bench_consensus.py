@@ -2,16 +2,23 @@
 
     python bench/bench_consensus.py [--writes 200] [--nodes 5]
 
-The nodes run in this one process (one interpreter lock for all five, so the figures are
-pessimistic compared with one node per board) against the embedded broker, then against
-Mosquitto on 127.0.0.1:1883 when one is running. Writes are sequential: each waits for
-the previous one's consensus everywhere. Prints p50, p99 and max in milliseconds.
+Two layouts, each against the embedded broker and then against Mosquitto on
+127.0.0.1:1883 when one is running:
+- processes: one node per process, as on boards (the writer here, the others children
+  that report when they reach consensus; CLOCK_MONOTONIC is shared by all processes);
+- in-process: all nodes in this one interpreter, sharing one lock (pessimistic).
+Writes are sequential: each waits for the previous one's consensus everywhere. Prints
+p50, p99 and max in milliseconds. On a 2-core machine the nodes and the broker compete
+for the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -72,10 +79,82 @@ def run(name: str, host: str, port: int, protocol: str, n_nodes: int, writes: in
         finally:
             for n in nodes:
                 n.stop()
-    print(f"{name:<10} {n_nodes} nodes, {writes} writes: write -> consensus on all nodes "
+    _print(f"{name}, in-process", n_nodes, writes, latencies, writer_latencies)
+
+
+def peer(home: str, host: str, port: int, protocol: str, region: str, members: list[str]) -> None:
+    """A child process: one node that prints a line whenever it reaches a consensus."""
+    node = Node(Config(home=Path(home), regions=[region], broker_host=host, broker_port=port, protocol=protocol,
+                       members=members))
+    out = threading.Lock()
+
+    def report(fv) -> None:
+        if fv.state == "consensus":
+            with out:
+                print(f"consensus {fv.version} {time.monotonic_ns()}", flush=True)
+
+    node.subscribe(report, region)
+    node.start()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    node.stop()
+
+
+def run_processes(name: str, host: str, port: int, protocol: str, n_nodes: int, writes: int, warmup: int) -> None:
+    region = f"bench/consensus/{int(time.time() * 1000)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        homes = [Path(tmp) / f"n{i}" for i in range(n_nodes)]
+        members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
+        reports: queue.Queue[tuple[str, int]] = queue.Queue()
+        children = []
+        for home in homes[1:]:
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--peer", str(home), "--host", host, "--port", str(port),
+                 "--protocol", protocol, "--region", region, "--members", ",".join(members)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            if child.stdout.readline().strip() != "ready":
+                raise SystemExit(f"{name}: a peer process failed to start")
+            threading.Thread(target=lambda c=child: [reports.put((ln.split()[1], int(ln.split()[2])))
+                                                     for ln in c.stdout if ln.startswith("consensus")],
+                             daemon=True).start()
+            children.append(child)
+        writer = Node(Config(home=homes[0], regions=[region], broker_host=host, broker_port=port,
+                             protocol=protocol, members=members))
+        mine: queue.Queue[tuple[str, int]] = queue.Queue()
+        writer.subscribe(lambda fv: fv.state == "consensus" and mine.put((fv.version, time.monotonic_ns())), region)
+        writer.start()
+        latencies, writer_latencies = [], []
+        try:
+            for i in range(warmup + writes):
+                t0 = time.monotonic_ns()
+                version = writer.patch(region, "counter", set={"i": i})
+                seen: dict[str, int] = {}
+                deadline = time.monotonic() + 30
+                while len(seen) < n_nodes - 1:
+                    v, t = reports.get(timeout=max(0.01, deadline - time.monotonic()))
+                    if v == version:
+                        seen[f"peer{len(seen)}"] = t
+                while True:
+                    v, t_writer = mine.get(timeout=max(0.01, deadline - time.monotonic()))
+                    if v == version:
+                        break
+                if i >= warmup:
+                    latencies.append((max(max(seen.values()), t_writer) - t0) / 1e6)
+                    writer_latencies.append((t_writer - t0) / 1e6)
+        finally:
+            writer.stop()
+            for child in children:
+                child.stdin.close()
+                child.wait(10)
+    _print(f"{name}, processes", n_nodes, writes, latencies, writer_latencies)
+
+
+def _print(name: str, n_nodes: int, writes: int, latencies: list[float], writer_latencies: list[float]) -> None:
+    print(f"{name:<21} {n_nodes} nodes, {writes} writes: write -> consensus on all nodes "
           f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
           f"max {max(latencies):.1f} ms; on the writer p50 {percentile(writer_latencies, 50):.1f} ms, "
-          f"p99 {percentile(writer_latencies, 99):.1f} ms")
+          f"p99 {percentile(writer_latencies, 99):.1f} ms; p50 of the first and last tenth "
+          f"{percentile(latencies[:len(latencies) // 10], 50):.1f} / {percentile(latencies[-len(latencies) // 10:], 50):.1f} ms")
 
 
 def mosquitto_running() -> bool:
@@ -91,13 +170,25 @@ def main() -> None:
     p.add_argument("--writes", type=int, default=200)
     p.add_argument("--nodes", type=int, default=5)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--peer", help=argparse.SUPPRESS)  # child mode: the node's home
+    p.add_argument("--host", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--protocol", help=argparse.SUPPRESS)
+    p.add_argument("--region", help=argparse.SUPPRESS)
+    p.add_argument("--members", help=argparse.SUPPRESS)
     args = p.parse_args()
-    with EmbeddedBroker() as broker:
-        run("embedded", broker.host, broker.port, "3.1.1", args.nodes, args.writes, args.warmup)
-    if mosquitto_running():
-        run("mosquitto", "127.0.0.1", 1883, "auto", args.nodes, args.writes, args.warmup)
-    else:
-        print("mosquitto  skipped: nothing listens on 127.0.0.1:1883")
+    if args.peer:
+        return peer(args.peer, args.host, args.port, args.protocol, args.region, args.members.split(","))
+    brokers = [("embedded", "3.1.1")] + ([("mosquitto", "auto")] if mosquitto_running() else [])
+    for name, protocol in brokers:
+        for runner in (run_processes, run):
+            if name == "embedded":
+                with EmbeddedBroker() as broker:
+                    runner(name, broker.host, broker.port, protocol, args.nodes, args.writes, args.warmup)
+            else:
+                runner(name, "127.0.0.1", 1883, protocol, args.nodes, args.writes, args.warmup)
+    if len(brokers) == 1:
+        print("mosquitto skipped: nothing listens on 127.0.0.1:1883")
 
 
 if __name__ == "__main__":

@@ -473,6 +473,9 @@ class Node:
             return
         self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
         self.counters["votes"] += 1
+        frame = self.store.frame(env.region, key)
+        if version == frame.head == frame.consensus:
+            return  # one more vote for what is already head and consensus changes neither
         self._reconsider(env.region, key)
 
     def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:

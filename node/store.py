@@ -174,7 +174,7 @@ class Store:
         shared by the API's threads and the network thread: a read must never see another
         thread's transaction half done."""
         with self._lock:
-            return self.db.execute(sql, params).fetchall()
+            return self.db.conn.execute(sql, params).fetchall()
 
     def _one(self, sql: str, params: list) -> tuple | None:
         rows = self._exec(sql, params)

@@ -9,6 +9,7 @@ Resubscribes after every reconnect; paho reconnects by itself in its network thr
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 
@@ -126,6 +127,11 @@ class Transport:
             self._answered.set()
             client.disconnect()
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Diffs and votes are small and sent back to back: without this, Nagle's algorithm
+            # holds the second one until the broker acknowledges the first (tens of ms).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._suback:  # a dropped connection never acknowledges its subscriptions
             self._pending_subs.clear()
             self._early_subacks.clear()

@@ -36,9 +36,11 @@ class Dag:
     def __init__(self, versions: dict[bytes, VersionMeta]) -> None:
         self.versions = versions
         self._anc: dict[bytes, frozenset[bytes]] = {}
+        self._children: dict[bytes, list[bytes]] | None = None
 
     def add(self, meta: VersionMeta) -> None:
         self.versions[meta.version] = meta
+        self._children = None
 
     def ancestors(self, v: bytes) -> frozenset[bytes]:
         """`v` and every stored version it descends from (one walk, cached per version asked)."""
@@ -53,6 +55,21 @@ class Dag:
                         todo.append(p)
             found = self._anc[v] = frozenset(seen)
         return found
+
+    def descendants(self, v: bytes) -> set[bytes]:
+        """`v` and every stored version that descends from it."""
+        if self._children is None:
+            self._children = {}
+            for meta in self.versions.values():
+                for p in meta.parents:
+                    self._children.setdefault(p, []).append(meta.version)
+        seen, todo = {v}, [v]
+        while todo:
+            for c in self._children.get(todo.pop(), ()):
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        return seen
 
     def lca(self, vs: Iterable[bytes]) -> bytes | None:
         """The nearest common ancestor (deepest generation, then lower hash), or None."""
@@ -145,7 +162,11 @@ def decide(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], quorum: int,
     elif current in candidates:
         # Still supported: only move forward. (Votes for a merge support both branches it
         # joins, so two branches can both have a quorum until the merge itself has one.)
-        consensus = deepest([v for v in candidates if extends(v, current)]) or current
+        meta = dag.versions[current]
+        ahead = dag.descendants(current)
+        if meta.is_merge:  # a version holding all of a merge's parents also extends it
+            ahead |= set.intersection(*(dag.descendants(p) for p in meta.parents))
+        consensus = deepest([v for v in candidates if v in ahead]) or current
     else:
         # The members moved off the current consensus: every counted vote is a member's
         # latest, so this is not lag but the swarm resolving a fork (or dropping a merge
