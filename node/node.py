@@ -529,8 +529,22 @@ class Node:
         self._store_merge(dag, region, key, tuple(parents), *result)
         return True
 
+    def _window(self, region: str, key: str, frame: Frame) -> voter.Dag:
+        """The part of a frame's history a decision needs: once the frame is settled on an
+        authored consensus version, that version and what descends from it; otherwise all."""
+        meta = self._meta(frame.consensus) if frame.settled else None
+        # (A merge consensus needs its branches: its parents are the leaves.)
+        if meta is not None and not meta.is_merge:
+            metas = self.store.frame_meta(region, key, meta.gen)
+            # Anything here not descending from the consensus (a fork from further back)
+            # needs the whole history for its common ancestor.
+            if all(v == frame.consensus or all(p in metas for p in m.parents) for v, m in metas.items()):
+                return voter.Dag(metas)
+        return self._dag(region, key)
+
     def _decide(self, region: str, key: str, readonly: bool = False) -> voter.Decision:
-        dag = self._dag(region, key)
+        frame = self.store.frame(region, key)
+        dag = self._window(region, key, frame)
         counts = self._counts(self.store.flagged())
         eligible = dag.eligible(counts)
         votes = {v: w for v, w in self.store.latest_votes(region, key).items() if counts(v)}
@@ -548,7 +562,6 @@ class Node:
                 cache[parents] = self._merge_value(dag, region, key, parents)
             return cache[parents] and cache[parents][0]
 
-        frame = self.store.frame(region, key)
         if readonly:
             head, leaves = frame.head, voter.choose_head(dag, eligible, history,
                                                          lambda p: self.store.merge_of(tuple(sorted(p))))[1]
@@ -570,6 +583,11 @@ class Node:
             votes[self.node_id] = head
         decision = voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
         decision.round = round_
+        c = decision.consensus
+        if c is not None:
+            below = dag.ancestors(c)
+            c_gen = dag.versions[c].gen
+            decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
         return decision
 
     def _reconsider(self, region: str, key: str) -> None:
@@ -577,7 +595,7 @@ class Node:
         self._catch_up(region, key)
         before = self.store.frame(region, key)
         d = self._decide(region, key)
-        self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round))
+        self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round, d.settled))
         dag = d.dag
         self.store.set_states({v: st for v, st in d.states.items()
                                if v not in dag.versions or dag.versions[v].state != st})

@@ -8,7 +8,8 @@ Tables
             vote round. Derived from versions and votes, kept for O(1) reads.
   diffs     every diff envelope sent or received, raw, with its status
             (applied / pending while a parent is missing / rejected).
-  votes     every vote: (region, key, voter, round) -> version, with the signed envelope.
+  votes     every vote: (region, key, voter, round) -> version, with the signed envelope;
+  latest    and each voter's highest round per frame.
   flagged   nodes caught voting twice in one round, with both signed votes as evidence.
   outbox    this node's own envelopes until the broker acknowledges them.
   senders   per-sender replay window (highest sequence number and bitmap).
@@ -84,6 +85,9 @@ class Frame:
     head: bytes | None
     consensus: bytes | None
     round: int
+    # Every version older (by generation) than the consensus is one of its ancestors, so
+    # decisions need only the consensus and what descends from it.
+    settled: bool = False
 
 
 def split_hashes(blob: bytes | None) -> tuple[bytes, ...]:
@@ -129,7 +133,8 @@ class Store:
                                   pk="version", not_null={"region", "key", "author", "hlc", "gen", "state"})
             db["versions"].create_index(["region", "key", "gen"])
             db["versions"].create_index(["merge_of"])
-            db["frames"].create({"region": str, "key": str, "head": bytes, "consensus": bytes, "round": int},
+            db["frames"].create({"region": str, "key": str, "head": bytes, "consensus": bytes, "round": int,
+                                 "settled": int},
                                 pk=("region", "key"))
             db["diffs"].create({"msg_id": bytes, "sender": str, "seq": int, "region": str, "key": str,
                                 "version": bytes, "parent": bytes, "envelope": bytes, "status": str},
@@ -137,6 +142,9 @@ class Store:
             db["diffs"].create_index(["status", "region", "key"])
             db["votes"].create({"region": str, "key": str, "voter": str, "round": int, "version": bytes,
                                 "merge_of": bytes, "envelope": bytes}, pk=("region", "key", "voter", "round"))
+            db["votes"].create_index(["region", "key", "merge_of"])
+            db["latest"].create({"region": str, "key": str, "voter": str, "round": int, "version": bytes},
+                                pk=("region", "key", "voter"))
             db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
                                  pk="node_id")
             db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "acked": int, "seq": int},
@@ -235,6 +243,10 @@ class Store:
                 [version, region, key, None if merge or not parents else parents[0],
                  b"".join(sorted(parents)) if merge else None, canonical(value), author, hlc, gen,
                  int(coherent), reason, "shadow" if coherent else "rejected"])
+            # A version older than the consensus does not descend from it: the frame's
+            # history below the consensus is no longer all settled.
+            self._exec("UPDATE frames SET settled = 0 WHERE region = ? AND key = ? AND settled = 1"
+                       " AND (SELECT gen FROM versions WHERE version = frames.consensus) > ?", [region, key, gen])
             return True
 
     def merge_of(self, parents: tuple[bytes, ...]) -> bytes | None:
@@ -246,15 +258,20 @@ class Store:
                         " WHERE version = ?", [version])
         return None if row is None else VersionMeta(row[0], _parents(row[1], row[2]), *row[3:6], bool(row[6]), row[7])
 
-    def frame_meta(self, region: str, key: str) -> dict[bytes, VersionMeta]:
+    def frame_meta(self, region: str, key: str, min_gen: int = 0) -> dict[bytes, VersionMeta]:
+        """The versions of a frame from generation `min_gen` on."""
         rows = self._exec(
-            "SELECT version, parent, merge_of, author, gen, hlc, coherent FROM versions"
-            " WHERE region = ? AND key = ?", [region, key])
-        return {v: VersionMeta(v, _parents(p, m), a, g, h, bool(c)) for v, p, m, a, g, h, c in rows}
+            "SELECT version, parent, merge_of, author, gen, hlc, coherent, state FROM versions"
+            " WHERE region = ? AND key = ? AND gen >= ?", [region, key, min_gen])
+        return {r[0]: VersionMeta(r[0], split_hashes(r[2]) if r[2] else ((r[1],) if r[1] else ()), r[3], r[4], r[5],
+                                  bool(r[6]), r[7]) for r in rows}
 
     def set_states(self, states: dict[bytes, str]) -> None:
-        self.db.conn.executemany("UPDATE versions SET state = ? WHERE version = ? AND state != ?",
-                            [(s, v, s) for v, s in states.items()])
+        """Write the states that changed (`states` holds only those)."""
+        if states:
+            with self._lock:
+                self.db.conn.executemany("UPDATE versions SET state = ? WHERE version = ?",
+                                         [(s, v) for v, s in states.items()])
 
     _VERSION_COLS = "region, key, version, parent, merge_of, value, author, hlc, state"
 
@@ -280,12 +297,14 @@ class Store:
     # -- frames ----------------------------------------------------------------------
 
     def frame(self, region: str, key: str) -> Frame:
-        row = self._one("SELECT head, consensus, round FROM frames WHERE region = ? AND key = ?", [region, key])
-        return Frame(None, None, 0) if row is None else Frame(row[0], row[1], row[2] or 0)
+        row = self._one("SELECT head, consensus, round, settled FROM frames WHERE region = ? AND key = ?",
+                        [region, key])
+        return Frame(None, None, 0) if row is None else Frame(row[0], row[1], row[2] or 0, bool(row[3]))
 
     def set_frame(self, region: str, key: str, frame: Frame) -> None:
-        self._exec("INSERT OR REPLACE INTO frames (region, key, head, consensus, round) VALUES (?, ?, ?, ?, ?)",
-                        [region, key, frame.head, frame.consensus, frame.round])
+        self._exec("INSERT OR REPLACE INTO frames (region, key, head, consensus, round, settled)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
+                   [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
 
     def regions(self) -> list[str]:
         return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
@@ -327,23 +346,26 @@ class Store:
 
     def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes,
                  merge_of: tuple[bytes, ...] | None = None) -> None:
-        self._exec("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
-                                                          b"".join(sorted(merge_of)) if merge_of else None, envelope])
+        with self.transaction():
+            self._exec("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
+                                                         b"".join(sorted(merge_of)) if merge_of else None, envelope])
+            self._exec("INSERT INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?)"
+                       " ON CONFLICT (region, key, voter) DO UPDATE SET round = excluded.round,"
+                       " version = excluded.version WHERE excluded.round > latest.round",
+                       [region, key, voter, round_, version])
 
     def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """(version, parents) of voted merges of a frame that this store does not hold."""
         rows = self._exec(
             "SELECT DISTINCT version, merge_of FROM votes WHERE region = ? AND key = ? AND merge_of IS NOT NULL"
-            " AND version NOT IN (SELECT version FROM versions)", [region, key])
+            " AND NOT EXISTS (SELECT 1 FROM versions WHERE versions.version = votes.version)", [region, key])
         return [(v, split_hashes(m)) for v, m in rows]
 
     def latest_votes(self, region: str, key: str) -> dict[str, bytes]:
         """voter -> the version of its highest-round vote on this frame."""
-        rows = self._exec(
-            "SELECT voter, version, max(round) FROM votes WHERE region = ? AND key = ? GROUP BY voter",
-            [region, key])
-        return {voter: version for voter, version, _ in rows}
+        rows = self._exec("SELECT voter, version FROM latest WHERE region = ? AND key = ?", [region, key])
+        return dict(rows)
 
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""

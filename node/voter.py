@@ -83,7 +83,8 @@ class Dag:
     def eligible(self, authors_ok: Callable[[str], bool]) -> set[bytes]:
         ok: set[bytes] = set()
         for meta in sorted(self.versions.values(), key=lambda m: m.gen):
-            if not meta.coherent or not all(p in ok for p in meta.parents):
+            # A parent outside this graph lies below a settled consensus: eligible.
+            if not meta.coherent or not all(p in ok or p not in self.versions for p in meta.parents):
                 continue
             if meta.is_merge or authors_ok(meta.author):
                 ok.add(meta.version)
@@ -99,6 +100,7 @@ class Decision:
     support: dict[bytes, int] = field(default_factory=dict)
     states: dict[bytes, str] = field(default_factory=dict)
     round: int = 0  # this node's vote round on the frame after the decision
+    settled: bool = False  # every version older than the consensus is one of its ancestors
     dag: Dag | None = None
 
 
