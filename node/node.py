@@ -104,15 +104,15 @@ class Node:
 
     # -- membership ------------------------------------------------------------------
 
-    def members(self) -> set[str]:
-        """The nodes whose writes and votes count: the configured list, or (open swarm)
-        this node and every node it has received a valid message from."""
+    def members(self, region: str) -> set[str]:
+        """The nodes whose writes and votes count in a region: the configured list, or (open
+        swarm) this node and every node seen voting in the region."""
         if self._static_members is not None:
             return set(self._static_members)
-        return {self.node_id, *self.store.senders()}
+        return {self.node_id, *self.store.voters(region)}
 
-    def quorum(self) -> int:
-        return self.config.quorum or len(self.members()) // 2 + 1
+    def quorum(self, region: str) -> int:
+        return self.config.quorum or len(self.members(region)) // 2 + 1
 
     def _counts(self, flagged: set[str]) -> Callable[[str], bool]:
         members = self._static_members
@@ -154,7 +154,7 @@ class Node:
             "head": d.head.hex() if d.head else None,
             "consensus": d.consensus.hex() if d.consensus else None,
             "state": d.states.get(d.head) if d.head else None,
-            "quorum": self.quorum(), "members": sorted(self.members()),
+            "quorum": self.quorum(region), "members": sorted(self.members(region)),
             "support": {v.hex(): n for v, n in sorted(d.support.items(), key=lambda i: -i[1])},
             "votes": {voter_id: v.hex() for voter_id, v in sorted(votes.items())},
             "forks": [v.hex() for v in d.forks],
@@ -565,7 +565,7 @@ class Node:
         if readonly:
             head, leaves = frame.head, voter.choose_head(dag, eligible, history,
                                                          lambda p: self.store.merge_of(tuple(sorted(p))))[1]
-            return voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
+            return voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
         head, leaves = voter.choose_head(dag, eligible, history, try_merge)
         if head is not None and head not in dag.versions:
             parents = next(p for p, r in cache.items() if r and r[0] == head)
@@ -573,7 +573,7 @@ class Node:
             eligible.add(head)
         round_ = frame.round
         if head is not None and votes.get(self.node_id) != head and counts(self.node_id) \
-                and self.node_id in self.members():
+                and self.node_id in self.members(region):
             round_ += 1
             body = {"key": key, "version": head, "round": round_}
             if dag.versions[head].is_merge:
@@ -581,7 +581,7 @@ class Node:
             env = self._send("vote", region, body)
             self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
             votes[self.node_id] = head
-        decision = voter.decide(dag, eligible, votes, self.quorum(), head, leaves, frame.consensus)
+        decision = voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
         decision.round = round_
         c = decision.consensus
         if c is not None:

@@ -213,8 +213,9 @@ class Store:
         self._exec("INSERT OR REPLACE INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)",
                         [node_id, public_key, top, mask.to_bytes(8, "big"), hlc])
 
-    def senders(self) -> list[str]:
-        return [r[0] for r in self._exec("SELECT node_id FROM senders ORDER BY node_id")]
+    def voters(self, region: str) -> list[str]:
+        """The nodes that have voted on any frame of a region."""
+        return [r[0] for r in self._exec("SELECT DISTINCT voter FROM latest WHERE region = ?", [region])]
 
     # -- versions --------------------------------------------------------------------
 
