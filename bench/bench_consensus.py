@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--writes", type=int, default=200)
     p.add_argument("--nodes", type=int, default=5)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--broker", metavar="HOST:PORT", help="measure this broker instead (e.g. a Mosquitto with "
+                                                         "set_tcp_nodelay true)")
     p.add_argument("--peer", help=argparse.SUPPRESS)  # child mode: the node's home
     p.add_argument("--host", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -179,6 +181,11 @@ def main() -> None:
     args = p.parse_args()
     if args.peer:
         return peer(args.peer, args.host, args.port, args.protocol, args.region, args.members.split(","))
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        for runner in (run_processes, run):
+            runner(args.broker, host, int(port), "auto", args.nodes, args.writes, args.warmup)
+        return
     brokers = [("embedded", "3.1.1")] + ([("mosquitto", "auto")] if mosquitto_running() else [])
     for name, protocol in brokers:
         for runner in (run_processes, run):
