@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
 from edgeswarm.node import Config, Node
 from edgeswarm.shared.identity import Identity
 
@@ -157,14 +156,6 @@ def _print(name: str, n_nodes: int, writes: int, latencies: list[float], writer_
           f"{percentile(latencies[:len(latencies) // 10], 50):.1f} / {percentile(latencies[-len(latencies) // 10:], 50):.1f} ms")
 
 
-def mosquitto_running() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 1883), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--writes", type=int, default=200)
@@ -186,7 +177,7 @@ def main() -> None:
         for runner in (run_processes, run):
             runner(args.broker, host, int(port), "auto", args.nodes, args.writes, args.warmup)
         return
-    brokers = [("embedded", "3.1.1")] + ([("mosquitto", "auto")] if mosquitto_running() else [])
+    brokers = [("embedded", "3.1.1")] + ([("mosquitto", "auto")] if is_listening("127.0.0.1", 1883) else [])
     for name, protocol in brokers:
         for runner in (run_processes, run):
             if name == "embedded":

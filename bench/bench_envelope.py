@@ -12,14 +12,13 @@ Mosquitto on 127.0.0.1:1883 when one is running).
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
 from edgeswarm.node import Config, Node
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import decode, encode
@@ -91,14 +90,6 @@ def bench_frames(name: str, host: str, port: int, protocol: str, frames: int) ->
                 n.stop()
 
 
-def mosquitto_running() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 1883), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=2.0, help="time per micro-benchmark")
@@ -108,7 +99,7 @@ def main() -> None:
     print()
     with EmbeddedBroker() as broker:
         bench_frames("embedded", broker.host, broker.port, "3.1.1", args.frames)
-    if mosquitto_running():
+    if is_listening("127.0.0.1", 1883):
         bench_frames("mosquitto", "127.0.0.1", 1883, "auto", args.frames)
     else:
         print("mosquitto  skipped: nothing listens on 127.0.0.1:1883")

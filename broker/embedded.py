@@ -28,6 +28,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def is_listening(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something accepts TCP connections on host:port (a broker, presumably)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, start_timeout: float = 15.0) -> None:
         self.host = host

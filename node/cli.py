@@ -7,9 +7,9 @@ import json
 import logging
 import signal
 import sys
-import tempfile
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,11 @@ def to_json(obj: Any) -> Any:
 
 def _print_json(obj: Any, stream=sys.stdout) -> None:
     print(json.dumps(to_json(obj), ensure_ascii=False, sort_keys=True), file=stream, flush=True)
+
+
+def _version_json(fv) -> dict:
+    return {"version": fv.version, "parents": list(fv.parents), "author": fv.author, "hlc": fv.hlc,
+            "state": fv.state, "value": fv.value}
 
 
 def _load_config(args: argparse.Namespace) -> Config:
@@ -143,31 +148,35 @@ def cmd_put(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_get(args: argparse.Namespace) -> int:
-    config = Config.load(args.home)
-    node = Node(config)
+@contextmanager
+def _local_node(args: argparse.Namespace) -> Iterator[Node]:
+    """The node's store and keys, for reading: no broker connection."""
+    node = Node(Config.load(args.home))
     try:
+        yield node
+    finally:
+        node.store.close()
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _local_node(args) as node:
         if args.key is None:
             for key in node.keys(args.region):
                 fv = node.head(args.region, key)
                 _print_json({"key": key, "version": fv.version, "author": fv.author, "value": fv.value})
         elif args.history:
             for fv in node.history(args.region, args.key):
-                _print_json({"version": fv.version, "parents": list(fv.parents), "author": fv.author,
-                             "hlc": fv.hlc, "state": fv.state, "value": fv.value})
+                _print_json(_version_json(fv))
         else:
             fv = node.consensus(args.region, args.key) if args.consensus else node.head(args.region, args.key)
             if fv is None or fv.value is None:
                 raise KeyError(f"no frame {args.key!r} in region {args.region!r}")
             _print_json(fv.value)
-    finally:
-        node.store.close()
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    node = Node(Config.load(args.home))
-    try:
+    with _local_node(args) as node:
         keys = [args.key] if args.key else node.keys(args.region)
         if not keys:
             raise KeyError(f"no frames in region {args.region!r}")
@@ -176,19 +185,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.key is None:
                 status = {k: status[k] for k in ("key", "head", "consensus", "state", "forks")}
             _print_json(status)
-    finally:
-        node.store.close()
     return 0
 
 
 def cmd_forks(args: argparse.Namespace) -> int:
-    node = Node(Config.load(args.home))
-    try:
+    with _local_node(args) as node:
         for fv in node.forks(args.region, args.key):
-            _print_json({"version": fv.version, "parents": list(fv.parents), "author": fv.author,
-                         "hlc": fv.hlc, "value": fv.value})
-    finally:
-        node.store.close()
+            _print_json(_version_json(fv))
     return 0
 
 

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
 from edgeswarm.node import Config, Node
 
 MOSQUITTO = ("127.0.0.1", 1883)
 
 
-def mosquitto_running() -> bool:
-    try:
-        with socket.create_connection(MOSQUITTO, timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 class BrokerAddress:
     def __init__(self, name: str, host: str, port: int, protocol: str) -> None:
         self.name, self.host, self.port, self.protocol = name, host, port, protocol
+
+
+def _stop_all(nodes: list[Node]) -> None:
+    for node in nodes:
+        try:
+            node.stop()
+        except Exception:  # a test may have stopped (or crashed) it already
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +38,7 @@ def broker(request, embedded_broker):
     """Every integration test runs on the embedded broker and, when one is running, on Mosquitto."""
     if request.param == "embedded":
         return BrokerAddress("embedded", embedded_broker.host, embedded_broker.port, "3.1.1")
-    if not mosquitto_running():
+    if not is_listening(*MOSQUITTO):
         pytest.skip("no Mosquitto listening on 127.0.0.1:1883 (install and start mosquitto to run this case)")
     return BrokerAddress("mosquitto", *MOSQUITTO, "auto")
 
@@ -63,11 +62,7 @@ def make_node(tmp_path, broker, region):
         return node.start() if start else node
 
     yield make
-    for node in nodes:
-        try:
-            node.stop()
-        except Exception:
-            pass
+    _stop_all(nodes)
 
 
 @pytest.fixture
@@ -90,11 +85,7 @@ def make_swarm(tmp_path, broker, region):
         return list(nodes), extras
 
     yield make
-    for node in nodes:
-        try:
-            node.stop()
-        except Exception:
-            pass
+    _stop_all(nodes)
 
 
 class Attacker:

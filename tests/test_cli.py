@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -12,7 +11,6 @@ import threading
 import time
 import uuid
 
-import pytest
 
 from edgeswarm.broker.embedded import free_port
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import cbor2
-import pytest
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import canonical, encode
