@@ -5,6 +5,7 @@
     members = ["3xiocnjkbn7puzss", ...] # node ids whose votes and writes count; empty: every
                                        # node seen (open swarm: no protection against rogues)
     quorum = 0                         # votes that make consensus; 0: a majority of members
+    sync_interval = 30                 # seconds between anti-entropy digests; 0: never
     max_message_bytes = 262144         # larger messages are rejected unread
 
     [broker]
@@ -60,6 +61,7 @@ class Config:
     members: list[str] = field(default_factory=list)
     quorum: int = 0
     rules: list[Rule] = field(default_factory=list)
+    sync_interval: float = 30.0
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
@@ -67,6 +69,9 @@ class Config:
             raise ConfigError("node.members must be a list of node ids")
         if not isinstance(self.quorum, int) or isinstance(self.quorum, bool) or self.quorum < 0:
             raise ConfigError("node.quorum must be 0 (a majority of members) or a positive number of votes")
+        if not isinstance(self.sync_interval, (int, float)) or isinstance(self.sync_interval, bool) \
+                or self.sync_interval < 0:
+            raise ConfigError("node.sync_interval is a number of seconds (0 turns anti-entropy off)")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -112,7 +117,7 @@ class Config:
             rules = [Rule.from_config(r) for r in rules]
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
-        known_node = {"regions", "max_message_bytes", "members", "quorum"}
+        known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval"}
         known_broker = {"host", "port", "protocol", "embedded"}
         unknown = (set(node) - known_node) | (set(broker) - known_broker)
         if unknown:
@@ -130,7 +135,8 @@ class Config:
                    max_message_bytes=node.get("max_message_bytes", DEFAULT_MAX_BYTES),
                    broker_host=host, broker_port=broker.get("port", 1883),
                    protocol=str(broker.get("protocol", "auto")), embedded_broker=embedded,
-                   members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules)
+                   members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules,
+                   sync_interval=node.get("sync_interval", 30.0))
 
     def to_toml(self) -> str:
         # JSON strings are valid TOML basic strings.
@@ -141,6 +147,7 @@ class Config:
             f"regions = [{regions}]\n"
             f"members = [{', '.join(json.dumps(m) for m in self.members)}]\n"
             f"quorum = {self.quorum}\n"
+            f"sync_interval = {self.sync_interval:g}\n"
             f"max_message_bytes = {self.max_message_bytes}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"

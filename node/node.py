@@ -30,12 +30,13 @@ from edgeswarm.shared.clock import HybridClock
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode,
                                        encode)
 from edgeswarm.shared.identity import Identity
-from edgeswarm.shared.topics import region_covers, region_filter, region_topic, validate_region
+from edgeswarm.shared.topics import node_filter, region_covers, region_filter, region_topic, validate_region
 
 from . import voter
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config
 from .store import Frame, FrameVersion, Queued, Store, VersionMeta
+from .sync import Sync
 from .transport import Transport
 
 log = logging.getLogger("edgeswarm.node")
@@ -81,18 +82,25 @@ class Node:
                                    persistent=not client_tag)
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack
+        self.sync = Sync(self)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Node:
         """Connect to the broker, follow the configured regions, send what the outbox holds."""
-        self.transport.subscribe(region_filter(r) for r in self.config.regions)
+        self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id)])
         self.transport.connect()
         for item in self.store.unpublished():
             self._publish(item)
+        self.sync.start(self.config.sync_interval)
         return self
 
+    def sync_now(self) -> None:
+        """Publish this node's digests now instead of at the next scheduled round."""
+        self.sync.publish_digests()
+
     def stop(self) -> None:
+        self.sync.stop()
         self.transport.close()
         self.store.close()
 
@@ -361,13 +369,28 @@ class Node:
         if env.sender == self.identity.public_key:
             self.counters["own"] += 1
             return
-        handler = {"diff": self._receive_diff, "vote": self._receive_vote}.get(env.kind)
-        if handler is None:
+        if env.kind in ("diff", "vote"):
+            with self._transaction():
+                if self._accept(env):
+                    self.handle(env)
+            return
+        sync = {"digest": lambda e: self.sync.on_digest(e, direct=e.region is None),
+                "sync-req": self.sync.on_request, "sync-resp": self.sync.on_response}.get(env.kind)
+        if sync is None:
             self.counters[f"ignored.{env.kind}"] += 1
             return
         with self._transaction():
-            if self._accept(env):
-                handler(env)
+            accepted = self._accept(env)
+        if accepted:
+            try:
+                sync(env)
+            except (MalformedError, ValueError) as e:
+                self._reject("bad-sync", f"{env.kind} from {env.sender_id}: {e}")
+
+    def handle(self, env: Envelope) -> None:
+        """Apply a verified diff or vote, whether it came live or through anti-entropy."""
+        with self._transaction():
+            {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
 
     def _accept(self, env: Envelope) -> bool:
         """Replay window: each (sender, seq) is taken once."""

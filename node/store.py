@@ -368,6 +368,24 @@ class Store:
         rows = self._exec("SELECT voter, version FROM latest WHERE region = ? AND key = ?", [region, key])
         return dict(rows)
 
+    def authored_versions(self, root: str) -> list[tuple[str, str, bytes]]:
+        """(region, key, version) of every authored version in the region tree `root`."""
+        return self._exec("SELECT region, key, version FROM versions WHERE author != ''"
+                          " AND (region = ? OR substr(region, 1, ?) = ?)", [root, len(root) + 1, root + "/"])
+
+    def latest_under(self, root: str) -> list[tuple[str, str, str, int, bytes]]:
+        """(region, key, voter, round, version) of every latest vote in the region tree `root`."""
+        return self._exec("SELECT region, key, voter, round, version FROM latest"
+                          " WHERE region = ? OR substr(region, 1, ?) = ?", [root, len(root) + 1, root + "/"])
+
+    def diff_envelope(self, version: bytes) -> bytes | None:
+        row = self._one("SELECT envelope FROM diffs WHERE version = ? AND status = 'applied' LIMIT 1", [version])
+        return None if row is None else row[0]
+
+    def vote_envelope(self, region: str, key: str, voter: str, round_: int) -> bytes | None:
+        row = self.vote_at(region, key, voter, round_)
+        return None if row is None else row[1]
+
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""
         out: dict[str, list[bytes]] = {}

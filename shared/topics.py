@@ -64,6 +64,11 @@ def node_topic(node_id: str, kind: str) -> str:
     return f"{PREFIX}/{NODE}/{node_id}/{validate_kind(kind)}"
 
 
+def node_filter(node_id: str) -> str:
+    """The subscription for every message addressed to one node."""
+    return node_topic(node_id, "digest").rsplit("/", 1)[0] + "/+"
+
+
 def region_filter(region: str, kind: str = "+") -> str:
     """The subscription covering `region` and every region below it."""
     if kind != "+":
