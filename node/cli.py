@@ -80,7 +80,7 @@ def _wait(stop: threading.Event) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     home = Path(args.home or default_home())
     config = Config(home=home, regions=args.region or [], broker_host=args.host or "127.0.0.1",
-                    broker_port=args.port or 1883, protocol=args.protocol,
+                    broker_port=1883 if args.port is None else args.port, protocol=args.protocol,
                     embedded_broker=args.embedded_broker)
     config.save()
     identity = Identity.load_or_create(config.key_path)

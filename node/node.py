@@ -37,6 +37,7 @@ from .coherence import Coherence, CoherenceError, Validator
 from .config import Config
 from .store import Frame, FrameVersion, Queued, Store, VersionMeta
 from .sync import Sync
+from .trace import Trace
 from .transport import Transport
 
 log = logging.getLogger("edgeswarm.node")
@@ -83,17 +84,25 @@ class Node:
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack
         self.sync = Sync(self)
+        self.trace = Trace(self)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Node:
         """Connect to the broker, follow the configured regions, send what the outbox holds."""
-        self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id)])
+        self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id),
+                                  node_filter(kind="trace-head")])
         self.transport.connect()
         for item in self.store.unpublished():
             self._publish(item)
         self.sync.start(self.config.sync_interval)
         return self
+
+    def send_now(self, topic: str, kind: str, body: dict, region: str | None = None) -> None:
+        """Sign and publish a message that is not kept in the outbox: sync and trace
+        exchanges, which the next round repeats if they are lost."""
+        env = encode(self.identity, kind, region, self.store.next_seq(), self.clock.now(), body)
+        self.transport.publish(topic, env.raw)
 
     def sync_now(self) -> None:
         """Publish this node's digests now instead of at the next scheduled round."""
@@ -231,6 +240,7 @@ class Node:
             gen = parent_meta.gen + 1 if parent_meta else 1
             self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, env.hlc, gen)
             self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")
+            self.trace.record("wrote", region=region, key=key, version=version)
             self.counters["sent"] += 1
             self._reconsider(region, key)
         return version.hex()
@@ -375,7 +385,9 @@ class Node:
                     self.handle(env)
             return
         sync = {"digest": lambda e: self.sync.on_digest(e, direct=e.region is None),
-                "sync-req": self.sync.on_request, "sync-resp": self.sync.on_response}.get(env.kind)
+                "sync-req": self.sync.on_request, "sync-resp": self.sync.on_response,
+                "trace-head": self.trace.on_head, "trace-req": self.trace.on_request,
+                "trace-resp": self.trace.on_response}.get(env.kind)
         if sync is None:
             self.counters[f"ignored.{env.kind}"] += 1
             return
@@ -436,17 +448,17 @@ class Node:
         if parent is not None:
             info = self.store.version_info(parent)
             if info is None or info[:2] != (env.region, key):
-                self._reject("bad-diff", f"from {sender}: parent belongs to another frame")
+                self._refuse(env, key, version, "bad-diff", "parent belongs to another frame")
                 return False
             old = info[2]
             parent_meta = self._meta(parent)
         try:
             new = diff.apply(old, ops)
         except diff.DiffError as e:
-            self._reject("bad-diff", f"from {sender}: {e}")
+            self._refuse(env, key, version, "bad-diff", str(e))
             return False
         if diff.version_hash(env.region, key, parent, new) != version:
-            self._reject("wrong-hash", f"from {sender}: parent + diff does not give version {version.hex()[:16]}")
+            self._refuse(env, key, version, "wrong-hash", "parent + diff does not give the claimed version")
             return False
         reason = self.coherence.check(env.region, key, new)
         if reason:
@@ -457,6 +469,8 @@ class Node:
         self.store.add_version(env.region, key, version, (parent,) if parent else (), new, sender, env.hlc, gen,
                                coherent=not reason, reason=reason)
         self.counters["applied"] += 1
+        self.trace.record("rejected" if reason else "accepted", region=env.region, key=key, version=version,
+                          author=sender, **({"reason": reason} if reason else {}))
         log.info("stored %s/%s version %s from %s", env.region, key, version.hex(), sender)
         return True
 
@@ -501,9 +515,17 @@ class Node:
             return  # one more vote for what is already head and consensus changes neither
         self._reconsider(env.region, key)
 
+    def _refuse(self, env: Envelope, key: str, version: bytes, reason: str, detail: str) -> None:
+        """A validly signed diff that does not hold: count it and keep it in the trace."""
+        self._reject(reason, f"from {env.sender_id}: {detail}")
+        self.trace.record("rejected", region=env.region, key=key, version=version, author=env.sender_id,
+                          reason=f"{reason}: {detail}")
+
     def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
-        """An equivocating node: keep both signed votes as proof, ignore it from now on."""
+        """A node caught saying two things (votes, trace entries): keep both signed pieces as
+        proof, ignore it from now on."""
         self.store.flag(node_id, reason, evidence_a, evidence_b)
+        self.trace.record("flagged", node=node_id, reason=reason)
         self.counters["equivocations"] += 1
         log.warning("node %s equivocates (%s); its votes and writes no longer count", node_id, reason)
         for region, key in self.store.voted_frames(node_id):
@@ -535,6 +557,7 @@ class Node:
                            max(m.hlc for m in metas), True)
         self.store.add_version(region, key, version, meta.parents, value, "", meta.hlc, meta.gen)
         dag.add(meta)
+        self.trace.record("merged", region=region, key=key, version=version, parents=list(meta.parents))
         self.counters["merges"] += 1
 
     def _materialize(self, region: str, key: str, parents: list[bytes], expected: bytes) -> bool:
@@ -603,6 +626,7 @@ class Node:
                 body["merge"] = list(dag.versions[head].parents)
             env = self._send("vote", region, body)
             self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
+            self.trace.record("voted", region=region, key=key, version=head, round=round_)
             votes[self.node_id] = head
         decision = voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
         decision.round = round_
@@ -626,6 +650,7 @@ class Node:
             self._events.append(self.store.version(d.head))
         if d.consensus != before.consensus and d.consensus is not None:
             self.counters["consensus"] += 1
+            self.trace.record("consensus", region=region, key=key, version=d.consensus, resolution=d.resolution)
             if d.resolution:
                 self.counters["fork-resolutions"] += 1
                 log.warning("%s/%s: consensus moves to another branch, %s -> %s", region, key,

@@ -10,6 +10,7 @@ Tables
             (applied / pending while a parent is missing / rejected).
   votes     every vote: (region, key, voter, round) -> version, with the signed envelope;
   latest    and each voter's highest round per frame.
+  trace     hash-chained signed entries: this node's own log and the copies fetched of peers'.
   flagged   nodes caught voting twice in one round, with both signed votes as evidence.
   outbox    this node's own envelopes until the broker acknowledges them.
   senders   per-sender replay window (highest sequence number and bitmap).
@@ -145,6 +146,8 @@ class Store:
             db["votes"].create_index(["region", "key", "merge_of"])
             db["latest"].create({"region": str, "key": str, "voter": str, "round": int, "version": bytes},
                                 pk=("region", "key", "voter"))
+            db["trace"].create({"node_id": str, "seq": int, "hash": bytes, "prev": bytes, "entry": bytes,
+                                "sig": bytes}, pk=("node_id", "seq"))
             db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
                                  pk="node_id")
             db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "acked": int, "seq": int},
@@ -403,6 +406,27 @@ class Store:
 
     def flagged(self) -> set[str]:
         return {r[0] for r in self._exec("SELECT node_id FROM flagged")}
+
+    # -- trace -----------------------------------------------------------------------
+
+    def add_trace(self, node_id: str, seq: int, hash_: bytes, prev: bytes | None, entry: bytes, sig: bytes) -> None:
+        self._exec("INSERT INTO trace (node_id, seq, hash, prev, entry, sig) VALUES (?, ?, ?, ?, ?, ?)",
+                   [node_id, seq, hash_, prev, entry, sig])
+
+    def trace_head(self, node_id: str) -> tuple[int, bytes] | None:
+        return self._one("SELECT seq, hash FROM trace WHERE node_id = ? ORDER BY seq DESC LIMIT 1", [node_id])
+
+    def trace_entry(self, node_id: str, seq: int) -> tuple[bytes, bytes] | None:
+        """(hash, entry) of one trace entry."""
+        return self._one("SELECT hash, entry FROM trace WHERE node_id = ? AND seq = ?", [node_id, seq])
+
+    def trace_range(self, node_id: str, start: int, end: int | None) -> list[tuple[bytes, bytes]]:
+        """(entry, signature) of a node's trace from seq `start` to `end` (inclusive; None: all)."""
+        return self._exec("SELECT entry, sig FROM trace WHERE node_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+                          [node_id, start, end if end is not None else 2**62])
+
+    def traced_nodes(self) -> list[str]:
+        return [r[0] for r in self._exec("SELECT DISTINCT node_id FROM trace ORDER BY node_id")]
 
     # -- outbox ----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode, encode
+from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
 if TYPE_CHECKING:
@@ -75,10 +75,13 @@ class Sync:
         return buckets
 
     def publish_digests(self) -> None:
-        """Publish a digest of every followed region tree (the scheduled job)."""
+        """Publish a digest of every followed region tree and this node's trace head (the
+        scheduled job)."""
+        self.node.trace.publish_head()
         for root in self.node.config.regions:
             try:
-                self._send(region_topic("digest", root), "digest", root, {"region": root, "buckets": self.digest(root)})
+                self.node.send_now(region_topic("digest", root), "digest", {"region": root, "buckets": self.digest(root)},
+                                   region=root)
             except Exception:  # a failed round is retried at the next interval
                 log.exception("publishing the digest of %s failed", root)
 
@@ -100,11 +103,11 @@ class Sync:
         self.node.counters["sync.differing-digests"] += 1
         have, latest = self._holdings(root, set(differing))
         peer = env.sender_id
-        self._send(node_topic(peer, "sync-req"), "sync-req", None,
-                   {"region": root, "buckets": differing, "have": have, "latest": latest})
+        self.node.send_now(node_topic(peer, "sync-req"), "sync-req",
+                           {"region": root, "buckets": differing, "have": have, "latest": latest})
         self.node.counters["sync.requests-sent"] += 1
         if not direct:  # let the sender compare with us too (once: never answer a direct digest)
-            self._send(node_topic(peer, "digest"), "digest", None, {"region": root, "buckets": mine})
+            self.node.send_now(node_topic(peer, "digest"), "digest", {"region": root, "buckets": mine})
 
     def on_request(self, env: Any) -> None:
         body = env.body
@@ -133,7 +136,7 @@ class Sync:
                     envelopes.append(raw)
         self.node.counters["sync.requests-served"] += 1
         for chunk in self._chunks(envelopes):
-            self._send(node_topic(env.sender_id, "sync-resp"), "sync-resp", None, {"region": root, "envelopes": chunk})
+            self.node.send_now(node_topic(env.sender_id, "sync-resp"), "sync-resp", {"region": root, "envelopes": chunk})
 
     def on_response(self, env: Any) -> None:
         body = env.body
@@ -174,13 +177,6 @@ class Sync:
             chunks[-1].append(raw)
             size += len(raw) + 8
         return chunks
-
-    def _send(self, topic: str, kind: str, region: str | None, body: dict) -> None:
-        """Sign and publish a sync message now; it is not kept in the outbox (the next round
-        repeats whatever is lost)."""
-        node = self.node
-        env = encode(node.identity, kind, region, node.store.next_seq(), node.clock.now(), body)
-        node.transport.publish(topic, env.raw)
 
 
 def _region(body: Any) -> str:

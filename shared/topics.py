@@ -64,9 +64,14 @@ def node_topic(node_id: str, kind: str) -> str:
     return f"{PREFIX}/{NODE}/{node_id}/{validate_kind(kind)}"
 
 
-def node_filter(node_id: str) -> str:
-    """The subscription for every message addressed to one node."""
-    return node_topic(node_id, "digest").rsplit("/", 1)[0] + "/+"
+def node_filter(node_id: str = "+", kind: str = "+") -> str:
+    """A subscription to per-node traffic: every kind addressed to one node, or one kind
+    (e.g. trace-head) of every node."""
+    if node_id != "+":
+        node_topic(node_id, "digest")  # validates the id
+    if kind != "+":
+        validate_kind(kind)
+    return f"{PREFIX}/{NODE}/{node_id}/{kind}"
 
 
 def region_filter(region: str, kind: str = "+") -> str:

@@ -1,0 +1,163 @@
+"""The trace: each node's append-only, hash-chained, signed log of what it did and decided.
+
+An entry is the canonical CBOR of [seq, prev, hlc, event, data]: seq counts from 1, prev is
+the hash of entry seq-1 (null for the first), the hash of an entry is BLAKE2b-256 of those
+bytes, and the node signs them. A node publishes its head (seq, hash) on its node topic
+(`trace-head`) with each anti-entropy round; a peer that holds less asks for the missing
+range (`trace-req`) and checks what comes back (`trace-resp`): signatures by the node's
+key, contiguous seqs, each prev matching. Two different signed entries at one seq, or a
+head that contradicts a held entry, prove that the node rewrote its history: it is flagged
+with both as evidence.
+
+Events: wrote, accepted, rejected, voted, merged, consensus, flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edgeswarm.shared.envelope import MalformedError, canonical, strict_loads
+from edgeswarm.shared.identity import verify
+from edgeswarm.shared.topics import node_topic
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("edgeswarm.trace")
+
+MAX_RANGE = 500  # entries per trace-resp
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    node_id: str
+    seq: int
+    prev: bytes | None
+    hlc: int
+    event: str
+    data: Any
+    hash: bytes
+
+    def to_json(self) -> dict:
+        return {"node": self.node_id, "seq": self.seq, "hash": self.hash.hex(),
+                "prev": self.prev.hex() if self.prev else None, "hlc": self.hlc, "event": self.event,
+                "data": self.data}
+
+
+def entry_hash(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=32).digest()
+
+
+def parse(node_id: str, raw: bytes) -> TraceEntry:
+    try:
+        seq, prev, hlc, event, data = strict_loads(raw)
+    except (TypeError, ValueError) as e:
+        raise MalformedError(f"not a trace entry: {e}") from None
+    if type(seq) is not int or seq < 1 or (prev is not None and (type(prev) is not bytes or len(prev) != 32)) \
+            or type(hlc) is not int or type(event) is not str:
+        raise MalformedError("a trace entry is [seq, prev, hlc, event, data]")
+    return TraceEntry(node_id, seq, prev, hlc, event, data, entry_hash(raw))
+
+
+class Trace:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.store = node.store
+
+    # -- own entries -----------------------------------------------------------------
+
+    def record(self, event: str, **data: Any) -> None:
+        """Append an entry to this node's trace (inside the caller's transaction)."""
+        node = self.node
+        with self.store.transaction():
+            head = self.store.trace_head(node.node_id)
+            seq, prev = (head[0] + 1, head[1]) if head else (1, None)
+            raw = canonical([seq, prev, node.clock.now(), event, data])
+            self.store.add_trace(node.node_id, seq, entry_hash(raw), prev, raw, node.identity.sign(raw))
+
+    def entries(self, node_id: str, since: int = 0) -> list[TraceEntry]:
+        return [parse(node_id, raw) for raw, _ in self.store.trace_range(node_id, since + 1, None)]
+
+    # -- exchange --------------------------------------------------------------------
+
+    def publish_head(self) -> None:
+        node = self.node
+        head = self.store.trace_head(node.node_id)
+        if head is not None:
+            node.send_now(node_topic(node.node_id, "trace-head"), "trace-head", {"seq": head[0], "hash": head[1]})
+
+    def on_head(self, env: Any) -> None:
+        author = env.sender_id
+        body = env.body if type(env.body) is dict else {}
+        seq, hash_ = body.get("seq"), body.get("hash")
+        if type(seq) is not int or seq < 1 or type(hash_) is not bytes:
+            raise MalformedError("a trace head is {seq, hash}")
+        held = self.store.trace_entry(author, seq)
+        if held is not None and held[0] != hash_:
+            self._flag(author, f"trace head {seq} contradicts the entry held", held[1], env.raw)
+            return
+        mine = self.store.trace_head(author)
+        if mine is None or mine[0] < seq:
+            start = 1 if mine is None else mine[0] + 1
+            self.node.send_now(node_topic(author, "trace-req"), "trace-req",
+                       {"from": start, "to": min(seq, start + MAX_RANGE - 1)})
+            self.node.counters["trace.requests-sent"] += 1
+
+    def on_request(self, env: Any) -> None:
+        body = env.body
+        start, end = (body.get("from"), body.get("to")) if type(body) is dict else (None, None)
+        if type(start) is not int or type(end) is not int or not 1 <= start <= end:
+            raise MalformedError("a trace request is {from, to}")
+        end = min(end, start + MAX_RANGE - 1)
+        entries = [[raw, sig] for raw, sig in self.store.trace_range(self.node.node_id, start, end)]
+        if entries:
+            self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries})
+
+    def on_response(self, env: Any) -> None:
+        """Entries of the sender's own trace: verify and append them in order."""
+        author = env.sender_id
+        entries = env.body.get("entries") if type(env.body) is dict else None
+        if type(entries) is not list:
+            raise MalformedError("a trace response carries a list of entries")
+        with self.store.transaction():
+            for item in entries:
+                if type(item) is not list or len(item) != 2 or type(item[0]) is not bytes or type(item[1]) is not bytes:
+                    raise MalformedError("a trace entry travels as [entry, signature]")
+                raw, sig = item
+                if not verify(env.sender, raw, sig):
+                    self.node._reject("trace-signature", f"trace entry from {author} with a bad signature")
+                    return
+                entry = parse(author, raw)
+                held = self.store.trace_entry(author, entry.seq)
+                if held is not None:
+                    if held[0] != entry.hash:
+                        self._flag(author, f"two trace entries at seq {entry.seq}", held[1], raw)
+                        return
+                    continue
+                head = self.store.trace_head(author)
+                expected_seq, expected_prev = (head[0] + 1, head[1]) if head else (1, None)
+                if entry.seq != expected_seq or entry.prev != expected_prev:
+                    self.node._reject("trace-chain", f"trace entry {entry.seq} from {author} does not extend "
+                                                     f"the chain held (next {expected_seq})")
+                    return
+                self.store.add_trace(author, entry.seq, entry.hash, entry.prev, raw, sig)
+                self.node.counters["trace.entries-fetched"] += 1
+
+    def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
+        self.node.counters["trace.forks"] += 1
+        log.warning("node %s rewrote its trace: %s", node_id, reason)
+        self.node._flag(node_id, reason, evidence_a, evidence_b)
+
+
+
+def verify_chain(entries: list[TraceEntry]) -> bool:
+    """True when `entries` (one node's, seq 1 upwards) form one unbroken chain."""
+    prev = None
+    for i, e in enumerate(entries, start=1):
+        if e.seq != i or e.prev != prev:
+            return False
+        prev = e.hash
+    return True
