@@ -195,6 +195,17 @@ def cmd_forks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    with _local_node(args) as node:
+        node_id = args.node or node.node_id
+        entries = node.trace.entries(node_id, args.since)
+        if not entries and args.since == 0:
+            raise KeyError(f"no trace of node {node_id} here (known: {', '.join(node.store.traced_nodes()) or 'none'})")
+        for entry in entries:
+            _print_json(entry.to_json())
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args)
@@ -291,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("region")
     sp.add_argument("key")
     sp.set_defaults(func=cmd_forks)
+
+    sp = sub.add_parser("trace", help="a node's signed, hash-chained trace as JSON lines (default: this node)")
+    sp.add_argument("node", nargs="?", help="node id (a peer's trace is the copy fetched from it)")
+    sp.add_argument("--since", type=int, default=0, help="only entries after this sequence number")
+    sp.set_defaults(func=cmd_trace)
 
     sp = sub.add_parser("watch", help="print verified messages of a region tree as JSON lines")
     broker_opts(sp)

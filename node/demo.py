@@ -48,8 +48,13 @@ def run_demo(nodes: int = 3, home: Path | None = None, timeout: float = 15.0) ->
               f"consensus at {nodes // 2 + 1} votes")
         homes = [base / f"node{i}" for i in range(nodes)]
         members = [Identity.load_or_create(Config(home=h).key_path).node_id for h in homes]
-        swarm = [Node(Config(home=h, regions=["demo"], broker_port=broker.port, protocol="3.1.1",
-                             members=members)) for h in homes]
+        configs = [Config(home=h, regions=["demo"], broker_port=broker.port, protocol="3.1.1", members=members)
+                   for h in homes]
+        if home:  # kept: write the configurations so that get, status and trace work on them
+            for config in configs:
+                if not config.config_path.exists():
+                    config.save()
+        swarm = [Node(config) for config in configs]
         changed = threading.Event()
         try:
             for n in swarm:

@@ -114,6 +114,9 @@ def test_nodes_as_processes_end_to_end(tmp_path):
         got = cli("get", region, "pump", home=host_home)
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout) == {"rpm": 1500, "on": True}
+        trace = [json.loads(line) for line in cli("trace", home=host_home).stdout.splitlines()]
+        assert any(e["event"] == "accepted" and e["data"]["version"] == version for e in trace)
+        assert [e["seq"] for e in trace] == list(range(1, len(trace) + 1))
         history = cli("get", region, "pump", "--history", home=host_home)
         assert [json.loads(line)["version"] for line in history.stdout.splitlines()] == [version]
     finally:

@@ -1,0 +1,53 @@
+"""The trace: every node's signed hash chain, fetched and checked by its peers."""
+
+from __future__ import annotations
+
+from edgeswarm.node.trace import entry_hash, verify_chain
+from edgeswarm.shared.envelope import canonical, encode
+from edgeswarm.shared.topics import node_topic
+
+TIMEOUT = 15.0
+
+
+def test_traces_chain_spread_and_rewrites_are_caught(make_swarm, region, attacker):
+    nodes, _ = make_swarm(3, sync_interval=0)
+    a, b, c = nodes
+    v = a.put(region, "door", {"locked": True})
+    assert b.wait_until(lambda: b.head(region, "door") is not None and b.head(region, "door").version == v, TIMEOUT)
+    b.patch(region, "door", set={"locked": False})
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.get(region, "door", consensus=True) == {"locked": False}, TIMEOUT)
+
+    own = a.trace.entries(a.node_id)
+    assert verify_chain(own) and [e.event for e in own][:2] == ["wrote", "voted"]
+    assert {"accepted", "consensus"} <= {e.event for e in own}
+    assert any(e.event == "wrote" and e.data["version"] == bytes.fromhex(v) for e in own)
+
+    for n in nodes:  # every vote is in: the traces stop growing
+        assert n.wait_until(lambda n=n: n.status(region, "door")["support"].get(n.status(region, "door")["head"]) == 3,
+                            TIMEOUT)
+    heads = {n.node_id: n.store.trace_head(n.node_id) for n in nodes}
+    for n in nodes:
+        n.sync_now()  # publishes trace heads: every node fetches the others' traces
+    for n in nodes:
+        for other in nodes:
+            assert n.wait_until(lambda n=n, o=other: n.store.trace_head(o.node_id) == heads[o.node_id], TIMEOUT)
+    copy = b.trace.entries(a.node_id)
+    assert verify_chain(copy) and [e.hash for e in copy] == [e.hash for e in a.trace.entries(a.node_id)]
+
+    # a "rewrites" its first entry: a validly signed, different entry at seq 1
+    forged = canonical([1, None, 1, "wrote", {"region": region, "key": "door", "version": bytes(32)}])
+    assert entry_hash(forged) != own[0].hash
+    attacker.send(node_topic(b.node_id, "trace-resp"), encode(
+        a.identity, "trace-resp", None, 10**9, 10**9, {"entries": [[forged, a.identity.sign(forged)]]}).raw)
+    assert b.wait_until(lambda: b.counters["trace.forks"] == 1, TIMEOUT)
+    assert a.node_id in b.store.flagged()
+    assert b.trace.entries(b.node_id)[-1].event == "flagged"
+
+    # a modified entry under the original signature is refused
+    raw, sig = c.store.trace_range(a.node_id, 1, 1)[0]
+    bad = raw[:-1] + bytes([raw[-1] ^ 1])
+    attacker.send(node_topic(c.node_id, "trace-resp"), encode(
+        a.identity, "trace-resp", None, 10**9 + 1, 10**9, {"entries": [[bad, sig]]}).raw)
+    assert c.wait_until(lambda: c.counters["rejected.trace-signature"] == 1, TIMEOUT)
+    assert c.store.trace_entry(a.node_id, 1)[1] == raw
