@@ -177,6 +177,17 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _local_node(args) as node:
+        if args.region is None:
+            print(f"{'node':<18}{'alive':<7}{'session':>8}{'frames':>8}{'shadows':>9}{'forks':>7}{'pending':>9}"
+                  f"{'rejected':>10}  regions")
+            for node_id, peer in node.swarm().items():
+                fp = peer.get("fingerprint") or {}
+                mark = "*" if peer.get("self") else " "
+                print(f"{node_id + mark:<18}{'yes' if peer['alive'] else 'no':<7}{peer['session'] or 0:>8}"
+                      + "".join(f"{fp.get(k, '-'):>{w}}" for k, w in (("frames", 8), ("shadows", 9), ("forks", 7),
+                                                                      ("pending", 9), ("rejected", 10)))
+                      + f"  {', '.join(peer.get('regions') or [])}")
+            return 0
         keys = [args.key] if args.key else node.keys(args.region)
         if not keys:
             raise KeyError(f"no frames in region {args.region!r}")
@@ -293,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--consensus", action="store_true", help="the consensus value instead of this node's head")
     sp.set_defaults(func=cmd_get)
 
-    sp = sub.add_parser("status", help="head, consensus, vote tally and forks of a frame (or of a region's frames)")
-    sp.add_argument("region")
+    sp = sub.add_parser("status", help="the swarm as a table; with REGION [KEY]: head, consensus, votes and forks")
+    sp.add_argument("region", nargs="?")
     sp.add_argument("key", nargs="?")
     sp.set_defaults(func=cmd_status)
 

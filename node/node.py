@@ -30,12 +30,14 @@ from edgeswarm.shared.clock import HybridClock
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode,
                                        encode)
 from edgeswarm.shared.identity import Identity
-from edgeswarm.shared.topics import node_filter, region_covers, region_filter, region_topic, validate_region
+from edgeswarm.shared.topics import (node_filter, parse_topic, region_covers, region_filter, region_topic,
+                                     validate_region)
 
 from . import voter
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config
 from .store import Frame, FrameVersion, Queued, Store, VersionMeta
+from .presence import Presence
 from .sync import Sync
 from .trace import Trace
 from .transport import Transport
@@ -79,30 +81,42 @@ class Node:
         self._sends: list[Queued] = []
         self._events: list[FrameVersion] = []
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
+        # The node's own connection is persistent and announces the node (birth, will,
+        # fingerprints); a tagged one (a short-lived CLI command) does neither.
+        self._announces = not client_tag
+        self._started = False
         self.transport = Transport(config.broker_host, config.broker_port, client_id, protocol=config.protocol,
                                    persistent=not client_tag)
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack
         self.sync = Sync(self)
         self.trace = Trace(self)
+        self.presence = Presence(self)
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Node:
         """Connect to the broker, follow the configured regions, send what the outbox holds."""
         self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id),
-                                  node_filter(kind="trace-head")])
+                                  *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint"))])
+        if self._announces:
+            self.presence.prepare()
         self.transport.connect()
+        if self._announces:
+            self.presence.announce()
+            # After a reconnect paho made by itself, say again that we are here.
+            self.transport.on_connected = lambda: self.presence.announce() if self._started else None
+        self._started = True
         for item in self.store.unpublished():
             self._publish(item)
         self.sync.start(self.config.sync_interval)
         return self
 
-    def send_now(self, topic: str, kind: str, body: dict, region: str | None = None) -> None:
-        """Sign and publish a message that is not kept in the outbox: sync and trace
-        exchanges, which the next round repeats if they are lost."""
+    def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
+        """Sign and publish a message that is not kept in the outbox: sync, trace and
+        presence messages, which the next round repeats if they are lost."""
         env = encode(self.identity, kind, region, self.store.next_seq(), self.clock.now(), body)
-        self.transport.publish(topic, env.raw)
+        self.transport.publish(topic, env.raw, retain=retain)
 
     def sync_now(self) -> None:
         """Publish this node's digests now instead of at the next scheduled round."""
@@ -110,6 +124,9 @@ class Node:
 
     def stop(self) -> None:
         self.sync.stop()
+        if self._announces:
+            self.presence.leave()
+        self._started = False
         self.transport.close()
         self.store.close()
 
@@ -180,6 +197,13 @@ class Node:
 
     def regions(self) -> list[str]:
         return self.store.regions()
+
+    def swarm(self) -> dict[str, dict]:
+        """What this node knows of every node: alive or not, session, regions, last fingerprint."""
+        peers = self.store.peers()
+        peers[self.node_id] = {"session": self.presence.session, "alive": 1, "regions": list(self.config.regions),
+                               "fingerprint": self.presence.fingerprint(), "self": True}
+        return peers
 
     def keys(self, region: str) -> list[str]:
         return self.store.keys(region)
@@ -371,6 +395,9 @@ class Node:
     def receive(self, topic: str, payload: bytes) -> None:
         """Handle one message as it came from the broker."""
         self.counters["received"] += 1
+        if not payload and "/node/" in topic:
+            self.counters["presence.cleared"] += 1  # a node clearing its retained birth or fingerprint
+            return
         try:
             env = decode(payload, max_bytes=self.config.max_message_bytes, topic=topic)
         except EnvelopeError as e:
@@ -383,6 +410,17 @@ class Node:
             with self._transaction():
                 if self._accept(env):
                     self.handle(env)
+            return
+        if env.kind in ("birth", "death", "fingerprint"):
+            # Retained, so delivered again on every subscription: no replay window; the
+            # session and clock in them decide what is news. A node speaks only for itself.
+            if parse_topic(topic).node_id != env.sender_id:
+                self._reject("topic-mismatch", f"a {env.kind} from {env.sender_id} on {topic}")
+                return
+            try:
+                self.presence.on_message(env)
+            except (MalformedError, ValueError) as e:
+                self._reject("bad-presence", f"{env.kind} from {env.sender_id}: {e}")
             return
         sync = {"digest": lambda e: self.sync.on_digest(e, direct=e.region is None),
                 "sync-req": self.sync.on_request, "sync-resp": self.sync.on_response,

@@ -148,6 +148,9 @@ class Store:
                                 pk=("region", "key", "voter"))
             db["trace"].create({"node_id": str, "seq": int, "hash": bytes, "prev": bytes, "entry": bytes,
                                 "sig": bytes}, pk=("node_id", "seq"))
+            db["peers"].create({"node_id": str, "session": int, "birth_hlc": int, "death_hlc": int, "alive": int,
+                                "regions": bytes, "software": str, "fingerprint": bytes, "fingerprint_hlc": int},
+                               pk="node_id")
             db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
                                  pk="node_id")
             db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "acked": int, "seq": int},
@@ -406,6 +409,41 @@ class Store:
 
     def flagged(self) -> set[str]:
         return {r[0] for r in self._exec("SELECT node_id FROM flagged")}
+
+    # -- peers and health ------------------------------------------------------------
+
+    _PEER_COLS = ("session", "birth_hlc", "death_hlc", "alive", "regions", "software", "fingerprint",
+                  "fingerprint_hlc")
+
+    def peer(self, node_id: str) -> dict | None:
+        row = self._one(f"SELECT {', '.join(self._PEER_COLS)} FROM peers WHERE node_id = ?", [node_id])
+        if row is None:
+            return None
+        peer = dict(zip(self._PEER_COLS, row))
+        for name in ("regions", "fingerprint"):
+            peer[name] = strict_loads(peer[name]) if peer[name] is not None else None
+        return peer
+
+    def peers(self) -> dict[str, dict]:
+        return {node_id: self.peer(node_id) for (node_id,) in self._exec("SELECT node_id FROM peers ORDER BY node_id")}
+
+    def set_peer(self, node_id: str, **fields) -> None:
+        unknown = set(fields) - set(self._PEER_COLS)
+        if unknown:
+            raise ValueError(f"unknown peer fields {unknown}")
+        values = {k: canonical(v) if k in ("regions", "fingerprint") else v for k, v in fields.items()}
+        with self.transaction():
+            self._exec("INSERT OR IGNORE INTO peers (node_id, session, alive) VALUES (?, 0, 0)", [node_id])
+            self._exec(f"UPDATE peers SET {', '.join(f'{k} = ?' for k in values)} WHERE node_id = ?",
+                       [*values.values(), node_id])
+
+    def frame_counts(self) -> dict[str, int]:
+        frames, shadows = self._one("SELECT count(*), coalesce(sum(consensus IS NULL OR head != consensus), 0)"
+                                    " FROM frames", [])
+        return {"frames": frames, "shadows": shadows}
+
+    def fork_count(self) -> int:
+        return self._one("SELECT count(*) FROM versions WHERE state = 'fork'", [])[0]
 
     # -- trace -----------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class Sync:
         """Publish a digest of every followed region tree and this node's trace head (the
         scheduled job)."""
         self.node.trace.publish_head()
+        self.node.presence.publish_fingerprint()
         for root in self.node.config.regions:
             try:
                 self.node.send_now(region_topic("digest", root), "digest", {"region": root, "buckets": self.digest(root)},

@@ -50,7 +50,9 @@ class Transport:
         self.on_message: MessageHandler | None = None
         self.on_ack: Callable[[int], None] | None = None
         self.on_connected: Callable[[], None] | None = None
+        self.will: tuple[str, bytes] | None = None  # (topic, payload) the broker publishes, retained, if we vanish
         self._filters: set[str] = set()
+        self.unsolicited = 0  # messages on topics this client did not subscribe to, dropped
         self._client: mqtt.Client | None = None
         self._version = 0
         self._connected = threading.Event()
@@ -98,6 +100,8 @@ class Transport:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.on_connect_fail = self._on_connect_fail
+        if self.will is not None:
+            c.will_set(self.will[0], self.will[1], qos=1)
         self._client = c
         try:
             if version == mqtt.MQTTv5:
@@ -209,14 +213,21 @@ class Transport:
             return self._suback.wait_for(lambda: not self._pending_subs, timeout)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        # Brokers are not trusted to filter: amqtt 0.12 sends a connecting client the
+        # retained messages of every subscription in the broker, not only its own.
+        if not any(mqtt.topic_matches_sub(f, message.topic) for f in self._filters):
+            self.unsolicited += 1
+            return
         if self.on_message is not None:
             self.on_message(message.topic, message.payload)
 
     # -- publishing ------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: float | None = None) -> int | None:
         """Queue a message; returns its message id (acknowledged later through on_ack), or
-        None when connect() has not been called."""
+        None when connect() has not been called. With `wait`, block until the broker has it
+        (up to that many seconds)."""
         if self._client is None:
             return None
         props = None
@@ -224,8 +235,13 @@ class Transport:
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = CONTENT_TYPE
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if wait:
+            try:
+                info.wait_for_publish(wait)
+            except (RuntimeError, ValueError):  # the connection went away meanwhile
+                pass
         return info.mid
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if self.on_ack is not None and not reason_code.is_failure:
+        if self.on_ack is not None and not reason_code.is_failure:  # (also for retained publishes)
             self.on_ack(mid)

@@ -1,0 +1,104 @@
+"""Birth, death and fingerprints: which nodes are alive, and how they are doing.
+
+On every start a node counts a new session and
+- leaves a signed `death` {session} with the broker as its MQTT will, so that the broker
+  announces it if the node vanishes (power cut, crash, network loss);
+- publishes a signed, retained `birth` {session, regions, software};
+and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
+consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions.
+On a clean stop it publishes its death itself and clears its retained birth and
+fingerprint, so that a long-lived broker does not keep announcing nodes that left. All
+go on the node's own topic (es/v1/node/<id>/<kind>), the retained ones so that a newcomer
+learns the swarm at once, and are only accepted from the node they name. A death counts
+when its session is not older than the last birth's (as Sparkplug's bdSeq); older
+messages are ignored, so retained copies delivered again change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from edgeswarm.shared.envelope import MalformedError, encode
+from edgeswarm.shared.topics import node_topic
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("edgeswarm.presence")
+
+SOFTWARE = "edgeswarm 0.1.0"
+
+
+class Presence:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.store = node.store
+        self.session = 0
+
+    def prepare(self) -> None:
+        """Before connecting: a new session and the death the broker will hold for us."""
+        node = self.node
+        with self.store.transaction():
+            self.session = self.store.meta("session") + 1
+            self.store.set_meta("session", self.session)
+            env = encode(node.identity, "death", None, self.store.next_seq(), node.clock.now(),
+                         {"session": self.session})
+        node.transport.will = (node_topic(node.node_id, "death"), env.raw)
+
+    def announce(self) -> None:
+        """After connecting: the birth, and a first fingerprint."""
+        node = self.node
+        node.send_now(node_topic(node.node_id, "birth"), "birth",
+                      {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE},
+                      retain=True)
+        self.publish_fingerprint()
+
+    def leave(self) -> None:
+        """A clean stop: say so rather than leave it to the will."""
+        node = self.node
+        if node.transport.connected:
+            node.send_now(node_topic(node.node_id, "death"), "death", {"session": self.session})
+            for kind in ("birth", "fingerprint"):  # an empty retained message clears the broker's copy
+                node.transport.publish(node_topic(node.node_id, kind), b"", retain=True, wait=2.0)
+
+    def fingerprint(self) -> dict:
+        store = self.store
+        frames = store.frame_counts()
+        rejected = sum(v for k, v in self.node.counters.items() if k.startswith("rejected."))
+        return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
+                "forks": store.fork_count(), "pending": store.count_diffs("pending"), "rejected": rejected,
+                "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
+                "flagged": len(store.flagged())}
+
+    def publish_fingerprint(self) -> None:
+        node = self.node
+        node.send_now(node_topic(node.node_id, "fingerprint"), "fingerprint", self.fingerprint(), retain=True)
+
+    # -- peers -----------------------------------------------------------------------
+
+    def on_message(self, env: Any) -> None:
+        body = env.body
+        if type(body) is not dict or type(body.get("session")) is not int:
+            raise MalformedError(f"a {env.kind} names the session")
+        node_id, session = env.sender_id, body["session"]
+        peer = self.store.peer(node_id)
+        if env.kind == "birth":
+            if peer and (session, env.hlc) <= (peer["session"], peer["birth_hlc"]):
+                return
+            regions = body.get("regions")
+            if type(regions) is not list or not all(type(r) is str for r in regions):
+                raise MalformedError("a birth lists the node's regions")
+            self.store.set_peer(node_id, session=session, birth_hlc=env.hlc, alive=1, regions=regions,
+                                software=str(body.get("software", "")))
+            log.info("node %s is up (session %d)", node_id, session)
+        elif env.kind == "death":
+            if peer is None or session < peer["session"] or not peer["alive"]:
+                return
+            self.store.set_peer(node_id, alive=0, death_hlc=env.hlc)
+            log.info("node %s is gone (session %d)", node_id, session)
+        else:
+            if peer and env.hlc <= (peer.get("fingerprint_hlc") or 0):
+                return
+            self.store.set_peer(node_id, fingerprint=body, fingerprint_hlc=env.hlc)
+        self.node.counters[f"presence.{env.kind}"] += 1

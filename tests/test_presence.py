@@ -1,0 +1,36 @@
+"""Birth, death (clean and by will) and fingerprints."""
+
+from __future__ import annotations
+
+import socket
+
+TIMEOUT = 15.0
+
+
+def peer(node, other):
+    return node.store.peer(other.node_id) or {}
+
+
+def test_births_deaths_and_fingerprints(make_node, region):
+    a, b = make_node(), make_node()
+    assert b.wait_until(lambda: peer(b, a).get("alive") == 1 and peer(b, a).get("regions") == [region], TIMEOUT)
+    assert a.wait_until(lambda: peer(a, b).get("alive") == 1, TIMEOUT)
+
+    a.put(region, "k", {"x": 1})
+    assert a.wait_until(lambda: a.consensus(region, "k") is not None, TIMEOUT)
+    a.sync_now()  # publishes a's fingerprint with the digests
+    assert b.wait_until(lambda: (peer(b, a).get("fingerprint") or {}).get("frames") == 1, TIMEOUT)
+    assert peer(b, a)["fingerprint"]["agreement"] == 1.0
+    assert b.swarm()[a.node_id]["alive"] == 1 and b.swarm()[b.node_id]["self"]
+
+    # The link drops without a goodbye: the broker publishes the will; paho reconnects and
+    # the node is born again in the same session.
+    session = peer(b, a)["session"]
+    a.transport._client.socket().shutdown(socket.SHUT_RDWR)
+    assert b.wait_until(lambda: b.counters["presence.death"] == 1, TIMEOUT)
+    assert b.wait_until(lambda: peer(b, a).get("alive") == 1 and b.counters["presence.birth"] >= 2, TIMEOUT)
+    assert peer(b, a)["session"] == session
+
+    a.stop()  # a clean stop says goodbye
+    assert b.wait_until(lambda: peer(b, a).get("alive") == 0, TIMEOUT)
+    assert b.counters["rejected.internal"] == 0 and b.counters.get("rejected.bad-presence", 0) == 0
