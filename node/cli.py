@@ -20,13 +20,15 @@ from edgeswarm.shared.topics import TopicError, region_filter, validate_region
 
 from .config import Config, ConfigError, default_home
 from .node import Node, validate_key
+from . import snapshot
+from .snapshot import SnapshotError
 from .store import StoreError
 from .transport import Transport, TransportError
 
 log = logging.getLogger("edgeswarm")
 
 _EXPECTED = (ConfigError, IdentityError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
-             ValueError, KeyError, OSError)
+             SnapshotError, ValueError, KeyError, OSError)
 
 
 def to_json(obj: Any) -> Any:
@@ -206,6 +208,25 @@ def cmd_forks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    with _local_node(args) as node:
+        print(node.snapshot())
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    config = Config.load(args.home)
+    path = args.file or snapshot.latest(config.home)
+    if path is None:
+        raise SnapshotError(f"no snapshot in {config.home / snapshot.RECOVERY_DIR}; give one with --file")
+    result = snapshot.restore(config, path, trusted=set(config.members) or None)
+    print(f"restored {result['frames']} frames from {path} (signed by {result['signer']})")
+    if result["moved_aside"]:
+        print(f"the previous store is kept as {result['moved_aside']}")
+    print("start the node (edgeswarm run): peers bring the rest by anti-entropy")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     with _local_node(args) as node:
         node_id = args.node or node.node_id
@@ -313,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("region")
     sp.add_argument("key")
     sp.set_defaults(func=cmd_forks)
+
+    sp = sub.add_parser("snapshot", help="write a signed snapshot of the consensus state to <home>/recovery")
+    sp.set_defaults(func=cmd_snapshot)
+
+    sp = sub.add_parser("restore", help="rebuild the store from a snapshot (the last own one, or --file)")
+    sp.add_argument("--file", type=Path, help="a snapshot file, e.g. copied from a peer")
+    sp.set_defaults(func=cmd_restore)
 
     sp = sub.add_parser("trace", help="a node's signed, hash-chained trace as JSON lines (default: this node)")
     sp.add_argument("node", nargs="?", help="node id (a peer's trace is the copy fetched from it)")

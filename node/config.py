@@ -6,6 +6,8 @@
                                        # node seen (open swarm: no protection against rogues)
     quorum = 0                         # votes that make consensus; 0: a majority of members
     sync_interval = 30                 # seconds between anti-entropy digests; 0: never
+    snapshot_interval = 3600           # seconds between snapshots in <home>/recovery; 0: never
+    snapshots_kept = 5
     max_message_bytes = 262144         # larger messages are rejected unread
 
     [broker]
@@ -62,6 +64,8 @@ class Config:
     quorum: int = 0
     rules: list[Rule] = field(default_factory=list)
     sync_interval: float = 30.0
+    snapshot_interval: float = 3600.0
+    snapshots_kept: int = 5
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
@@ -72,6 +76,11 @@ class Config:
         if not isinstance(self.sync_interval, (int, float)) or isinstance(self.sync_interval, bool) \
                 or self.sync_interval < 0:
             raise ConfigError("node.sync_interval is a number of seconds (0 turns anti-entropy off)")
+        if not isinstance(self.snapshot_interval, (int, float)) or isinstance(self.snapshot_interval, bool) \
+                or self.snapshot_interval < 0:
+            raise ConfigError("node.snapshot_interval is a number of seconds (0 turns snapshots off)")
+        if not isinstance(self.snapshots_kept, int) or isinstance(self.snapshots_kept, bool) or self.snapshots_kept < 1:
+            raise ConfigError("node.snapshots_kept is a positive number")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -117,7 +126,8 @@ class Config:
             rules = [Rule.from_config(r) for r in rules]
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
-        known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval"}
+        known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
+                      "snapshots_kept"}
         known_broker = {"host", "port", "protocol", "embedded"}
         unknown = (set(node) - known_node) | (set(broker) - known_broker)
         if unknown:
@@ -136,7 +146,8 @@ class Config:
                    broker_host=host, broker_port=broker.get("port", 1883),
                    protocol=str(broker.get("protocol", "auto")), embedded_broker=embedded,
                    members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules,
-                   sync_interval=node.get("sync_interval", 30.0))
+                   sync_interval=node.get("sync_interval", 30.0),
+                   snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5))
 
     def to_toml(self) -> str:
         # JSON strings are valid TOML basic strings.
@@ -148,6 +159,8 @@ class Config:
             f"members = [{', '.join(json.dumps(m) for m in self.members)}]\n"
             f"quorum = {self.quorum}\n"
             f"sync_interval = {self.sync_interval:g}\n"
+            f"snapshot_interval = {self.snapshot_interval:g}\n"
+            f"snapshots_kept = {self.snapshots_kept}\n"
             f"max_message_bytes = {self.max_message_bytes}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -45,7 +46,7 @@ from .transport import Transport
 log = logging.getLogger("edgeswarm.node")
 
 MAX_KEY_BYTES = 256
-Path = tuple[str, ...] | list[str] | str
+KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
 
 
@@ -55,7 +56,7 @@ def validate_key(key: str) -> str:
     return key
 
 
-def _path(p: Path) -> list[str]:
+def _path(p: KeyPath) -> list[str]:
     parts = [p] if isinstance(p, str) else list(p)
     if not parts or any(not isinstance(k, str) for k in parts):
         raise ValueError(f"a path is a key or a tuple of keys, not {p!r}")
@@ -109,7 +110,7 @@ class Node:
         self._started = True
         for item in self.store.unpublished():
             self._publish(item)
-        self.sync.start(self.config.sync_interval)
+        self.sync.start(self.config.sync_interval, self.config.snapshot_interval)
         return self
 
     def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
@@ -117,6 +118,11 @@ class Node:
         presence messages, which the next round repeats if they are lost."""
         env = encode(self.identity, kind, region, self.store.next_seq(), self.clock.now(), body)
         self.transport.publish(topic, env.raw, retain=retain)
+
+    def snapshot(self) -> Path:
+        """Write a signed snapshot of the consensus state to <home>/recovery now."""
+        from . import snapshot
+        return snapshot.write(self, keep=self.config.snapshots_kept)
 
     def sync_now(self) -> None:
         """Publish this node's digests now instead of at the next scheduled round."""
@@ -220,8 +226,8 @@ class Node:
             raise ValueError(f"a frame value is a map, not {type(value).__name__}")
         return self._change(region, key, lambda old: value)
 
-    def patch(self, region: str, key: str, set: Mapping[Path, Any] | None = None,
-              delete: Iterable[Path] = ()) -> str:
+    def patch(self, region: str, key: str, set: Mapping[KeyPath, Any] | None = None,
+              delete: Iterable[KeyPath] = ()) -> str:
         """Set and delete keys (nested paths as tuples) in a frame; returns the new version (hex)."""
         ops = [["del", _path(p)] for p in delete]
         ops += [["set", _path(p), diff.normalize(v)] for p, v in (set or {}).items()]

@@ -114,7 +114,8 @@ class Store:
             self.db = sqlite_utils.Database(conn, execute_plugins=False)
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"cannot open store {self.path}: {e}") from None
+            raise StoreError(f"cannot open store {self.path}: {e} (`edgeswarm restore` rebuilds it from the last "
+                             "snapshot and keeps this file)") from None
         except OSError as e:
             raise StoreError(f"cannot open store {self.path}: {e.strerror}") from None
 
@@ -296,6 +297,12 @@ class Store:
             f"SELECT {self._VERSION_COLS} FROM versions WHERE region = ? AND key = ? ORDER BY gen, hlc, version",
             [region, key])
         return [self._frame_version(r) for r in rows]
+
+    def consensus_versions(self) -> list[tuple]:
+        """(region, key, version, parents, value, author, gen, hlc) of every frame's consensus."""
+        rows = self._exec("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author, v.gen, v.hlc"
+                          " FROM frames f JOIN versions v ON v.version = f.consensus ORDER BY v.region, v.key")
+        return [(r, k, v, _parents(p, m), strict_loads(val), a, g, h) for r, k, v, p, m, val, a, g, h in rows]
 
     def rejection_reason(self, version: bytes) -> str | None:
         row = self._one("SELECT reason FROM versions WHERE version = ?", [version])

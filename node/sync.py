@@ -49,14 +49,19 @@ class Sync:
 
     # -- schedule --------------------------------------------------------------------
 
-    def start(self, interval: float) -> None:
-        if interval <= 0 or self._scheduler is not None:
+    def start(self, interval: float, snapshot_interval: float = 0) -> None:
+        """Schedule the anti-entropy rounds and the snapshots (an interval of 0: never)."""
+        if self._scheduler is not None or (interval <= 0 and snapshot_interval <= 0):
             return
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self._scheduler = BackgroundScheduler(daemon=True)
-        self._scheduler.add_job(self.publish_digests, "interval", seconds=interval, jitter=interval / 5,
-                                max_instances=1, coalesce=True, id="anti-entropy")
+        if interval > 0:
+            self._scheduler.add_job(self.publish_digests, "interval", seconds=interval, jitter=interval / 5,
+                                    max_instances=1, coalesce=True, id="anti-entropy")
+        if snapshot_interval > 0:
+            self._scheduler.add_job(self.node.snapshot, "interval", seconds=snapshot_interval,
+                                    max_instances=1, coalesce=True, id="snapshot")
         self._scheduler.start()
 
     def stop(self) -> None:
