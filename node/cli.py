@@ -208,6 +208,12 @@ def cmd_forks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _local_node(args) as node:
+        _print_json(node.metrics())
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     with _local_node(args) as node:
         print(node.snapshot())
@@ -334,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("region")
     sp.add_argument("key")
     sp.set_defaults(func=cmd_forks)
+
+    sp = sub.add_parser("metrics", help="convergence, conflict rate, access latency and trace depth, as JSON")
+    sp.set_defaults(func=cmd_metrics)
 
     sp = sub.add_parser("snapshot", help="write a signed snapshot of the consensus state to <home>/recovery")
     sp.set_defaults(func=cmd_snapshot)

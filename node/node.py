@@ -207,12 +207,18 @@ class Node:
     def swarm(self) -> dict[str, dict]:
         """What this node knows of every node: alive or not, session, regions, last fingerprint."""
         peers = self.store.peers()
-        peers[self.node_id] = {"session": self.presence.session, "alive": 1, "regions": list(self.config.regions),
+        peers[self.node_id] = {"session": self.presence.session or self.store.meta("session"), "alive": 1,
+                               "regions": list(self.config.regions),
                                "fingerprint": self.presence.fingerprint(), "self": True}
         return peers
 
     def keys(self, region: str) -> list[str]:
         return self.store.keys(region)
+
+    def metrics(self) -> dict:
+        """Swarm metrics as this node sees them (see node/metrics.py)."""
+        from .metrics import compute
+        return compute(self)
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)

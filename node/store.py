@@ -449,6 +449,9 @@ class Store:
                                     " FROM frames", [])
         return {"frames": frames, "shadows": shadows}
 
+    def frames_with_forks(self) -> int:
+        return self._one("SELECT count(DISTINCT region || char(0) || key) FROM versions WHERE state = 'fork'", [])[0]
+
     def fork_count(self) -> int:
         return self._one("SELECT count(*) FROM versions WHERE state = 'fork'", [])[0]
 

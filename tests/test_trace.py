@@ -51,3 +51,23 @@ def test_traces_chain_spread_and_rewrites_are_caught(make_swarm, region, attacke
         a.identity, "trace-resp", None, 10**9 + 1, 10**9, {"entries": [[bad, sig]]}).raw)
     assert c.wait_until(lambda: c.counters["rejected.trace-signature"] == 1, TIMEOUT)
     assert c.store.trace_entry(a.node_id, 1)[1] == raw
+
+
+def test_metrics_reflect_the_swarm(make_swarm, region):
+    nodes, _ = make_swarm(3, sync_interval=0)
+    a = nodes[0]
+    for i in range(4):
+        a.put(region, f"k{i}", {"i": i})
+    for n in nodes:
+        assert n.wait_until(lambda n=n: all(
+            n.status(region, f"k{i}")["support"].get(n.status(region, f"k{i}")["consensus"] or "") == 3
+            for i in range(4)), TIMEOUT)
+    heads = {n.node_id: n.store.trace_head(n.node_id) for n in nodes}
+    for n in nodes:
+        n.sync_now()
+    assert a.wait_until(lambda: all(a.store.trace_head(o.node_id) == heads[o.node_id] for o in nodes[1:]), TIMEOUT)
+    m = a.metrics()
+    assert m["frames"] == 4 and m["frames_at_consensus"] == 4
+    assert m["convergence"] == 1.0 and m["conflict_rate"] == 0.0
+    assert m["access_latency_ms"]["count"] == 4 and m["access_latency_ms"]["p50"] >= 0
+    assert m["trace_depth"] == 3.0  # all three nodes' traces confirm every consensus version
