@@ -64,3 +64,34 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(tmp_path, broker, region)
     finally:
         for n in (a, b, c, late):
             n.stop()
+
+
+def test_node_cut_off_during_1000_writes_gets_them_all_by_sync(tmp_path, broker, region):
+    homes = [tmp_path / f"n{i}" for i in range(3)]
+    members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
+
+    def node(home):
+        return Node(Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
+                           protocol=broker.protocol, members=members, sync_interval=0, snapshot_interval=0))
+
+    a, b, cut = node(homes[0]).start(), node(homes[1]).start(), node(homes[2]).start()
+    try:
+        cut.stop()  # gone; and below it returns with a clean session, so the broker kept nothing for it
+        versions = [a.put(region, f"f{i:04d}", {"i": i}) for i in range(1000)]
+        keys = [f"f{i:04d}" for i in range(1000)]
+        assert b.wait_until(lambda: all(b.store.has_version(bytes.fromhex(v)) for v in versions[-10:]), TIMEOUT)
+        assert b.wait_until(lambda: b.consensus(region, keys[-1]) is not None, TIMEOUT)
+
+        cut = node(homes[2])
+        cut.transport.persistent = False
+        cut.start()
+        assert not any(cut.store.has_version(bytes.fromhex(v)) for v in versions)
+        cut.sync_now()
+        assert cut.wait_until(lambda: all(cut.store.has_version(bytes.fromhex(v)) for v in versions), 60), \
+            cut.stats()
+        assert cut.wait_until(lambda: all(cut.consensus(region, k) is not None for k in keys), 60)
+        assert [cut.consensus(region, k).version for k in keys] == versions
+        assert cut.counters["rejected.internal"] == 0
+    finally:
+        for n in (a, b, cut):
+            n.stop()
