@@ -116,8 +116,7 @@ class Node:
     def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
         """Sign and publish a message that is not kept in the outbox: sync, trace and
         presence messages, which the next round repeats if they are lost."""
-        env = encode(self.identity, kind, region, self.store.next_seq(), self.clock.now(), body)
-        self.transport.publish(topic, env.raw, retain=retain)
+        self.transport.publish(topic, self.sign(kind, region, body).raw, retain=retain)
 
     def snapshot(self) -> Path:
         """Write a signed snapshot of the consensus state to <home>/recovery now."""
@@ -306,13 +305,18 @@ class Node:
         for fv in events:
             self._notify(fv)
 
+    def sign(self, kind: str, region: str | None, body: Any) -> Envelope:
+        """An envelope from this node with its next sequence number and clock."""
+        with self.store.transaction():
+            seq, hlc = self.store.next_seq(), self.clock.now()
+            self.store.set_meta("hlc", hlc)
+        return encode(self.identity, kind, region, seq, hlc, body)
+
     def _send(self, kind: str, region: str, body: Any) -> Envelope:
         """Sign a message and put it in the outbox (inside the caller's transaction)."""
-        seq, hlc = self.store.next_seq(), self.clock.now()
-        env = encode(self.identity, kind, region, seq, hlc, body)
-        self.store.set_meta("hlc", hlc)
+        env = self.sign(kind, region, body)
         item = Queued(env.msg_id, region_topic(kind, region), env.raw)
-        self.store.queue(item.msg_id, item.topic, item.envelope, seq)
+        self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
         self._sends.append(item)
         return env
 

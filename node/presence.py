@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from edgeswarm.shared.envelope import MalformedError, encode
+from edgeswarm.shared.envelope import MalformedError
 from edgeswarm.shared.topics import node_topic
 
 if TYPE_CHECKING:
@@ -42,8 +42,7 @@ class Presence:
         with self.store.transaction():
             self.session = self.store.meta("session") + 1
             self.store.set_meta("session", self.session)
-            env = encode(node.identity, "death", None, self.store.next_seq(), node.clock.now(),
-                         {"session": self.session})
+            env = node.sign("death", None, {"session": self.session})
         node.transport.will = (node_topic(node.node_id, "death"), env.raw)
 
     def announce(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeswarm.shared import diff
-from edgeswarm.shared.envelope import EnvelopeError, decode, encode
+from edgeswarm.shared.envelope import EnvelopeError, decode
 
 from .config import Config
 from .store import Frame, Store
@@ -41,8 +41,7 @@ def write(node: Node, keep: int = 5) -> Path:
     for region, key, version, parents, value, author, gen, hlc in store.consensus_versions():
         frames.append([region, key, version, list(parents), value, author, gen, hlc])
     traces = {node_id: list(head) for node_id in store.traced_nodes() if (head := store.trace_head(node_id))}
-    env = encode(node.identity, "snapshot", None, store.next_seq(), node.clock.now(),
-                 {"node": node.node_id, "frames": frames, "traces": traces})
+    env = node.sign("snapshot", None, {"node": node.node_id, "frames": frames, "traces": traces})
     folder = node.config.home / RECOVERY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"snapshot-{env.hlc:020d}.cbor"
