@@ -110,7 +110,8 @@ class Node:
         self._started = True
         for item in self.store.unpublished():
             self._publish(item)
-        self.sync.start(self.config.sync_interval, self.config.snapshot_interval)
+        if self._announces:  # (a short-lived CLI command schedules nothing)
+            self.sync.start(self.config.sync_interval, self.config.snapshot_interval)
         return self
 
     def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
