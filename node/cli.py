@@ -19,7 +19,8 @@ from edgeswarm.shared.identity import Identity, IdentityError
 from edgeswarm.shared.topics import TopicError, region_filter, validate_region
 
 from .config import Config, ConfigError, default_home
-from .node import Node, validate_key
+from .bodies import validate_key
+from .node import Node
 from . import snapshot
 from .snapshot import SnapshotError
 from .store import StoreError

@@ -1,0 +1,168 @@
+"""The node's side of consensus: what it stores and sends for the voter's decisions.
+
+voter.py decides from a snapshot of a frame; this mixin of Node loads that snapshot (the
+settled window or the whole history), builds and stores merges, rebuilds merges peers
+built on or voted for, applies diffs that waited for them, casts this node's vote and
+records head, consensus and version states, all inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from edgeswarm.shared import diff
+from edgeswarm.shared.envelope import decode
+
+from . import voter
+from .bodies import parse_diff
+from .store import Frame, VersionMeta
+
+log = logging.getLogger("edgeswarm.node")
+
+
+class Voting:
+    """Mixed into Node."""
+
+    def _catch_up(self, region: str, key: str) -> None:
+        """Rebuild the merges peers voted for and apply the diffs that were waiting for a
+        parent, until neither makes progress."""
+        progress = True
+        while progress:
+            progress = False
+            for version, parents in self.store.voted_merges(region, key):
+                progress |= self._materialize(region, key, list(parents), version)
+            for msg_id, raw in self.store.pending(region, key):
+                env = decode(raw, max_bytes=len(raw))
+                key_, parent, version, ops, merge = parse_diff(env.body)
+                if not self.store.has_version(parent) and merge:
+                    self._materialize(region, key, merge, parent)
+                if self.store.has_version(version) or self.store.has_version(parent):
+                    ok = self.store.has_version(version) or self._apply(env, key_, parent, version, ops)
+                    self.store.set_diff_status(msg_id, "applied" if ok else "rejected")
+                    self.counters["pending-applied" if ok else "pending-rejected"] += 1
+                    progress = True
+
+
+    def _dag(self, region: str, key: str) -> voter.Dag:
+        return voter.Dag(self.store.frame_meta(region, key))
+
+    def _merge_value(self, dag: voter.Dag, region: str, key: str,
+                     parents: tuple[bytes, ...]) -> tuple[bytes, dict] | None:
+        """(hash, value) of the three-way merge of `parents`, or None when they conflict or
+        the result fails coherence."""
+        base = dag.lca(parents)
+        try:
+            value = diff.merge(None if base is None else self.store.value(base),
+                               [self.store.value(p) for p in sorted(parents)])
+        except diff.MergeConflict:
+            return None
+        if self.coherence.check(region, key, value):
+            return None
+        return diff.merge_hash(region, key, list(parents), value), value
+
+    def _store_merge(self, dag: voter.Dag, region: str, key: str, parents: tuple[bytes, ...],
+                     version: bytes, value: dict) -> None:
+        metas = [dag.versions[p] for p in parents]
+        meta = VersionMeta(version, tuple(sorted(parents)), "", 1 + max(m.gen for m in metas),
+                           max(m.hlc for m in metas), True)
+        self.store.add_version(region, key, version, meta.parents, value, "", meta.hlc, meta.gen)
+        dag.add(meta)
+        self.trace.record("merged", region=region, key=key, version=version, parents=list(meta.parents))
+        self.counters["merges"] += 1
+
+    def _materialize(self, region: str, key: str, parents: list[bytes], expected: bytes) -> bool:
+        """Rebuild a merge a peer built on or voted for, once all its parents are here."""
+        if self.store.has_version(expected) or not all(self.store.has_version(p) for p in parents):
+            return False
+        dag = self._dag(region, key)
+        if not all(p in dag.versions for p in parents):
+            return False
+        result = self._merge_value(dag, region, key, tuple(parents))
+        if result is None or result[0] != expected:
+            self.counters["bad-merge"] += 1
+            log.warning("merge %s of %s/%s does not rebuild here", expected.hex()[:16], region, key)
+            return False
+        self._store_merge(dag, region, key, tuple(parents), *result)
+        return True
+
+    def _window(self, region: str, key: str, frame: Frame) -> voter.Dag:
+        """The part of a frame's history a decision needs: once the frame is settled on an
+        authored consensus version, that version and what descends from it; otherwise all."""
+        meta = self._meta(frame.consensus) if frame.settled else None
+        # (A merge consensus needs its branches: its parents are the leaves.)
+        if meta is not None and not meta.is_merge:
+            metas = self.store.frame_meta(region, key, meta.gen)
+            # Anything here not descending from the consensus (a fork from further back)
+            # needs the whole history for its common ancestor.
+            if all(v == frame.consensus or all(p in metas for p in m.parents) for v, m in metas.items()):
+                return voter.Dag(metas)
+        return self._dag(region, key)
+
+    def _decide(self, region: str, key: str, readonly: bool = False) -> voter.Decision:
+        frame = self.store.frame(region, key)
+        dag = self._window(region, key, frame)
+        counts = self._counts(self.store.flagged())
+        eligible = dag.eligible(counts)
+        votes = {v: w for v, w in self.store.latest_votes(region, key).items() if counts(v)}
+
+        def history() -> dict[str, list[bytes]]:
+            return {v: ws for v, ws in self.store.votes_in_order(region, key).items() if counts(v)}
+        cache: dict[tuple[bytes, ...], tuple[bytes, dict] | None] = {}
+
+        def try_merge(parents: tuple[bytes, ...]) -> bytes | None:
+            parents = tuple(sorted(parents))
+            stored = self.store.merge_of(parents)
+            if stored is not None:
+                return stored
+            if parents not in cache:
+                cache[parents] = self._merge_value(dag, region, key, parents)
+            return cache[parents] and cache[parents][0]
+
+        if readonly:
+            head, leaves = frame.head, voter.choose_head(dag, eligible, history,
+                                                         lambda p: self.store.merge_of(tuple(sorted(p))))[1]
+            return voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
+        head, leaves = voter.choose_head(dag, eligible, history, try_merge)
+        if head is not None and head not in dag.versions:
+            parents = next(p for p, r in cache.items() if r and r[0] == head)
+            self._store_merge(dag, region, key, parents, head, cache[parents][1])
+            eligible.add(head)
+        round_ = frame.round
+        if head is not None and votes.get(self.node_id) != head and counts(self.node_id) \
+                and self.node_id in self.members(region):
+            round_ += 1
+            body = {"key": key, "version": head, "round": round_}
+            if dag.versions[head].is_merge:
+                body["merge"] = list(dag.versions[head].parents)
+            env = self._send("vote", region, body)
+            self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
+            self.trace.record("voted", region=region, key=key, version=head, round=round_)
+            votes[self.node_id] = head
+        decision = voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
+        decision.round = round_
+        c = decision.consensus
+        if c is not None:
+            below = dag.ancestors(c)
+            c_gen = dag.versions[c].gen
+            decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
+        return decision
+
+    def _reconsider(self, region: str, key: str) -> None:
+        """Recompute head, own vote and consensus of a frame after any change to it."""
+        self._catch_up(region, key)
+        before = self.store.frame(region, key)
+        d = self._decide(region, key)
+        self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round, d.settled))
+        dag = d.dag
+        self.store.set_states({v: st for v, st in d.states.items()
+                               if v not in dag.versions or dag.versions[v].state != st})
+        if d.head != before.head and d.head is not None:
+            self._events.append(self.store.version(d.head))
+        if d.consensus != before.consensus and d.consensus is not None:
+            self.counters["consensus"] += 1
+            self.trace.record("consensus", region=region, key=key, version=d.consensus, resolution=d.resolution)
+            if d.resolution:
+                self.counters["fork-resolutions"] += 1
+                log.warning("%s/%s: consensus moves to another branch, %s -> %s", region, key,
+                            before.consensus.hex()[:16] if before.consensus else None, d.consensus.hex()[:16])
+            self._events.append(self.store.version(d.consensus))
