@@ -99,7 +99,9 @@ class Sync:
         buckets = body.get("buckets")
         if type(buckets) is not list or len(buckets) != BUCKETS or any(type(b) is not int for b in buckets):
             raise MalformedError(f"a digest has {BUCKETS} integer buckets")
-        if not any(region_covers(r, root) or region_covers(root, r) for r in self.node.config.regions):
+        # Only trees this node follows (or parts of them) compare: a digest of a wider tree
+        # would always differ and pull in regions this node does not keep.
+        if not any(region_covers(r, root) for r in self.node.config.regions):
             return
         mine = self.digest(root)
         differing = [i for i in range(BUCKETS) if mine[i] != buckets[i]]
