@@ -46,6 +46,8 @@ from .voting import Voting
 
 log = logging.getLogger("edgeswarm.node")
 
+OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
+
 KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
 
@@ -73,6 +75,7 @@ class Node(Voting):
         self._activity = threading.Condition()
         self._inflight: dict[int, bytes] = {}
         self._early_acks: set[int] = set()
+        self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[Queued] = []
         self._events: list[FrameVersion] = []
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
@@ -102,8 +105,12 @@ class Node(Voting):
             # After a reconnect paho made by itself, say again that we are here.
             self.transport.on_connected = lambda: self.presence.announce() if self._started else None
         self._started = True
-        for item in self.store.unpublished():
-            self._publish(item)
+        # What the outbox held at start goes out a window at a time, as acks come back: a
+        # node that was offline for long may hold far more than fits in memory at once.
+        if self.store.unpublished(limit=1):
+            self._draining = True
+            threading.Thread(target=self._drain, args=(self.store.meta("seq"),), daemon=True,
+                             name=f"edgeswarm-outbox-{self.node_id}").start()
         if self._announces:  # (a short-lived CLI command schedules nothing)
             self.sync.start(self.config.sync_interval, self.config.snapshot_interval)
         return self
@@ -127,6 +134,8 @@ class Node(Voting):
         if self._announces:
             self.presence.leave()
         self._started = False
+        with self._acks:
+            self._acks.notify_all()  # a backlog sender waiting for acks stops
         self.transport.close()
         self.store.close()
 
@@ -335,10 +344,32 @@ class Node(Voting):
                 self.store.mark_published(msg_id)
             self._acks.notify_all()
 
+    def _drain(self, until_seq: int) -> None:
+        """Send the outbox backlog (envelopes stored before start() and not acknowledged) a
+        window at a time. Runs in its own thread: paho calls on_publish holding its own lock,
+        so publishing from the acknowledgement callback could deadlock with a publisher."""
+        after = 0
+        try:
+            while self._started:
+                items = self.store.unpublished(limit=OUTBOX_WINDOW, after_seq=after, until_seq=until_seq)
+                if not items:
+                    return
+                for item in items:
+                    self._publish(item)
+                after = items[-1].seq
+                with self._acks:
+                    self._acks.wait_for(lambda: len(self._inflight) < OUTBOX_WINDOW // 2 or not self._started, 30)
+        except Exception:  # e.g. the store closed by stop(): what is left goes out at the next start
+            log.debug("outbox backlog interrupted", exc_info=True)
+        finally:
+            with self._acks:
+                self._draining = False
+                self._acks.notify_all()
+
     def wait_published(self, timeout: float = 10.0) -> bool:
         """Wait until the broker has acknowledged everything this node sent."""
         with self._acks:
-            return self._acks.wait_for(lambda: not self._inflight, timeout)
+            return self._acks.wait_for(lambda: not self._inflight and not self._draining, timeout)
 
     # -- subscriptions ---------------------------------------------------------------
 

@@ -79,6 +79,7 @@ class Queued:
     msg_id: bytes
     topic: str
     envelope: bytes
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -482,8 +483,10 @@ class Store:
         self._exec("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, acked, seq) VALUES (?, ?, ?, 0, ?)",
                         [msg_id, topic, envelope, seq])
 
-    def unpublished(self) -> list[Queued]:
-        rows = self._exec("SELECT msg_id, topic, envelope FROM outbox WHERE acked = 0 ORDER BY seq")
+    def unpublished(self, limit: int = -1, after_seq: int = 0, until_seq: int | None = None) -> list[Queued]:
+        """Own envelopes the broker has not acknowledged, oldest first."""
+        rows = self._exec("SELECT msg_id, topic, envelope, seq FROM outbox WHERE acked = 0 AND seq > ? AND seq <= ?"
+                          " ORDER BY seq LIMIT ?", [after_seq, 2**62 if until_seq is None else until_seq, limit])
         return [Queued(*r) for r in rows]
 
     def mark_published(self, msg_id: bytes) -> None:

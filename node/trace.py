@@ -122,7 +122,7 @@ class Trace:
         entries = env.body.get("entries") if type(env.body) is dict else None
         if type(entries) is not list:
             raise MalformedError("a trace response carries a list of entries")
-        with self.store.transaction():
+        with self.node._transaction():  # (flagging may cast votes: they go out after COMMIT)
             for item in entries:
                 if type(item) is not list or len(item) != 2 or type(item[0]) is not bytes or type(item[1]) is not bytes:
                     raise MalformedError("a trace entry travels as [entry, signature]")
