@@ -105,6 +105,11 @@ def restore(config: Config, path: Path, trusted: set[str] | None = None) -> dict
                 store.add_version(region, key, version, parents, value, author, hlc, gen)
                 store.set_frame(region, key, Frame(version, version, 0, settled=True))
             store.set_states({row[2]: "consensus" for row in rows})
+            # A restored board may have sent messages before with this key: its peers'
+            # replay windows remember its old sequence numbers, which a fresh store would
+            # count again from 1. Restart above anything plausible: the snapshot's clock.
+            store.set_meta("seq", max(store.meta("seq"), env.hlc))
+            store.set_meta("hlc", max(store.meta("hlc"), env.hlc))
     finally:
         store.close()
     return {"frames": len(rows), "signer": env.sender_id, "moved_aside": str(moved) if moved else None}

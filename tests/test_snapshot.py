@@ -40,6 +40,9 @@ def test_wiped_node_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, r
         with pytest.raises(Exception, match="edgeswarm restore"):
             Node(config(homes[2]))
         result = restore(config(homes[2]), path, trusted=set(members))
+        restored_store = Node(config(homes[2])).store
+        assert restored_store.meta("seq") > b.store.meta("seq")  # above any seq this key could have used
+        restored_store.close()
         assert result["frames"] == 5 and result["signer"] == b.node_id
         assert (tmp_path / result["moved_aside"]).read_bytes() == b"not sqlite at all" * 50
 
