@@ -262,18 +262,22 @@ class Store:
         row = self._one("SELECT version FROM versions WHERE merge_of = ?", [b"".join(sorted(parents))])
         return None if row is None else row[0]
 
+    _META_COLS = "version, parent, merge_of, author, gen, hlc, coherent, state"
+
+    @staticmethod
+    def _version_meta(row: tuple) -> VersionMeta:
+        version, parent, merge_of, author, gen, hlc, coherent, state = row
+        return VersionMeta(version, _parents(parent, merge_of), author, gen, hlc, bool(coherent), state)
+
     def version_meta(self, version: bytes) -> VersionMeta | None:
-        row = self._one("SELECT version, parent, merge_of, author, gen, hlc, coherent, state FROM versions"
-                        " WHERE version = ?", [version])
-        return None if row is None else VersionMeta(row[0], _parents(row[1], row[2]), *row[3:6], bool(row[6]), row[7])
+        row = self._one(f"SELECT {self._META_COLS} FROM versions WHERE version = ?", [version])
+        return None if row is None else self._version_meta(row)
 
     def frame_meta(self, region: str, key: str, min_gen: int = 0) -> dict[bytes, VersionMeta]:
         """The versions of a frame from generation `min_gen` on."""
-        rows = self._exec(
-            "SELECT version, parent, merge_of, author, gen, hlc, coherent, state FROM versions"
-            " WHERE region = ? AND key = ? AND gen >= ?", [region, key, min_gen])
-        return {r[0]: VersionMeta(r[0], split_hashes(r[2]) if r[2] else ((r[1],) if r[1] else ()), r[3], r[4], r[5],
-                                  bool(r[6]), r[7]) for r in rows}
+        rows = self._exec(f"SELECT {self._META_COLS} FROM versions WHERE region = ? AND key = ? AND gen >= ?",
+                          [region, key, min_gen])
+        return {row[0]: self._version_meta(row) for row in rows}
 
     def set_states(self, states: dict[bytes, str]) -> None:
         """Write the states that changed (`states` holds only those)."""
