@@ -508,9 +508,7 @@ class Node(Voting):
             self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "applied")
             self.counters["known"] += 1
             return
-        if parent is not None and not self.store.has_version(parent) and merge:
-            self._materialize(env.region, key, merge, parent)
-        if parent is not None and not self.store.has_version(parent):
+        if not self._parent_ready(env.region, key, parent, merge):
             self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "pending")
             self.counters["pending"] += 1
             return

@@ -34,14 +34,19 @@ class Voting:
             for msg_id, raw in self.store.pending(region, key):
                 env = decode(raw, max_bytes=len(raw))
                 key_, parent, version, ops, merge = parse_diff(env.body)
-                if not self.store.has_version(parent) and merge:
-                    self._materialize(region, key, merge, parent)
-                if self.store.has_version(version) or self.store.has_version(parent):
+                if self.store.has_version(version) or self._parent_ready(region, key, parent, merge):
                     ok = self.store.has_version(version) or self._apply(env, key_, parent, version, ops)
                     self.store.set_diff_status(msg_id, "applied" if ok else "rejected")
                     self.counters["pending-applied" if ok else "pending-rejected"] += 1
                     progress = True
 
+
+    def _parent_ready(self, region: str, key: str, parent: bytes | None, merge: list[bytes] | None) -> bool:
+        """True when a diff's parent is here, rebuilding it first if it is a merge of versions
+        that are."""
+        if parent is None or self.store.has_version(parent):
+            return True
+        return bool(merge) and self._materialize(region, key, merge, parent)
 
     def _dag(self, region: str, key: str) -> voter.Dag:
         return voter.Dag(self.store.frame_meta(region, key))
