@@ -71,11 +71,16 @@ class Sync:
 
     # -- digests ---------------------------------------------------------------------
 
-    def digest(self, root: str) -> list[int]:
+    def _state(self, root: str) -> tuple[list[tuple], list[tuple]]:
+        """(authored versions, latest votes) of a region tree: one read for what a round needs."""
+        return self.store.authored_versions(root), self.store.latest_under(root)
+
+    def digest(self, root: str, state: tuple[list[tuple], list[tuple]] | None = None) -> list[int]:
+        versions, votes = state or self._state(root)
         buckets = [0] * BUCKETS
-        for region, key, version in self.store.authored_versions(root):
+        for region, key, version in versions:
             buckets[bucket_of(region, key)] ^= _h8(version)
-        for region, key, voter, round_, version in self.store.latest_under(root):
+        for region, key, voter, round_, version in votes:
             buckets[bucket_of(region, key)] ^= _h8(voter, round_, version)
         return buckets
 
@@ -103,13 +108,14 @@ class Sync:
         # would always differ and pull in regions this node does not keep.
         if not any(region_covers(r, root) for r in self.node.config.regions):
             return
-        mine = self.digest(root)
+        state = self._state(root)
+        mine = self.digest(root, state)
         differing = [i for i in range(BUCKETS) if mine[i] != buckets[i]]
         if not differing:
             self.node.counters["sync.in-step"] += 1
             return
         self.node.counters["sync.differing-digests"] += 1
-        have, latest = self._holdings(root, set(differing))
+        have, latest = self._holdings(state, set(differing))
         peer = env.sender_id
         self.node.send_now(node_topic(peer, "sync-req"), "sync-req",
                            {"region": root, "buckets": differing, "have": have, "latest": latest})
@@ -168,10 +174,11 @@ class Sync:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _holdings(self, root: str, buckets: set[int]) -> tuple[list[bytes], list[list]]:
-        have = [v for r, k, v in self.store.authored_versions(root) if bucket_of(r, k) in buckets]
-        latest = [[voter, r, k, round_] for r, k, voter, round_, _ in self.store.latest_under(root)
-                  if bucket_of(r, k) in buckets]
+    @staticmethod
+    def _holdings(state: tuple[list[tuple], list[tuple]], buckets: set[int]) -> tuple[list[bytes], list[list]]:
+        versions, votes = state
+        have = [v for r, k, v in versions if bucket_of(r, k) in buckets]
+        latest = [[voter, r, k, round_] for r, k, voter, round_, _ in votes if bucket_of(r, k) in buckets]
         return have, latest
 
     def _chunks(self, envelopes: list[bytes]) -> list[list[bytes]]:
