@@ -25,12 +25,8 @@ from pathlib import Path
 
 from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
 from edgeswarm.node import Config, Node
+from edgeswarm.node.metrics import percentile
 from edgeswarm.shared.identity import Identity
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def run(name: str, host: str, port: int, protocol: str, n_nodes: int, writes: int, warmup: int) -> None:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 _CONFIRMING = {"wrote", "accepted", "voted"}
 
 
-def _percentile(values: list[float], p: float) -> float | None:
+def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -67,7 +67,7 @@ def compute(node: Node) -> dict:
         "frames_at_consensus": len(with_consensus),
         "convergence": round(sum(agreement) / len(agreement), 4) if agreement else None,
         "conflict_rate": round(forked / len(frames), 4) if frames else None,
-        "access_latency_ms": {"p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99),
+        "access_latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                               "count": len(latencies)},
         "trace_depth": round(sum(depth) / len(depth), 2) if depth else None,
     }
