@@ -521,15 +521,13 @@ class Node(Voting):
     def _apply(self, env: Envelope, key: str, parent: bytes | None, version: bytes, ops: list) -> bool:
         """Apply a diff to its stored parent; store the result if the hash matches."""
         sender = env.sender_id
-        parent_meta = None
-        old = None
+        old, gen = None, 1
         if parent is not None:
             info = self.store.version_info(parent)
             if info is None or info[:2] != (env.region, key):
                 self._refuse(env, key, version, "bad-diff", "parent belongs to another frame")
                 return False
-            old = info[2]
-            parent_meta = self._meta(parent)
+            old, gen = info[2], info[3] + 1
         try:
             new = diff.apply(old, ops)
         except diff.DiffError as e:
@@ -543,7 +541,6 @@ class Node(Voting):
             self.counters["incoherent"] += 1
             log.warning("version %s of %s/%s from %s fails coherence: %s", version.hex()[:16], env.region, key,
                         sender, reason)
-        gen = parent_meta.gen + 1 if parent_meta else 1
         self.store.add_version(env.region, key, version, (parent,) if parent else (), new, sender, env.hlc, gen,
                                coherent=not reason, reason=reason)
         self.counters["applied"] += 1

@@ -230,10 +230,10 @@ class Store:
     def has_version(self, version: bytes) -> bool:
         return self._one("SELECT 1 FROM versions WHERE version = ?", [version]) is not None
 
-    def version_info(self, version: bytes) -> tuple[str, str, dict | None] | None:
-        """(region, key, value) of a stored version, or None."""
-        row = self._one("SELECT region, key, value FROM versions WHERE version = ?", [version])
-        return None if row is None else (row[0], row[1], strict_loads(row[2]))
+    def version_info(self, version: bytes) -> tuple[str, str, dict | None, int] | None:
+        """(region, key, value, generation) of a stored version, or None."""
+        row = self._one("SELECT region, key, value, gen FROM versions WHERE version = ?", [version])
+        return None if row is None else (row[0], row[1], strict_loads(row[2]), row[3])
 
     def value(self, version: bytes) -> dict | None:
         return strict_loads(self._one("SELECT value FROM versions WHERE version = ?", [version])[0])
