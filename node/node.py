@@ -101,9 +101,9 @@ class Node(Voting):
             self.presence.prepare()
         self.transport.connect()
         if self._announces:
-            self.presence.announce()
+            self._connected()
             # After a reconnect paho made by itself, say again that we are here.
-            self.transport.on_connected = lambda: self.presence.announce() if self._started else None
+            self.transport.on_connected = lambda: self._connected() if self._started else None
         self._started = True
         # What the outbox held at start goes out a window at a time, as acks come back: a
         # node that was offline for long may hold far more than fits in memory at once.
@@ -114,6 +114,13 @@ class Node(Voting):
         if self._announces:  # (a short-lived CLI command schedules nothing)
             self.sync.start(self.config.sync_interval, self.config.snapshot_interval)
         return self
+
+    def _connected(self) -> None:
+        """(Re)connected: announce this node, and compare digests at once when anti-entropy
+        is on, since whatever happened while away is best found now."""
+        self.presence.announce()
+        if self.config.sync_interval > 0:
+            self.sync.publish_digests()
 
     def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
         """Sign and publish a message that is not kept in the outbox: sync, trace and

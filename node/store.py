@@ -10,6 +10,9 @@ Tables
             (applied / pending while a parent is missing / rejected).
   votes     every vote: (region, key, voter, round) -> version, with the signed envelope;
   latest    and each voter's highest round per frame.
+  sums      per frame, what anti-entropy compares (node/digest.py): its position, the XOR of
+            its item hashes (authored versions, latest votes), how many authored versions
+            and the sum of the latest vote rounds. Kept with every version and vote.
   trace     hash-chained signed entries: this node's own log and the copies fetched of peers'.
   flagged   nodes caught voting twice in one round, with both signed votes as evidence.
   outbox    this node's own envelopes until the broker acknowledges them.
@@ -35,7 +38,9 @@ import sqlite_utils
 from edgeswarm.shared.diff import HASH_BYTES
 from edgeswarm.shared.envelope import canonical, strict_loads
 
-SCHEMA_VERSION = 1
+from .digest import position, version_item, vote_item
+
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -126,6 +131,12 @@ class Store:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
+        if version == 1:
+            with self.transaction():
+                self.db["diffs"].create_index(["version"], if_not_exists=True)
+                self.rebuild_sums()
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
         if version != 0:
             raise StoreError(f"store {self.path} has schema {version}; this edgeswarm reads {SCHEMA_VERSION}")
         db = self.db
@@ -143,6 +154,7 @@ class Store:
                                 "version": bytes, "parent": bytes, "envelope": bytes, "status": str},
                                pk="msg_id", not_null={"sender", "seq", "envelope", "status"})
             db["diffs"].create_index(["status", "region", "key"])
+            db["diffs"].create_index(["version"])
             db["votes"].create({"region": str, "key": str, "voter": str, "round": int, "version": bytes,
                                 "merge_of": bytes, "envelope": bytes}, pk=("region", "key", "voter", "round"))
             db["votes"].create_index(["region", "key", "merge_of"])
@@ -161,7 +173,28 @@ class Store:
             db["senders"].create({"node_id": str, "public_key": bytes, "top": int, "mask": bytes,
                                   "hlc": int}, pk="node_id")
             db["meta"].create({"name": str, "value": int}, pk="name")
+            self.rebuild_sums()
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def rebuild_sums(self) -> None:
+        """(Re)create the sums table from what the store holds: empty for a new store,
+        computed once for a store of schema 1."""
+        with self.transaction():
+            self._exec("DROP TABLE IF EXISTS sums")
+            self.db["sums"].create({"region": str, "key": str, "pos": int, "hash": int, "versions": int,
+                                    "rounds": int}, pk=("region", "key"))
+            for region, key, version in self._exec("SELECT region, key, version FROM versions WHERE author != ''"):
+                self._add_sum(region, key, version_item(version), 1, 0)
+            for region, key, voter, round_, version in self._exec(
+                    "SELECT region, key, voter, round, version FROM latest"):
+                self._add_sum(region, key, vote_item(voter, round_, version), 0, round_)
+
+    def _add_sum(self, region: str, key: str, item: int, versions: int, rounds: int) -> None:
+        """XOR an item hash into a frame's sum (SQLite has no XOR operator: a|b & ~(a&b))."""
+        self._exec("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALUES (?, ?, ?, ?, ?, ?)"
+                   " ON CONFLICT (region, key) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash),"
+                   " versions = versions + excluded.versions, rounds = rounds + excluded.rounds",
+                   [region, key, position(region, key), item, versions, rounds])
 
     # -- transactions ----------------------------------------------------------------
 
@@ -252,6 +285,8 @@ class Store:
                 [version, region, key, None if merge or not parents else parents[0],
                  b"".join(sorted(parents)) if merge else None, canonical(value), author, hlc, gen,
                  int(coherent), reason, "shadow" if coherent else "rejected"])
+            if author:
+                self._add_sum(region, key, version_item(version), 1, 0)
             # A version older than the consensus does not descend from it: the frame's
             # history below the consensus is no longer all settled.
             self._exec("UPDATE frames SET settled = 0 WHERE region = ? AND key = ? AND settled = 1"
@@ -369,10 +404,17 @@ class Store:
             self._exec("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
                                                          b"".join(sorted(merge_of)) if merge_of else None, envelope])
-            self._exec("INSERT INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?)"
-                       " ON CONFLICT (region, key, voter) DO UPDATE SET round = excluded.round,"
-                       " version = excluded.version WHERE excluded.round > latest.round",
+            old = self._one("SELECT round, version FROM latest WHERE region = ? AND key = ? AND voter = ?",
+                            [region, key, voter])
+            if old is not None and old[0] >= round_:
+                return
+            self._exec("INSERT OR REPLACE INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?)",
                        [region, key, voter, round_, version])
+            item, rounds = vote_item(voter, round_, version), round_
+            if old is not None:  # the voter's previous latest vote leaves the sum
+                item ^= vote_item(voter, old[0], old[1])
+                rounds -= old[0]
+            self._add_sum(region, key, item, 0, rounds)
 
     def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """(version, parents) of voted merges of a frame that this store does not hold."""
@@ -386,23 +428,25 @@ class Store:
         rows = self._exec("SELECT voter, version FROM latest WHERE region = ? AND key = ?", [region, key])
         return dict(rows)
 
-    def authored_versions(self, root: str) -> list[tuple[str, str, bytes]]:
-        """(region, key, version) of every authored version in the region tree `root`."""
-        return self._exec("SELECT region, key, version FROM versions WHERE author != ''"
-                          " AND (region = ? OR substr(region, 1, ?) = ?)", [root, len(root) + 1, root + "/"])
-
-    def latest_under(self, root: str) -> list[tuple[str, str, str, int, bytes]]:
-        """(region, key, voter, round, version) of every latest vote in the region tree `root`."""
-        return self._exec("SELECT region, key, voter, round, version FROM latest"
+    def sums_under(self, root: str) -> list[tuple[int, int, int, int, str, str]]:
+        """(position, frame hash, authored versions, sum of latest rounds, region, key) of
+        every frame in the region tree `root`."""
+        return self._exec("SELECT pos, hash, versions, rounds, region, key FROM sums"
                           " WHERE region = ? OR substr(region, 1, ?) = ?", [root, len(root) + 1, root + "/"])
 
-    def diff_envelope(self, version: bytes) -> bytes | None:
-        row = self._one("SELECT envelope FROM diffs WHERE version = ? AND status = 'applied' LIMIT 1", [version])
-        return None if row is None else row[0]
-
-    def vote_envelope(self, region: str, key: str, voter: str, round_: int) -> bytes | None:
-        row = self.vote_at(region, key, voter, round_)
-        return None if row is None else row[1]
+    def frame_items(self, region: str, key: str) -> list[tuple[int, bytes | None]]:
+        """(item hash, signed envelope or None) of what a frame's sum covers: its authored
+        versions in generation order, then its voters' latest votes."""
+        with self._lock:
+            versions = self._exec(
+                "SELECT v.version, (SELECT envelope FROM diffs d WHERE d.version = v.version AND d.status = 'applied'"
+                " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' ORDER BY v.gen",
+                [region, key])
+            votes = self._exec(
+                "SELECT l.voter, l.round, l.version, v.envelope FROM latest l JOIN votes v USING (region, key, voter,"
+                " round) WHERE l.region = ? AND l.key = ?", [region, key])
+        return ([(version_item(v), raw) for v, raw in versions]
+                + [(vote_item(voter, r, v), raw) for voter, r, v, raw in votes])
 
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""

@@ -1,44 +1,50 @@
 """Anti-entropy: nodes compare digests of their region state and fetch what they lack.
 
-Every `sync_interval` seconds (an APScheduler job, with jitter against storms) a node
-publishes, for each region tree it follows, a `digest`: the frames are spread over
-BUCKETS buckets by a hash of (region, key), and each bucket's value is the XOR of a short
-hash of every authored version and every latest vote in it. A node receiving a digest that
-differs from its own
-  - asks the sender for the differing buckets (`sync-req` on the sender's node topic),
-    listing the versions and latest vote rounds it holds there, and
-  - answers with its own digest on the sender's node topic, so the sender pulls too.
-The answer (`sync-resp`) carries the original signed diff and vote envelopes the asker
-lacks, in chunks under the message size limit; the asker runs them through the normal
-receive path (signatures, hashes, coherence, votes) minus the live replay window: a
-version or a (voter, round) already held is recognised as such.
+Every `sync_interval` seconds (an APScheduler job, with jitter against storms) and right
+after (re)connecting, a node publishes for each region tree it follows a `digest`: the 16
+level-1 hashes of its digest tree (node/digest.py) and, per level-1 node, how many authored
+versions and latest-vote rounds it holds. A node whose own digest differs
+  - pulls from the sender, unless the sender's counts show it is only behind (then the
+    sender pulls instead), and
+  - answers a published digest with its own, directly, so the sender compares too.
+
+A pull is one exchange at a time per region tree, initiator I and responder R, walking down
+the tree where it differs, one level per message:
+  sync-req (I -> R) and sync-resp (R -> I) carry `nodes`: [level, index, 16 packed child
+  hashes] for nodes that differ and still hold many frames, and `frames`: [level, index,
+  [[position, frame hash], ...]] for nodes that differ and hold few. The side holding few
+  frames lists them; the other compares frame by frame.
+  - I, seeing frames that differ or that only R holds, lists what it holds of them
+    (`items`: [position, packed 4-byte item hashes]);
+  - R, seeing frames that differ, asks for I's items (`want`), and sends at once every
+    envelope of a frame I does not hold; given items, R sends the envelopes I lacks.
+R's envelopes are the original signed diffs and votes (`envelopes`, chunked under the
+message size limit); I runs them through the normal receive path minus the live replay
+window. R's reply that continues nothing is marked `last` and carries R's digest, so I
+pulls again at once when the exchange brought something and differences remain.
 Merges are never sent: every node rebuilds them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
+
+from .digest import FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SHORT_BYTES, Tree, pack, short, unpack, valid_node
 
 if TYPE_CHECKING:
     from .node import Node
 
 log = logging.getLogger("edgeswarm.sync")
 
-BUCKETS = 64
-
-
-def bucket_of(region: str, key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{region}\0{key}".encode(), digest_size=4).digest(), "big") % BUCKETS
-
-
-def _h8(*parts: Any) -> int:
-    data = "\0".join(p.hex() if isinstance(p, bytes) else str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
+EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
+PUSH_BYTES = 2 << 20  # envelopes sent per exchange step; the initiator pulls again for the rest
 
 
 class Sync:
@@ -46,6 +52,9 @@ class Sync:
         self.node = node
         self.store = node.store
         self._scheduler = None
+        self._lock = threading.Lock()
+        # root -> (peer, deadline, root hash when the pull began): one pull per tree at a time
+        self._pulls: dict[str, tuple[str, float, int]] = {}
 
     # -- schedule --------------------------------------------------------------------
 
@@ -71,18 +80,12 @@ class Sync:
 
     # -- digests ---------------------------------------------------------------------
 
-    def _state(self, root: str) -> tuple[list[tuple], list[tuple]]:
-        """(authored versions, latest votes) of a region tree: one read for what a round needs."""
-        return self.store.authored_versions(root), self.store.latest_under(root)
+    def tree(self, root: str) -> Tree:
+        return Tree(self.store.sums_under(root))
 
-    def digest(self, root: str, state: tuple[list[tuple], list[tuple]] | None = None) -> list[int]:
-        versions, votes = state or self._state(root)
-        buckets = [0] * BUCKETS
-        for region, key, version in versions:
-            buckets[bucket_of(region, key)] ^= _h8(version)
-        for region, key, voter, round_, version in votes:
-            buckets[bucket_of(region, key)] ^= _h8(voter, round_, version)
-        return buckets
+    def digest(self, root: str, tree: Tree | None = None) -> dict:
+        tree = tree or self.tree(root)
+        return {"region": root, "hashes": pack(tree.children(0, 0)), "counts": tree.counts()}
 
     def publish_digests(self) -> None:
         """Publish a digest of every followed region tree and this node's trace head (the
@@ -91,95 +94,216 @@ class Sync:
         self.node.presence.publish_fingerprint()
         for root in self.node.config.regions:
             try:
-                self.node.send_now(region_topic("digest", root), "digest", {"region": root, "buckets": self.digest(root)},
-                                   region=root)
+                self.node.send_now(region_topic("digest", root), "digest", self.digest(root), region=root)
             except Exception:  # a failed round is retried at the next interval
                 log.exception("publishing the digest of %s failed", root)
 
-    # -- handling --------------------------------------------------------------------
-
     def on_digest(self, env: Any, direct: bool) -> None:
-        body = env.body
-        root = _region(body)
-        buckets = body.get("buckets")
-        if type(buckets) is not list or len(buckets) != BUCKETS or any(type(b) is not int for b in buckets):
-            raise MalformedError(f"a digest has {BUCKETS} integer buckets")
+        root, theirs, counts = _parse_digest(env.body)
         # Only trees this node follows (or parts of them) compare: a digest of a wider tree
         # would always differ and pull in regions this node does not keep.
         if not any(region_covers(r, root) for r in self.node.config.regions):
             return
-        state = self._state(root)
-        mine = self.digest(root, state)
-        differing = [i for i in range(BUCKETS) if mine[i] != buckets[i]]
+        tree = self.tree(root)
+        mine = tree.children(0, 0)
+        differing = [j for j in range(FANOUT) if mine[j] != theirs[j]]
         if not differing:
             self.node.counters["sync.in-step"] += 1
             return
         self.node.counters["sync.differing-digests"] += 1
-        have, latest = self._holdings(state, set(differing))
-        peer = env.sender_id
-        self.node.send_now(node_topic(peer, "sync-req"), "sync-req",
-                           {"region": root, "buckets": differing, "have": have, "latest": latest})
-        self.node.counters["sync.requests-sent"] += 1
         if not direct:  # let the sender compare with us too (once: never answer a direct digest)
-            self.node.send_now(node_topic(peer, "digest"), "digest", {"region": root, "buckets": mine})
+            self.node.send_now(node_topic(env.sender_id, "digest"), "digest", self.digest(root, tree))
+        self._pull(root, env.sender_id, tree, theirs, counts, differing)
+
+    def _pull(self, root: str, peer: str, tree: Tree, theirs: list[int], counts: list[list[int]],
+              differing: list[int]) -> None:
+        """Begin an exchange with a peer whose digest differs, unless it is only behind or
+        an exchange for this tree is under way."""
+        mine = tree.counts()
+        if all(counts[j][0] <= mine[j][0] and counts[j][1] <= mine[j][1] and counts[j] != mine[j]
+               for j in differing):
+            self.node.counters["sync.peer-behind"] += 1
+            return
+        now = time.monotonic()
+        with self._lock:
+            current = self._pulls.get(root)
+            if current is not None and current[1] > now:
+                self.node.counters["sync.pull-busy"] += 1
+                return
+            self._pulls[root] = (peer, now + EXCHANGE_TIMEOUT, tree.hash(0, 0))
+        self.node.counters["sync.pulls"] += 1
+        nodes, frames = self._compare_nodes(tree, [[0, 0, pack(theirs)]])
+        self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames})
+
+    # -- the exchange ----------------------------------------------------------------
 
     def on_request(self, env: Any) -> None:
+        """Responder: answer one step of a peer's pull."""
         body = env.body
         root = _region(body)
-        wanted = body.get("buckets")
-        have, latest = body.get("have"), body.get("latest")
-        if (type(wanted) is not list or any(type(b) is not int or not 0 <= b < BUCKETS for b in wanted)
-                or type(have) is not list or type(latest) is not list):
-            raise MalformedError("a sync request lists buckets, versions held and latest vote rounds")
-        wanted_set = set(wanted)
-        they_have = {h for h in have if type(h) is bytes}
-        their_rounds: dict[tuple, int] = {}
-        for item in latest:
-            if type(item) is list and len(item) == 4 and type(item[3]) is int:
-                their_rounds[tuple(item[:3])] = item[3]
+        if not any(region_covers(r, root) for r in self.node.config.regions):
+            return
+        tree = self.tree(root)
+        nodes, frames = self._compare_nodes(tree, _list(body, "nodes"))
+        differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
         envelopes: list[bytes] = []
-        for region, key, version in self.store.authored_versions(root):
-            if bucket_of(region, key) in wanted_set and version not in they_have:
-                raw = self.store.diff_envelope(version)
-                if raw is not None:
-                    envelopes.append(raw)
-        for region, key, voter, round_, _ in self.store.latest_under(root):
-            if bucket_of(region, key) in wanted_set and their_rounds.get((voter, region, key), 0) < round_:
-                raw = self.store.vote_envelope(region, key, voter, round_)
-                if raw is not None:
-                    envelopes.append(raw)
+        budget = [PUSH_BYTES]
+        for pos in mine_only:  # frames the peer does not hold at all
+            self._push(tree, pos, set(), envelopes, budget)
+        for item in _list(body, "items"):
+            if type(item) is not list or len(item) != 2 or type(item[0]) is not int or type(item[1]) is not bytes \
+                    or len(item[1]) % SHORT_BYTES:
+                raise MalformedError("an items entry is [position, packed item hashes]")
+            held = {item[1][i:i + SHORT_BYTES] for i in range(0, len(item[1]), SHORT_BYTES)}
+            self._push(tree, item[0], held, envelopes, budget)
         self.node.counters["sync.requests-served"] += 1
+        self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(envelopes):
-            self.node.send_now(node_topic(env.sender_id, "sync-resp"), "sync-resp", {"region": root, "envelopes": chunk})
+            self._send(env.sender_id, "sync-resp", {"region": root, "envelopes": chunk})
+        reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
+        if not (nodes or frames or differ):
+            reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
+        self._send(env.sender_id, "sync-resp", reply)
 
     def on_response(self, env: Any) -> None:
+        """Initiator: take the envelopes, and take the next step down or end the pull."""
         body = env.body
         root = _region(body)
-        envelopes = body.get("envelopes")
-        if type(envelopes) is not list or any(type(e) is not bytes for e in envelopes):
-            raise MalformedError("a sync response carries a list of envelopes")
-        for raw in envelopes:
-            try:
-                inner = decode(raw, max_bytes=self.node.config.max_message_bytes)
-            except EnvelopeError as e:
-                self.node._reject(f"sync-{e.reason}", f"in a sync response from {env.sender_id}: {e}")
-                continue
-            if inner.kind not in ("diff", "vote") or inner.region is None or not region_covers(root, inner.region):
-                self.node._reject("sync-unexpected", f"a {inner.kind} for {inner.region!r} in a sync of {root!r}")
-                continue
-            if inner.sender == self.node.identity.public_key:
-                continue
-            self.node.counters["sync.envelopes"] += 1
-            self.node.handle(inner)
+        received = 0
+        for raw in _list(body, "envelopes"):
+            if type(raw) is not bytes:
+                raise MalformedError("a sync response carries a list of envelopes")
+            received += self._take(root, raw, env.sender_id)
+        peer = env.sender_id
+        with self._lock:
+            pull = self._pulls.get(root)
+            if pull is None or pull[0] != peer:
+                if received == 0 and "envelopes" not in body:
+                    self.node.counters["sync.stray"] += 1
+                return
+            if received:
+                self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])
+        if "envelopes" in body:
+            return
+        tree = self.tree(root)
+        if body.get("last"):
+            with self._lock:
+                self._pulls.pop(root, None)
+            # The exchange brought something and a difference remains (it was cut short,
+            # or things changed meanwhile): go on at once rather than at the next round.
+            if tree.hash(0, 0) != pull[2]:
+                root_, theirs, counts = _parse_digest(body.get("digest"))
+                mine = tree.children(0, 0)
+                differing = [j for j in range(FANOUT) if mine[j] != theirs[j]]
+                if root_ == root and differing:
+                    self._pull(root, peer, tree, theirs, counts, differing)
+            return
+        nodes, frames = self._compare_nodes(tree, _list(body, "nodes"))
+        differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"))
+        want = _list(body, "want")
+        if any(type(p) is not int for p in want):
+            raise MalformedError("a want list holds positions")
+        items = [[pos, self._items(tree, pos)] for pos in dict.fromkeys(differ + theirs_only + want)]
+        if not (nodes or frames or items):
+            with self._lock:
+                self._pulls.pop(root, None)
+            return
+        with self._lock:
+            self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])
+        self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames, "items": items})
+
+    # -- comparing -------------------------------------------------------------------
+
+    def _compare_nodes(self, tree: Tree, entries: list) -> tuple[list, list]:
+        """For each peer node given as its 16 child hashes: this node's view of every child
+        that differs, as child hashes again or, when it holds few frames, as its frames."""
+        nodes: list = []
+        frames: list = []
+        budget = self.node.config.max_message_bytes // 2
+        for entry in entries:
+            if type(entry) is not list or len(entry) != 3 or not valid_node(entry[0], entry[1], MAX_LEVEL - 1):
+                raise MalformedError("a nodes entry is [level, index, child hashes]")
+            level, index = entry[0], entry[1]
+            theirs = unpack(entry[2], FANOUT)
+            if theirs is None:
+                raise MalformedError(f"a nodes entry carries {FANOUT} packed hashes")
+            mine = tree.children(level, index)
+            for j in range(FANOUT):
+                if mine[j] == theirs[j] or budget <= 0:
+                    continue
+                child = (level + 1, index * FANOUT + j)
+                if child[0] == MAX_LEVEL or tree.count(*child) <= LEAF_FRAMES:
+                    held = tree.frames(*child)
+                    frames.append([*child, [[p, h] for p, h in held.items()]])
+                    budget -= 16 + 20 * len(held)
+                else:
+                    nodes.append([*child, pack(tree.children(*child))])
+                    budget -= 16 + 8 * FANOUT
+        return nodes, frames
+
+    @staticmethod
+    def _compare_frames(tree: Tree, entries: list) -> tuple[list[int], list[int], list[int]]:
+        """Positions of the frames listed by a peer that differ here, that only this node
+        holds, that only the peer holds."""
+        differ: list[int] = []
+        mine_only: list[int] = []
+        theirs_only: list[int] = []
+        for entry in entries:
+            if type(entry) is not list or len(entry) != 3 or not valid_node(entry[0], entry[1]) or entry[0] < 1 \
+                    or type(entry[2]) is not list:
+                raise MalformedError("a frames entry is [level, index, [[position, hash], ...]]")
+            theirs: dict[int, int] = {}
+            for pair in entry[2]:
+                if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int:
+                    raise MalformedError("a frame is listed as [position, hash]")
+                theirs[pair[0]] = pair[1]
+            mine = tree.frames(entry[0], entry[1])
+            shift = POS_BITS - FANOUT_BITS * entry[0]
+            for pos, h in mine.items():
+                if pos not in theirs:
+                    mine_only.append(pos)
+                elif theirs[pos] != h:
+                    differ.append(pos)
+            theirs_only.extend(p for p in theirs if p not in mine and p >> shift == entry[1])
+        return differ, mine_only, theirs_only
+
+    def _items(self, tree: Tree, pos: int) -> bytes:
+        """The short hashes of what this node holds of the frame at a position."""
+        frame = tree.frame(pos)
+        if frame is None:
+            return b""
+        return b"".join(short(item) for item, _ in self.store.frame_items(*frame))
+
+    def _push(self, tree: Tree, pos: int, held: set[bytes], out: list[bytes], budget: list[int]) -> None:
+        """Add the envelopes of a frame whose item hashes are not in `held`."""
+        frame = tree.frame(pos)
+        if frame is None:
+            return
+        for item, raw in self.store.frame_items(*frame):
+            if raw is not None and short(item) not in held and budget[0] > 0:
+                out.append(raw)
+                budget[0] -= len(raw)
 
     # -- helpers ---------------------------------------------------------------------
 
-    @staticmethod
-    def _holdings(state: tuple[list[tuple], list[tuple]], buckets: set[int]) -> tuple[list[bytes], list[list]]:
-        versions, votes = state
-        have = [v for r, k, v in versions if bucket_of(r, k) in buckets]
-        latest = [[voter, r, k, round_] for r, k, voter, round_, _ in votes if bucket_of(r, k) in buckets]
-        return have, latest
+    def _take(self, root: str, raw: bytes, peer: str) -> int:
+        """Run one envelope from a sync response through the receive path; 1 if it was taken."""
+        try:
+            inner = decode(raw, max_bytes=self.node.config.max_message_bytes)
+        except EnvelopeError as e:
+            self.node._reject(f"sync-{e.reason}", f"in a sync response from {peer}: {e}")
+            return 0
+        if inner.kind not in ("diff", "vote") or inner.region is None or not region_covers(root, inner.region):
+            self.node._reject("sync-unexpected", f"a {inner.kind} for {inner.region!r} in a sync of {root!r}")
+            return 0
+        if inner.sender == self.node.identity.public_key:
+            return 0
+        self.node.counters["sync.envelopes"] += 1
+        self.node.handle(inner)
+        return 1
+
+    def _send(self, peer: str, kind: str, body: dict) -> None:
+        self.node.send_now(node_topic(peer, kind), kind, body)
 
     def _chunks(self, envelopes: list[bytes]) -> list[list[bytes]]:
         limit = self.node.config.max_message_bytes // 2
@@ -198,3 +322,20 @@ def _region(body: Any) -> str:
     if type(body) is not dict or type(body.get("region")) is not str:
         raise MalformedError("a sync message names its region")
     return validate_region(body["region"])
+
+
+def _list(body: dict, name: str) -> list:
+    value = body.get(name, [])
+    if type(value) is not list:
+        raise MalformedError(f"{name} is a list")
+    return value
+
+
+def _parse_digest(body: Any) -> tuple[str, list[int], list[list[int]]]:
+    root = _region(body)
+    hashes = unpack(body.get("hashes"), FANOUT)
+    counts = body.get("counts")
+    if hashes is None or type(counts) is not list or len(counts) != FANOUT or any(
+            type(c) is not list or len(c) != 2 or type(c[0]) is not int or type(c[1]) is not int for c in counts):
+        raise MalformedError(f"a digest carries {FANOUT} packed hashes and {FANOUT} [versions, rounds] counts")
+    return root, hashes, counts

@@ -1,0 +1,108 @@
+"""The hashes anti-entropy compares, and the tree it walks down.
+
+Every frame has a 60-bit *position* (a hash of region and key) and a *frame hash*: the XOR
+of one 63-bit item hash per thing a peer could lack there — each authored version, and
+each voter's latest vote. The store keeps both per frame (table `sums`), updated in the
+same transaction as the version or vote, so a digest never re-reads the history.
+
+Positions order the frames of a region tree into a 16-ary tree: the node at level L, index
+i holds the frames whose position starts with the 4·L bits of i; its hash is the XOR of its
+frames' hashes. Two nodes compare the 16 hashes of level 1 first and walk down only where
+they differ, so finding a few differing frames among many costs a few hundred bytes per
+differing frame, not a list of everything held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left
+from functools import reduce
+from operator import xor
+
+POS_BITS = 60
+FANOUT_BITS = 4
+FANOUT = 1 << FANOUT_BITS
+MAX_LEVEL = POS_BITS // FANOUT_BITS  # a node of this level holds one position
+SHORT_BYTES = 4  # an item named in an `items` list: enough to tell the items of one frame apart
+
+
+def _h64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def position(region: str, key: str) -> int:
+    return _h64(f"{region}\0{key}".encode()) >> (64 - POS_BITS)
+
+
+def version_item(version: bytes) -> int:
+    return _h64(b"v" + version) >> 1
+
+
+def vote_item(voter: str, round_: int, version: bytes) -> int:
+    return _h64(b"r" + voter.encode() + b"\0" + round_.to_bytes(8, "big") + version) >> 1
+
+
+def short(item: int) -> bytes:
+    return (item & ((1 << 8 * SHORT_BYTES) - 1)).to_bytes(SHORT_BYTES, "big")
+
+
+def pack(hashes: list[int]) -> bytes:
+    return b"".join(h.to_bytes(8, "big") for h in hashes)
+
+
+def unpack(data: bytes, count: int) -> list[int] | None:
+    """`count` hashes from `pack`, or None when the bytes are not that."""
+    if type(data) is not bytes or len(data) != 8 * count:
+        return None
+    return [int.from_bytes(data[i:i + 8], "big") for i in range(0, len(data), 8)]
+
+
+def valid_node(level: object, index: object, max_level: int = MAX_LEVEL) -> bool:
+    return type(level) is int and type(index) is int and 0 <= level <= max_level and 0 <= index < FANOUT ** level
+
+
+class Tree:
+    """The frames of one region tree as this node holds them, ordered by position."""
+
+    def __init__(self, rows: list[tuple[int, int, int, int, str, str]]) -> None:
+        # rows: (position, frame hash, authored versions, sum of latest vote rounds, region, key)
+        rows = sorted(rows)
+        self.pos = [r[0] for r in rows]
+        self.hashes = [r[1] for r in rows]
+        self.rows = rows
+
+    def span(self, level: int, index: int) -> tuple[int, int]:
+        shift = POS_BITS - FANOUT_BITS * level
+        return bisect_left(self.pos, index << shift), bisect_left(self.pos, (index + 1) << shift)
+
+    def hash(self, level: int, index: int) -> int:
+        a, b = self.span(level, index)
+        return reduce(xor, self.hashes[a:b], 0)
+
+    def count(self, level: int, index: int) -> int:
+        a, b = self.span(level, index)
+        return b - a
+
+    def children(self, level: int, index: int) -> list[int]:
+        return [self.hash(level + 1, index * FANOUT + j) for j in range(FANOUT)]
+
+    def frames(self, level: int, index: int) -> dict[int, int]:
+        """position -> frame hash of the frames under a node."""
+        a, b = self.span(level, index)
+        return dict(zip(self.pos[a:b], self.hashes[a:b]))
+
+    def frame(self, pos: int) -> tuple[str, str] | None:
+        """(region, key) of the frame at a position, if this node holds it."""
+        i = bisect_left(self.pos, pos)
+        return self.rows[i][4:6] if i < len(self.pos) and self.pos[i] == pos else None
+
+    def counts(self) -> list[list[int]]:
+        """Per level-1 node: [authored versions, sum of latest vote rounds]. Both only grow,
+        so a peer whose counts are all at or below ours in every differing node is missing
+        things rather than holding things we lack."""
+        out = [[0, 0] for _ in range(FANOUT)]
+        for pos, _, versions, rounds, _, _ in self.rows:
+            c = out[pos >> (POS_BITS - FANOUT_BITS)]
+            c[0] += versions
+            c[1] += rounds
+        return out
