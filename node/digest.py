@@ -23,7 +23,7 @@ POS_BITS = 60
 FANOUT_BITS = 4
 FANOUT = 1 << FANOUT_BITS
 MAX_LEVEL = POS_BITS // FANOUT_BITS  # a node of this level holds one position
-SHORT_BYTES = 4  # an item named in an `items` list: enough to tell the items of one frame apart
+SHORT_BYTES = 4  # a version or voter named in an `items` list: enough to tell one frame's apart
 
 
 def _h64(data: bytes) -> int:
@@ -44,6 +44,23 @@ def vote_item(voter: str, round_: int, version: bytes) -> int:
 
 def short(item: int) -> bytes:
     return (item & ((1 << 8 * SHORT_BYTES) - 1)).to_bytes(SHORT_BYTES, "big")
+
+
+def voter_tag(voter: str) -> bytes:
+    """A voter named in an `items` list (with its round: 4 + 4 bytes)."""
+    return hashlib.blake2b(voter.encode(), digest_size=SHORT_BYTES).digest()
+
+
+def pack_rounds(rounds: list[tuple[str, int]]) -> bytes:
+    return b"".join(voter_tag(v) + min(r, 2**32 - 1).to_bytes(4, "big") for v, r in rounds)
+
+
+def unpack_rounds(data: bytes) -> dict[bytes, int] | None:
+    if type(data) is not bytes or len(data) % (SHORT_BYTES + 4):
+        return None
+    step = SHORT_BYTES + 4
+    return {data[i:i + SHORT_BYTES]: int.from_bytes(data[i + SHORT_BYTES:i + step], "big")
+            for i in range(0, len(data), step)}
 
 
 def pack(hashes: list[int]) -> bytes:

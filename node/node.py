@@ -78,6 +78,7 @@ class Node(Voting):
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[Queued] = []
         self._events: list[FrameVersion] = []
+        self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
         # The node's own connection is persistent and announces the node (birth, will,
         # fingerprints); a tagged one (a short-lived CLI command) does neither.
@@ -321,7 +322,9 @@ class Node(Voting):
         with self.store.transaction():
             seq, hlc = self.store.next_seq(), self.clock.now()
             self.store.set_meta("hlc", hlc)
-        return encode(self.identity, kind, region, seq, hlc, body)
+        env = encode(self.identity, kind, region, seq, hlc, body)
+        self.counters[f"bytes-out.{kind}"] += len(env.raw)
+        return env
 
     def _send(self, kind: str, region: str, body: Any) -> Envelope:
         """Sign a message and put it in the outbox (inside the caller's transaction)."""
@@ -455,6 +458,7 @@ class Node(Voting):
         if env.sender == self.identity.public_key:
             self.counters["own"] += 1
             return
+        self.counters[f"bytes-in.{env.kind}"] += len(payload)
         if env.kind in ("diff", "vote"):
             with self._transaction():
                 if self._accept(env):
@@ -488,8 +492,28 @@ class Node(Voting):
 
     def handle(self, env: Envelope) -> None:
         """Apply a verified diff or vote, whether it came live or through anti-entropy."""
+        self.handle_many([env])
+
+    def handle_many(self, envs: list[Envelope]) -> None:
+        """Apply verified diffs and votes in one transaction, deciding each frame they touch
+        once at the end (a sync response may bring hundreds for a few frames)."""
         with self._transaction():
-            {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
+            self._deferred = {}
+            try:
+                for env in envs:
+                    {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
+                touched = self._deferred
+            finally:
+                self._deferred = None
+            for region, key in touched:
+                self._reconsider(region, key)
+
+    def _touch(self, region: str, key: str) -> None:
+        """A frame changed: decide it again now, or at the end of `handle_many`."""
+        if self._deferred is not None:
+            self._deferred[(region, key)] = None
+        else:
+            self._reconsider(region, key)
 
     def _accept(self, env: Envelope) -> bool:
         """Replay window: each (sender, seq) is taken once."""
@@ -523,7 +547,7 @@ class Node(Voting):
         self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw,
                             "applied" if ok else "rejected")
         if ok:
-            self._reconsider(env.region, key)
+            self._touch(env.region, key)
 
     def _apply(self, env: Envelope, key: str, parent: bytes | None, version: bytes, ops: list) -> bool:
         """Apply a diff to its stored parent; store the result if the hash matches."""
@@ -570,13 +594,14 @@ class Node(Voting):
         if previous is not None:
             if previous[0] != version:
                 self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1], env.raw)
+            self.counters["votes.known"] += 1
             return
         self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
         self.counters["votes"] += 1
         frame = self.store.frame(env.region, key)
         if version == frame.head == frame.consensus:
             return  # one more vote for what is already head and consensus changes neither
-        self._reconsider(env.region, key)
+        self._touch(env.region, key)
 
     def _refuse(self, env: Envelope, key: str, version: bytes, reason: str, detail: str) -> None:
         """A validly signed diff that does not hold: count it and keep it in the trace."""

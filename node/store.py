@@ -434,19 +434,19 @@ class Store:
         return self._exec("SELECT pos, hash, versions, rounds, region, key FROM sums"
                           " WHERE region = ? OR substr(region, 1, ?) = ?", [root, len(root) + 1, root + "/"])
 
-    def frame_items(self, region: str, key: str) -> list[tuple[int, bytes | None]]:
-        """(item hash, signed envelope or None) of what a frame's sum covers: its authored
-        versions in generation order, then its voters' latest votes."""
+    def frame_items(self, region: str, key: str) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[str, int, bytes]]]:
+        """What a frame's sum covers, with the signed envelopes: (version, diff envelope or
+        None) of its authored versions in generation order, and (voter, round, vote
+        envelope) of its voters' latest votes."""
         with self._lock:
             versions = self._exec(
                 "SELECT v.version, (SELECT envelope FROM diffs d WHERE d.version = v.version AND d.status = 'applied'"
                 " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' ORDER BY v.gen",
                 [region, key])
             votes = self._exec(
-                "SELECT l.voter, l.round, l.version, v.envelope FROM latest l JOIN votes v USING (region, key, voter,"
-                " round) WHERE l.region = ? AND l.key = ?", [region, key])
-        return ([(version_item(v), raw) for v, raw in versions]
-                + [(vote_item(voter, r, v), raw) for voter, r, v, raw in votes])
+                "SELECT l.voter, l.round, v.envelope FROM latest l JOIN votes v USING (region, key, voter, round)"
+                " WHERE l.region = ? AND l.key = ?", [region, key])
+        return versions, votes
 
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""

@@ -15,13 +15,15 @@ the tree where it differs, one level per message:
   [[position, frame hash], ...]] for nodes that differ and hold few. The side holding few
   frames lists them; the other compares frame by frame.
   - I, seeing frames that differ or that only R holds, lists what it holds of them
-    (`items`: [position, packed 4-byte item hashes]);
+    (`items`: [position, 4-byte short hashes of its versions, 4-byte voter tag + round of
+    each latest vote]);
   - R, seeing frames that differ, asks for I's items (`want`), and sends at once every
-    envelope of a frame I does not hold; given items, R sends the envelopes I lacks.
+    envelope of a frame I does not hold; given items, R sends the versions I lacks and the
+    latest votes newer than I's (never an older vote I has already seen replaced).
 R's envelopes are the original signed diffs and votes (`envelopes`, chunked under the
 message size limit); I runs them through the normal receive path minus the live replay
-window. R's reply that continues nothing is marked `last` and carries R's digest, so I
-pulls again at once when the exchange brought something and differences remain.
+window. R's reply that continues nothing is marked `last` and carries R's digest; when a step was
+cut short to stay under the size limits (`cut`), I pulls again at once from that digest.
 Merges are never sent: every node rebuilds them.
 """
 
@@ -35,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
-from .digest import FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SHORT_BYTES, Tree, pack, short, unpack, valid_node
+from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SHORT_BYTES, Tree, pack, pack_rounds, short, unpack,
+                     unpack_rounds, valid_node, version_item, voter_tag)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -53,8 +56,8 @@ class Sync:
         self.store = node.store
         self._scheduler = None
         self._lock = threading.Lock()
-        # root -> (peer, deadline, root hash when the pull began): one pull per tree at a time
-        self._pulls: dict[str, tuple[str, float, int]] = {}
+        # root -> (peer, deadline, whether a step was cut short): one pull per tree at a time
+        self._pulls: dict[str, tuple[str, float, bool]] = {}
 
     # -- schedule --------------------------------------------------------------------
 
@@ -130,9 +133,11 @@ class Sync:
             if current is not None and current[1] > now:
                 self.node.counters["sync.pull-busy"] += 1
                 return
-            self._pulls[root] = (peer, now + EXCHANGE_TIMEOUT, tree.hash(0, 0))
+            self._pulls[root] = (peer, now + EXCHANGE_TIMEOUT, False)
         self.node.counters["sync.pulls"] += 1
-        nodes, frames = self._compare_nodes(tree, [[0, 0, pack(theirs)]])
+        nodes, frames, cut = self._compare_nodes(tree, [[0, 0, pack(theirs)]])
+        if cut:
+            self._note_cut(root)
         self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames})
 
     # -- the exchange ----------------------------------------------------------------
@@ -144,18 +149,19 @@ class Sync:
         if not any(region_covers(r, root) for r in self.node.config.regions):
             return
         tree = self.tree(root)
-        nodes, frames = self._compare_nodes(tree, _list(body, "nodes"))
+        nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
         envelopes: list[bytes] = []
         budget = [PUSH_BYTES]
         for pos in mine_only:  # frames the peer does not hold at all
-            self._push(tree, pos, set(), envelopes, budget)
+            self._push(tree, pos, set(), {}, envelopes, budget)
         for item in _list(body, "items"):
-            if type(item) is not list or len(item) != 2 or type(item[0]) is not int or type(item[1]) is not bytes \
+            rounds = unpack_rounds(item[2]) if type(item) is list and len(item) == 3 else None
+            if rounds is None or type(item[0]) is not int or type(item[1]) is not bytes \
                     or len(item[1]) % SHORT_BYTES:
-                raise MalformedError("an items entry is [position, packed item hashes]")
+                raise MalformedError("an items entry is [position, packed versions, packed voter rounds]")
             held = {item[1][i:i + SHORT_BYTES] for i in range(0, len(item[1]), SHORT_BYTES)}
-            self._push(tree, item[0], held, envelopes, budget)
+            self._push(tree, item[0], held, rounds, envelopes, budget)
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(envelopes):
@@ -163,17 +169,28 @@ class Sync:
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
         if not (nodes or frames or differ):
             reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
+        if cut or budget[0] <= 0:
+            reply["cut"] = True
         self._send(env.sender_id, "sync-resp", reply)
 
     def on_response(self, env: Any) -> None:
         """Initiator: take the envelopes, and take the next step down or end the pull."""
         body = env.body
         root = _region(body)
-        received = 0
+        taken = []
         for raw in _list(body, "envelopes"):
             if type(raw) is not bytes:
                 raise MalformedError("a sync response carries a list of envelopes")
-            received += self._take(root, raw, env.sender_id)
+            inner = self._unwrap(root, raw, env.sender_id)
+            if inner is not None:
+                taken.append(inner)
+        received = len(taken)
+        if taken:
+            counters = self.node.counters
+            held = counters["known"] + counters["votes.known"]
+            self.node.handle_many(taken)
+            counters["sync.envelopes"] += received
+            counters["sync.already-held"] += counters["known"] + counters["votes.known"] - held
         peer = env.sender_id
         with self._lock:
             pull = self._pulls.get(root)
@@ -185,25 +202,30 @@ class Sync:
                 self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])
         if "envelopes" in body:
             return
+        if body.get("cut"):
+            self._note_cut(root)
         tree = self.tree(root)
         if body.get("last"):
             with self._lock:
-                self._pulls.pop(root, None)
-            # The exchange brought something and a difference remains (it was cut short,
-            # or things changed meanwhile): go on at once rather than at the next round.
-            if tree.hash(0, 0) != pull[2]:
+                cut = self._pulls.pop(root, (None, 0, False))[2]
+            # An exchange cut short (more differed than one step carries): go on at once
+            # rather than at the next round. Differences that are only live traffic still
+            # in flight are not chased.
+            if cut:
                 root_, theirs, counts = _parse_digest(body.get("digest"))
                 mine = tree.children(0, 0)
                 differing = [j for j in range(FANOUT) if mine[j] != theirs[j]]
                 if root_ == root and differing:
                     self._pull(root, peer, tree, theirs, counts, differing)
             return
-        nodes, frames = self._compare_nodes(tree, _list(body, "nodes"))
+        nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
+        if cut:
+            self._note_cut(root)
         differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"))
         want = _list(body, "want")
         if any(type(p) is not int for p in want):
             raise MalformedError("a want list holds positions")
-        items = [[pos, self._items(tree, pos)] for pos in dict.fromkeys(differ + theirs_only + want)]
+        items = [self._items(tree, pos) for pos in dict.fromkeys(differ + theirs_only + want)]
         if not (nodes or frames or items):
             with self._lock:
                 self._pulls.pop(root, None)
@@ -214,12 +236,14 @@ class Sync:
 
     # -- comparing -------------------------------------------------------------------
 
-    def _compare_nodes(self, tree: Tree, entries: list) -> tuple[list, list]:
+    def _compare_nodes(self, tree: Tree, entries: list) -> tuple[list, list, bool]:
         """For each peer node given as its 16 child hashes: this node's view of every child
-        that differs, as child hashes again or, when it holds few frames, as its frames."""
+        that differs, as child hashes again or, when it holds few frames, as its frames;
+        and whether some were left out to keep the message under the size limit."""
         nodes: list = []
         frames: list = []
         budget = self.node.config.max_message_bytes // 2
+        cut = False
         for entry in entries:
             if type(entry) is not list or len(entry) != 3 or not valid_node(entry[0], entry[1], MAX_LEVEL - 1):
                 raise MalformedError("a nodes entry is [level, index, child hashes]")
@@ -229,7 +253,10 @@ class Sync:
                 raise MalformedError(f"a nodes entry carries {FANOUT} packed hashes")
             mine = tree.children(level, index)
             for j in range(FANOUT):
-                if mine[j] == theirs[j] or budget <= 0:
+                if mine[j] == theirs[j]:
+                    continue
+                if budget <= 0:
+                    cut = True
                     continue
                 child = (level + 1, index * FANOUT + j)
                 if child[0] == MAX_LEVEL or tree.count(*child) <= LEAF_FRAMES:
@@ -239,7 +266,13 @@ class Sync:
                 else:
                     nodes.append([*child, pack(tree.children(*child))])
                     budget -= 16 + 8 * FANOUT
-        return nodes, frames
+        return nodes, frames, cut
+
+    def _note_cut(self, root: str) -> None:
+        with self._lock:
+            pull = self._pulls.get(root)
+            if pull is not None:
+                self._pulls[root] = (pull[0], pull[1], True)
 
     @staticmethod
     def _compare_frames(tree: Tree, entries: list) -> tuple[list[int], list[int], list[int]]:
@@ -267,40 +300,46 @@ class Sync:
             theirs_only.extend(p for p in theirs if p not in mine and p >> shift == entry[1])
         return differ, mine_only, theirs_only
 
-    def _items(self, tree: Tree, pos: int) -> bytes:
-        """The short hashes of what this node holds of the frame at a position."""
+    def _items(self, tree: Tree, pos: int) -> list:
+        """[position, short hashes of the versions, (voter, round) of the latest votes] this
+        node holds of the frame at a position."""
         frame = tree.frame(pos)
         if frame is None:
-            return b""
-        return b"".join(short(item) for item, _ in self.store.frame_items(*frame))
+            return [pos, b"", b""]
+        versions, votes = self.store.frame_items(*frame)
+        return [pos, b"".join(short(version_item(v)) for v, _ in versions),
+                pack_rounds([(voter, round_) for voter, round_, _ in votes])]
 
-    def _push(self, tree: Tree, pos: int, held: set[bytes], out: list[bytes], budget: list[int]) -> None:
-        """Add the envelopes of a frame whose item hashes are not in `held`."""
+    def _push(self, tree: Tree, pos: int, held: set[bytes], rounds: dict[bytes, int], out: list[bytes],
+              budget: list[int]) -> None:
+        """Add the envelopes of a frame that the peer lacks: versions whose short hash it did
+        not list, latest votes newer than the round it listed for that voter."""
         frame = tree.frame(pos)
         if frame is None:
             return
-        for item, raw in self.store.frame_items(*frame):
-            if raw is not None and short(item) not in held and budget[0] > 0:
+        versions, votes = self.store.frame_items(*frame)
+        lacking = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
+        lacking += [raw for voter, round_, raw in votes if min(round_, 2**32 - 1) > rounds.get(voter_tag(voter), 0)]
+        for raw in lacking:
+            if budget[0] > 0:
                 out.append(raw)
-                budget[0] -= len(raw)
+            budget[0] -= len(raw)  # below zero: the step was cut short
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _take(self, root: str, raw: bytes, peer: str) -> int:
-        """Run one envelope from a sync response through the receive path; 1 if it was taken."""
+    def _unwrap(self, root: str, raw: bytes, peer: str) -> Any:
+        """The verified diff or vote inside a sync response, or None (counted) if it is not one."""
         try:
             inner = decode(raw, max_bytes=self.node.config.max_message_bytes)
         except EnvelopeError as e:
             self.node._reject(f"sync-{e.reason}", f"in a sync response from {peer}: {e}")
-            return 0
+            return None
         if inner.kind not in ("diff", "vote") or inner.region is None or not region_covers(root, inner.region):
             self.node._reject("sync-unexpected", f"a {inner.kind} for {inner.region!r} in a sync of {root!r}")
-            return 0
+            return None
         if inner.sender == self.node.identity.public_key:
-            return 0
-        self.node.counters["sync.envelopes"] += 1
-        self.node.handle(inner)
-        return 1
+            return None
+        return inner
 
     def _send(self, peer: str, kind: str, body: dict) -> None:
         self.node.send_now(node_topic(peer, kind), kind, body)

@@ -8,6 +8,7 @@ signed envelope that carries the public key also proves which node sent it.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import stat
@@ -27,6 +28,7 @@ class IdentityError(Exception):
     """A key file that is missing, malformed or readable by others."""
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every message received; a swarm has few keys
 def node_id_of(public_key: bytes) -> str:
     """The node id of a public key: lowercase base32 of its BLAKE2b-80 digest."""
     digest = hashlib.blake2b(public_key, digest_size=_NODE_ID_BYTES).digest()
