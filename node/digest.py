@@ -15,7 +15,9 @@ differing frame, not a list of everything held.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from functools import reduce
 from operator import xor
 
@@ -79,14 +81,23 @@ def valid_node(level: object, index: object, max_level: int = MAX_LEVEL) -> bool
 
 
 class Tree:
-    """The frames of one region tree as this node holds them, ordered by position."""
+    """The frames of one region tree as this node holds them, ordered by position: only
+    positions and hashes (two arrays of 64-bit integers, 16 bytes a frame), the level-1
+    counts, and a way to name the frame at a position."""
 
-    def __init__(self, rows: list[tuple[int, int, int, int, str, str]]) -> None:
-        # rows: (position, frame hash, authored versions, sum of latest vote rounds, region, key)
-        rows = sorted(rows)
-        self.pos = [r[0] for r in rows]
-        self.hashes = [r[1] for r in rows]
-        self.rows = rows
+    def __init__(self, rows: Iterable[tuple[int, int, int, int]],
+                 name: Callable[[int], tuple[str, str] | None] = lambda pos: None) -> None:
+        # rows: (position, frame hash, authored versions, sum of latest vote rounds), in position order
+        self.pos = array("q")
+        self.hashes = array("q")
+        self._counts = [[0, 0] for _ in range(FANOUT)]
+        for pos, h, versions, rounds in rows:
+            self.pos.append(pos)
+            self.hashes.append(h)
+            c = self._counts[pos >> (POS_BITS - FANOUT_BITS)]
+            c[0] += versions
+            c[1] += rounds
+        self._name = name
 
     def span(self, level: int, index: int) -> tuple[int, int]:
         shift = POS_BITS - FANOUT_BITS * level
@@ -111,15 +122,10 @@ class Tree:
     def frame(self, pos: int) -> tuple[str, str] | None:
         """(region, key) of the frame at a position, if this node holds it."""
         i = bisect_left(self.pos, pos)
-        return self.rows[i][4:6] if i < len(self.pos) and self.pos[i] == pos else None
+        return self._name(pos) if i < len(self.pos) and self.pos[i] == pos else None
 
     def counts(self) -> list[list[int]]:
         """Per level-1 node: [authored versions, sum of latest vote rounds]. Both only grow,
         so a peer whose counts are all at or below ours in every differing node is missing
         things rather than holding things we lack."""
-        out = [[0, 0] for _ in range(FANOUT)]
-        for pos, _, versions, rounds, _, _ in self.rows:
-            c = out[pos >> (POS_BITS - FANOUT_BITS)]
-            c[0] += versions
-            c[1] += rounds
-        return out
+        return [list(c) for c in self._counts]

@@ -183,6 +183,7 @@ class Store:
             self._exec("DROP TABLE IF EXISTS sums")
             self.db["sums"].create({"region": str, "key": str, "pos": int, "hash": int, "versions": int,
                                     "rounds": int}, pk=("region", "key"))
+            self.db["sums"].create_index(["pos"])
             for region, key, version in self._exec("SELECT region, key, version FROM versions WHERE author != ''"):
                 self._add_sum(region, key, version_item(version), 1, 0)
             for region, key, voter, round_, version in self._exec(
@@ -428,11 +429,20 @@ class Store:
         rows = self._exec("SELECT voter, version FROM latest WHERE region = ? AND key = ?", [region, key])
         return dict(rows)
 
-    def sums_under(self, root: str) -> list[tuple[int, int, int, int, str, str]]:
-        """(position, frame hash, authored versions, sum of latest rounds, region, key) of
-        every frame in the region tree `root`."""
-        return self._exec("SELECT pos, hash, versions, rounds, region, key FROM sums"
-                          " WHERE region = ? OR substr(region, 1, ?) = ?", [root, len(root) + 1, root + "/"])
+    def sums_under(self, root: str) -> Iterator[tuple[int, int, int, int]]:
+        """(position, frame hash, authored versions, sum of latest rounds) of every frame in
+        the region tree `root`, in position order; streamed (a store may hold 100k frames),
+        so consume it at once: the store lock is held until the last row."""
+        with self._lock:
+            yield from self.db.conn.execute(
+                "SELECT pos, hash, versions, rounds FROM sums WHERE region = ? OR substr(region, 1, ?) = ?"
+                " ORDER BY pos", [root, len(root) + 1, root + "/"])
+
+    def frame_at(self, root: str, pos: int) -> tuple[str, str] | None:
+        """(region, key) of the frame at a digest position in the region tree `root`."""
+        row = self._one("SELECT region, key FROM sums WHERE pos = ? AND (region = ? OR substr(region, 1, ?) = ?)",
+                        [pos, root, len(root) + 1, root + "/"])
+        return None if row is None else (row[0], row[1])
 
     def frame_items(self, region: str, key: str) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[str, int, bytes]]]:
         """What a frame's sum covers, with the signed envelopes: (version, diff envelope or

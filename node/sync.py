@@ -47,7 +47,7 @@ log = logging.getLogger("edgeswarm.sync")
 
 LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
 EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
-PUSH_BYTES = 2 << 20  # envelopes sent per exchange step; the initiator pulls again for the rest
+PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
 
 
 class Sync:
@@ -84,7 +84,7 @@ class Sync:
     # -- digests ---------------------------------------------------------------------
 
     def tree(self, root: str) -> Tree:
-        return Tree(self.store.sums_under(root))
+        return Tree(self.store.sums_under(root), lambda pos: self.store.frame_at(root, pos))
 
     def digest(self, root: str, tree: Tree | None = None) -> dict:
         tree = tree or self.tree(root)
@@ -152,7 +152,7 @@ class Sync:
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
         envelopes: list[bytes] = []
-        budget = [PUSH_BYTES]
+        budget = [PUSH_MESSAGES * self.node.config.max_message_bytes]
         for pos in mine_only:  # frames the peer does not hold at all
             self._push(tree, pos, set(), {}, envelopes, budget)
         for item in _list(body, "items"):
@@ -199,7 +199,7 @@ class Sync:
                     self.node.counters["sync.stray"] += 1
                 return
             if received:
-                self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])
+                self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])  # still going
         if "envelopes" in body:
             return
         if body.get("cut"):
@@ -231,7 +231,7 @@ class Sync:
                 self._pulls.pop(root, None)
             return
         with self._lock:
-            self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])
+            self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, self._pulls.get(root, pull)[2])
         self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames, "items": items})
 
     # -- comparing -------------------------------------------------------------------
