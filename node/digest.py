@@ -48,13 +48,29 @@ def short(item: int) -> bytes:
     return (item & ((1 << 8 * SHORT_BYTES) - 1)).to_bytes(SHORT_BYTES, "big")
 
 
+def pack_versions(versions: Iterable[bytes]) -> bytes:
+    """The versions of a frame named in an `items` list."""
+    return b"".join(short(version_item(v)) for v in versions)
+
+
+def unpack_versions(data: bytes) -> set[bytes] | None:
+    if type(data) is not bytes or len(data) % SHORT_BYTES:
+        return None
+    return {data[i:i + SHORT_BYTES] for i in range(0, len(data), SHORT_BYTES)}
+
+
 def voter_tag(voter: str) -> bytes:
     """A voter named in an `items` list (with its round: 4 + 4 bytes)."""
     return hashlib.blake2b(voter.encode(), digest_size=SHORT_BYTES).digest()
 
 
-def pack_rounds(rounds: list[tuple[str, int]]) -> bytes:
-    return b"".join(voter_tag(v) + min(r, 2**32 - 1).to_bytes(4, "big") for v, r in rounds)
+def wire_round(round_: int) -> int:
+    """A vote round as an `items` list carries it (4 bytes; a higher round reads as the top)."""
+    return min(round_, 2**32 - 1)
+
+
+def pack_rounds(rounds: Iterable[tuple[str, int]]) -> bytes:
+    return b"".join(voter_tag(v) + wire_round(r).to_bytes(4, "big") for v, r in rounds)
 
 
 def unpack_rounds(data: bytes) -> dict[bytes, int] | None:

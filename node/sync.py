@@ -32,13 +32,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
-from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SHORT_BYTES, Tree, pack, pack_rounds, short, unpack,
-                     unpack_rounds, valid_node, version_item, voter_tag)
+from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, Tree, pack, pack_rounds, pack_versions, short, unpack,
+                     unpack_rounds, unpack_versions, valid_node, version_item, voter_tag, wire_round)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -50,14 +52,24 @@ EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
 
 
+@dataclass
+class _Pull:
+    """This node's exchange for one region tree."""
+    peer: str
+    deadline: float  # monotonic time after which it is given up
+    cut: bool = False  # a step was cut short: pull again when it ends
+
+    def extend(self) -> None:
+        self.deadline = time.monotonic() + EXCHANGE_TIMEOUT
+
+
 class Sync:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.store = node.store
         self._scheduler = None
         self._lock = threading.Lock()
-        # root -> (peer, deadline, whether a step was cut short): one pull per tree at a time
-        self._pulls: dict[str, tuple[str, float, bool]] = {}
+        self._pulls: dict[str, _Pull] = {}  # root -> the pull under way: one per tree at a time
 
     # -- schedule --------------------------------------------------------------------
 
@@ -103,13 +115,10 @@ class Sync:
 
     def on_digest(self, env: Any, direct: bool) -> None:
         root, theirs, counts = _parse_digest(env.body)
-        # Only trees this node follows (or parts of them) compare: a digest of a wider tree
-        # would always differ and pull in regions this node does not keep.
-        if not any(region_covers(r, root) for r in self.node.config.regions):
+        if not self._follows(root):
             return
         tree = self.tree(root)
-        mine = tree.children(0, 0)
-        differing = [j for j in range(FANOUT) if mine[j] != theirs[j]]
+        differing = _differing(tree, theirs)
         if not differing:
             self.node.counters["sync.in-step"] += 1
             return
@@ -130,14 +139,13 @@ class Sync:
         now = time.monotonic()
         with self._lock:
             current = self._pulls.get(root)
-            if current is not None and current[1] > now:
+            if current is not None and current.deadline > now:
                 self.node.counters["sync.pull-busy"] += 1
                 return
-            self._pulls[root] = (peer, now + EXCHANGE_TIMEOUT, False)
+            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT)
         self.node.counters["sync.pulls"] += 1
         nodes, frames, cut = self._compare_nodes(tree, [[0, 0, pack(theirs)]])
-        if cut:
-            self._note_cut(root)
+        pull.cut |= cut
         self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames})
 
     # -- the exchange ----------------------------------------------------------------
@@ -146,22 +154,26 @@ class Sync:
         """Responder: answer one step of a peer's pull."""
         body = env.body
         root = _region(body)
-        if not any(region_covers(r, root) for r in self.node.config.regions):
+        if not self._follows(root):
             return
         tree = self.tree(root)
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
-        envelopes: list[bytes] = []
-        budget = [PUSH_MESSAGES * self.node.config.max_message_bytes]
-        for pos in mine_only:  # frames the peer does not hold at all
-            self._push(tree, pos, set(), {}, envelopes, budget)
+        wanted = [(pos, set(), {}) for pos in mine_only]  # frames the peer does not hold at all
         for item in _list(body, "items"):
-            rounds = unpack_rounds(item[2]) if type(item) is list and len(item) == 3 else None
-            if rounds is None or type(item[0]) is not int or type(item[1]) is not bytes \
-                    or len(item[1]) % SHORT_BYTES:
+            held = unpack_versions(item[1]) if type(item) is list and len(item) == 3 else None
+            rounds = unpack_rounds(item[2]) if held is not None else None
+            if rounds is None or type(item[0]) is not int:
                 raise MalformedError("an items entry is [position, packed versions, packed voter rounds]")
-            held = {item[1][i:i + SHORT_BYTES] for i in range(0, len(item[1]), SHORT_BYTES)}
-            self._push(tree, item[0], held, rounds, envelopes, budget)
+            wanted.append((item[0], held, rounds))
+        envelopes: list[bytes] = []
+        size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
+        for raw in self._lacking(tree, wanted):
+            if size >= limit:
+                cut = True
+                break
+            envelopes.append(raw)
+            size += len(raw)
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(envelopes):
@@ -169,7 +181,7 @@ class Sync:
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
         if not (nodes or frames or differ):
             reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
-        if cut or budget[0] <= 0:
+        if cut:
             reply["cut"] = True
         self._send(env.sender_id, "sync-resp", reply)
 
@@ -194,33 +206,31 @@ class Sync:
         peer = env.sender_id
         with self._lock:
             pull = self._pulls.get(root)
-            if pull is None or pull[0] != peer:
+            if pull is None or pull.peer != peer:
                 if received == 0 and "envelopes" not in body:
                     self.node.counters["sync.stray"] += 1
                 return
             if received:
-                self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, pull[2])  # still going
+                pull.extend()  # still going
         if "envelopes" in body:
             return
-        if body.get("cut"):
-            self._note_cut(root)
-        tree = self.tree(root)
+        pull.cut |= bool(body.get("cut"))
         if body.get("last"):
             with self._lock:
-                cut = self._pulls.pop(root, (None, 0, False))[2]
+                self._pulls.pop(root, None)
             # An exchange cut short (more differed than one step carries): go on at once
             # rather than at the next round. Differences that are only live traffic still
             # in flight are not chased.
-            if cut:
+            if pull.cut:
                 root_, theirs, counts = _parse_digest(body.get("digest"))
-                mine = tree.children(0, 0)
-                differing = [j for j in range(FANOUT) if mine[j] != theirs[j]]
+                tree = self.tree(root)
+                differing = _differing(tree, theirs)
                 if root_ == root and differing:
                     self._pull(root, peer, tree, theirs, counts, differing)
             return
+        tree = self.tree(root)
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
-        if cut:
-            self._note_cut(root)
+        pull.cut |= cut
         differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"))
         want = _list(body, "want")
         if any(type(p) is not int for p in want):
@@ -230,8 +240,7 @@ class Sync:
             with self._lock:
                 self._pulls.pop(root, None)
             return
-        with self._lock:
-            self._pulls[root] = (peer, time.monotonic() + EXCHANGE_TIMEOUT, self._pulls.get(root, pull)[2])
+        pull.extend()
         self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames, "items": items})
 
     # -- comparing -------------------------------------------------------------------
@@ -268,12 +277,6 @@ class Sync:
                     budget -= 16 + 8 * FANOUT
         return nodes, frames, cut
 
-    def _note_cut(self, root: str) -> None:
-        with self._lock:
-            pull = self._pulls.get(root)
-            if pull is not None:
-                self._pulls[root] = (pull[0], pull[1], True)
-
     @staticmethod
     def _compare_frames(tree: Tree, entries: list) -> tuple[list[int], list[int], list[int]]:
         """Positions of the frames listed by a peer that differ here, that only this node
@@ -307,25 +310,26 @@ class Sync:
         if frame is None:
             return [pos, b"", b""]
         versions, votes = self.store.frame_items(*frame)
-        return [pos, b"".join(short(version_item(v)) for v, _ in versions),
-                pack_rounds([(voter, round_) for voter, round_, _ in votes])]
+        return [pos, pack_versions(v for v, _ in versions), pack_rounds((voter, r) for voter, r, _ in votes)]
 
-    def _push(self, tree: Tree, pos: int, held: set[bytes], rounds: dict[bytes, int], out: list[bytes],
-              budget: list[int]) -> None:
-        """Add the envelopes of a frame that the peer lacks: versions whose short hash it did
-        not list, latest votes newer than the round it listed for that voter."""
-        frame = tree.frame(pos)
-        if frame is None:
-            return
-        versions, votes = self.store.frame_items(*frame)
-        lacking = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
-        lacking += [raw for voter, round_, raw in votes if min(round_, 2**32 - 1) > rounds.get(voter_tag(voter), 0)]
-        for raw in lacking:
-            if budget[0] > 0:
-                out.append(raw)
-            budget[0] -= len(raw)  # below zero: the step was cut short
+    def _lacking(self, tree: Tree, wanted: list[tuple[int, set[bytes], dict[bytes, int]]]) -> Iterator[bytes]:
+        """The envelopes of the wanted frames (position, versions held, voter rounds held)
+        that the peer lacks: versions whose short hash it did not list, latest votes newer
+        than the round it listed for that voter. Read a frame at a time, as they are sent."""
+        for pos, held, rounds in wanted:
+            frame = tree.frame(pos)
+            if frame is None:
+                continue
+            versions, votes = self.store.frame_items(*frame)
+            yield from (raw for v, raw in versions if raw is not None and short(version_item(v)) not in held)
+            yield from (raw for voter, r, raw in votes if wire_round(r) > rounds.get(voter_tag(voter), 0))
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _follows(self, root: str) -> bool:
+        """Only trees this node follows (or parts of them) compare: a digest of a wider tree
+        would always differ and pull in regions this node does not keep."""
+        return any(region_covers(r, root) for r in self.node.config.regions)
 
     def _unwrap(self, root: str, raw: bytes, peer: str) -> Any:
         """The verified diff or vote inside a sync response, or None (counted) if it is not one."""
@@ -368,6 +372,12 @@ def _list(body: dict, name: str) -> list:
     if type(value) is not list:
         raise MalformedError(f"{name} is a list")
     return value
+
+
+def _differing(tree: Tree, theirs: list[int]) -> list[int]:
+    """The level-1 nodes whose hashes differ from a peer's digest."""
+    mine = tree.children(0, 0)
+    return [j for j in range(FANOUT) if mine[j] != theirs[j]]
 
 
 def _parse_digest(body: Any) -> tuple[str, list[int], list[list[int]]]:
