@@ -79,6 +79,7 @@ class Node(Voting):
         self._sends: list[Queued] = []
         self._events: list[FrameVersion] = []
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
+        self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
         # The node's own connection is persistent and announces the node (birth, will,
         # fingerprints); a tagged one (a short-lived CLI command) does neither.
@@ -300,15 +301,25 @@ class Node(Voting):
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """A store transaction; what it queued is published and notified after COMMIT,
-        and forgotten on ROLLBACK."""
+        and forgotten on ROLLBACK. A nested one joins the outer: only the outermost
+        publishes, once everything is committed."""
+        outermost = False
         try:
-            with self.store.transaction():
-                yield
+            with self.store.transaction():  # (holds the store lock: the depth is this thread's)
+                outermost = self._tx_depth == 0
+                self._tx_depth += 1
+                try:
+                    yield
+                finally:
+                    self._tx_depth -= 1
         except BaseException:
-            with self.store.transaction():
-                self._sends.clear()
-                self._events.clear()
+            if outermost:
+                with self.store.transaction():
+                    self._sends.clear()
+                    self._events.clear()
             raise
+        if not outermost:
+            return
         with self.store.transaction():
             sends, self._sends = self._sends, []
             events, self._events = self._events, []
