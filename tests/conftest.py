@@ -88,6 +88,21 @@ def make_swarm(tmp_path, broker, region):
     _stop_all(nodes)
 
 
+@pytest.fixture
+def member_configs(tmp_path, broker, region):
+    """member_configs(n, **config) -> n configs on the broker whose keys (created now) make
+    the member list, for tests that start, stop and restart nodes themselves."""
+    from edgeswarm.shared.identity import Identity
+
+    def make(n: int, **overrides) -> list[Config]:
+        homes = [tmp_path / f"n{i}" for i in range(n)]
+        members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
+        return [Config(home=h, regions=[region], broker_host=broker.host, broker_port=broker.port,
+                       protocol=broker.protocol, members=members, **overrides) for h in homes]
+
+    return make
+
+
 class Attacker:
     """A plain MQTT client, as anyone with access to the broker could run."""
 

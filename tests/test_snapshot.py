@@ -9,20 +9,14 @@ import pytest
 
 from edgeswarm.node import Config, Node
 from edgeswarm.node.snapshot import SnapshotError, latest, restore
-from edgeswarm.shared.identity import Identity
 
 TIMEOUT = 15.0
 
 
-def test_wiped_node_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, region):
-    homes = [tmp_path / f"n{i}" for i in range(3)]
-    members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
-
-    def config(home):
-        return Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
-                      protocol=broker.protocol, members=members, sync_interval=0, snapshot_interval=0)
-
-    a, b = Node(config(homes[0])).start(), Node(config(homes[1])).start()
+def test_wiped_node_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, member_configs, region):
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    homes, members = [c.home for c in configs], configs[0].members
+    a, b = Node(configs[0]).start(), Node(configs[1]).start()
     wiped = None
     try:
         for i in range(5):
@@ -38,9 +32,9 @@ def test_wiped_node_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, r
         store = homes[2] / "store.db"
         store.write_bytes(b"not sqlite at all" * 50)
         with pytest.raises(Exception, match="edgeswarm restore"):
-            Node(config(homes[2]))
-        result = restore(config(homes[2]), path, trusted=set(members))
-        restored_store = Node(config(homes[2])).store
+            Node(configs[2])
+        result = restore(configs[2], path, trusted=set(members))
+        restored_store = Node(configs[2]).store
         assert restored_store.meta("seq") > b.store.meta("seq")  # above any seq this key could have used
         restored_store.close()
         assert result["frames"] == 5 and result["signer"] == b.node_id
@@ -48,7 +42,7 @@ def test_wiped_node_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, r
 
         a.patch(region, "k1", set={"after": "snapshot"})  # happens after the snapshot
         assert b.wait_until(lambda: (b.get(region, "k1", consensus=True) or {}).get("after") == "snapshot", TIMEOUT)
-        wiped = Node(config(homes[2]))
+        wiped = Node(configs[2])
         assert wiped.get(region, "k0", consensus=True) == {"i": 0, "more": True}
         assert wiped.status(region, "k0")["state"] == "consensus"
         wiped.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from edgeswarm.node import Config, Node
-from edgeswarm.shared.identity import Identity
 
 TIMEOUT = 20.0
 
@@ -12,16 +11,10 @@ def consensus_map(node, region, keys):
     return {k: (c.version if (c := node.consensus(region, k)) else None) for k in keys}
 
 
-def test_late_joiner_and_cut_off_node_catch_up_by_sync(tmp_path, broker, region):
-    homes = [tmp_path / f"n{i}" for i in range(4)]
-    members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
-
-    def node(home):
-        return Node(Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
-                           protocol=broker.protocol, members=members, sync_interval=0))
-
-    a, b, c = (node(h).start() for h in homes[:3])
-    late = node(homes[3])
+def test_late_joiner_and_cut_off_node_catch_up_by_sync(member_configs, region):
+    configs = member_configs(4, sync_interval=0)
+    a, b, c = (Node(cfg).start() for cfg in configs[:3])
+    late = Node(configs[3])
     try:
         keys = [f"sensor-{i}" for i in range(30)]
         for i, k in enumerate(keys):
@@ -45,7 +38,7 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(tmp_path, broker, region)
 
         # Cut off, and its broker session lost: it misses one change, and sync brings only that.
         late.stop()
-        late = node(homes[3])
+        late = Node(configs[3])
         late.transport.persistent = False  # reconnect with a clean session: nothing queued for it
         a.patch(region, "sensor-7", set={"reading": 70})
         for n in (a, b, c):
@@ -67,15 +60,9 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(tmp_path, broker, region)
             n.stop()
 
 
-def test_node_cut_off_during_1000_writes_gets_them_all_by_sync(tmp_path, broker, region):
-    homes = [tmp_path / f"n{i}" for i in range(3)]
-    members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
-
-    def node(home):
-        return Node(Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
-                           protocol=broker.protocol, members=members, sync_interval=0, snapshot_interval=0))
-
-    a, b, cut = node(homes[0]).start(), node(homes[1]).start(), node(homes[2]).start()
+def test_node_cut_off_during_1000_writes_gets_them_all_by_sync(member_configs, region):
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b, cut = (Node(cfg).start() for cfg in configs)
     try:
         cut.stop()  # gone; and below it returns with a clean session, so the broker kept nothing for it
         versions = [a.put(region, f"f{i:04d}", {"i": i}) for i in range(1000)]
@@ -83,7 +70,7 @@ def test_node_cut_off_during_1000_writes_gets_them_all_by_sync(tmp_path, broker,
         assert b.wait_until(lambda: all(b.store.has_version(bytes.fromhex(v)) for v in versions[-10:]), TIMEOUT)
         assert b.wait_until(lambda: b.consensus(region, keys[-1]) is not None, TIMEOUT)
 
-        cut = node(homes[2])
+        cut = Node(configs[2])
         cut.transport.persistent = False
         cut.start()
         assert not any(cut.store.has_version(bytes.fromhex(v)) for v in versions)
@@ -126,19 +113,12 @@ def test_store_of_the_previous_schema_gets_its_sums_on_open(tmp_path):
         reopened.stop()
 
 
-def test_more_than_one_exchange_carries_goes_on_until_caught_up(tmp_path, broker, region):
+def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, region):
     """With a small message size limit an exchange is cut short (descent and envelopes
     per step are bounded); the late node pulls again at once until nothing differs."""
-    homes = [tmp_path / f"n{i}" for i in range(3)]
-    members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
-
-    def node(home):
-        return Node(Config(home=home, regions=[region], broker_host=broker.host, broker_port=broker.port,
-                           protocol=broker.protocol, members=members, sync_interval=0, snapshot_interval=0,
-                           max_message_bytes=8192))
-
-    a, b = node(homes[0]).start(), node(homes[1]).start()
-    late = node(homes[2])
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0, max_message_bytes=8192)
+    a, b = Node(configs[0]).start(), Node(configs[1]).start()
+    late = Node(configs[2])
     try:
         keys = [f"k{i:03d}" for i in range(200)]
         for k in keys:
