@@ -73,8 +73,7 @@ class Node(Voting):
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
         self._activity = threading.Condition()
-        self._inflight: dict[int, bytes] = {}
-        self._early_acks: set[int] = set()
+        self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker, not yet acknowledged
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[Queued] = []
         self._events: list[FrameVersion] = []
@@ -346,23 +345,16 @@ class Node(Voting):
         return env
 
     def _publish(self, item: Queued) -> None:
-        mid = self.transport.publish(item.topic, item.envelope)
-        if mid is None:
-            return  # not started: the envelope stays in the outbox until start()
         with self._acks:
-            if mid in self._early_acks:  # the broker answered before we recorded the id
-                self._early_acks.discard(mid)
-                self.store.mark_published(item.msg_id)
-            else:
-                self._inflight[mid] = item.msg_id
+            self._inflight.add(item.msg_id)
+        if self.transport.publish(item.topic, item.envelope, token=item.msg_id) is None:
+            with self._acks:  # not started: the envelope stays in the outbox until start()
+                self._inflight.discard(item.msg_id)
 
-    def _on_ack(self, mid: int) -> None:
+    def _on_ack(self, msg_id: bytes) -> None:
         with self._acks:
-            msg_id = self._inflight.pop(mid, None)
-            if msg_id is None:
-                self._early_acks.add(mid)
-            else:
-                self.store.mark_published(msg_id)
+            self._inflight.discard(msg_id)
+            self.store.mark_published(msg_id)
             self._acks.notify_all()
 
     def _drain(self, until_seq: int) -> None:

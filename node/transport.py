@@ -28,6 +28,41 @@ SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps a persistent session of
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 
+class Unacked:
+    """Packet ids sent and not yet acknowledged, each with the sender's token. paho may
+    deliver an acknowledgement before the sender has recorded the id it got back, so an
+    acknowledgement for an id not recorded yet is kept (with whether it succeeded) until
+    the id is recorded. Every id sent must be recorded, or those kept would pile up and
+    match a later message once packet ids wrap. Not locked: callers hold their own lock."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, object] = {}
+        self._early: dict[int, bool] = {}
+
+    def sent(self, mid: int, token: object = None) -> bool | None:
+        """Record a sent id. None while unacknowledged; if its acknowledgement already
+        came, whether it succeeded."""
+        if mid in self._early:
+            return self._early.pop(mid)
+        self._waiting[mid] = token
+        return None
+
+    def acked(self, mid: int, ok: bool = True) -> tuple[bool, object]:
+        """(whether the id was recorded, its token)."""
+        if mid in self._waiting:
+            return True, self._waiting.pop(mid)
+        self._early[mid] = ok
+        return False, None
+
+    def clear(self) -> None:
+        self._waiting.clear()
+        self._early.clear()
+
+    def __len__(self) -> int:
+        """Ids held: sent and waiting, or acknowledged before they were recorded."""
+        return len(self._waiting) + len(self._early)
+
+
 class TransportError(Exception):
     """The broker cannot be reached or refused the connection."""
 
@@ -48,7 +83,7 @@ class Transport:
         # away (a restart, a crash, a network cut) and deliver them when it returns.
         self.persistent = persistent
         self.on_message: MessageHandler | None = None
-        self.on_ack: Callable[[int], None] | None = None
+        self.on_ack: Callable[[object], None] | None = None  # called with a publish's token once the broker has it
         self.on_connected: Callable[[], None] | None = None
         self.will: tuple[str, bytes] | None = None  # (topic, payload) the broker publishes, retained, if we vanish
         self._filters: set[str] = set()
@@ -57,10 +92,11 @@ class Transport:
         self._version = 0
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._pub_lock = threading.Condition()
+        self._pubs = Unacked()  # kept across reconnects: paho resends unacknowledged QoS 1 messages
         self._answered = threading.Event()
         self._suback = threading.Condition()
-        self._pending_subs: set[int] = set()
-        self._early_subacks: set[int] = set()
+        self._subs = Unacked()
 
     @property
     def mqtt_version(self) -> str:
@@ -137,8 +173,7 @@ class Transport:
             # holds the second one until the broker acknowledges the first (tens of ms).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._suback:  # a dropped connection never acknowledges its subscriptions
-            self._pending_subs.clear()
-            self._early_subacks.clear()
+            self._subs.clear()
         self._subscribe(client, self._filters)
         self._connected.set()
         self._answered.set()
@@ -191,26 +226,20 @@ class Transport:
             rc, mid = client.subscribe([(f, 1) for f in filters])
         if rc == mqtt.MQTT_ERR_SUCCESS:
             with self._suback:
-                if mid in self._early_subacks:  # acknowledged before we got here
-                    self._early_subacks.discard(mid)
-                else:
-                    self._pending_subs.add(mid)
+                self._subs.sent(mid)  # (if already acknowledged, nothing is left to wait for)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         for rc in reason_codes:
             if rc.is_failure:
                 log.warning("broker %s:%s refused a subscription: %s", self.host, self.port, rc)
         with self._suback:
-            if mid in self._pending_subs:
-                self._pending_subs.discard(mid)
-            else:
-                self._early_subacks.add(mid)
+            self._subs.acked(mid)
             self._suback.notify_all()
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until the broker has acknowledged every subscription sent so far."""
         with self._suback:
-            return self._suback.wait_for(lambda: not self._pending_subs, timeout)
+            return self._suback.wait_for(lambda: not self._subs, timeout)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         # Brokers are not trusted to filter: amqtt 0.12 sends a connecting client the
@@ -224,10 +253,11 @@ class Transport:
     # -- publishing ------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                wait: float | None = None) -> int | None:
-        """Queue a message; returns its message id (acknowledged later through on_ack), or
-        None when connect() has not been called. With `wait`, block until the broker has it
-        (up to that many seconds)."""
+                wait: float | None = None, token: object = None) -> int | None:
+        """Queue a message; returns its message id, or None when connect() has not been
+        called. With a token, `on_ack(token)` is called once the broker has acknowledged it
+        (perhaps before this returns). With `wait`, block until the broker has it (up to that
+        many seconds)."""
         if self._client is None:
             return None
         props = None
@@ -235,6 +265,11 @@ class Transport:
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = CONTENT_TYPE
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos > 0:
+            with self._pub_lock:
+                acked = self._pubs.sent(info.mid, token)
+            if acked and token is not None and self.on_ack is not None:
+                self.on_ack(token)
         if wait:
             try:
                 info.wait_for_publish(wait)
@@ -242,6 +277,15 @@ class Transport:
                 pass
         return info.mid
 
+    def wait_acked(self, timeout: float) -> bool:
+        """Wait until the broker has acknowledged every message published (tokens or not)
+        and nothing is left in the acknowledgement bookkeeping."""
+        with self._pub_lock:
+            return self._pub_lock.wait_for(lambda: not self._pubs, timeout)
+
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if self.on_ack is not None and not reason_code.is_failure:  # (also for retained publishes)
-            self.on_ack(mid)
+        with self._pub_lock:
+            known, token = self._pubs.acked(mid, not reason_code.is_failure)
+            self._pub_lock.notify_all()
+        if known and token is not None and self.on_ack is not None and not reason_code.is_failure:
+            self.on_ack(token)

@@ -147,3 +147,15 @@ def test_diff_with_missing_parent_waits_then_applies(make_node, region, attacker
     assert b.wait_until(lambda: same_head(b, region, "k", v2.hex()), TIMEOUT)
     assert b.get(region, "k") == v2_value
     assert b.store.count_diffs("pending") == 0
+
+
+def test_acknowledgement_bookkeeping_empties_once_the_broker_has_everything(make_node, region):
+    """Messages sent outside the outbox (digests, trace heads, fingerprints) are tracked
+    like outbox ones: no acknowledgement is left over to match a later message once MQTT
+    packet ids wrap (65,535), which would mark an unsent outbox entry as delivered."""
+    a = make_node(sync_interval=0)
+    for i in range(20):
+        a.put(region, f"k{i}", {"i": i})
+        a.sync_now()  # digest, trace head and fingerprint: acknowledged, never waited for
+    assert a.wait_published(TIMEOUT) and not a.store.unpublished()
+    assert a.transport.wait_acked(TIMEOUT)
