@@ -134,6 +134,11 @@ class Store:
         if version == 1:
             with self.transaction():
                 self.db["diffs"].create_index(["version"], if_not_exists=True)
+                # Acknowledged envelopes used to stay in the outbox (a second copy of each).
+                self._exec("DELETE FROM outbox WHERE acked = 1")
+                self._exec("DROP INDEX IF EXISTS idx_outbox_acked_seq")
+                self.db["outbox"].transform(drop={"acked"})
+                self.db["outbox"].create_index(["seq"], if_not_exists=True)
                 self.rebuild_sums()
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
@@ -167,9 +172,8 @@ class Store:
                                pk="node_id")
             db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
                                  pk="node_id")
-            db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "acked": int, "seq": int},
-                                pk="msg_id")
-            db["outbox"].create_index(["acked", "seq"])
+            db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "seq": int}, pk="msg_id")
+            db["outbox"].create_index(["seq"])
             db["senders"].create({"node_id": str, "public_key": bytes, "top": int, "mask": bytes,
                                   "hlc": int}, pk="node_id")
             db["meta"].create({"name": str, "value": int}, pk="name")
@@ -538,15 +542,16 @@ class Store:
     # -- outbox ----------------------------------------------------------------------
 
     def queue(self, msg_id: bytes, topic: str, envelope: bytes, seq: int) -> None:
-        self._exec("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, acked, seq) VALUES (?, ?, ?, 0, ?)",
-                        [msg_id, topic, envelope, seq])
+        self._exec("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, seq) VALUES (?, ?, ?, ?)",
+                   [msg_id, topic, envelope, seq])
 
     def unpublished(self, limit: int = -1, after_seq: int = 0, until_seq: int | None = None) -> list[Queued]:
         """Own envelopes the broker has not acknowledged, oldest first."""
-        rows = self._exec("SELECT msg_id, topic, envelope, seq FROM outbox WHERE acked = 0 AND seq > ? AND seq <= ?"
+        rows = self._exec("SELECT msg_id, topic, envelope, seq FROM outbox WHERE seq > ? AND seq <= ?"
                           " ORDER BY seq LIMIT ?", [after_seq, 2**62 if until_seq is None else until_seq, limit])
         return [Queued(*r) for r in rows]
 
     def mark_published(self, msg_id: bytes) -> None:
+        """The broker has it: the outbox lets it go (the diffs and votes tables keep it)."""
         with self.transaction():
-            self._exec("UPDATE outbox SET acked = 1 WHERE msg_id = ?", [msg_id])
+            self._exec("DELETE FROM outbox WHERE msg_id = ?", [msg_id])

@@ -85,9 +85,10 @@ def test_node_cut_off_during_1000_writes_gets_them_all_by_sync(member_configs, r
             n.stop()
 
 
-def test_store_of_the_previous_schema_gets_its_sums_on_open(tmp_path):
+def test_store_of_the_previous_schema_is_brought_up_to_date_on_open(tmp_path):
     """A board updated in the field keeps its store: the sums anti-entropy compares are
-    computed once from what the old store holds."""
+    computed once from what the old store holds, and the outbox lets go of the envelopes
+    the broker had acknowledged (schema 1 kept them, a second copy of each)."""
     from edgeswarm.node.store import SCHEMA_VERSION, Store
 
     home = tmp_path / "n"
@@ -100,15 +101,23 @@ def test_store_of_the_previous_schema_gets_its_sums_on_open(tmp_path):
     node.stop()
     assert len(kept) == 5 and sum(r[2] for r in kept) == 6  # six authored versions
     old = Store(home / "store.db")
-    with old.transaction():
-        old.db.execute("DROP TABLE sums")
-        old.db.execute("PRAGMA user_version=1")
+    unsent = old.unpublished()
+    assert len(unsent) == 12  # (no broker: every write and its vote are still waiting)
+    with old.transaction():  # the store as schema 1 left it
+        for statement in ("DROP TABLE sums", "DROP INDEX idx_diffs_version", "DROP INDEX idx_outbox_seq",
+                          "ALTER TABLE outbox ADD COLUMN acked INTEGER NOT NULL DEFAULT 0",
+                          "CREATE INDEX idx_outbox_acked_seq ON outbox (acked, seq)",
+                          "INSERT INTO outbox (msg_id, topic, envelope, seq, acked) VALUES (x'00', 't', x'00', 0, 1)",
+                          "PRAGMA user_version=1"):
+            old.db.execute(statement)
     old.close()
     reopened = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
     try:
         assert reopened.store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert list(reopened.store.sums_under("plant")) == kept
         assert reopened.sync.digest("plant") == digest
+        assert reopened.store.unpublished() == unsent  # the acknowledged copy went, the waiting ones stayed
+        assert "acked" not in reopened.store.db["outbox"].columns_dict
     finally:
         reopened.stop()
 
