@@ -34,12 +34,12 @@ class Voting:
             for msg_id, raw in self.store.pending(region, key):
                 env = decode(raw, max_bytes=len(raw))
                 key_, parent, version, ops, merge = parse_diff(env.body)
-                if self.store.has_version(version) or self._parent_ready(region, key, parent, merge):
-                    ok = self.store.has_version(version) or self._apply(env, key_, parent, version, ops)
+                held = self.store.has_version(version)
+                if held or self._parent_ready(region, key, parent, merge):
+                    ok = held or self._apply(env, key_, parent, version, ops)
                     self.store.set_diff_status(msg_id, "applied" if ok else "rejected")
                     self.counters["pending-applied" if ok else "pending-rejected"] += 1
                     progress = True
-
 
     def _parent_ready(self, region: str, key: str, parent: bytes | None, merge: list[bytes] | None) -> bool:
         """True when a diff's parent is here, rebuilding it first if it is a merge of versions
@@ -103,8 +103,8 @@ class Voting:
                 return voter.Dag(metas)
         return self._dag(region, key)
 
-    def _decide(self, region: str, key: str, readonly: bool = False) -> voter.Decision:
-        frame = self.store.frame(region, key)
+    def _decide(self, region: str, key: str, readonly: bool = False, frame: Frame | None = None) -> voter.Decision:
+        frame = frame or self.store.frame(region, key)
         dag = self._window(region, key, frame)
         counts = self._counts(self.store.flagged())
         eligible = dag.eligible(counts)
@@ -156,7 +156,7 @@ class Voting:
         """Recompute head, own vote and consensus of a frame after any change to it."""
         self._catch_up(region, key)
         before = self.store.frame(region, key)
-        d = self._decide(region, key)
+        d = self._decide(region, key, frame=before)
         self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round, d.settled))
         dag = d.dag
         self.store.set_states({v: st for v, st in d.states.items()
