@@ -112,7 +112,12 @@ class Trace:
         if type(start) is not int or type(end) is not int or not 1 <= start <= end:
             raise MalformedError("a trace request is {from, to}")
         end = min(end, start + MAX_RANGE - 1)
-        entries = [[raw, sig] for raw, sig in self.store.trace_range(self.node.node_id, start, end)]
+        entries, size = [], 0
+        for raw, sig in self.store.trace_range(self.node.node_id, start, end):
+            size += len(raw) + len(sig) + 8
+            if entries and size > self.node.config.max_message_bytes // 2:
+                break  # the rest at the asker's next round: a response stays under the size limit
+            entries.append([raw, sig])
         if entries:
             self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries})
 

@@ -139,7 +139,10 @@ def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, 
         assert consensus_map(late, region, keys) == consensus_map(a, region, keys)
         assert late.counters["sync.pulls"] >= 2, late.stats()  # 8 messages of 8 KiB per step: not in one
         assert late.wait_until(lambda: late.sync.digest(region) == a.sync.digest(region), TIMEOUT)
-        assert late.counters["rejected.internal"] == 0
+        # a's trace head goes out with its digests: its trace comes in pieces under the limit too.
+        a.sync_now()
+        assert late.wait_until(lambda: late.store.trace_head(a.node_id) is not None, TIMEOUT)
+        assert late.counters["rejected.internal"] == late.counters["rejected.oversize"] == 0
     finally:
         for n in (a, b, late):
             n.stop()
