@@ -17,6 +17,7 @@ messages are ignored, so retained copies delivered again change nothing.
 from __future__ import annotations
 
 import logging
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared.envelope import MalformedError
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeswarm.presence")
 
-SOFTWARE = "edgeswarm 0.1.0"
+SOFTWARE = f"edgeswarm {version('edgeswarm')}"  # the installed package's version (pyproject.toml)
 
 
 class Presence:
