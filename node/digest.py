@@ -101,7 +101,7 @@ class Tree:
     positions and hashes (two arrays of 64-bit integers, 16 bytes a frame), the level-1
     counts, and a way to name the frame at a position."""
 
-    def __init__(self, rows: Iterable[tuple[int, int, int, int]],
+    def __init__(self, rows: Iterable[tuple[int, int, int, int]] = (),
                  name: Callable[[int], tuple[str, str] | None] = lambda pos: None) -> None:
         # rows: (position, frame hash, authored versions, sum of latest vote rounds), in position order
         self.pos = array("q")
@@ -114,6 +114,24 @@ class Tree:
             c[0] += versions
             c[1] += rounds
         self._name = name
+
+    def apply(self, pos: int, item: int, versions: int, rounds: int) -> None:
+        """XOR an item into the frame at a position (new: inserted in order), as the store
+        did to its sum."""
+        i = bisect_left(self.pos, pos)
+        if i < len(self.pos) and self.pos[i] == pos:
+            self.hashes[i] ^= item
+        else:
+            self.pos.insert(i, pos)
+            self.hashes.insert(i, item)
+        c = self._counts[pos >> (POS_BITS - FANOUT_BITS)]
+        c[0] += versions
+        c[1] += rounds
+
+    def copy(self) -> Tree:
+        t = Tree(name=self._name)
+        t.pos, t.hashes, t._counts = array("q", self.pos), array("q", self.hashes), self.counts()
+        return t
 
     def span(self, level: int, index: int) -> tuple[int, int]:
         shift = POS_BITS - FANOUT_BITS * level

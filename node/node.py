@@ -13,12 +13,18 @@ topic), replay window, then for a diff: parent lookup (missing: kept pending), a
 version hash, coherence, store; for a vote: equivocation check, store. Either way the
 voter then recomputes the frame's head and consensus and this node votes for its new head.
 A message that fails any step is counted by reason and never raises out of the receive loop.
+
+Messages are taken off the network thread into an inbox and handled by one worker thread,
+consecutive diffs and votes in one transaction: the network thread only acknowledges and
+queues, so a long sync response never holds back acknowledgements (amqtt drops a QoS 1
+delivery it waited 5 s for) or keepalives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections import Counter
 from pathlib import Path
@@ -47,6 +53,8 @@ from .voting import Voting
 log = logging.getLogger("edgeswarm.node")
 
 OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
+INBOX_SIZE = 10_000  # messages received and not yet handled; beyond, the network thread waits
+INBOX_BATCH = 500  # messages handled in one go by the worker
 
 KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
@@ -79,6 +87,8 @@ class Node(Voting):
         self._events: list[FrameVersion] = []
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
+        self._worker: threading.Thread | None = None
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
         # The node's own connection is persistent and announces the node (birth, will,
         # fingerprints); a tagged one (a short-lived CLI command) does neither.
@@ -96,6 +106,8 @@ class Node(Voting):
 
     def start(self) -> Node:
         """Connect to the broker, follow the configured regions, send what the outbox holds."""
+        self._worker = threading.Thread(target=self._work, daemon=True, name=f"edgeswarm-inbox-{self.node_id}")
+        self._worker.start()
         self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id),
                                   *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint"))])
         if self._announces:
@@ -145,6 +157,10 @@ class Node(Voting):
         with self._acks:
             self._acks.notify_all()  # a backlog sender waiting for acks stops
         self.transport.close()
+        if self._worker is not None:  # what was received is handled before the store closes
+            self._inbox.put(None)
+            self._worker.join(30)
+            self._worker = None
         self.store.close()
 
     def __enter__(self) -> Node:
@@ -434,13 +450,32 @@ class Node(Voting):
                     "rejected message (%s, %d so far): %s", reason, n, detail)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        try:
-            self.receive(topic, payload)
-        except Exception:  # a bug must not stop the network thread
-            self.counters["rejected.internal"] += 1
-            log.exception("internal error while handling a message on %s", topic)
-        with self._activity:
-            self._activity.notify_all()
+        self._inbox.put((topic, payload))
+
+    def _work(self) -> None:
+        """The inbox worker: handle what arrives, in order, a batch at a time."""
+        while True:
+            batch = [self._inbox.get()]
+            while len(batch) < INBOX_BATCH and batch[-1] is not None:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            messages = [m for m in batch if m is not None]
+            try:
+                self.receive_many(messages)
+            except Exception:  # a bug must not stop the worker: take them one at a time
+                for topic, payload in messages:
+                    try:
+                        self.receive(topic, payload)
+                    except Exception:
+                        self.counters["rejected.internal"] += 1
+                        log.exception("internal error while handling a message on %s", topic)
+            with self._activity:
+                self._activity.notify_all()
+            if stop:
+                return
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Wait until `condition()` holds, re-checking after each message this node handles."""
@@ -449,24 +484,48 @@ class Node(Voting):
 
     def receive(self, topic: str, payload: bytes) -> None:
         """Handle one message as it came from the broker."""
+        self.receive_many([(topic, payload)])
+
+    def receive_many(self, messages: Iterable[tuple[str, bytes]]) -> None:
+        """Handle messages as they came from the broker, in order; consecutive diffs and
+        votes are taken in one transaction."""
+        live: list[Envelope] = []
+        for topic, payload in messages:
+            env = self._decode(topic, payload)
+            if env is None:
+                continue
+            if env.kind in ("diff", "vote"):
+                live.append(env)
+                continue
+            if live:
+                self._take(live)
+                live = []
+            self._dispatch(topic, env)
+        if live:
+            self._take(live)
+
+    def _take(self, envs: list[Envelope]) -> None:
+        with self._transaction():
+            self.handle_many([env for env in envs if self._accept(env)])
+
+    def _decode(self, topic: str, payload: bytes) -> Envelope | None:
         self.counters["received"] += 1
         if not payload and "/node/" in topic:
             self.counters["presence.cleared"] += 1  # a node clearing its retained birth or fingerprint
-            return
+            return None
         try:
             env = decode(payload, max_bytes=self.config.max_message_bytes, topic=topic)
         except EnvelopeError as e:
             self._reject(e.reason, f"{topic}: {e}")
-            return
+            return None
         if env.sender == self.identity.public_key:
             self.counters["own"] += 1
-            return
+            return None
         self.counters[f"bytes-in.{env.kind}"] += len(payload)
-        if env.kind in ("diff", "vote"):
-            with self._transaction():
-                if self._accept(env):
-                    self.handle(env)
-            return
+        return env
+
+    def _dispatch(self, topic: str, env: Envelope) -> None:
+        """Handle a message other than a diff or vote."""
         if env.kind in ("birth", "death", "fingerprint"):
             # Retained, so delivered again on every subscription: no replay window; the
             # session and clock in them decide what is news. A node speaks only for itself.

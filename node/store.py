@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import sqlite_utils
 
@@ -39,6 +39,8 @@ from edgeswarm.shared.diff import HASH_BYTES
 from edgeswarm.shared.envelope import canonical, strict_loads
 
 from .digest import position, version_item, vote_item
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 
@@ -111,6 +113,12 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        # Anti-entropy keeps its digest trees in memory: every committed change to `sums` is
+        # handed to these listeners as (generation, [(region, position, item, versions,
+        # rounds), ...]), or (generation, None) when the table was rebuilt.
+        self.sum_listeners: list[Callable[[int, list | None], None]] = []
+        self.sums_gen = 0
+        self._sum_changes: list | None = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=10.0,
@@ -193,13 +201,17 @@ class Store:
             for region, key, voter, round_, version in self._exec(
                     "SELECT region, key, voter, round, version FROM latest"):
                 self._add_sum(region, key, vote_item(voter, round_, version), 0, round_)
+            self._sum_changes = None  # (listeners start again from the table)
 
     def _add_sum(self, region: str, key: str, item: int, versions: int, rounds: int) -> None:
         """XOR an item hash into a frame's sum (SQLite has no XOR operator: a|b & ~(a&b))."""
+        pos = position(region, key)
+        if self._sum_changes is not None:
+            self._sum_changes.append((region, pos, item, versions, rounds))
         self._exec("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALUES (?, ?, ?, ?, ?, ?)"
                    " ON CONFLICT (region, key) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash),"
                    " versions = versions + excluded.versions, rounds = rounds + excluded.rounds",
-                   [region, key, position(region, key), item, versions, rounds])
+                   [region, key, pos, item, versions, rounds])
 
     # -- transactions ----------------------------------------------------------------
 
@@ -216,8 +228,14 @@ class Store:
                 yield self
             except BaseException:
                 conn.execute("ROLLBACK")
+                self._sum_changes = []
                 raise
             conn.execute("COMMIT")
+            changes, self._sum_changes = self._sum_changes, []
+            if changes != []:
+                self.sums_gen += 1
+                for listener in self.sum_listeners:
+                    listener(self.sums_gen, changes)
 
     def close(self) -> None:
         with self._lock:
@@ -433,14 +451,14 @@ class Store:
         rows = self._exec("SELECT voter, version FROM latest WHERE region = ? AND key = ?", [region, key])
         return dict(rows)
 
-    def sums_under(self, root: str) -> Iterator[tuple[int, int, int, int]]:
-        """(position, frame hash, authored versions, sum of latest rounds) of every frame in
-        the region tree `root`, in position order; streamed (a store may hold 100k frames),
-        so consume it at once: the store lock is held until the last row."""
+    def read_sums(self, root: str, take: Callable[[Iterable[tuple[int, int, int, int]]], T]) -> tuple[int, T]:
+        """`take` applied to (position, frame hash, authored versions, sum of latest rounds)
+        of every frame in the region tree `root`, in position order, streamed (a store may
+        hold 100k frames); with the generation of `sums` they reflect."""
         with self._lock:
-            yield from self.db.conn.execute(
+            return self.sums_gen, take(self.db.conn.execute(
                 "SELECT pos, hash, versions, rounds FROM sums WHERE region = ? OR substr(region, 1, ?) = ?"
-                " ORDER BY pos", [root, len(root) + 1, root + "/"])
+                " ORDER BY pos", [root, len(root) + 1, root + "/"]))
 
     def frame_at(self, root: str, pos: int) -> tuple[str, str] | None:
         """(region, key) of the frame at a digest position in the region tree `root`."""

@@ -49,6 +49,7 @@ log = logging.getLogger("edgeswarm.sync")
 
 LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
 EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
+MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are dropped instead
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
 
 
@@ -70,6 +71,15 @@ class Sync:
         self._scheduler = None
         self._lock = threading.Lock()
         self._pulls: dict[str, _Pull] = {}  # root -> the pull under way: one per tree at a time
+        # The digest tree of each followed root, kept in memory and brought up to date with
+        # the store's committed changes to its sums (reading 100k sums for every exchange
+        # step would cost more than the step).
+        self._trees: dict[str, tuple[int, Tree]] = {}  # root -> (sums generation, tree)
+        self._trees_lock = threading.Lock()
+        self._changes: list[tuple[int, list | None]] = []
+        self._changes_lock = threading.Lock()
+        self._tracking = False
+        self.store.sum_listeners.append(self._on_sums)
 
     # -- schedule --------------------------------------------------------------------
 
@@ -95,8 +105,42 @@ class Sync:
 
     # -- digests ---------------------------------------------------------------------
 
+    def _on_sums(self, gen: int, changes: list | None) -> None:
+        """(Called by the store as it commits, under its lock: only queue them.)"""
+        with self._changes_lock:
+            if not self._tracking:
+                return
+            self._changes.append((gen, changes))
+            if len(self._changes) > MAX_CHANGES:  # nobody has asked for a tree in a long while
+                self._changes = [(gen, None)]
+                self._tracking = False
+
     def tree(self, root: str) -> Tree:
-        return Tree(self.store.sums_under(root), lambda pos: self.store.frame_at(root, pos))
+        """This node's digest tree of a region tree, as of now (a copy the caller owns)."""
+        with self._trees_lock:
+            with self._changes_lock:
+                changes, self._changes = self._changes, []
+            for gen, batch in changes:
+                if batch is None:  # the sums were rebuilt
+                    self._trees.clear()
+                    continue
+                for r, (at, tree) in list(self._trees.items()):
+                    if gen > at:
+                        for region, pos, item, versions, rounds in batch:
+                            if region_covers(r, region):
+                                tree.apply(pos, item, versions, rounds)
+                        self._trees[r] = (gen, tree)
+            if root in self._trees:
+                return self._trees[root][1].copy()
+            keep = root in self.node.config.regions  # (a peer may name any region below them: not kept)
+            if keep:
+                with self._changes_lock:
+                    self._tracking = True
+            gen, tree = self.store.read_sums(root, lambda rows: Tree(rows, lambda p: self.store.frame_at(root, p)))
+            if keep:
+                self._trees[root] = (gen, tree)
+                return tree.copy()
+            return tree
 
     def digest(self, root: str, tree: Tree | None = None) -> dict:
         tree = tree or self.tree(root)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from edgeswarm.node.digest import Tree
 from edgeswarm.node import Config, Node
 from edgeswarm.shared.identity import Identity
 
@@ -82,6 +83,8 @@ def test_any_interleaving_converges_and_loses_nothing(steps):
             identity.save(home / "node.key")
         members = [i.node_id for i in identities]
         nodes = [Node(Config(home=h, regions=["sim"], members=members)) for h in homes]
+        for node in nodes:
+            node.sync.tree("sim")  # kept in memory from here on, following the store's changes
         net = Network(nodes)
         written: set[str] = set()
         try:
@@ -116,9 +119,12 @@ def test_any_interleaving_converges_and_loses_nothing(steps):
             # sums computed from scratch, and the same on every node once they agree.
             digests = set()
             for node in nodes:
-                kept = list(node.store.sums_under("sim"))
+                kept = node.store.read_sums("sim", list)[1]
+                followed = node.sync.tree("sim")
+                assert (list(followed.pos), list(followed.hashes)) == ([r[0] for r in kept], [r[1] for r in kept])
+                assert followed.counts() == Tree(kept).counts()
                 node.store.rebuild_sums()
-                assert list(node.store.sums_under("sim")) == kept
+                assert node.store.read_sums("sim", list)[1] == kept
                 digests.add(node.sync.digest("sim")["hashes"])
             assert len(digests) == 1, "settled nodes whose digests differ would sync forever"
         finally:
