@@ -133,7 +133,7 @@ class Node(Voting):
         is on, since whatever happened while away is best found now."""
         self.presence.announce()
         if self.config.sync_interval > 0:
-            self.sync.publish_digests()
+            self.sync.publish_digests(hello=True)
 
     def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
         """Sign and publish a message that is not kept in the outbox: sync, trace and
@@ -537,7 +537,7 @@ class Node(Voting):
             except (MalformedError, ValueError) as e:
                 self._reject("bad-presence", f"{env.kind} from {env.sender_id}: {e}")
             return
-        sync = {"digest": lambda e: self.sync.on_digest(e, direct=e.region is None),
+        sync = {"digest": self.sync.on_digest,
                 "sync-req": self.sync.on_request, "sync-resp": self.sync.on_response,
                 "trace-head": self.trace.on_head, "trace-req": self.trace.on_request,
                 "trace-resp": self.trace.on_response}.get(env.kind)

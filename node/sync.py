@@ -30,10 +30,11 @@ Merges are never sent: every node rebuilds them.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
@@ -49,6 +50,12 @@ log = logging.getLogger("edgeswarm.sync")
 
 LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
 EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
+ANSWER_GAP = 2.0  # seconds: digests from several nodes within this get one answer from a node in the same state
+SETTLE = 0.3  # seconds between a differing digest and the decision to pull: the others' digests come meanwhile
+JOIN_SETTLE = 1.0  # the same, for a node that (re)joined less than JOINING seconds ago
+JOINING = 5.0
+MAX_FORWARD = 64  # envelopes kept to forward, in message size limits; a bigger catch-up is not forwarded
+MAX_PEERS = 1024  # digests remembered per region tree
 MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are dropped instead
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
 
@@ -58,10 +65,24 @@ class _Pull:
     """This node's exchange for one region tree."""
     peer: str
     deadline: float  # monotonic time after which it is given up
+    pre: bytes  # this node's level-1 hashes when it began
     cut: bool = False  # a step was cut short: pull again when it ends
+    taken: list[bytes] | None = field(default_factory=list)  # envelopes received, to forward (None: too many)
+    size: int = 0
 
     def extend(self) -> None:
         self.deadline = time.monotonic() + EXCHANGE_TIMEOUT
+
+
+@dataclass
+class _Seen:
+    """A peer's latest digest."""
+    hashes: bytes  # level-1 hashes
+    counts: list
+    at: float  # monotonic time it came
+    pulling: bytes | None = None  # the peer is pulling for nodes in this state (see on_digest)
+    hello: bool = False  # it came as the peer (re)joined
+    welcome: bool = False  # it answered this node's hello: the peer was there before
 
 
 class Sync:
@@ -71,6 +92,14 @@ class Sync:
         self._scheduler = None
         self._lock = threading.Lock()
         self._pulls: dict[str, _Pull] = {}  # root -> the pull under way: one per tree at a time
+        # root -> peer -> the latest digest seen from it
+        self._seen: dict[str, dict[str, _Seen]] = {}
+        self._published: dict[str, tuple[bytes, float]] = {}  # root -> (level-1 hashes, when) last published
+        self._hello = -JOINING  # monotonic time this node last published its digests on (re)joining
+        self._followers: dict[str, dict[str, float]] = {}  # root -> peers that wait for this node's pull -> when
+        self._forwarded: dict[str, tuple[float, list[bytes], dict]] = {}  # root -> (when, envelopes, digest) last forwarded
+        self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
+        self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
         # the store's committed changes to its sums (reading 100k sums for every exchange
         # step would cost more than the step).
@@ -99,6 +128,11 @@ class Sync:
         self._scheduler.start()
 
     def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            timers, self._deciding = list(self._deciding.values()), {}
+        for timer in timers:
+            timer.cancel()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
@@ -146,51 +180,166 @@ class Sync:
         tree = tree or self.tree(root)
         return {"region": root, "hashes": pack(tree.children(0, 0)), "counts": tree.counts()}
 
-    def publish_digests(self) -> None:
+    def publish_digests(self, hello: bool = False) -> None:
         """Publish a digest of every followed region tree and this node's trace head (the
-        scheduled job)."""
+        scheduled job; `hello` on (re)connecting)."""
         self.node.trace.publish_head()
         self.node.presence.publish_fingerprint()
+        if hello:
+            self._hello = time.monotonic()
         for root in self.node.config.regions:
             try:
-                self.node.send_now(region_topic("digest", root), "digest", self.digest(root), region=root)
+                self._publish_digest(root, self.tree(root), {"hello": True} if hello else {})
             except Exception:  # a failed round is retried at the next interval
                 log.exception("publishing the digest of %s failed", root)
 
-    def on_digest(self, env: Any, direct: bool) -> None:
+    def _publish_digest(self, root: str, tree: Tree, flags: dict) -> None:
+        digest = self.digest(root, tree) | flags
+        self._published[root] = (digest["hashes"], time.monotonic())
+        self.node.send_now(region_topic("digest", root), "digest", digest, region=root)
+
+    def on_digest(self, env: Any) -> None:
         root, theirs, counts = _parse_digest(env.body)
         if not self._follows(root):
             return
+        body = env.body
+        pulling = body.get("pulling")
+        self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
+                                                  pulling if type(pulling) is bytes else None, bool(body.get("hello")),
+                                                  bool(body.get("welcome"))))
         tree = self.tree(root)
         differing = _differing(tree, theirs)
+        if body.get("hello"):
+            # A node (re)joining learns from the nodes in its state that they are, and from
+            # one pulling for that state that it is: it leaves the pull to them (_decide).
+            with self._lock:
+                pull = self._pulls.get(root)
+                pre = pull.pre if pull is not None else None
+            if not differing or pre == body["hashes"]:
+                self._send(env.sender_id, "digest",
+                           self.digest(root, tree) | {"answer": True, "welcome": True, "pulling": pre})
+                differing = []
         if not differing:
             self.node.counters["sync.in-step"] += 1
             return
         self.node.counters["sync.differing-digests"] += 1
-        if not direct:  # let the sender compare with us too (once: never answer a direct digest)
-            self.node.send_now(node_topic(env.sender_id, "digest"), "digest", self.digest(root, tree))
-        self._pull(root, env.sender_id, tree, theirs, counts, differing)
+        # Let the sender, and the others, compare with us too: answer a digest published by
+        # a round or a (re)connection (never an answer), once for the digests that come
+        # together (several nodes reconnecting at once).
+        hashes, at = self._published.get(root, (b"", -ANSWER_GAP))
+        if body.get("answer"):
+            pass
+        elif hashes != pack(tree.children(0, 0)) or time.monotonic() - at > ANSWER_GAP:
+            self._publish_digest(root, tree, {"answer": True})
+        elif body.get("hello"):  # it joined after our answer went out: to it alone
+            self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
+        # A node that has just (re)joined waits longer: others in its state may be joining too
+        # (after a network split heals), and the first of them is to pull for all.
+        self._schedule(root, JOIN_SETTLE if time.monotonic() - self._hello < JOINING else SETTLE)
 
-    def _pull(self, root: str, peer: str, tree: Tree, theirs: list[int], counts: list[list[int]],
-              differing: list[int]) -> None:
-        """Begin an exchange with a peer whose digest differs, unless it is only behind or
-        an exchange for this tree is under way."""
-        mine = tree.counts()
-        if all(counts[j][0] <= mine[j][0] and counts[j][1] <= mine[j][1] and counts[j] != mine[j]
-               for j in differing):
-            self.node.counters["sync.peer-behind"] += 1
-            return
+    def _remember(self, root: str, peer: str, seen: _Seen) -> None:
+        with self._lock:
+            peers = self._seen.setdefault(root, {})
+            peers.pop(peer, None)
+            peers[peer] = seen
+            while len(peers) > MAX_PEERS:
+                del peers[next(iter(peers))]
+
+    def _schedule(self, root: str, delay: float, waited: bool = False) -> None:
+        with self._lock:
+            if root in self._deciding or self._stopped:
+                return
+            timer = self._deciding[root] = threading.Timer(delay, self._decide, (root, waited))
+        timer.daemon = True
+        timer.start()
+
+    def _decide(self, root: str, waited: bool) -> None:
+        """A while after a differing digest: pull from a peer that holds something this node
+        lacks. Nodes in the same state (the same digest, seen lately) leave it to one of
+        them, which forwards what it receives to the others (`_forward`); they pull
+        themselves only if they still lack something an exchange timeout later. The one is
+        a node already pulling for that state, else a node that was there before (not
+        (re)joining), the first by node id among those."""
+        with self._lock:
+            self._deciding.pop(root, None)
+            if self._stopped:
+                return
+            seen = list(self._seen.get(root, {}).items())
+        try:
+            tree = self.tree(root)
+            mine, counts = pack(tree.children(0, 0)), tree.counts()
+            fresh = time.monotonic() - EXCHANGE_TIMEOUT
+            ahead = []
+            for peer, their in seen:
+                differing = _differing(tree, unpack(their.hashes, FANOUT))
+                if differing and not _only_behind(counts, their.counts, differing):
+                    ahead.append((peer, their.hashes, differing))
+            if not ahead:
+                return
+            if not waited:
+                leader = _leader(seen, mine, self.node.node_id, fresh)
+                if leader is not None:
+                    self.node.counters["sync.deferred"] += 1
+                    self._send(leader, "sync-req", {"region": root, "follow": True})
+                    self._schedule(root, EXCHANGE_TIMEOUT, waited=True)
+                    return
+            peer, hashes, differing = random.choice(ahead)
+            self._pull(root, peer, tree, hashes, differing)
+        except Exception:
+            log.exception("deciding on a pull of %s failed", root)
+
+    def _pull(self, root: str, peer: str, tree: Tree, hashes: bytes, differing: list[int],
+              carry: _Pull | None = None) -> None:
+        """Begin an exchange with a peer whose digest differs, unless an exchange for this
+        tree is under way."""
         now = time.monotonic()
         with self._lock:
             current = self._pulls.get(root)
             if current is not None and current.deadline > now:
                 self.node.counters["sync.pull-busy"] += 1
                 return
-            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT)
+            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT, pack(tree.children(0, 0)))
+            if carry is not None:  # a pull going on where one cut short ended
+                pull.pre, pull.taken, pull.size = carry.pre, carry.taken, carry.size
         self.node.counters["sync.pulls"] += 1
-        nodes, frames, cut = self._compare_nodes(tree, [[0, 0, pack(theirs)]])
+        nodes, frames, cut = self._compare_nodes(tree, [[0, 0, hashes]])
         pull.cut |= cut
         self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames})
+
+    def _forward(self, root: str, pull: _Pull) -> None:
+        """At the end of a pull: send what it brought to the peers that wait for it (they
+        were in the state this node was in), with this node's digest now."""
+        if not pull.taken:
+            return
+        digest = self.digest(root)
+        fresh = time.monotonic() - EXCHANGE_TIMEOUT
+        with self._lock:
+            followers = self._followers.pop(root, {})
+            self._forwarded[root] = (time.monotonic(), pull.taken, digest)
+        for peer in followers:
+            if followers[peer] > fresh and peer != pull.peer:
+                self._send_forward(root, peer, pull.taken, digest)
+
+    def _send_forward(self, root: str, peer: str, envelopes: list[bytes], digest: dict) -> None:
+        chunks = self._chunks(envelopes)
+        for i, chunk in enumerate(chunks):
+            body: dict[str, Any] = {"region": root, "envelopes": chunk}
+            if i == len(chunks) - 1:
+                body["digest"] = digest
+            self._send(peer, "sync-resp", body)
+        self.node.counters["sync.forwarded"] += 1
+
+    def _on_follow(self, root: str, peer: str) -> None:
+        """A peer in the state this node was in leaves its pull to this node: forward it what
+        the pull brings, or brought lately."""
+        now = time.monotonic()
+        with self._lock:
+            self._followers.setdefault(root, {})[peer] = now
+            last = self._forwarded.get(root)
+            if root in self._pulls or root in self._deciding or last is None or last[0] < now - EXCHANGE_TIMEOUT:
+                return
+            del self._followers[root][peer]
+        self._send_forward(root, peer, last[1], last[2])
 
     # -- the exchange ----------------------------------------------------------------
 
@@ -199,6 +348,9 @@ class Sync:
         body = env.body
         root = _region(body)
         if not self._follows(root):
+            return
+        if body.get("follow"):
+            self._on_follow(root, env.sender_id)
             return
         tree = self.tree(root)
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
@@ -230,38 +382,47 @@ class Sync:
         self._send(env.sender_id, "sync-resp", reply)
 
     def on_response(self, env: Any) -> None:
-        """Initiator: take the envelopes, and take the next step down or end the pull."""
+        """Initiator: take the envelopes, and take the next step down or end the pull. (Also
+        takes envelopes a peer forwards at the end of its own pull.)"""
         body = env.body
         root = _region(body)
+        peer = env.sender_id
+        raws = _list(body, "envelopes")
         taken = []
-        for raw in _list(body, "envelopes"):
+        for raw in raws:
             if type(raw) is not bytes:
                 raise MalformedError("a sync response carries a list of envelopes")
-            inner = self._unwrap(root, raw, env.sender_id)
+            inner = self._unwrap(root, raw, peer)
             if inner is not None:
                 taken.append(inner)
-        received = len(taken)
         if taken:
             counters = self.node.counters
             held = counters["known"] + counters["votes.known"]
             self.node.handle_many(taken)
-            counters["sync.envelopes"] += received
+            counters["sync.envelopes"] += len(taken)
             counters["sync.already-held"] += counters["known"] + counters["votes.known"] - held
-        peer = env.sender_id
+        if "digest" in body:  # the sender's state after this
+            root_, _, counts = _parse_digest(body["digest"])
+            if root_ == root:
+                self._remember(root, peer, _Seen(body["digest"]["hashes"], counts, time.monotonic()))
         with self._lock:
             pull = self._pulls.get(root)
             if pull is None or pull.peer != peer:
-                if received == 0 and "envelopes" not in body:
+                if "envelopes" not in body:
                     self.node.counters["sync.stray"] += 1
                 return
-            if received:
+            if taken:
                 pull.extend()  # still going
+                if pull.taken is not None:
+                    pull.taken.extend(env.raw for env in taken)
+                    pull.size += sum(len(env.raw) for env in taken)
+                    if pull.size > MAX_FORWARD * self.node.config.max_message_bytes:
+                        pull.taken = None
         if "envelopes" in body:
             return
         pull.cut |= bool(body.get("cut"))
         if body.get("last"):
-            with self._lock:
-                self._pulls.pop(root, None)
+            self._end(root, pull)
             # An exchange cut short (more differed than one step carries): go on at once
             # rather than at the next round. Differences that are only live traffic still
             # in flight are not chased.
@@ -269,8 +430,10 @@ class Sync:
                 root_, theirs, counts = _parse_digest(body.get("digest"))
                 tree = self.tree(root)
                 differing = _differing(tree, theirs)
-                if root_ == root and differing:
-                    self._pull(root, peer, tree, theirs, counts, differing)
+                if root_ == root and differing and not _only_behind(tree.counts(), counts, differing):
+                    self._pull(root, peer, tree, pack(theirs), differing, carry=pull)
+                    return
+            self._forward(root, pull)
             return
         tree = self.tree(root)
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
@@ -281,11 +444,16 @@ class Sync:
             raise MalformedError("a want list holds positions")
         items = [self._items(tree, pos) for pos in dict.fromkeys(differ + theirs_only + want)]
         if not (nodes or frames or items):
-            with self._lock:
-                self._pulls.pop(root, None)
+            self._end(root, pull)
+            self._forward(root, pull)
             return
         pull.extend()
         self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames, "items": items})
+
+    def _end(self, root: str, pull: _Pull) -> None:
+        with self._lock:
+            if self._pulls.get(root) is pull:
+                del self._pulls[root]
 
     # -- comparing -------------------------------------------------------------------
 
@@ -422,6 +590,26 @@ def _differing(tree: Tree, theirs: list[int]) -> list[int]:
     """The level-1 nodes whose hashes differ from a peer's digest."""
     mine = tree.children(0, 0)
     return [j for j in range(FANOUT) if mine[j] != theirs[j]]
+
+
+def _leader(seen: list[tuple[str, _Seen]], mine: bytes, me: str, fresh: float) -> str | None:
+    """The peer in this node's state (seen after `fresh`) to leave a pull to, if any: one
+    pulling for it, else one that welcomed this node as it (re)joined, else the first by
+    node id of those that were in the same state and not (re)joining themselves."""
+    recent = [(peer, their) for peer, their in seen if their.at > fresh]
+    for test in (lambda p, t: t.pulling is not None, lambda p, t: t.welcome):
+        chosen = [p for p, t in recent if test(p, t)]
+        if chosen:
+            return min(chosen)
+    same = [p for p, t in recent if t.hashes == mine and not t.hello and p < me]
+    return min(same) if same else None
+
+
+def _only_behind(mine: list[list[int]], theirs: list[list[int]], differing: list[int]) -> bool:
+    """A peer whose counts are at or below ours in every differing level-1 node is missing
+    things rather than holding things we lack (counts only grow)."""
+    return all(theirs[j][0] <= mine[j][0] and theirs[j][1] <= mine[j][1] and theirs[j] != mine[j]
+               for j in differing)
 
 
 def _parse_digest(body: Any) -> tuple[str, list[int], list[list[int]]]:

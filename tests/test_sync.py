@@ -146,3 +146,33 @@ def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, 
     finally:
         for n in (a, b, late):
             n.stop()
+
+
+def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, region, monkeypatch):
+    """Two nodes that missed the same writes come back together: the first pulls for both
+    and forwards what it got; the other follows it instead of walking the tree itself."""
+    from edgeswarm.node import sync
+    monkeypatch.setattr(sync, "JOIN_SETTLE", 3.0)  # time for the second to join before the first decides
+    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
+    a, d = Node(configs[0]).start(), Node(configs[3]).start()
+    b = c = None
+    try:
+        keys = [f"k{i:02d}" for i in range(20)]
+        versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
+        assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
+        b, c = Node(configs[1]), Node(configs[2])
+        for n in (b, c):
+            n.transport.persistent = False  # no broker session kept anything for them
+            n.start()  # each says hello (its digest) as it connects
+        for n in (b, c):
+            assert n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT), n.stats()
+        leader, follower = (b, c) if b.counters["sync.pulls"] else (c, b)
+        assert leader.counters["sync.pulls"] == 1 and follower.counters["sync.pulls"] == 0, \
+            (b.counters, c.counters)
+        assert follower.counters["sync.deferred"] == 1 and leader.counters["sync.forwarded"] == 1
+        assert follower.counters["sync.envelopes"] >= len(versions)
+        assert follower.counters["sync.already-held"] == 0
+    finally:
+        for n in (a, d, b, c):
+            if n is not None:
+                n.stop()
