@@ -60,31 +60,6 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(member_configs, region):
             n.stop()
 
 
-def test_node_cut_off_during_1000_writes_gets_them_all_by_sync(member_configs, region):
-    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
-    a, b, cut = (Node(cfg).start() for cfg in configs)
-    try:
-        cut.stop()  # gone; and below it returns with a clean session, so the broker kept nothing for it
-        versions = [a.put(region, f"f{i:04d}", {"i": i}) for i in range(1000)]
-        keys = [f"f{i:04d}" for i in range(1000)]
-        assert b.wait_until(lambda: all(b.store.has_version(bytes.fromhex(v)) for v in versions[-10:]), TIMEOUT)
-        assert b.wait_until(lambda: b.consensus(region, keys[-1]) is not None, TIMEOUT)
-
-        cut = Node(configs[2])
-        cut.transport.persistent = False
-        cut.start()
-        assert not any(cut.store.has_version(bytes.fromhex(v)) for v in versions)
-        cut.sync_now()
-        assert cut.wait_until(lambda: all(cut.store.has_version(bytes.fromhex(v)) for v in versions), 60), \
-            cut.stats()
-        assert cut.wait_until(lambda: all(cut.consensus(region, k) is not None for k in keys), 60)
-        assert [cut.consensus(region, k).version for k in keys] == versions
-        assert cut.counters["rejected.internal"] == 0
-    finally:
-        for n in (a, b, cut):
-            n.stop()
-
-
 def test_store_of_the_previous_schema_is_brought_up_to_date_on_open(tmp_path):
     """A board updated in the field keeps its store: the sums anti-entropy compares are
     computed once from what the old store holds, and the outbox lets go of the envelopes
