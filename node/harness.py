@@ -22,6 +22,9 @@ from typing import Any
 from .config import Config
 
 
+LOG = "node.log"
+
+
 class HarnessError(Exception):
     """The node process failed a call, or is gone."""
 
@@ -40,9 +43,14 @@ class NodeProcess:
             raise HarnessError("coherence rules are not written to a configuration file: not carried")
         self.config.home.mkdir(parents=True, exist_ok=True)
         self.config.config_path.write_text(self.config.to_toml(), encoding="utf-8")
-        self._proc = subprocess.Popen([sys.executable, "-m", "edgeswarm.node.harness"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.node_id = self._call({"home": str(self.config.home), "persistent": self.persistent})
+        with open(self.config.home / LOG, "ab") as log:  # the node's log (stderr)
+            self._proc = subprocess.Popen([sys.executable, "-m", "edgeswarm.node.harness"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+        try:
+            self.node_id = self._call({"home": str(self.config.home), "persistent": self.persistent})
+        except HarnessError:
+            self._wait()
+            raise
         return self
 
     def __enter__(self) -> NodeProcess:
@@ -65,7 +73,7 @@ class NodeProcess:
             raise HarnessError(f"node process {self.node_id or self.config.home} exited ({proc.wait()})")
         answer = json.loads(line)
         if "error" in answer:
-            raise HarnessError(f"node {self.node_id}: {answer['error']}")
+            raise HarnessError(f"node {self.node_id or self.config.home}: {answer['error']}")
         return answer["ok"]
 
     def __getattr__(self, name: str):
@@ -160,9 +168,13 @@ def _serve() -> None:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     first = json.loads(sys.stdin.readline())
-    node = Node(Config.load(Path(first["home"])))
-    node.transport.persistent = first.get("persistent", True)
-    node.start()
+    try:
+        node = Node(Config.load(Path(first["home"])))
+        node.transport.persistent = first.get("persistent", True)
+        node.start()
+    except Exception as e:  # a broken configuration or store, no broker: said, and the process ends
+        print(json.dumps({"error": f"start: {type(e).__name__}: {e}"}), flush=True)
+        sys.exit(1)
     print(json.dumps({"ok": node.node_id}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
 
 from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.node import Config
-from edgeswarm.node.harness import NodeProcess
+from edgeswarm.node.harness import HarnessError, NodeProcess
 from edgeswarm.shared.identity import Identity
 
 from netcut import Link
@@ -97,3 +102,36 @@ def test_split_halves_of_six_processes_converge_with_forks_kept(tmp_path, region
         assert all(not view[f"{kind}{i}"]["forks"] for kind in ("joint", "left", "right") for i in range(10))
         for i in range(10):  # the disjoint edits were merged, identically everywhere
             assert {repr(n.get(region, f"joint{i}", True)) for n in nodes} == {repr({"left": i, "right": i})}
+
+
+def test_wiped_board_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, region):
+    """A board whose store is garbage: its node refuses to start and says how to recover;
+    `edgeswarm restore --file` with a peer's snapshot brings it back, and sync brings what
+    happened after the snapshot."""
+    homes = [tmp_path / name for name in ("a", "b", "wiped")]
+    members = [Identity.load_or_create(h / "node.key").node_id for h in homes]
+    configs = [Config(home=h, regions=[region], broker_host=broker.host, broker_port=broker.port,
+                      protocol=broker.protocol, members=members, sync_interval=2, snapshot_interval=0)
+               for h in homes]
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(NodeProcess(c)) for c in configs[:2])
+        wiped = NodeProcess(configs[2])
+        stack.callback(wiped.stop)
+        versions = a.put_many(region, [[f"k{i}", {"i": i}] for i in range(5)])
+        expected = dict(zip([f"k{i}" for i in range(5)], versions))
+        assert b.wait_consensus(region, expected, TIMEOUT)
+        snapshot = Path(b.snapshot())
+
+        (homes[2] / "store.db").write_bytes(b"not sqlite at all" * 50)
+        with pytest.raises(HarnessError, match="cannot open store.*`edgeswarm restore`"):
+            wiped.start()
+        restore = subprocess.run([sys.executable, "-m", "edgeswarm.node.cli", "--home", str(homes[2]), "restore",
+                                  "--file", str(snapshot)], capture_output=True, text=True, timeout=TIMEOUT)
+        assert restore.returncode == 0 and "restored 5 frames" in restore.stdout, restore.stderr
+
+        expected["k1"] = a.patch(region, "k1", {"after": "snapshot"})  # after the snapshot
+        assert b.wait_consensus(region, expected, TIMEOUT)
+        wiped.start()
+        assert wiped.wait_consensus(region, expected, TIMEOUT), wiped.counters()
+        assert wiped.get(region, "k1", True) == {"i": 1, "after": "snapshot"}
+        assert same_digest([a, b, wiped], region)
