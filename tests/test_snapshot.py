@@ -12,7 +12,6 @@ from edgeswarm.node import Config, Node
 from edgeswarm.node.snapshot import SnapshotError, restore
 
 
-
 def test_tampered_or_foreign_snapshot_is_refused(tmp_path):
     home = tmp_path / "n"
     node = Node(Config(home=home, regions=["r"], sync_interval=0, snapshot_interval=0))
