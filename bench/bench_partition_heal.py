@@ -1,6 +1,6 @@
 """Partition heal: time and bytes for a split swarm to converge again.
 
-    python bench/bench_partition_heal.py [--nodes 10] [--frames 10000] [--differ 0.01] [--mosquitto]
+    python bench/bench_partition_heal.py [--nodes 10] [--frames 10000] [--differ 0.01] [--mosquitto] [--processes]
 
 Ten members share a region of 10,000 frames, every frame at consensus with every
 member's vote. The swarm splits: seven nodes on one broker, three on another (a network
@@ -35,10 +35,12 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from edgeswarm.broker.embedded import EmbeddedBroker, free_port
 from edgeswarm.node import Config, Node
+from edgeswarm.node.harness import COMMANDS, NodeProcess
 from edgeswarm.node.store import Frame, Store
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import HybridClock
@@ -99,15 +101,42 @@ def mosquitto(stack: ExitStack, tmp: Path) -> int:
     raise SystemExit("mosquitto did not start")
 
 
-def lacking(nodes: list[Node], keys: list[str]) -> tuple[int, int]:
+class Local:
+    """A node in this process, driven like a node process (node/harness.py)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def start(self) -> Local:
+        self.node.start()
+        return self
+
+    def stop(self) -> None:
+        self.node.stop()
+
+    def __getattr__(self, name: str):
+        return partial(COMMANDS[name], self.node)
+
+
+def same_digest(nodes: list) -> bool:
+    """Every node's digest equal to the first's (read again while it still changes)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        target = nodes[0].digest("plant")
+        if all(n.wait_digest("plant", target, 2.0) for n in nodes[1:]) and nodes[0].digest("plant") == target:
+            return True
+    return False
+
+
+def lacking(stores: list[Store], keys: list[str]) -> tuple[int, int]:
     """(bytes of the envelopes each node lacks of what any node holds, bytes of the diffs
     among them), summed over nodes: what a perfect exchange would have to move. Of each
     voter's votes only the latest counts."""
     held = []
-    for n in nodes:
+    for store in stores:
         have: dict[tuple, tuple[int, bytes]] = {}
         for k in keys:
-            versions, votes = n.store.frame_items(REGION, k)
+            versions, votes = store.frame_items(REGION, k)
             have.update({("diff", v): (0, raw) for v, raw in versions if raw})
             have.update({("vote", k, voter): (round_, raw) for voter, round_, raw in votes})
         held.append(have)
@@ -132,6 +161,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=10_000)
     p.add_argument("--differ", type=float, default=0.01, help="share of frames changed during the split")
     p.add_argument("--mosquitto", action="store_true", help="two private Mosquitto brokers instead of embedded")
+    p.add_argument("--processes", action="store_true", help="every node in its own process (default: all in this one)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_, ExitStack() as stack:
         tmp = Path(tmp_)
@@ -154,10 +184,11 @@ def main() -> None:
             ports = [stack.enter_context(EmbeddedBroker()).port, stack.enter_context(EmbeddedBroker()).port]
             protocol = "3.1.1"
 
-        def node(i: int, port: int) -> Node:
+        def node(i: int, port: int):
             # A long interval: the rounds measured are the ones nodes run when they (re)connect.
-            n = Node(Config(home=homes[i], regions=["plant"], broker_port=port, protocol=protocol, members=members,
-                            sync_interval=3600, snapshot_interval=0))
+            config = Config(home=homes[i], regions=["plant"], broker_port=port, protocol=protocol, members=members,
+                            sync_interval=3600, snapshot_interval=0)
+            n = NodeProcess(config) if args.processes else Local(Node(config))
             stack.callback(n.stop)
             return n.start()
 
@@ -168,52 +199,46 @@ def main() -> None:
         side_keys = {"big": keys[: changed // 2], "small": keys[changed // 2:]}
         expected = {}
         for j, key in enumerate(side_keys["big"]):
-            expected[key] = nodes[j % big].patch(REGION, key, set={"reading": -1.0, "by": "big side"})
+            expected[key] = nodes[j % big].patch(REGION, key, {"reading": -1.0, "by": "big side"})
         for j, key in enumerate(side_keys["small"]):
-            expected[key] = nodes[big + j % args.small].patch(REGION, key, set={"reading": -2.0, "by": "small side"})
+            expected[key] = nodes[big + j % args.small].patch(REGION, key, {"reading": -2.0, "by": "small side"})
+        big_side = {k: expected[k] for k in side_keys["big"]}
+        small_side = {k: expected[k] for k in side_keys["small"]}
         for n in nodes[:big]:
-            assert n.wait_until(lambda n=n: all((c := n.consensus(REGION, k)) and c.version == expected[k]
-                                                for k in side_keys["big"]), TIMEOUT), "the big side did not settle"
+            assert n.wait_consensus(REGION, big_side, TIMEOUT), "the big side did not settle"
         for n in nodes[big:]:
-            assert n.wait_until(lambda n=n: all((h := n.head(REGION, k)) and h.version == expected[k]
-                                                for k in side_keys["small"]), TIMEOUT), "the small side did not settle"
+            assert n.wait_heads(REGION, small_side, TIMEOUT), "the small side did not settle"
         for side in (nodes[:big], nodes[big:]):  # each side in step within itself (all its votes in)
-            assert side[0].wait_until(lambda s=side: len({n.sync.digest("plant")["hashes"] for n in s}) == 1,
-                                      TIMEOUT), "a side did not settle"
-        minimal, minimal_diffs = lacking(nodes, keys)
+            assert same_digest(side), "a side did not settle"
+        stores = [Store(h / "store.db") for h in homes]  # (read alongside the nodes)
+        minimal, minimal_diffs = lacking(stores, keys)
+        for store in stores:
+            store.close()
 
         # Heal: the small side joins the big side's broker.
         for n in nodes[big:]:
             n.stop()
-        before = [Counter(n.counters) for n in nodes[:big]]
+        before = [Counter(n.counters()) for n in nodes[:big]]
         t0 = time.perf_counter()
         nodes = nodes[:big] + [node(i, ports[0]) for i in range(big, args.nodes)]
         before += [Counter() for _ in range(args.small)]
-
-        def converged() -> bool:  # cheap test first: the digests read every frame of every node
-            return all((c := n.consensus(REGION, k)) is not None and c.version == expected[k]
-                       for n in nodes for k in keys) and len({n.sync.digest("plant")["hashes"] for n in nodes}) == 1
-        wanted = [bytes.fromhex(v) for v in expected.values()]
-        deadline = time.monotonic() + TIMEOUT
-        while not all(n.store.has_version(v) for n in nodes for v in wanted):
-            if time.monotonic() > deadline:
-                raise SystemExit("the changed versions did not reach every node within the timeout")
-            time.sleep(0.05)
+        wanted = list(expected.values())
+        if not all(n.wait_versions(wanted, TIMEOUT) for n in nodes):
+            raise SystemExit("the changed versions did not reach every node within the timeout")
         versions_s = time.perf_counter() - t0
-        while not converged():
-            if time.monotonic() > deadline:
-                raise SystemExit("no convergence within the timeout: " + str([dict(n.counters) for n in nodes]))
-            time.sleep(0.05)  # polling, at a rate that leaves the nodes the processor
+        if not all(n.wait_consensus(REGION, expected, TIMEOUT) for n in nodes) or not same_digest(nodes):
+            raise SystemExit("no convergence within the timeout: " + str([n.counters() for n in nodes]))
         heal_s = time.perf_counter() - t0
         moved = Counter()
         for n, b in zip(nodes, before):
-            moved.update({k: v - b[k] for k, v in n.counters.items() if k.startswith(("bytes-in.", "sync."))})
+            moved.update({k: v - b[k] for k, v in n.counters().items() if k.startswith(("bytes-in.", "sync."))})
         sync_bytes = sum(moved[f"bytes-in.{k}"] for k in SYNC_KINDS)
         live = moved["bytes-in.vote"] + moved["bytes-in.diff"]
 
     broker = "two private Mosquitto brokers" if args.mosquitto else "two embedded brokers"
+    where = "one process per node" if args.processes else "all nodes in one process"
     print(f"partition heal, {args.nodes} nodes ({big} | {args.small}) x {args.frames:,} frames, {changed} changed "
-          f"during the split ({args.differ:.1%}), {broker}; starting state built in {seed_s:.1f} s")
+          f"during the split ({args.differ:.1%}), {broker}, {where}; starting state built in {seed_s:.1f} s")
     print(f"  heal time (small side reconnects -> everything identical everywhere): {heal_s:.2f} s; "
           f"every changed version on every node after {versions_s:.2f} s")
     print(f"  anti-entropy bytes delivered: {sync_bytes:,} "

@@ -147,6 +147,8 @@ COMMANDS = {
     "wait_digest": lambda node, root, hashes, timeout: node.wait_until(lambda: _digest(node, root) == hashes,
                                                                        timeout),
     "heads": _heads,
+    "wait_heads": lambda node, region, expected, timeout: node.wait_until(
+        lambda: _heads(node, region, list(expected)) == expected, timeout),
     "consensus": _consensus,
     "wait_consensus": lambda node, region, expected, timeout: node.wait_until(
         lambda: _consensus(node, region, list(expected)) == expected, timeout),

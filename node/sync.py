@@ -95,6 +95,10 @@ class Sync:
         # root -> peer -> the latest digest seen from it
         self._seen: dict[str, dict[str, _Seen]] = {}
         self._published: dict[str, tuple[bytes, float]] = {}  # root -> (level-1 hashes, when) last published
+        self._deferred: dict[str, tuple[float, set[str]]] = {}  # root -> (when this node followed, peers ahead then)
+        self._relayed: dict[str, list[bytes] | None] = {}  # root -> envelopes forwarded to this node so far
+        self._busy: set[str] = set()  # roots where a pull was wanted while another was under way
+        self._synced: dict[str, float] = {}  # root -> when an exchange (or a forward) last brought this node up to date
         self._hello = -JOINING  # monotonic time this node last published its digests on (re)joining
         self._followers: dict[str, dict[str, float]] = {}  # root -> peers that wait for this node's pull -> when
         self._forwarded: dict[str, tuple[float, list[bytes], dict]] = {}  # root -> (when, envelopes, digest) last forwarded
@@ -234,8 +238,15 @@ class Sync:
         elif body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
         # A node that has just (re)joined waits longer: others in its state may be joining too
-        # (after a network split heals), and the first of them is to pull for all.
-        self._schedule(root, JOIN_SETTLE if time.monotonic() - self._hello < JOINING else SETTLE)
+        # (after a network split heals), and the first of them is to pull for all. One that
+        # has just been brought up to date waits out the exchange timeout: what differs now
+        # is mostly live traffic still on its way.
+        now = time.monotonic()
+        since = now - self._synced.get(root, -EXCHANGE_TIMEOUT)
+        if since < EXCHANGE_TIMEOUT:
+            self._schedule(root, EXCHANGE_TIMEOUT - since, waited=True)
+        else:
+            self._schedule(root, JOIN_SETTLE if now - self._hello < JOINING else SETTLE)
 
     def _remember(self, root: str, peer: str, seen: _Seen) -> None:
         with self._lock:
@@ -274,12 +285,20 @@ class Sync:
                 differing = _differing(tree, unpack(their.hashes, FANOUT))
                 if differing and not _only_behind(counts, their.counts, differing):
                     ahead.append((peer, their.hashes, differing))
+            with self._lock:
+                deferred = self._deferred.pop(root, None)
+            if not ahead and deferred is not None and self._synced.get(root, 0.0) < deferred[0]:
+                # Followed a peer, and nothing came: the peers that were ahead then still are,
+                # as far as this node knows (their digests since may only look older).
+                ahead = [(p, their.hashes, list(range(FANOUT))) for p, their in seen if p in deferred[1]]
             if not ahead:
                 return
             if not waited:
                 leader = _leader(seen, mine, self.node.node_id, fresh)
                 if leader is not None:
                     self.node.counters["sync.deferred"] += 1
+                    with self._lock:
+                        self._deferred[root] = (time.monotonic(), {p for p, _, _ in ahead})
                     self._send(leader, "sync-req", {"region": root, "follow": True})
                     self._schedule(root, EXCHANGE_TIMEOUT, waited=True)
                     return
@@ -297,6 +316,7 @@ class Sync:
             current = self._pulls.get(root)
             if current is not None and current.deadline > now:
                 self.node.counters["sync.pull-busy"] += 1
+                self._busy.add(root)  # decided again when that one ends
                 return
             pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT, pack(tree.children(0, 0)))
             if carry is not None:  # a pull going on where one cut short ended
@@ -329,6 +349,24 @@ class Sync:
             self._send(peer, "sync-resp", body)
         self.node.counters["sync.forwarded"] += 1
 
+    def _relay(self, root: str, envelopes: list[bytes], last: bool) -> tuple[list[str], list[bytes] | None]:
+        """(Under the lock.) Envelopes a peer forwards to this node go on to the peers that
+        follow this node: which they are, and at the last chunk all of them, kept for
+        followers that come late."""
+        now = time.monotonic()
+        buffer = self._relayed.setdefault(root, [])
+        if buffer is not None:
+            buffer.extend(envelopes)
+            if sum(map(len, buffer)) > MAX_FORWARD * self.node.config.max_message_bytes:
+                self._relayed[root] = None
+        followers = [p for p, at in self._followers.get(root, {}).items() if at > now - EXCHANGE_TIMEOUT]
+        kept = None
+        if last:
+            self._synced[root] = now
+            self._followers.pop(root, None)
+            kept = self._relayed.pop(root, None)
+        return followers, kept
+
     def _on_follow(self, root: str, peer: str) -> None:
         """A peer in the state this node was in leaves its pull to this node: forward it what
         the pull brings, or brought lately."""
@@ -336,7 +374,7 @@ class Sync:
         with self._lock:
             self._followers.setdefault(root, {})[peer] = now
             last = self._forwarded.get(root)
-            if root in self._pulls or root in self._deciding or last is None or last[0] < now - EXCHANGE_TIMEOUT:
+            if root in self._pulls or last is None or last[0] < now - EXCHANGE_TIMEOUT:
                 return
             del self._followers[root][peer]
         self._send_forward(root, peer, last[1], last[2])
@@ -407,17 +445,29 @@ class Sync:
                 self._remember(root, peer, _Seen(body["digest"]["hashes"], counts, time.monotonic()))
         with self._lock:
             pull = self._pulls.get(root)
-            if pull is None or pull.peer != peer:
+            ours = pull is not None and pull.peer == peer
+            if not ours:
                 if "envelopes" not in body:
                     self.node.counters["sync.stray"] += 1
-                return
-            if taken:
+                    return
+                followers, kept = self._relay(root, [e.raw for e in taken], "digest" in body)
+            elif taken:
                 pull.extend()  # still going
                 if pull.taken is not None:
                     pull.taken.extend(env.raw for env in taken)
                     pull.size += sum(len(env.raw) for env in taken)
                     if pull.size > MAX_FORWARD * self.node.config.max_message_bytes:
                         pull.taken = None
+        if not ours:  # envelopes a peer forwards: on to this node's own followers
+            last = "digest" in body
+            digest = self.digest(root) if last else None
+            if kept:
+                with self._lock:
+                    self._forwarded[root] = (time.monotonic(), kept, digest)
+            for follower in followers:
+                self._send(follower, "sync-resp", {"region": root, "envelopes": [e.raw for e in taken]} | (
+                    {"digest": digest} if last else {}))
+            return
         if "envelopes" in body:
             return
         pull.cut |= bool(body.get("cut"))
@@ -452,8 +502,13 @@ class Sync:
 
     def _end(self, root: str, pull: _Pull) -> None:
         with self._lock:
+            self._synced[root] = time.monotonic()
             if self._pulls.get(root) is pull:
                 del self._pulls[root]
+            busy = root in self._busy
+            self._busy.discard(root)
+        if busy:
+            self._schedule(root, SETTLE)
 
     # -- comparing -------------------------------------------------------------------
 
