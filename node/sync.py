@@ -1,12 +1,22 @@
 """Anti-entropy: nodes compare digests of their region state and fetch what they lack.
 
 Every `sync_interval` seconds (an APScheduler job, with jitter against storms) and right
-after (re)connecting, a node publishes for each region tree it follows a `digest`: the 16
-level-1 hashes of its digest tree (node/digest.py) and, per level-1 node, how many authored
-versions and latest-vote rounds it holds. A node whose own digest differs
-  - pulls from the sender, unless the sender's counts show it is only behind (then the
-    sender pulls instead), and
-  - answers a published digest with its own, directly, so the sender compares too.
+after (re)connecting (then marked `hello`), a node publishes for each region tree it follows
+a `digest`: the 16 level-1 hashes of its digest tree (node/digest.py) and, per level-1 node,
+how many authored versions and latest-vote rounds it holds. A node whose own digest differs
+  - answers by publishing its digest (`answer`; once for the digests that come together,
+    and directly to a node that joins after that answer went out), so that the sender and
+    everyone else compare too; answers are not answered;
+  - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
+    state may be reconnecting too) decides: pull from a peer that holds something it lacks
+    (the counts tell a peer that is only behind), or follow a peer in its own state.
+Nodes in one state pull once for all. A node that hears a hello in its own state answers
+it directly with `welcome` (and `pulling` when it is pulling for that state). A node
+follows (sync-req `follow`) a peer pulling for its state, else one that welcomed it, else
+the first by node id of the peers seen in its state; the leader forwards, at the end of its
+pull, the envelopes it brought (sync-resp, the last chunk with its digest), and a leader
+that itself follows relays what it is forwarded. A follower still behind an exchange
+timeout later pulls from the peers that were ahead.
 
 A pull is one exchange at a time per region tree, initiator I and responder R, walking down
 the tree where it differs, one level per message:
@@ -231,12 +241,13 @@ class Sync:
         # a round or a (re)connection (never an answer), once for the digests that come
         # together (several nodes reconnecting at once).
         hashes, at = self._published.get(root, (b"", -ANSWER_GAP))
+        recent = time.monotonic() - at < ANSWER_GAP
         if body.get("answer"):
             pass
-        elif hashes != pack(tree.children(0, 0)) or time.monotonic() - at > ANSWER_GAP:
-            self._publish_digest(root, tree, {"answer": True})
-        elif body.get("hello"):  # it joined after our answer went out: to it alone
+        elif recent and body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
+        elif not recent or hashes != pack(tree.children(0, 0)):
+            self._publish_digest(root, tree, {"answer": True})
         # A node that has just (re)joined waits longer: others in its state may be joining too
         # (after a network split heals), and the first of them is to pull for all. One that
         # has just been brought up to date waits out the exchange timeout: what differs now
