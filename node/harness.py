@@ -156,6 +156,12 @@ COMMANDS = {
     "get": lambda node, region, key, consensus=False: node.get(region, key, consensus=consensus),
     "keys": lambda node, region: node.keys(region),
     "counters": lambda node: dict(node.counters),
+    "wait_counter": lambda node, name, at_least, timeout: node.wait_until(lambda: node.counters[name] >= at_least,
+                                                                          timeout),
+    "trace_head": lambda node, node_id: (h := node.store.trace_head(node_id)) and [h[0], h[1].hex()],
+    "wait_trace": lambda node, node_id, seq, timeout: node.wait_until(
+        lambda: (h := node.store.trace_head(node_id)) is not None and h[0] >= seq, timeout),
+    "flagged": lambda node: sorted(node.store.flagged()),
     "sync_now": lambda node: node.sync_now(),
     "wait_published": lambda node, timeout: node.wait_published(timeout),
     "snapshot": lambda node: str(node.snapshot()),

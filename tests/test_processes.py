@@ -13,7 +13,9 @@ import pytest
 from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.node import Config
 from edgeswarm.node.harness import HarnessError, NodeProcess
+from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.identity import Identity
+from edgeswarm.shared.topics import node_topic
 
 from netcut import Link
 
@@ -135,3 +137,27 @@ def test_wiped_board_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, 
         assert wiped.wait_consensus(region, expected, TIMEOUT), wiped.counters()
         assert wiped.get(region, "k1", True) == {"i": 1, "after": "snapshot"}
         assert same_digest([a, b, wiped], region)
+
+
+def test_a_rewritten_trace_entry_is_caught_by_node_processes(tmp_path, broker, region, attacker):
+    """A node's key signs a second, different first entry of its trace (a rewrite of its
+    history): peers holding the original flag it."""
+    homes = [tmp_path / name for name in ("a", "b")]
+    identities = [Identity.load_or_create(h / "node.key") for h in homes]
+    configs = [Config(home=h, regions=[region], broker_host=broker.host, broker_port=broker.port,
+                      protocol=broker.protocol, members=[i.node_id for i in identities], sync_interval=0,
+                      snapshot_interval=0) for h in homes]
+    with ExitStack() as stack:
+        a, b = (stack.enter_context(NodeProcess(c)) for c in configs)
+        version = a.put(region, "door", {"locked": True})
+        assert b.wait_consensus(region, {"door": version}, TIMEOUT)
+        seq, _ = a.trace_head(a.node_id)
+        a.sync_now()  # its trace head goes out; b fetches the entries and checks the chain
+        assert b.wait_trace(a.node_id, seq, TIMEOUT)
+
+        forged = canonical([1, None, 1, "wrote", {"region": region, "key": "door", "version": bytes(32)}])
+        key = identities[0]
+        attacker.send(node_topic(b.node_id, "trace-resp"), encode(
+            key, "trace-resp", None, 10**9, 10**9, {"entries": [[forged, key.sign(forged)]]}).raw)
+        assert b.wait_counter("trace.forks", 1, TIMEOUT), b.counters()
+        assert a.node_id in b.flagged()
