@@ -64,7 +64,7 @@ ANSWER_GAP = 2.0  # seconds: digests from several nodes within this get one answ
 SETTLE = 0.3  # seconds between a differing digest and the decision to pull: the others' digests come meanwhile
 JOIN_SETTLE = 1.0  # the same, for a node that (re)joined less than JOINING seconds ago
 JOINING = 5.0
-MAX_FORWARD = 64  # envelopes kept to forward, in message size limits; a bigger catch-up is not forwarded
+MAX_FORWARD = 16  # envelopes kept to forward, in message size limits; a bigger catch-up is not forwarded
 MAX_PEERS = 1024  # digests remembered per region tree
 MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are dropped instead
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
@@ -111,7 +111,8 @@ class Sync:
         self._synced: dict[str, float] = {}  # root -> when an exchange (or a forward) last brought this node up to date
         self._hello = -JOINING  # monotonic time this node last published its digests on (re)joining
         self._followers: dict[str, dict[str, float]] = {}  # root -> peers that wait for this node's pull -> when
-        self._forwarded: dict[str, tuple[float, list[bytes], dict]] = {}  # root -> (when, envelopes, digest) last forwarded
+        # root -> (when, envelopes, digest, peers sent to) of what this node forwarded last
+        self._forwarded: dict[str, tuple[float, list[bytes], dict | None, set[str]]] = {}
         self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
@@ -313,13 +314,12 @@ class Sync:
                     self._send(leader, "sync-req", {"region": root, "follow": True})
                     self._schedule(root, EXCHANGE_TIMEOUT, waited=True)
                     return
-            peer, hashes, differing = random.choice(ahead)
-            self._pull(root, peer, tree, hashes, differing)
+            peer, hashes, _ = random.choice(ahead)
+            self._pull(root, peer, tree, hashes)
         except Exception:
             log.exception("deciding on a pull of %s failed", root)
 
-    def _pull(self, root: str, peer: str, tree: Tree, hashes: bytes, differing: list[int],
-              carry: _Pull | None = None) -> None:
+    def _pull(self, root: str, peer: str, tree: Tree, hashes: bytes, carry: _Pull | None = None) -> None:
         """Begin an exchange with a peer whose digest differs, unless an exchange for this
         tree is under way."""
         now = time.monotonic()
@@ -345,11 +345,23 @@ class Sync:
         digest = self.digest(root)
         fresh = time.monotonic() - EXCHANGE_TIMEOUT
         with self._lock:
-            followers = self._followers.pop(root, {})
-            self._forwarded[root] = (time.monotonic(), pull.taken, digest)
+            followers = [p for p, at in self._followers.pop(root, {}).items() if at > fresh and p != pull.peer]
+            self._keep_forward(root, pull.taken, digest, followers)
         for peer in followers:
-            if followers[peer] > fresh and peer != pull.peer:
-                self._send_forward(root, peer, pull.taken, digest)
+            self._send_forward(root, peer, pull.taken, digest)
+
+    def _keep_forward(self, root: str, envelopes: list[bytes], digest: dict | None, sent: list[str]) -> None:
+        """(Under the lock.) Keep what was forwarded for followers that come late, for an
+        exchange timeout; each peer gets it once."""
+        entry = self._forwarded[root] = (time.monotonic(), envelopes, digest, set(sent))
+
+        def drop() -> None:
+            with self._lock:
+                if self._forwarded.get(root) is entry:
+                    del self._forwarded[root]
+        timer = threading.Timer(EXCHANGE_TIMEOUT, drop)
+        timer.daemon = True
+        timer.start()
 
     def _send_forward(self, root: str, peer: str, envelopes: list[bytes], digest: dict) -> None:
         chunks = self._chunks(envelopes)
@@ -383,11 +395,13 @@ class Sync:
         the pull brings, or brought lately."""
         now = time.monotonic()
         with self._lock:
-            self._followers.setdefault(root, {})[peer] = now
             last = self._forwarded.get(root)
-            if root in self._pulls or last is None or last[0] < now - EXCHANGE_TIMEOUT:
+            if root in self._pulls or last is None:
+                self._followers.setdefault(root, {})[peer] = now
                 return
-            del self._followers[root][peer]
+            if peer in last[3]:  # (once)
+                return
+            last[3].add(peer)
         self._send_forward(root, peer, last[1], last[2])
 
     # -- the exchange ----------------------------------------------------------------
@@ -474,7 +488,7 @@ class Sync:
             digest = self.digest(root) if last else None
             if kept:
                 with self._lock:
-                    self._forwarded[root] = (time.monotonic(), kept, digest)
+                    self._keep_forward(root, kept, digest, followers)
             for follower in followers:
                 self._send(follower, "sync-resp", {"region": root, "envelopes": [e.raw for e in taken]} | (
                     {"digest": digest} if last else {}))
@@ -492,7 +506,7 @@ class Sync:
                 tree = self.tree(root)
                 differing = _differing(tree, theirs)
                 if root_ == root and differing and not _only_behind(tree.counts(), counts, differing):
-                    self._pull(root, peer, tree, pack(theirs), differing, carry=pull)
+                    self._pull(root, peer, tree, pack(theirs), carry=pull)
                     return
             self._forward(root, pull)
             return
