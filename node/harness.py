@@ -13,6 +13,7 @@ node's own event (a message handled), never by polling from the driver.
 from __future__ import annotations
 
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from .config import Config
 
 
 LOG = "node.log"
+ANSWER_TIMEOUT = 120.0  # seconds a node process has to answer a call (beyond a wait's own timeout)
 
 
 class HarnessError(Exception):
@@ -59,13 +61,17 @@ class NodeProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _call(self, request: dict) -> Any:
+    def _call(self, request: dict, timeout: float = ANSWER_TIMEOUT) -> Any:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             raise HarnessError(f"node process {self.node_id or self.config.home} is not running")
         try:
             proc.stdin.write(json.dumps(request) + "\n")
             proc.stdin.flush()
+            # (one line per answer: nothing is left buffered between calls)
+            if not select.select([proc.stdout], [], [], timeout)[0]:
+                self.kill()
+                raise HarnessError(f"node process {self.node_id}: no answer to {request.get('call')} in {timeout:.0f} s")
             line = proc.stdout.readline()
         except (BrokenPipeError, OSError) as e:
             raise HarnessError(f"node process {self.node_id}: {e}") from None
@@ -79,7 +85,10 @@ class NodeProcess:
     def __getattr__(self, name: str):
         if name.startswith("_") or name not in COMMANDS:
             raise AttributeError(name)
-        return lambda *args: self._call({"call": name, "args": list(args)})
+        def call(*args: Any) -> Any:  # a wait's own timeout is its last argument
+            waits = name.startswith("wait_") and args and isinstance(args[-1], (int, float))
+            return self._call({"call": name, "args": list(args)}, ANSWER_TIMEOUT + (args[-1] if waits else 0))
+        return call
 
     def stop(self) -> None:
         """Stop the node cleanly (death message, store closed) and wait for the process."""
