@@ -18,7 +18,7 @@ from edgeswarm.shared.envelope import EnvelopeError, decode
 from edgeswarm.shared.identity import Identity, IdentityError
 from edgeswarm.shared.topics import TopicError, region_filter, validate_region
 
-from .config import Config, ConfigError, default_home
+from .config import Config, ConfigError, default_home, parse_broker_url
 from .bodies import validate_key
 from .node import Node
 from . import snapshot
@@ -58,6 +58,9 @@ def _load_config(args: argparse.Namespace) -> Config:
         config.broker_host = args.host
     if getattr(args, "port", None):
         config.broker_port = args.port
+    if getattr(args, "broker", None):
+        config.broker_urls = args.broker
+        config.endpoints  # (checks them)
     if getattr(args, "embedded_broker", False):
         config.embedded_broker = True
     if config.embedded_broker:
@@ -84,7 +87,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = Path(args.home or default_home())
     config = Config(home=home, regions=args.region or [], broker_host=args.host or "127.0.0.1",
                     broker_port=1883 if args.port is None else args.port, protocol=args.protocol,
-                    embedded_broker=args.embedded_broker)
+                    embedded_broker=args.embedded_broker, broker_urls=args.broker or [])
     config.save()
     identity = Identity.load_or_create(config.key_path)
     print(f"node {identity.node_id} initialised in {home}")
@@ -120,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.warning("%s; retrying in 5 s", e)
                 stop.wait(5.0)
         if not stop.is_set():
-            print(f"node {node.node_id} running: broker {config.broker_host}:{config.broker_port}"
+            print(f"node {node.node_id} running: broker {node.transport.host}:{node.transport.port}"
                   f"{' (embedded)' if broker else ''}, regions {', '.join(config.regions) or '(none)'}",
                   flush=True)
         _wait(stop)
@@ -248,12 +251,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args)
-        host, port, protocol = config.broker_host, config.broker_port, config.protocol
-        max_bytes = config.max_message_bytes
+        endpoints, protocol, max_bytes = config.endpoints, config.protocol, config.max_message_bytes
     except ConfigError:
         if args.home:
             raise
-        host, port, protocol, max_bytes = args.host or "127.0.0.1", args.port or 1883, "auto", None
+        endpoints = [parse_broker_url(u) for u in args.broker] if getattr(args, "broker", None) else \
+            [(args.host or "127.0.0.1", args.port or 1883, False)]
+        protocol, max_bytes = "auto", None
     seen = 0
     done = _stop_on_signal()
 
@@ -270,11 +274,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if args.count and seen >= args.count:
             done.set()
 
-    transport = Transport(host, port, f"es-watch-{Identity.generate().node_id}", protocol=protocol)
+    transport = Transport(endpoints, f"es-watch-{Identity.generate().node_id}", protocol=protocol)
     transport.on_message = on_message
     transport.subscribe([region_filter(args.region)])
     transport.connect()
-    print(f"watching {region_filter(args.region)} on {host}:{port}", file=sys.stderr, flush=True)
+    print(f"watching {region_filter(args.region)} on {transport.host}:{transport.port}", file=sys.stderr, flush=True)
     try:
         if not done.wait(args.timeout) and args.count:
             print(f"edgeswarm: watch saw {seen} of {args.count} messages before the timeout", file=sys.stderr)
@@ -297,9 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: broker too)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def broker_opts(sp: argparse.ArgumentParser) -> None:
+    def broker_opts(sp: argparse.ArgumentParser, urls: bool = True) -> None:
         sp.add_argument("--host", help="broker host (overrides the config)")
         sp.add_argument("--port", type=int, help="broker port (overrides the config)")
+        if urls:
+            sp.add_argument("--broker", action="append", metavar="URL",
+                            help="mqtt://host:port or mqtts://host:port; repeat for brokers to fail over to "
+                                 "(overrides the config)")
 
     sp = sub.add_parser("init", help="create this node's key and configuration")
     broker_opts(sp)
@@ -309,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("broker", help="run an embedded broker alone")
-    broker_opts(sp)
+    broker_opts(sp, urls=False)
     sp.set_defaults(func=cmd_broker)
 
     sp = sub.add_parser("run", help="run the node until stopped")

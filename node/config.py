@@ -13,6 +13,9 @@
     [broker]
     host = "127.0.0.1"
     port = 1883
+    urls = []                          # instead of host/port: brokers in order of preference,
+                                       # "mqtt://host:port" or all "mqtts://host:port" (TLS);
+                                       # the node moves to the next when one is unreachable
     protocol = "auto"                  # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
     embedded = false                   # host an embedded broker on host:port
 
@@ -32,6 +35,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edgeswarm.shared.envelope import DEFAULT_MAX_BYTES
 from edgeswarm.shared.topics import TopicError, validate_region
@@ -47,6 +51,31 @@ class ConfigError(Exception):
     """A configuration file that is missing, unreadable or wrong."""
 
 
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """mqtt://host[:port] (default 1883) or mqtts://host[:port] (TLS, default 8883)."""
+    bad = ConfigError(f"a broker is mqtt://host:port or mqtts://host:port, not {url!r}")
+    if not isinstance(url, str):
+        raise bad
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        raise bad
+    if port == 0:
+        raise bad
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, port or (8883 if tls else 1883), tls
+
+
+def _strings(value: object, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of texts")
+    return value
+
+
 def default_home() -> Path:
     return Path(os.environ.get("EDGESWARM_HOME") or Path.home() / ".edgeswarm")
 
@@ -60,6 +89,7 @@ class Config:
     broker_port: int = 1883
     protocol: str = "auto"
     embedded_broker: bool = False
+    broker_urls: list[str] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
     quorum: int = 0
     rules: list[Rule] = field(default_factory=list)
@@ -92,8 +122,18 @@ class Config:
             raise ConfigError("node.max_message_bytes must be an integer between 1024 and 67108864")
         if not isinstance(self.broker_port, int) or not 0 < self.broker_port < 65536:
             raise ConfigError(f"broker.port must be a TCP port number, not {self.broker_port!r}")
+        endpoints = self.endpoints  # (checks the URLs)
+        if len({tls for _, _, tls in endpoints}) > 1:
+            raise ConfigError("broker.urls are all mqtt:// or all mqtts://, not a mix")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"broker.protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
+
+    @property
+    def endpoints(self) -> list[tuple[str, int, bool]]:
+        """(host, port, TLS) of the brokers, in order of preference."""
+        if not self.broker_urls:
+            return [(self.broker_host, self.broker_port, False)]
+        return [parse_broker_url(u) for u in self.broker_urls]
 
     @property
     def key_path(self) -> Path:
@@ -128,7 +168,7 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
                       "snapshots_kept"}
-        known_broker = {"host", "port", "protocol", "embedded"}
+        known_broker = {"host", "port", "protocol", "embedded", "urls"}
         unknown = (set(node) - known_node) | (set(broker) - known_broker)
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -145,6 +185,7 @@ class Config:
                    max_message_bytes=node.get("max_message_bytes", DEFAULT_MAX_BYTES),
                    broker_host=host, broker_port=broker.get("port", 1883),
                    protocol=str(broker.get("protocol", "auto")), embedded_broker=embedded,
+                   broker_urls=_strings(broker.get("urls", []), f"{path}: broker.urls"),
                    members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules,
                    sync_interval=node.get("sync_interval", 30.0),
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5))
@@ -166,6 +207,7 @@ class Config:
             f"host = {json.dumps(self.broker_host)}\n"
             f"port = {self.broker_port}\n"
             f'protocol = "{self.protocol}"\n'
+            f"urls = [{', '.join(json.dumps(u) for u in self.broker_urls)}]\n"
             f"embedded = {'true' if self.embedded_broker else 'false'}\n"
         )
 

@@ -94,7 +94,7 @@ class Node(Voting):
         # fingerprints); a tagged one (a short-lived CLI command) does neither.
         self._announces = not client_tag
         self._started = False
-        self.transport = Transport(config.broker_host, config.broker_port, client_id, protocol=config.protocol,
+        self.transport = Transport(config.endpoints, client_id, protocol=config.protocol,
                                    persistent=not client_tag)
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack

@@ -4,6 +4,8 @@ Speaks MQTT 5 where the broker does (content type `application/cbor`, no-local
 subscriptions) and MQTT 3.1.1 otherwise; with protocol "auto" it tries 5 first and falls
 back to 3.1.1 when the broker refuses the protocol version (amqtt does).
 Resubscribes after every reconnect; paho reconnects by itself in its network thread.
+Given several brokers, connects to the first that answers and, when the connection is lost
+and not back within FAILOVER_AFTER seconds, goes on to the next (round the list).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from edgeswarm.shared.envelope import CONTENT_TYPE
 
 log = logging.getLogger("edgeswarm.transport")
 
+FAILOVER_AFTER = 5.0  # seconds without the broker before trying the next one
 PROBE_TIMEOUT = 2.0  # seconds to wait for an answer to an MQTT 5 CONNECT in "auto" mode
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps a persistent session of an absent node
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
@@ -71,11 +74,15 @@ MessageHandler = Callable[[str, bytes], None]
 
 
 class Transport:
-    def __init__(self, host: str, port: int, client_id: str, *, protocol: str = "auto",
+    def __init__(self, endpoints: list[tuple[str, int, bool]], client_id: str, *, protocol: str = "auto",
                  keepalive: int = 30, connect_timeout: float = 10.0, persistent: bool = False) -> None:
         if protocol not in ("auto", *PROTOCOLS):
             raise TransportError(f"unknown MQTT protocol {protocol!r}; use auto, 5 or 3.1.1")
-        self.host, self.port, self.client_id = host, port, client_id
+        if not endpoints:
+            raise TransportError("no broker to connect to")
+        self.endpoints = list(endpoints)  # (host, port, TLS), in order of preference
+        self._at = 0  # the one in use
+        self.client_id = client_id
         self.protocol = protocol
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
@@ -99,6 +106,14 @@ class Transport:
         self._subs = Unacked()
 
     @property
+    def host(self) -> str:
+        return self.endpoints[self._at][0]
+
+    @property
+    def port(self) -> int:
+        return self.endpoints[self._at][1]
+
+    @property
     def mqtt_version(self) -> str:
         return "5" if self._version == mqtt.MQTTv5 else "3.1.1"
 
@@ -109,7 +124,19 @@ class Transport:
     # -- connection ------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Connect, waiting for the broker's answer; TransportError with the reason otherwise."""
+        """Connect to the first broker that answers, waiting for its answer; TransportError
+        with the reason(s) otherwise."""
+        reasons = []
+        for at in range(len(self.endpoints)):
+            self._at = at
+            try:
+                self._connect_here()
+                return
+            except TransportError as e:
+                reasons.append(str(e))
+        raise TransportError("; ".join(reasons))
+
+    def _connect_here(self) -> None:
         versions = [PROTOCOLS[self.protocol]] if self.protocol != "auto" else [mqtt.MQTTv5, mqtt.MQTTv311]
         for i, version in enumerate(versions):
             last = i == len(versions) - 1
@@ -138,6 +165,8 @@ class Transport:
         c.on_connect_fail = self._on_connect_fail
         if self.will is not None:
             c.will_set(self.will[0], self.will[1], qos=1)
+        if self.endpoints[self._at][2]:
+            c.tls_set()  # the system's certificate authorities
         self._client = c
         try:
             if version == mqtt.MQTTv5:
@@ -194,6 +223,28 @@ class Transport:
             self._answered.set()
         elif reason_code.is_failure:
             log.warning("disconnected from %s:%s: %s; reconnecting", self.host, self.port, reason_code)
+            if len(self.endpoints) > 1:
+                self._arm_failover(client)
+
+    def _arm_failover(self, client: mqtt.Client) -> None:
+        timer = threading.Timer(FAILOVER_AFTER, self._failover, (client,))
+        timer.daemon = True
+        timer.start()
+
+    def _failover(self, client: mqtt.Client) -> None:
+        """Still without a broker: paho's next reconnect goes to the next one."""
+        if self.connected or client is not self._client:
+            return
+        self._at = (self._at + 1) % len(self.endpoints)
+        log.warning("trying broker %s:%s", self.host, self.port)
+        if self._version == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY if self.persistent else 0
+            client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=not self.persistent,
+                                 properties=props)
+        else:
+            client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self._arm_failover(client)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

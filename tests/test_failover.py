@@ -1,0 +1,52 @@
+"""A node given several brokers moves to the next when its broker goes away, and what it
+wrote meanwhile is not lost."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.node import Config, Node
+from edgeswarm.node.config import ConfigError, parse_broker_url
+
+TIMEOUT = 30.0
+
+
+def test_node_fails_over_to_the_next_broker_with_its_queued_writes(member_configs, region):
+    first, second = EmbeddedBroker().start(), EmbeddedBroker().start()
+    configs = member_configs(2, sync_interval=0, snapshot_interval=0)
+    for c in configs:
+        c.protocol = "3.1.1"
+    configs[0].broker_urls = [f"mqtt://127.0.0.1:{first.port}", f"mqtt://127.0.0.1:{second.port}"]
+    configs[1].broker_urls = [f"mqtt://127.0.0.1:{second.port}"]
+    mover, other = Node(configs[0]), Node(configs[1])
+    try:
+        mover.start()
+        other.start()
+        assert mover.transport.port == first.port
+        before = mover.put(region, "k", {"i": 0})  # published on the first broker only
+
+        first.stop()  # its broker goes away
+        first = None
+        during = mover.put(region, "k2", {"i": 1})  # stored; published once it is back on a broker
+        assert mover.transport.wait_connected(TIMEOUT) and mover.transport.port == second.port
+        assert other.wait_until(lambda: other.store.has_version(bytes.fromhex(during)), TIMEOUT), mover.stats()
+        mover.sync_now()  # the write from before the move reaches the other side by anti-entropy
+        assert other.wait_until(lambda: other.store.has_version(bytes.fromhex(before)), TIMEOUT), other.stats()
+        assert mover.wait_published(TIMEOUT) and not mover.store.unpublished()
+    finally:
+        mover.stop()
+        other.stop()
+        second.stop()
+        if first is not None:
+            first.stop()
+
+
+def test_broker_urls_are_checked():
+    assert parse_broker_url("mqtts://broker.example") == ("broker.example", 8883, True)
+    assert parse_broker_url("mqtt://[::1]:1884") == ("::1", 1884, False)
+    for bad in ("http://h", "mqtt://h:0", "mqtt://h:70000", "mqtt://h/path", "mqtt://", "h:1883"):
+        with pytest.raises(ConfigError, match="mqtt://host:port"):
+            parse_broker_url(bad)
+    with pytest.raises(ConfigError, match="not a mix"):
+        Config(home="/tmp/x", broker_urls=["mqtt://a", "mqtts://b"])
