@@ -3,7 +3,7 @@ interpreter, as on its own board, and the driver asking it to write, wait and re
 
     with NodeProcess(Config(home=..., regions=["plant"], broker_port=port)) as n:
         version = n.put("plant", "pump", {"rpm": 1200})
-        assert n.wait_versions([version], timeout=10)
+        assert n.wait_versions([version], 10)  # (a wait takes its timeout last)
 
 The driver writes one JSON line per call to the process's stdin; the process answers one
 JSON line: {"ok": result} or {"error": "..."}. Waits happen in the node process on the
