@@ -98,6 +98,7 @@ class Transport:
         self._client: mqtt.Client | None = None
         self._version = 0
         self._connected = threading.Event()
+        self._state = threading.Condition()
         self._refused: str | None = None
         self._pub_lock = threading.Condition()
         self._pubs = Unacked()  # kept across reconnects: paho resends unacknowledged QoS 1 messages
@@ -206,6 +207,7 @@ class Transport:
         self._subscribe(client, self._filters)
         self._connected.set()
         self._answered.set()
+        self._changed()
         log.info("connected to %s:%s (MQTT %s)", self.host, self.port, self.mqtt_version)
         if self.on_connected:
             self.on_connected()
@@ -217,6 +219,7 @@ class Transport:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
+        self._changed()
         if not self._answered.is_set():
             # Closed before any CONNACK: an MQTT 3.1.1-only broker may just drop an MQTT 5 CONNECT.
             self._refused = f"connection closed ({reason_code}); unsupported protocol version?"
@@ -248,6 +251,15 @@ class Transport:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_state(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `condition()` holds, checked again at each connect and disconnect."""
+        with self._state:
+            return self._state.wait_for(condition, timeout)
+
+    def _changed(self) -> None:
+        with self._state:
+            self._state.notify_all()
 
     def _stop_client(self) -> None:
         c, self._client = self._client, None

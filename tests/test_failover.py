@@ -29,7 +29,8 @@ def test_node_fails_over_to_the_next_broker_with_its_queued_writes(member_config
         first.stop()  # its broker goes away
         first = None
         during = mover.put(region, "k2", {"i": 1})  # stored; published once it is back on a broker
-        assert mover.transport.wait_connected(TIMEOUT) and mover.transport.port == second.port
+        t = mover.transport
+        assert t.wait_state(lambda: t.connected and t.port == second.port, TIMEOUT), "no move to the second broker"
         assert other.wait_until(lambda: other.store.has_version(bytes.fromhex(during)), TIMEOUT), mover.stats()
         mover.sync_now()  # the write from before the move reaches the other side by anti-entropy
         assert other.wait_until(lambda: other.store.has_version(bytes.fromhex(before)), TIMEOUT), other.stats()
