@@ -71,7 +71,8 @@ class NodeProcess:
             # (one line per answer: nothing is left buffered between calls)
             if not select.select([proc.stdout], [], [], timeout)[0]:
                 self.kill()
-                raise HarnessError(f"node process {self.node_id}: no answer to {request.get('call')} in {timeout:.0f} s")
+                raise HarnessError(f"node process {self.node_id}: no answer to {request.get('call')}"
+                                   f" in {timeout:.0f} s")
             line = proc.stdout.readline()
         except (BrokenPipeError, OSError) as e:
             raise HarnessError(f"node process {self.node_id}: {e}") from None

@@ -462,16 +462,7 @@ class Node(Voting):
                 except queue.Empty:
                     break
             stop = batch[-1] is None
-            messages = [m for m in batch if m is not None]
-            try:
-                self.receive_many(messages)
-            except Exception:  # a bug must not stop the worker: take them one at a time
-                for topic, payload in messages:
-                    try:
-                        self.receive(topic, payload)
-                    except Exception:
-                        self.counters["rejected.internal"] += 1
-                        log.exception("internal error while handling a message on %s", topic)
+            self.receive_many([m for m in batch if m is not None])
             with self._activity:
                 self._activity.notify_all()
             if stop:
@@ -488,7 +479,8 @@ class Node(Voting):
 
     def receive_many(self, messages: Iterable[tuple[str, bytes]]) -> None:
         """Handle messages as they came from the broker, in order; consecutive diffs and
-        votes are taken in one transaction."""
+        votes are taken in one transaction. A bug met on the way is counted and logged
+        (rejected.internal), never raised: the receive loop goes on."""
         live: list[Envelope] = []
         for topic, payload in messages:
             env = self._decode(topic, payload)
@@ -500,13 +492,27 @@ class Node(Voting):
             if live:
                 self._take(live)
                 live = []
-            self._dispatch(topic, env)
+            try:
+                self._dispatch(topic, env)
+            except Exception:
+                self._internal_error(topic)
         if live:
             self._take(live)
 
     def _take(self, envs: list[Envelope]) -> None:
-        with self._transaction():
-            self.handle_many([env for env in envs if self._accept(env)])
+        try:
+            with self._transaction():
+                self.handle_many([env for env in envs if self._accept(env)])
+        except Exception:
+            if len(envs) == 1:
+                self._internal_error(region_topic(envs[0].kind, envs[0].region))
+                return
+            for env in envs:  # the batch was rolled back: each on its own, so one bad one costs only itself
+                self._take([env])
+
+    def _internal_error(self, topic: str) -> None:
+        self.counters["rejected.internal"] += 1
+        log.exception("internal error while handling a message on %s", topic)
 
     def _decode(self, topic: str, payload: bytes) -> Envelope | None:
         self.counters["received"] += 1
@@ -552,13 +558,10 @@ class Node(Voting):
             except (MalformedError, ValueError) as e:
                 self._reject("bad-sync", f"{env.kind} from {env.sender_id}: {e}")
 
-    def handle(self, env: Envelope) -> None:
-        """Apply a verified diff or vote, whether it came live or through anti-entropy."""
-        self.handle_many([env])
-
     def handle_many(self, envs: list[Envelope]) -> None:
-        """Apply verified diffs and votes in one transaction, deciding each frame they touch
-        once at the end (a sync response may bring hundreds for a few frames)."""
+        """Apply verified diffs and votes (live or through anti-entropy) in one transaction,
+        deciding each frame they touch once at the end (a sync response may bring hundreds
+        for a few frames)."""
         with self._transaction():
             self._deferred = {}
             try:

@@ -192,6 +192,7 @@ class Store:
         """(Re)create the sums table from what the store holds: empty for a new store,
         computed once for a store of schema 1."""
         with self.transaction():
+            self._sum_changes = None  # (not item by item: listeners start again from the table)
             self._exec("DROP TABLE IF EXISTS sums")
             self.db["sums"].create({"region": str, "key": str, "pos": int, "hash": int, "versions": int,
                                     "rounds": int}, pk=("region", "key"))
@@ -201,7 +202,6 @@ class Store:
             for region, key, voter, round_, version in self._exec(
                     "SELECT region, key, voter, round, version FROM latest"):
                 self._add_sum(region, key, vote_item(voter, round_, version), 0, round_)
-            self._sum_changes = None  # (listeners start again from the table)
 
     def _add_sum(self, region: str, key: str, item: int, versions: int, rounds: int) -> None:
         """XOR an item hash into a frame's sum (SQLite has no XOR operator: a|b & ~(a&b))."""

@@ -223,7 +223,8 @@ class Sync:
                                                   pulling if type(pulling) is bytes else None, bool(body.get("hello")),
                                                   bool(body.get("welcome"))))
         tree = self.tree(root)
-        differing = _differing(tree, theirs)
+        level1 = tree.children(0, 0)
+        differing = _differing(level1, theirs)
         if body.get("hello"):
             # A node (re)joining learns from the nodes in its state that they are, and from
             # one pulling for that state that it is: it leaves the pull to them (_decide).
@@ -247,7 +248,7 @@ class Sync:
             pass
         elif recent and body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
-        elif not recent or hashes != pack(tree.children(0, 0)):
+        elif not recent or hashes != pack(level1):
             self._publish_digest(root, tree, {"answer": True})
         # A node that has just (re)joined waits longer: others in its state may be joining too
         # (after a network split heals), and the first of them is to pull for all. One that
@@ -278,11 +279,9 @@ class Sync:
 
     def _decide(self, root: str, waited: bool) -> None:
         """A while after a differing digest: pull from a peer that holds something this node
-        lacks. Nodes in the same state (the same digest, seen lately) leave it to one of
-        them, which forwards what it receives to the others (`_forward`); they pull
-        themselves only if they still lack something an exchange timeout later. The one is
-        a node already pulling for that state, else a node that was there before (not
-        (re)joining), the first by node id among those."""
+        lacks. Nodes in the same state leave it to one of them (`_leader`), which forwards
+        what it receives to the others (`_forward`); they pull themselves only if they still
+        lack something an exchange timeout later."""
         with self._lock:
             self._deciding.pop(root, None)
             if self._stopped:
@@ -290,19 +289,20 @@ class Sync:
             seen = list(self._seen.get(root, {}).items())
         try:
             tree = self.tree(root)
-            mine, counts = pack(tree.children(0, 0)), tree.counts()
+            level1, counts = tree.children(0, 0), tree.counts()
+            mine = pack(level1)
             fresh = time.monotonic() - EXCHANGE_TIMEOUT
-            ahead = []
+            ahead = []  # (peer, its level-1 hashes)
             for peer, their in seen:
-                differing = _differing(tree, unpack(their.hashes, FANOUT))
+                differing = _differing(level1, unpack(their.hashes, FANOUT))
                 if differing and not _only_behind(counts, their.counts, differing):
-                    ahead.append((peer, their.hashes, differing))
+                    ahead.append((peer, their.hashes))
             with self._lock:
                 deferred = self._deferred.pop(root, None)
             if not ahead and deferred is not None and self._synced.get(root, 0.0) < deferred[0]:
                 # Followed a peer, and nothing came: the peers that were ahead then still are,
                 # as far as this node knows (their digests since may only look older).
-                ahead = [(p, their.hashes, list(range(FANOUT))) for p, their in seen if p in deferred[1]]
+                ahead = [(p, their.hashes) for p, their in seen if p in deferred[1]]
             if not ahead:
                 return
             if not waited:
@@ -310,11 +310,11 @@ class Sync:
                 if leader is not None:
                     self.node.counters["sync.deferred"] += 1
                     with self._lock:
-                        self._deferred[root] = (time.monotonic(), {p for p, _, _ in ahead})
+                        self._deferred[root] = (time.monotonic(), {p for p, _ in ahead})
                     self._send(leader, "sync-req", {"region": root, "follow": True})
                     self._schedule(root, EXCHANGE_TIMEOUT, waited=True)
                     return
-            peer, hashes, _ = random.choice(ahead)
+            peer, hashes = random.choice(ahead)
             self._pull(root, peer, tree, hashes)
         except Exception:
             log.exception("deciding on a pull of %s failed", root)
@@ -366,11 +366,13 @@ class Sync:
     def _send_forward(self, root: str, peer: str, envelopes: list[bytes], digest: dict) -> None:
         chunks = self._chunks(envelopes)
         for i, chunk in enumerate(chunks):
-            body: dict[str, Any] = {"region": root, "envelopes": chunk}
-            if i == len(chunks) - 1:
-                body["digest"] = digest
-            self._send(peer, "sync-resp", body)
+            self._forward_chunk(root, peer, chunk, digest if i == len(chunks) - 1 else None)
         self.node.counters["sync.forwarded"] += 1
+
+    def _forward_chunk(self, root: str, peer: str, envelopes: list[bytes], digest: dict | None) -> None:
+        """One sync-resp of forwarded envelopes; the last carries the forwarder's digest."""
+        body = {"region": root, "envelopes": envelopes}
+        self._send(peer, "sync-resp", body | {"digest": digest} if digest else body)
 
     def _relay(self, root: str, envelopes: list[bytes], last: bool) -> tuple[list[str], list[bytes] | None]:
         """(Under the lock.) Envelopes a peer forwards to this node go on to the peers that
@@ -490,8 +492,7 @@ class Sync:
                 with self._lock:
                     self._keep_forward(root, kept, digest, followers)
             for follower in followers:
-                self._send(follower, "sync-resp", {"region": root, "envelopes": [e.raw for e in taken]} | (
-                    {"digest": digest} if last else {}))
+                self._forward_chunk(root, follower, [e.raw for e in taken], digest)
             return
         if "envelopes" in body:
             return
@@ -504,7 +505,7 @@ class Sync:
             if pull.cut:
                 root_, theirs, counts = _parse_digest(body.get("digest"))
                 tree = self.tree(root)
-                differing = _differing(tree, theirs)
+                differing = _differing(tree.children(0, 0), theirs)
                 if root_ == root and differing and not _only_behind(tree.counts(), counts, differing):
                     self._pull(root, peer, tree, pack(theirs), carry=pull)
                     return
@@ -666,9 +667,8 @@ def _list(body: dict, name: str) -> list:
     return value
 
 
-def _differing(tree: Tree, theirs: list[int]) -> list[int]:
-    """The level-1 nodes whose hashes differ from a peer's digest."""
-    mine = tree.children(0, 0)
+def _differing(mine: list[int], theirs: list[int]) -> list[int]:
+    """The level-1 nodes whose hashes (this node's, a peer's digest) differ."""
     return [j for j in range(FANOUT) if mine[j] != theirs[j]]
 
 

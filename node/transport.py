@@ -170,13 +170,7 @@ class Transport:
             c.tls_set()  # the system's certificate authorities
         self._client = c
         try:
-            if version == mqtt.MQTTv5:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = SESSION_EXPIRY if self.persistent else 0
-                c.connect(self.host, self.port, keepalive=self.keepalive, clean_start=not self.persistent,
-                          properties=props)
-            else:
-                c.connect(self.host, self.port, keepalive=self.keepalive)
+            c.connect(self.host, self.port, **self._connect_options())
         except OSError as e:
             self._client = None
             raise TransportError(f"cannot reach broker {self.host}:{self.port}: {e.strerror or e}") from None
@@ -190,6 +184,14 @@ class Transport:
             self._stop_client()
             raise TransportError(f"broker {self.host}:{self.port} did not confirm the subscriptions")
         return self._refused
+
+    def _connect_options(self) -> dict:
+        """CONNECT settings: keepalive and, in MQTT 5, the session kept (or not) while away."""
+        if self._version != mqtt.MQTTv5:
+            return {"keepalive": self.keepalive}
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY if self.persistent else 0
+        return {"keepalive": self.keepalive, "clean_start": not self.persistent, "properties": props}
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -240,13 +242,7 @@ class Transport:
             return
         self._at = (self._at + 1) % len(self.endpoints)
         log.warning("trying broker %s:%s", self.host, self.port)
-        if self._version == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY if self.persistent else 0
-            client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=not self.persistent,
-                                 properties=props)
-        else:
-            client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        client.connect_async(self.host, self.port, **self._connect_options())
         self._arm_failover(client)
 
     def wait_connected(self, timeout: float) -> bool:
