@@ -99,6 +99,7 @@ class Transport:
         self._version = 0
         self._connected = threading.Event()
         self._state = threading.Condition()
+        self._failover_timer: threading.Timer | None = None
         self._refused: str | None = None
         self._pub_lock = threading.Condition()
         self._pubs = Unacked()  # kept across reconnects: paho resends unacknowledged QoS 1 messages
@@ -232,12 +233,18 @@ class Transport:
                 self._arm_failover(client)
 
     def _arm_failover(self, client: mqtt.Client) -> None:
-        timer = threading.Timer(FAILOVER_AFTER, self._failover, (client,))
+        """One timer at a time: every failed reconnect attempt is another disconnect."""
+        with self._state:
+            if self._failover_timer is not None:
+                return
+            timer = self._failover_timer = threading.Timer(FAILOVER_AFTER, self._failover, (client,))
         timer.daemon = True
         timer.start()
 
     def _failover(self, client: mqtt.Client) -> None:
         """Still without a broker: paho's next reconnect goes to the next one."""
+        with self._state:
+            self._failover_timer = None
         if self.connected or client is not self._client:
             return
         self._at = (self._at + 1) % len(self.endpoints)

@@ -9,25 +9,27 @@ from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.node import Config, Node
 from edgeswarm.node.config import ConfigError, parse_broker_url
 
+from netcut import Link
+
 TIMEOUT = 30.0
 
 
 def test_node_fails_over_to_the_next_broker_with_its_queued_writes(member_configs, region):
     first, second = EmbeddedBroker().start(), EmbeddedBroker().start()
+    link = Link(first.host, first.port)  # the way to the first broker, which the test cuts
     configs = member_configs(2, sync_interval=0, snapshot_interval=0)
     for c in configs:
         c.protocol = "3.1.1"
-    configs[0].broker_urls = [f"mqtt://127.0.0.1:{first.port}", f"mqtt://127.0.0.1:{second.port}"]
+    configs[0].broker_urls = [f"mqtt://127.0.0.1:{link.port}", f"mqtt://127.0.0.1:{second.port}"]
     configs[1].broker_urls = [f"mqtt://127.0.0.1:{second.port}"]
     mover, other = Node(configs[0]), Node(configs[1])
     try:
         mover.start()
         other.start()
-        assert mover.transport.port == first.port
+        assert mover.transport.port == link.port
         before = mover.put(region, "k", {"i": 0})  # published on the first broker only
 
-        first.stop()  # its broker goes away
-        first = None
+        link.cut()  # its broker is gone (and stays unreachable)
         during = mover.put(region, "k2", {"i": 1})  # stored; published once it is back on a broker
         t = mover.transport
         assert t.wait_state(lambda: t.connected and t.port == second.port, TIMEOUT), "no move to the second broker"
@@ -38,9 +40,9 @@ def test_node_fails_over_to_the_next_broker_with_its_queued_writes(member_config
     finally:
         mover.stop()
         other.stop()
+        link.close()
         second.stop()
-        if first is not None:
-            first.stop()
+        first.stop()
 
 
 def test_broker_urls_are_checked():
