@@ -18,7 +18,7 @@ from edgeswarm.shared.envelope import EnvelopeError, decode
 from edgeswarm.shared.identity import Identity, IdentityError
 from edgeswarm.shared.topics import TopicError, region_filter, validate_region
 
-from .config import Config, ConfigError, default_home, parse_broker_url
+from .config import TLS_KEYS, Config, ConfigError, default_home
 from .bodies import validate_key
 from .node import Node
 from . import snapshot
@@ -52,19 +52,28 @@ def _version_json(fv) -> dict:
             "state": fv.state, "value": fv.value}
 
 
-def _load_config(args: argparse.Namespace) -> Config:
-    config = Config.load(args.home)
+def _tls_args(args: argparse.Namespace) -> dict[str, str]:
+    """--ca-file, --cert-file and --key-file as given, made absolute ("" stays: not set)."""
+    return {name: str(Path(value).expanduser().absolute()) if value else ""
+            for name in TLS_KEYS if (value := getattr(args, name, None)) is not None}
+
+
+def _load_config(args: argparse.Namespace, config: Config | None = None) -> Config:
+    """The node's configuration (or `config`) with the command line's broker options applied."""
+    config = config or Config.load(args.home)
     if getattr(args, "host", None):
         config.broker_host = args.host
     if getattr(args, "port", None):
         config.broker_port = args.port
     if getattr(args, "broker", None):
         config.broker_urls = args.broker
-        config.endpoints  # (checks them)
+    for name, value in _tls_args(args).items():
+        setattr(config, name, value)
     if getattr(args, "embedded_broker", False):
         config.embedded_broker = True
     if config.embedded_broker:
         config.protocol = "3.1.1"  # amqtt speaks nothing else
+    config.validate()
     return config
 
 
@@ -87,7 +96,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = Path(args.home or default_home())
     config = Config(home=home, regions=args.region or [], broker_host=args.host or "127.0.0.1",
                     broker_port=1883 if args.port is None else args.port, protocol=args.protocol,
-                    embedded_broker=args.embedded_broker, broker_urls=args.broker or [])
+                    embedded_broker=args.embedded_broker, broker_urls=args.broker or [], **_tls_args(args))
     config.save()
     identity = Identity.load_or_create(config.key_path)
     print(f"node {identity.node_id} initialised in {home}")
@@ -251,13 +260,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args)
-        endpoints, protocol, max_bytes = config.endpoints, config.protocol, config.max_message_bytes
+        max_bytes = config.max_message_bytes
     except ConfigError:
         if args.home:
             raise
-        endpoints = [parse_broker_url(u) for u in args.broker] if getattr(args, "broker", None) else \
-            [(args.host or "127.0.0.1", args.port or 1883, False)]
-        protocol, max_bytes = "auto", None
+        config, max_bytes = _load_config(args, Config(home=default_home())), None
     seen = 0
     done = _stop_on_signal()
 
@@ -274,7 +281,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if args.count and seen >= args.count:
             done.set()
 
-    transport = Transport(endpoints, f"es-watch-{Identity.generate().node_id}", protocol=protocol)
+    transport = Transport(config.endpoints, f"es-watch-{Identity.generate().node_id}", protocol=config.protocol,
+                          tls=config.tls)
     transport.on_message = on_message
     transport.subscribe([region_filter(args.region)])
     transport.connect()
@@ -308,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--broker", action="append", metavar="URL",
                             help="mqtt://host:port or mqtts://host:port; repeat for brokers to fail over to "
                                  "(overrides the config)")
+            sp.add_argument("--ca-file", metavar="PEM",
+                            help="CA certificate(s) to trust for mqtts:// brokers (default: the system's)")
+            sp.add_argument("--cert-file", metavar="PEM",
+                            help="client certificate for mqtts:// brokers that ask for one (with --key-file)")
+            sp.add_argument("--key-file", metavar="PEM", help="the client certificate's private key "
+                            "(paths of these three are from the current directory; they override the config)")
 
     sp = sub.add_parser("init", help="create this node's key and configuration")
     broker_opts(sp)

@@ -16,6 +16,10 @@
     urls = []                          # instead of host/port: brokers in order of preference,
                                        # "mqtt://host:port" or all "mqtts://host:port" (TLS);
                                        # the node moves to the next when one is unreachable
+    ca_file = ""                       # mqtts:// only: PEM file of the CA(s) to trust;
+                                       # empty: the system's certificate authorities
+    cert_file = ""                     # mqtts:// only: client certificate (PEM) and its key,
+    key_file = ""                      # both or neither; relative paths are from the home
     protocol = "auto"                  # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
     embedded = false                   # host an embedded broker on host:port
 
@@ -41,7 +45,9 @@ from edgeswarm.shared.envelope import DEFAULT_MAX_BYTES
 from edgeswarm.shared.topics import TopicError, validate_region
 
 from .coherence import Rule
+from .transport import TlsSettings
 
+TLS_KEYS = ("ca_file", "cert_file", "key_file")
 CONFIG_FILE = "config.toml"
 KEY_FILE = "node.key"
 STORE_FILE = "store.db"
@@ -96,9 +102,16 @@ class Config:
     sync_interval: float = 30.0
     snapshot_interval: float = 3600.0
     snapshots_kept: int = 5
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError unless every setting is usable (run again after changing any)."""
         if not isinstance(self.members, list) or not all(isinstance(m, str) and m for m in self.members):
             raise ConfigError("node.members must be a list of node ids")
         if not isinstance(self.quorum, int) or isinstance(self.quorum, bool) or self.quorum < 0:
@@ -127,6 +140,40 @@ class Config:
             raise ConfigError("broker.urls are all mqtt:// or all mqtts://, not a mix")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"broker.protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
+        self._check_tls(any(tls for _, _, tls in endpoints))
+
+    def _check_tls(self, tls: bool) -> None:
+        for name in TLS_KEYS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, value := os.fspath(value))
+            if not isinstance(value, str):
+                raise ConfigError(f"broker.{name} must be a file path (a text), not {value!r}")
+        given = [name for name in TLS_KEYS if getattr(self, name)]
+        if not given:
+            return
+        if not tls:
+            raise ConfigError(f"broker.{', broker.'.join(given)} given, but TLS settings apply to mqtts:// "
+                              "brokers only and broker.urls has none")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("broker.cert_file and broker.key_file go together: give both or neither")
+        for name in given:
+            path = self._tls_path(value := getattr(self, name))
+            if not path.is_file():
+                relative = "" if Path(value).expanduser().is_absolute() else \
+                    f" ({value} is relative, so taken from the node's home, {self.home})"
+                raise ConfigError(f"broker.{name}: no file {path}{relative}")
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"broker.{name}: {path} is not readable")
+
+    def _tls_path(self, value: str) -> Path:
+        return self.home / Path(value).expanduser()
+
+    @property
+    def tls(self) -> TlsSettings:
+        """The TLS settings for mqtts:// brokers, with paths resolved against the home."""
+        paths = {name: str(self._tls_path(v)) if (v := getattr(self, name)) else None for name in TLS_KEYS}
+        return TlsSettings(**paths)
 
     @property
     def endpoints(self) -> list[tuple[str, int, bool]]:
@@ -168,7 +215,7 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
                       "snapshots_kept"}
-        known_broker = {"host", "port", "protocol", "embedded", "urls"}
+        known_broker = {"host", "port", "protocol", "embedded", "urls", *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker)
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -188,7 +235,8 @@ class Config:
                    broker_urls=_strings(broker.get("urls", []), f"{path}: broker.urls"),
                    members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules,
                    sync_interval=node.get("sync_interval", 30.0),
-                   snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5))
+                   snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
+                   **{name: broker.get(name, "") for name in TLS_KEYS})
 
     def to_toml(self) -> str:
         # JSON strings are valid TOML basic strings.
@@ -208,6 +256,7 @@ class Config:
             f"port = {self.broker_port}\n"
             f'protocol = "{self.protocol}"\n'
             f"urls = [{', '.join(json.dumps(u) for u in self.broker_urls)}]\n"
+            + "".join(f"{name} = {json.dumps(getattr(self, name))}\n" for name in TLS_KEYS) +
             f"embedded = {'true' if self.embedded_broker else 'false'}\n"
         )
 

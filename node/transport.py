@@ -6,14 +6,19 @@ back to 3.1.1 when the broker refuses the protocol version (amqtt does).
 Resubscribes after every reconnect; paho reconnects by itself in its network thread.
 Given several brokers, connects to the first that answers and, when the connection is lost
 and not back within FAILOVER_AFTER seconds, goes on to the next (round the list).
+mqtts:// brokers are checked against the CA file of the TLS settings (or the system's
+certificate authorities), and a client certificate is shown when the settings have one.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -70,12 +75,34 @@ class TransportError(Exception):
     """The broker cannot be reached or refused the connection."""
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """PEM files for mqtts:// brokers: the CA(s) to trust (None: the system's) and an
+    optional client certificate with its key."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def _ssl_reason(text: str) -> str:
+    """An OpenSSL error without its library tag and source line."""
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", re.sub(r"^.*\[\w+: \w+\]\s*", "", text)).strip()
+
+
 MessageHandler = Callable[[str, bytes], None]
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """Small packets go out at once: with Nagle's algorithm a PUBACK or vote written while an
+    earlier packet is unacknowledged waits for the peer's delayed ACK (40 ms on Linux)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Transport:
     def __init__(self, endpoints: list[tuple[str, int, bool]], client_id: str, *, protocol: str = "auto",
-                 keepalive: int = 30, connect_timeout: float = 10.0, persistent: bool = False) -> None:
+                 keepalive: int = 30, connect_timeout: float = 10.0, persistent: bool = False,
+                 tls: TlsSettings | None = None) -> None:
         if protocol not in ("auto", *PROTOCOLS):
             raise TransportError(f"unknown MQTT protocol {protocol!r}; use auto, 5 or 3.1.1")
         if not endpoints:
@@ -84,6 +111,7 @@ class Transport:
         self._at = 0  # the one in use
         self.client_id = client_id
         self.protocol = protocol
+        self.tls = tls or TlsSettings()  # used with mqtts:// endpoints
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         # A persistent session makes the broker queue QoS 1 messages while this client is
@@ -101,6 +129,7 @@ class Transport:
         self._state = threading.Condition()
         self._failover_timer: threading.Timer | None = None
         self._refused: str | None = None
+        self._tls_failure: str | None = None  # a TLS error the network thread met before any CONNACK
         self._pub_lock = threading.Condition()
         self._pubs = Unacked()  # kept across reconnects: paho resends unacknowledged QoS 1 messages
         self._answered = threading.Event()
@@ -152,7 +181,7 @@ class Transport:
 
     def _try_connect(self, version: int, probe: bool = False) -> str | None:
         self._version = version
-        self._refused = None
+        self._refused = self._tls_failure = None
         self._answered.clear()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version,
                         clean_session=None if version == mqtt.MQTTv5 else not self.persistent)
@@ -165,18 +194,31 @@ class Transport:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.on_connect_fail = self._on_connect_fail
+        c.on_socket_open = _no_delay
         if self.will is not None:
             c.will_set(self.will[0], self.will[1], qos=1)
         if self.endpoints[self._at][2]:
-            c.tls_set()  # the system's certificate authorities
+            self._tls_set(c)
         self._client = c
         try:
             c.connect(self.host, self.port, **self._connect_options())
+        except ssl.SSLError as e:
+            self._client = None
+            raise TransportError(f"TLS handshake with broker {self.host}:{self.port} failed: "
+                                 f"{_ssl_reason(str(e))}{self._trusting(e)}") from None
         except OSError as e:
             self._client = None
             raise TransportError(f"cannot reach broker {self.host}:{self.port}: {e.strerror or e}") from None
         c.loop_start()
-        if not self._answered.wait(min(self.connect_timeout, PROBE_TIMEOUT) if probe else self.connect_timeout):
+        answered = self._answered.wait(min(self.connect_timeout, PROBE_TIMEOUT) if probe else self.connect_timeout)
+        c.on_log = None
+        if self._tls_failure is not None and not probe:
+            self._stop_client()
+            hint = "did it refuse the client certificate?" if self.tls.cert_file else \
+                "no client certificate given; does it require one?"
+            raise TransportError(f"broker {self.host}:{self.port} closed the TLS connection before answering: "
+                                 f"{self._tls_failure} ({hint})")
+        if not answered:
             self._stop_client()
             if probe:  # amqtt neither answers nor closes an MQTT 5 CONNECT that has properties
                 return "no answer to an MQTT 5 CONNECT (unsupported protocol version?)"
@@ -185,6 +227,25 @@ class Transport:
             self._stop_client()
             raise TransportError(f"broker {self.host}:{self.port} did not confirm the subscriptions")
         return self._refused
+
+    def _tls_set(self, c: mqtt.Client) -> None:
+        t = self.tls
+        try:
+            c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            files = ", ".join(f for f in (t.ca_file, t.cert_file, t.key_file) if f)
+            raise TransportError(f"cannot use the TLS files for broker {self.host}:{self.port} ({files}): "
+                                 f"{_ssl_reason(str(e))}") from None
+        c.on_log = self._on_log  # until the broker answers: a TLS alert after the handshake shows only there
+
+    def _trusting(self, e: ssl.SSLError) -> str:
+        if not isinstance(e, ssl.SSLCertVerificationError):
+            return ""
+        return f" (trusting {self.tls.ca_file or 'the system certificate authorities'})"
+
+    def _on_log(self, client, userdata, level, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and not self._answered.is_set():
+            self._tls_failure = _ssl_reason(buf.partition(": ")[2] or buf)
 
     def _connect_options(self) -> dict:
         """CONNECT settings: keepalive and, in MQTT 5, the session kept (or not) while away."""
