@@ -1,25 +1,20 @@
-"""Envelope and frame throughput, measured in one run.
+"""Envelope throughput, measured in one run.
 
-    python bench/bench_envelope.py [--seconds 2] [--frames 2000]
+    python bench/bench_envelope.py [--seconds 2]
 
 Prints, per second: raw PyNaCl Ed25519 sign and verify of a payload the size of a typical
-diff envelope, edgeswarm's envelope encode+sign and decode+verify of the same diff (the
-ratio to raw is the figure that matters: what the envelope costs on top of the signature),
-and frames per second from one node to another through the embedded broker (and through
-Mosquitto on 127.0.0.1:1883 when one is running).
+diff envelope, and edgeswarm's envelope encode+sign and decode+verify of the same diff (the
+ratio to raw is the figure that matters: what the envelope costs on top of the signature).
+Frames through a broker, against raw MQTT: bench_brokers.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
-from edgeswarm.node import Config, Node
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import decode, encode
 from edgeswarm.shared.identity import Identity
@@ -68,41 +63,11 @@ def bench_envelope(seconds: float) -> None:
     print(f"{'envelope decode + verify':<34}{dec:>12,.0f}{dec / verify_raw:>9.2f}")
 
 
-def bench_frames(name: str, host: str, port: int, protocol: str, frames: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        region = f"bench/{int(time.time() * 1000)}"
-        nodes = [Node(Config(home=Path(tmp) / n, regions=[region], broker_host=host, broker_port=port,
-                             protocol=protocol)).start() for n in ("writer", "reader")]
-        writer, reader = nodes
-        try:
-            t0 = time.perf_counter()
-            for i in range(frames):
-                writer.put(region, f"k{i % 50}", {"i": i, "reading": i * 0.5})
-            t_written = time.perf_counter() - t0
-            ok = reader.wait_until(lambda: reader.counters["applied"] >= frames, timeout=120)
-            elapsed = time.perf_counter() - t0
-            got = reader.counters["applied"]
-            print(f"{name:<10} {frames} frames: writer {frames / t_written:,.0f}/s, "
-                  f"delivered and applied {got / elapsed:,.0f}/s end to end"
-                  + ("" if ok else f" (only {got} arrived within 120 s)"))
-        finally:
-            for n in nodes:
-                n.stop()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=2.0, help="time per micro-benchmark")
-    p.add_argument("--frames", type=int, default=2000, help="frames sent through each broker")
     args = p.parse_args()
     bench_envelope(args.seconds)
-    print()
-    with EmbeddedBroker() as broker:
-        bench_frames("embedded", broker.host, broker.port, "3.1.1", args.frames)
-    if is_listening("127.0.0.1", 1883):
-        bench_frames("mosquitto", "127.0.0.1", 1883, "auto", args.frames)
-    else:
-        print("mosquitto  skipped: nothing listens on 127.0.0.1:1883")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -38,7 +36,8 @@ from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
-from edgeswarm.broker.embedded import EmbeddedBroker, free_port
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.broker.mosquitto import MosquittoProcess
 from edgeswarm.node import Config, Node
 from edgeswarm.node.harness import COMMANDS, NodeProcess
 from edgeswarm.node.store import Frame, Store
@@ -82,23 +81,6 @@ def seed_store(path: Path, identities: list[Identity], frames: int) -> tuple[dic
             store.set_sender_window(i.node_id, i.public_key, seqs[i.node_id], 0, clock.now())
     store.close()
     return seqs, clock.now()
-
-
-def mosquitto(stack: ExitStack, tmp: Path) -> int:
-    port = free_port()
-    conf = tmp / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-                    "max_queued_messages 100000\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
 
 
 class Local:
@@ -178,7 +160,7 @@ def main() -> None:
             store.set_meta("hlc", hlc)
             store.close()
         if args.mosquitto:
-            ports = [mosquitto(stack, tmp), mosquitto(stack, tmp)]
+            ports = [stack.enter_context(MosquittoProcess(tmp)).port for _ in range(2)]
             protocol = "5"
         else:
             ports = [stack.enter_context(EmbeddedBroker()).port, stack.enter_context(EmbeddedBroker()).port]

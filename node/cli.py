@@ -301,6 +301,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(nodes=args.nodes, home=args.dir)
 
 
+def cmd_swarm_sim(args: argparse.Namespace) -> int:
+    from .swarmsim import Workload, report, run
+    w = Workload(nodes=args.nodes, regions=args.regions, writers=args.writers, rate=args.rate, seconds=args.seconds,
+                 conflicts=args.conflicts, outages=args.outages, seed=args.seed)
+    w.check()
+    if args.broker:
+        figures, broker = run(w, args.broker, args.protocol), ", ".join(args.broker)
+    else:
+        with EmbeddedBroker() as embedded:
+            figures, broker = run(w, [embedded.url], "3.1.1"), f"the embedded broker ({embedded.url})"
+    print(report(w, figures, broker))
+    return 0 if figures["settled"] and not figures["lost"] else 1
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nodes", type=int, default=3)
     sp.add_argument("--dir", type=Path, help="keep the nodes' files here (default: a temporary directory)")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("swarm-sim", help="N node processes on one broker under a workload: convergence, conflicts, "
+                                          "latency, trace depth, throughput")
+    sp.add_argument("--nodes", type=int, default=20)
+    sp.add_argument("--regions", type=int, default=2)
+    sp.add_argument("--writers", type=int, default=2, help="writers per region")
+    sp.add_argument("--rate", type=float, default=2.0, help="writes per second per writer")
+    sp.add_argument("--seconds", type=float, default=10.0, help="how long the load runs")
+    sp.add_argument("--conflicts", type=float, default=0.05, help="share of writes made as a concurrent pair")
+    sp.add_argument("--outages", type=int, default=2, help="nodes (not writers) that lose power for 3 s")
+    sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--broker", action="append", metavar="URL", help="a broker to run on instead of an embedded "
+                    "one; repeat for a cluster's endpoints (the nodes are spread over them)")
+    sp.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"])
+    sp.set_defaults(func=cmd_swarm_sim)
     return p
 
 

@@ -17,6 +17,8 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +148,45 @@ def _status(node, region: str, keys: list[str]) -> dict:
     return {k: node.status(region, k) for k in keys}
 
 
+class _Events:
+    """What this node process wrote and when each version reached consensus here, as
+    [version, CLOCK_MONOTONIC ns] pairs: one clock for every process of the machine, so a
+    driver can tell write-to-consensus latency across processes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wrote: list[list] = []
+        self._consensus: list[list] = []
+
+    def wrote(self, write):
+        t = time.monotonic_ns()
+        version = write()
+        with self._lock:
+            self._wrote.append([version, t])
+        return version
+
+    def on_change(self, fv) -> None:
+        if fv.state == "consensus":
+            t = time.monotonic_ns()
+            with self._lock:
+                self._consensus.append([fv.version, t])
+
+    def take(self) -> dict:
+        """The events since the last take."""
+        with self._lock:
+            taken = {"wrote": self._wrote, "consensus": self._consensus}
+            self._wrote, self._consensus = [], []
+        return taken
+
+
+EVENTS = _Events()
+
+
 COMMANDS = {
-    "put": lambda node, region, key, value: node.put(region, key, value),
-    "put_many": lambda node, region, items: [node.put(region, k, v) for k, v in items],
-    "patch": lambda node, region, key, changes: node.patch(region, key, set=changes),
+    "put": lambda node, region, key, value: EVENTS.wrote(lambda: node.put(region, key, value)),
+    "put_many": lambda node, region, items: [EVENTS.wrote(lambda: node.put(region, k, v)) for k, v in items],
+    "patch": lambda node, region, key, changes: EVENTS.wrote(lambda: node.patch(region, key, set=changes)),
+    "events": lambda node: EVENTS.take(),
     "delete": lambda node, region, key: node.delete(region, key),
     "has_versions": _has,
     "wait_versions": lambda node, versions, timeout: node.wait_until(lambda: _has(node, versions), timeout),
@@ -166,6 +203,8 @@ COMMANDS = {
     "get": lambda node, region, key, consensus=False: node.get(region, key, consensus=consensus),
     "keys": lambda node, region: node.keys(region),
     "counters": lambda node: dict(node.counters),
+    "metrics": lambda node: node.metrics(),
+    "cpu": lambda node: time.process_time(),  # CPU seconds this node process has used
     "wait_counter": lambda node, name, at_least, timeout: node.wait_until(lambda: node.counters[name] >= at_least,
                                                                           timeout),
     "trace_head": lambda node, node_id: (h := node.store.trace_head(node_id)) and [h[0], h[1].hex()],
@@ -189,6 +228,7 @@ def _serve() -> None:
     try:
         node = Node(Config.load(Path(first["home"])))
         node.transport.persistent = first.get("persistent", True)
+        node.subscribe(EVENTS.on_change)
         node.start()
     except Exception as e:  # a broken configuration or store, no broker: said, and the process ends
         print(json.dumps({"error": f"start: {type(e).__name__}: {e}"}), flush=True)

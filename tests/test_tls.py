@@ -4,13 +4,10 @@ certificates, and clear errors when the broker cannot be trusted or refuses the 
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from edgeswarm.broker.embedded import free_port
+from edgeswarm.broker.mosquitto import MosquittoProcess, find_mosquitto
 from edgeswarm.node import Config, Node
 from edgeswarm.node.cli import build_parser, main
 from edgeswarm.node.config import ConfigError
@@ -27,9 +24,7 @@ from edgeswarm.node.transport import TransportError
 
 TIMEOUT = 20.0
 PROMPTLY = 5.0  # seconds within which a refused TLS connection must be reported
-MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-                                               if os.access(p, os.X_OK)), None)
-needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="no mosquitto executable (apt-get install mosquitto) "
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="no mosquitto executable (apt-get install mosquitto) "
                                      "to run a private TLS broker")
 
 
@@ -64,61 +59,30 @@ def pki(tmp_path_factory) -> Pki:
     return Pki(**files)
 
 
-class Mosquitto:
+class Mosquitto(MosquittoProcess):
     """A private Mosquitto with one TLS listener on a free port of 127.0.0.1."""
 
     def __init__(self, pki: Pki, directory: Path, *, server: str = "server", require_certificate: bool = False):
-        self.port = free_port()
-        self.url = f"mqtts://127.0.0.1:{self.port}"
-        conf = directory / f"mosquitto-{self.port}.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"cafile {pki.ca}\n"
-            f"certfile {getattr(pki, f'{server}_cert')}\n"
-            f"keyfile {getattr(pki, f'{server}_key')}\n"
-            f"require_certificate {'true' if require_certificate else 'false'}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"  # root would otherwise become `mosquitto`
-            "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n")
-        self.log: list[str] = []
-        self._running = threading.Event()
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read_log, daemon=True).start()
+        super().__init__(directory, listener=[
+            f"cafile {pki.ca}",
+            f"certfile {getattr(pki, f'{server}_cert')}",
+            f"keyfile {getattr(pki, f'{server}_key')}",
+            f"require_certificate {'true' if require_certificate else 'false'}"], start_timeout=TIMEOUT)
+        self.start()
         try:
-            self._wait_ready(pki)
+            self._handshake(pki)
         except BaseException:
             self.stop()
             raise
 
-    def _read_log(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if " running" in line:
-                self._running.set()
-        self._running.set()  # (exited)
-
-    def _wait_ready(self, pki: Pki) -> None:
-        """Its log says it is running (listener open), and a real TLS handshake succeeds."""
-        if not self._running.wait(TIMEOUT) or self.proc.poll() is not None:
-            raise AssertionError(f"mosquitto did not start on port {self.port}: {''.join(self.log)}")
+    def _handshake(self, pki: Pki) -> None:
+        """A real TLS handshake succeeds."""
         ctx = ssl.create_default_context(cafile=pki.ca)
         ctx.check_hostname = False  # (the misnamed certificate is the point of one test)
         ctx.load_cert_chain(pki.client_cert, pki.client_key)
         with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as raw, \
                 ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             assert tls.version()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(TIMEOUT)
 
 
 @pytest.fixture
