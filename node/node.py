@@ -181,7 +181,7 @@ class Node(Voting):
     def quorum(self, region: str) -> int:
         return self.config.quorum or len(self.members(region)) // 2 + 1
 
-    def _counts(self, flagged: set[str]) -> Callable[[str], bool]:
+    def _counts(self, flagged: frozenset[str]) -> Callable[[str], bool]:
         members = self._static_members
         return lambda n: n not in flagged and (members is None or n in members)
 
@@ -318,24 +318,23 @@ class Node(Voting):
         """A store transaction; what it queued is published and notified after COMMIT,
         and forgotten on ROLLBACK. A nested one joins the outer: only the outermost
         publishes, once everything is committed."""
-        outermost = False
-        try:
-            with self.store.transaction():  # (holds the store lock: the depth is this thread's)
-                outermost = self._tx_depth == 0
+        with self.store.transaction():  # (holds the store lock: the depth is this thread's)
+            if self._tx_depth:
                 self._tx_depth += 1
                 try:
                     yield
                 finally:
                     self._tx_depth -= 1
-        except BaseException:
-            if outermost:
-                with self.store.transaction():
-                    self._sends.clear()
-                    self._events.clear()
-            raise
-        if not outermost:
-            return
-        with self.store.transaction():
+                return
+            self._tx_depth = 1
+            try:
+                yield
+            except BaseException:
+                self._sends.clear()
+                self._events.clear()
+                raise
+            finally:
+                self._tx_depth = 0
             sends, self._sends = self._sends, []
             events, self._events = self._events, []
         for item in sends:
@@ -502,7 +501,7 @@ class Node(Voting):
     def _take(self, envs: list[Envelope]) -> None:
         try:
             with self._transaction():
-                self.handle_many([env for env in envs if self._accept(env)])
+                self._handle([env for env in envs if self._accept(env)])
         except Exception:
             if len(envs) == 1:
                 self._internal_error(region_topic(envs[0].kind, envs[0].region))
@@ -563,15 +562,18 @@ class Node(Voting):
         deciding each frame they touch once at the end (a sync response may bring hundreds
         for a few frames)."""
         with self._transaction():
-            self._deferred = {}
-            try:
-                for env in envs:
-                    {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
-                touched = self._deferred
-            finally:
-                self._deferred = None
-            for region, key in touched:
-                self._reconsider(region, key)
+            self._handle(envs)
+
+    def _handle(self, envs: list[Envelope]) -> None:
+        self._deferred = {}
+        try:
+            for env in envs:
+                {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
+            touched = self._deferred
+        finally:
+            self._deferred = None
+        for region, key in touched:
+            self._reconsider(region, key)
 
     def _touch(self, region: str, key: str) -> None:
         """A frame changed: decide it again now, or at the end of `handle_many`."""
@@ -655,13 +657,12 @@ class Node(Voting):
         if voter_id in self.store.flagged():
             self.counters["ignored.flagged-vote"] += 1
             return
-        previous = self.store.vote_at(env.region, key, voter_id, round_)
+        previous = self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
         if previous is not None:
             if previous[0] != version:
                 self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1], env.raw)
             self.counters["votes.known"] += 1
             return
-        self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
         self.counters["votes"] += 1
         frame = self.store.frame(env.region, key)
         if version == frame.head == frame.consensus:

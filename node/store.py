@@ -21,6 +21,12 @@ Tables
 
 All writes go through `transaction()`, one BEGIN IMMEDIATE ... COMMIT, so a node and a
 short-lived CLI process may share the file and a failure never half-writes anything.
+
+Inside a transaction the store keeps what it reads again and again (replay windows, flagged
+nodes, frame rows, latest votes, voters, trace heads, frames with nothing waiting) and
+writes replay windows and sums once, at COMMIT. The cache outlives the transaction only
+while no other connection commits (PRAGMA data_version) and is dropped on ROLLBACK; reads
+outside a transaction always go to the file.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ from .digest import position, version_item, vote_item
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
+CACHED_FRAMES = 4096  # frames whose rows and latest votes are kept between transactions
+
+_SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALUES (?, ?, ?, ?, ?, ?)"
+               " ON CONFLICT (region, key) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash),"
+               " versions = versions + excluded.versions, rounds = rounds + excluded.rounds")
+# (Rows are updated in place, not replaced: a replaced row moves, so COMMIT writes its index page too.)
+_SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
+                  " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
+                  " mask = excluded.mask, hlc = excluded.hlc")
 
 
 class StoreError(Exception):
@@ -119,6 +134,9 @@ class Store:
         self.sum_listeners: list[Callable[[int, list | None], None]] = []
         self.sums_gen = 0
         self._sum_changes: list | None = []
+        self._tx = False  # a transaction is open: the cache may be read
+        self._data_version = -1
+        self._forget()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=10.0,
@@ -193,6 +211,7 @@ class Store:
         computed once for a store of schema 1."""
         with self.transaction():
             self._sum_changes = None  # (not item by item: listeners start again from the table)
+            self._pending_sums = {}  # (what they held is in the tables read below)
             self._exec("DROP TABLE IF EXISTS sums")
             self.db["sums"].create({"region": str, "key": str, "pos": int, "hash": int, "versions": int,
                                     "rounds": int}, pk=("region", "key"))
@@ -204,14 +223,20 @@ class Store:
                 self._add_sum(region, key, vote_item(voter, round_, version), 0, round_)
 
     def _add_sum(self, region: str, key: str, item: int, versions: int, rounds: int) -> None:
-        """XOR an item hash into a frame's sum (SQLite has no XOR operator: a|b & ~(a&b))."""
-        pos = position(region, key)
+        """XOR an item hash into a frame's sum (SQLite has no XOR operator: a|b & ~(a&b));
+        in a transaction, once per frame at COMMIT."""
+        pending = self._pending_sums.get((region, key)) if self._tx else None
+        pos = position(region, key) if pending is None else pending[0]
         if self._sum_changes is not None:
             self._sum_changes.append((region, pos, item, versions, rounds))
-        self._exec("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALUES (?, ?, ?, ?, ?, ?)"
-                   " ON CONFLICT (region, key) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash),"
-                   " versions = versions + excluded.versions, rounds = rounds + excluded.rounds",
-                   [region, key, pos, item, versions, rounds])
+        if pending is not None:
+            pending[1] ^= item
+            pending[2] += versions
+            pending[3] += rounds
+        elif self._tx:
+            self._pending_sums[(region, key)] = [pos, item, versions, rounds]
+        else:
+            self._exec(_SUM_UPSERT, [region, key, pos, item, versions, rounds])
 
     # -- transactions ----------------------------------------------------------------
 
@@ -225,17 +250,57 @@ class Store:
                 return
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._begin()
                 yield self
+                self._flush()
             except BaseException:
+                self._tx = False
+                self._forget()
                 conn.execute("ROLLBACK")
                 self._sum_changes = []
                 raise
-            conn.execute("COMMIT")
+            self._tx = False
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                self._forget()
+                raise
             changes, self._sum_changes = self._sum_changes, []
             if changes != []:
                 self.sums_gen += 1
                 for listener in self.sum_listeners:
                     listener(self.sums_gen, changes)
+
+    def _begin(self) -> None:
+        """Keep the cache only if no other connection committed since it was filled."""
+        version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version or max(len(self._frames), len(self._latest), len(self._idle)) > CACHED_FRAMES:
+            self._forget()
+            self._data_version = version
+        self._tx = True
+
+    def _forget(self) -> None:
+        self._senders: dict[str, tuple[int, int]] = {}
+        self._flagged: frozenset[str] | None = None
+        self._frames: dict[tuple[str, str], Frame | None] = {}
+        self._latest: dict[tuple[str, str], dict[str, tuple[int, bytes]]] = {}
+        self._voters: dict[str, set[str]] = {}
+        self._idle: set[tuple[str, str]] = set()  # frames with no pending diff and no voted merge lacking
+        self._trace_heads: dict[str, tuple[int, bytes] | None] = {}
+        self._pending_senders: dict[str, tuple[bytes, int, bytes, int]] = {}
+        self._pending_sums: dict[tuple[str, str], list[int]] = {}
+
+    def _flush(self) -> None:
+        """Write what the transaction kept for COMMIT."""
+        if self._pending_senders:
+            self.db.conn.executemany(_SENDER_UPSERT, [(n, *row) for n, row in self._pending_senders.items()])
+            self._pending_senders = {}
+        self._flush_sums()
+
+    def _flush_sums(self) -> None:
+        if self._pending_sums:
+            self.db.conn.executemany(_SUM_UPSERT, [(r, k, *sums) for (r, k), sums in self._pending_sums.items()])
+            self._pending_sums = {}
 
     def close(self) -> None:
         with self._lock:
@@ -259,7 +324,8 @@ class Store:
         return default if row is None else row[0]
 
     def set_meta(self, name: str, value: int) -> None:
-        self._exec("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", [name, value])
+        self._exec("INSERT INTO meta (name, value) VALUES (?, ?)"
+                   " ON CONFLICT (name) DO UPDATE SET value = excluded.value", [name, value])
 
     def next_seq(self) -> int:
         with self.transaction():
@@ -270,16 +336,33 @@ class Store:
     # -- senders ---------------------------------------------------------------------
 
     def sender_window(self, node_id: str) -> tuple[int, int]:
-        row = self._one("SELECT top, mask FROM senders WHERE node_id = ?", [node_id])
-        return (0, 0) if row is None else (row[0], int.from_bytes(row[1], "big"))
+        with self._lock:
+            window = self._senders.get(node_id) if self._tx else None
+            if window is None:
+                row = self._one("SELECT top, mask FROM senders WHERE node_id = ?", [node_id])
+                window = (0, 0) if row is None else (row[0], int.from_bytes(row[1], "big"))
+                if self._tx:
+                    self._senders[node_id] = window
+            return window
 
     def set_sender_window(self, node_id: str, public_key: bytes, top: int, mask: int, hlc: int) -> None:
-        self._exec("INSERT OR REPLACE INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)",
-                        [node_id, public_key, top, mask.to_bytes(8, "big"), hlc])
+        row = (public_key, top, mask.to_bytes(8, "big"), hlc)
+        with self._lock:
+            self._senders[node_id] = (top, mask)
+            if self._tx:
+                self._pending_senders[node_id] = row
+            else:
+                self._exec(_SENDER_UPSERT, [node_id, *row])
 
     def voters(self, region: str) -> list[str]:
         """The nodes that have voted on any frame of a region."""
-        return [r[0] for r in self._exec("SELECT DISTINCT voter FROM latest WHERE region = ?", [region])]
+        with self._lock:
+            voters = self._voters.get(region) if self._tx else None
+            if voters is None:
+                voters = {r[0] for r in self._exec("SELECT DISTINCT voter FROM latest WHERE region = ?", [region])}
+                if self._tx:
+                    self._voters[region] = voters
+            return list(voters)
 
     # -- versions --------------------------------------------------------------------
 
@@ -299,21 +382,23 @@ class Store:
                     coherent: bool = True, reason: str | None = None) -> bool:
         """Store a version. False when it was already stored."""
         with self.transaction():
-            if self.has_version(version):
-                return False
             merge = len(parents) > 1
-            self._exec(
-                "INSERT INTO versions (version, region, key, parent, merge_of, value, author, hlc, gen, coherent,"
-                " reason, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [version, region, key, None if merge or not parents else parents[0],
-                 b"".join(sorted(parents)) if merge else None, canonical(value), author, hlc, gen,
-                 int(coherent), reason, "shadow" if coherent else "rejected"])
+            if not self.db.conn.execute(
+                    "INSERT INTO versions (version, region, key, parent, merge_of, value, author, hlc, gen, coherent,"
+                    " reason, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
+                    [version, region, key, None if merge or not parents else parents[0],
+                     b"".join(sorted(parents)) if merge else None, canonical(value), author, hlc, gen,
+                     int(coherent), reason, "shadow" if coherent else "rejected"]).rowcount:
+                return False
             if author:
                 self._add_sum(region, key, version_item(version), 1, 0)
             # A version older than the consensus does not descend from it: the frame's
             # history below the consensus is no longer all settled.
-            self._exec("UPDATE frames SET settled = 0 WHERE region = ? AND key = ? AND settled = 1"
-                       " AND (SELECT gen FROM versions WHERE version = frames.consensus) > ?", [region, key, gen])
+            frame = self._frames.get((region, key), True) if self._tx else True
+            if frame is not None and (frame is True or frame.settled):
+                self._exec("UPDATE frames SET settled = 0 WHERE region = ? AND key = ? AND settled = 1"
+                           " AND (SELECT gen FROM versions WHERE version = frames.consensus) > ?", [region, key, gen])
+                self._frames.pop((region, key), None)
             return True
 
     def merge_of(self, parents: tuple[bytes, ...]) -> bytes | None:
@@ -335,6 +420,13 @@ class Store:
         """The versions of a frame from generation `min_gen` on."""
         rows = self._exec(f"SELECT {self._META_COLS} FROM versions WHERE region = ? AND key = ? AND gen >= ?",
                           [region, key, min_gen])
+        return {row[0]: self._version_meta(row) for row in rows}
+
+    def frame_meta_from(self, region: str, key: str, version: bytes) -> dict[bytes, VersionMeta]:
+        """The versions of a frame from the generation of `version` (one of them) on; empty
+        when `version` is not stored."""
+        rows = self._exec(f"SELECT {self._META_COLS} FROM versions WHERE region = ? AND key = ?"
+                          " AND gen >= (SELECT gen FROM versions WHERE version = ?)", [region, key, version])
         return {row[0]: self._version_meta(row) for row in rows}
 
     def set_states(self, states: dict[bytes, str]) -> None:
@@ -374,14 +466,25 @@ class Store:
     # -- frames ----------------------------------------------------------------------
 
     def frame(self, region: str, key: str) -> Frame:
-        row = self._one("SELECT head, consensus, round, settled FROM frames WHERE region = ? AND key = ?",
-                        [region, key])
-        return Frame(None, None, 0) if row is None else Frame(row[0], row[1], row[2] or 0, bool(row[3]))
+        with self._lock:
+            frame = self._frames.get((region, key), False) if self._tx else False
+            if frame is False:
+                row = self._one("SELECT head, consensus, round, settled FROM frames WHERE region = ? AND key = ?",
+                                [region, key])
+                frame = None if row is None else Frame(row[0], row[1], row[2] or 0, bool(row[3]))
+                if self._tx:
+                    self._frames[(region, key)] = frame
+        return Frame(None, None, 0) if frame is None else frame
 
     def set_frame(self, region: str, key: str, frame: Frame) -> None:
-        self._exec("INSERT OR REPLACE INTO frames (region, key, head, consensus, round, settled)"
-                   " VALUES (?, ?, ?, ?, ?, ?)",
-                   [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
+        with self._lock:
+            if self._tx and self._frames.get((region, key)) == frame:
+                return
+            self._exec("INSERT INTO frames (region, key, head, consensus, round, settled) VALUES (?, ?, ?, ?, ?, ?)"
+                       " ON CONFLICT (region, key) DO UPDATE SET head = excluded.head, consensus = excluded.consensus,"
+                       " round = excluded.round, settled = excluded.settled",
+                       [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
+            self._frames[(region, key)] = frame
 
     def regions(self) -> list[str]:
         return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
@@ -398,13 +501,33 @@ class Store:
 
     def add_diff(self, msg_id: bytes, sender: str, seq: int, region: str, key: str, version: bytes,
                  parent: bytes | None, envelope: bytes, status: str) -> None:
-        self._exec(
-            "INSERT OR IGNORE INTO diffs (msg_id, sender, seq, region, key, version, parent, envelope, status)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [msg_id, sender, seq, region, key, version, parent, envelope, status])
+        with self._lock:
+            self._exec(
+                "INSERT OR IGNORE INTO diffs (msg_id, sender, seq, region, key, version, parent, envelope, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [msg_id, sender, seq, region, key, version, parent, envelope, status])
+            if status == "pending":
+                self._idle.discard((region, key))
 
     def set_diff_status(self, msg_id: bytes, status: str) -> None:
-        self._exec("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])
+        with self._lock:
+            self._exec("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])
+            if status == "pending":
+                self._idle.clear()
+
+    def waiting(self, region: str, key: str) -> bool:
+        """Whether a frame may have diffs waiting for a parent, or voted merges not stored."""
+        with self._lock:
+            if self._tx and (region, key) in self._idle:
+                return False
+            found = self._one(
+                "SELECT EXISTS (SELECT 1 FROM diffs WHERE status = 'pending' AND region = ? AND key = ?)"
+                " OR EXISTS (SELECT 1 FROM votes WHERE region = ? AND key = ? AND merge_of IS NOT NULL"
+                " AND NOT EXISTS (SELECT 1 FROM versions WHERE versions.version = votes.version))",
+                [region, key, region, key])[0]
+            if not found and self._tx:
+                self._idle.add((region, key))
+            return bool(found)
 
     def pending(self, region: str, key: str) -> list[tuple[bytes, bytes]]:
         """(msg_id, envelope) of the diffs of a frame still waiting for a parent."""
@@ -422,22 +545,46 @@ class Store:
                          [region, key, voter, round_])
 
     def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes,
-                 merge_of: tuple[bytes, ...] | None = None) -> None:
+                 merge_of: tuple[bytes, ...] | None = None) -> tuple[bytes, bytes] | None:
+        """Store a vote. When the voter already has one in that round, store nothing and
+        return (version, envelope) of the one held."""
         with self.transaction():
-            self._exec("INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
-                                                         b"".join(sorted(merge_of)) if merge_of else None, envelope])
-            old = self._one("SELECT round, version FROM latest WHERE region = ? AND key = ? AND voter = ?",
-                            [region, key, voter])
+            if not self.db.conn.execute(
+                    "INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", [region, key, voter, round_, version,
+                                                      b"".join(sorted(merge_of)) if merge_of else None,
+                                                      envelope]).rowcount:
+                return self.vote_at(region, key, voter, round_)
+            if merge_of:
+                self._idle.discard((region, key))
+            latest = self._latest_rounds(region, key)
+            old = latest.get(voter)
             if old is not None and old[0] >= round_:
-                return
-            self._exec("INSERT OR REPLACE INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?)",
+                return None
+            self._exec("INSERT INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                       " (region, key, voter) DO UPDATE SET round = excluded.round, version = excluded.version",
                        [region, key, voter, round_, version])
+            latest[voter] = (round_, version)
+            if region in self._voters:
+                self._voters[region].add(voter)
             item, rounds = vote_item(voter, round_, version), round_
             if old is not None:  # the voter's previous latest vote leaves the sum
                 item ^= vote_item(voter, old[0], old[1])
                 rounds -= old[0]
             self._add_sum(region, key, item, 0, rounds)
+            return None
+
+    def _latest_rounds(self, region: str, key: str) -> dict[str, tuple[int, bytes]]:
+        """voter -> (round, version) of its latest vote on a frame (kept in a transaction)."""
+        if self._tx and (region, key) in self._latest:
+            return self._latest[(region, key)]
+        latest = {voter: (round_, version) for voter, round_, version in self._exec(
+            "SELECT voter, round, version FROM latest WHERE region = ? AND key = ? ORDER BY voter", [region, key])}
+        if self._tx:
+            self._latest[(region, key)] = latest
+        else:  # (a vote stored outside a transaction would leave the kept one behind)
+            self._latest.pop((region, key), None)
+        return latest
 
     def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """(version, parents) of voted merges of a frame that this store does not hold."""
@@ -448,22 +595,25 @@ class Store:
 
     def latest_votes(self, region: str, key: str) -> dict[str, bytes]:
         """voter -> the version of its highest-round vote on this frame."""
-        rows = self._exec("SELECT voter, version FROM latest WHERE region = ? AND key = ?", [region, key])
-        return dict(rows)
+        with self._lock:
+            return {voter: version for voter, (_, version) in self._latest_rounds(region, key).items()}
 
     def read_sums(self, root: str, take: Callable[[Iterable[tuple[int, int, int, int]]], T]) -> tuple[int, T]:
         """`take` applied to (position, frame hash, authored versions, sum of latest rounds)
         of every frame in the region tree `root`, in position order, streamed (a store may
         hold 100k frames); with the generation of `sums` they reflect."""
         with self._lock:
+            self._flush_sums()
             return self.sums_gen, take(self.db.conn.execute(
                 "SELECT pos, hash, versions, rounds FROM sums WHERE region = ? OR substr(region, 1, ?) = ?"
                 " ORDER BY pos", [root, len(root) + 1, root + "/"]))
 
     def frame_at(self, root: str, pos: int) -> tuple[str, str] | None:
         """(region, key) of the frame at a digest position in the region tree `root`."""
-        row = self._one("SELECT region, key FROM sums WHERE pos = ? AND (region = ? OR substr(region, 1, ?) = ?)",
-                        [pos, root, len(root) + 1, root + "/"])
+        with self._lock:
+            self._flush_sums()
+            row = self._one("SELECT region, key FROM sums WHERE pos = ? AND (region = ? OR substr(region, 1, ?) = ?)",
+                            [pos, root, len(root) + 1, root + "/"])
         return None if row is None else (row[0], row[1])
 
     def frame_items(self, region: str, key: str) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[str, int, bytes]]]:
@@ -492,11 +642,20 @@ class Store:
         return [tuple(r) for r in self._exec("SELECT DISTINCT region, key FROM votes WHERE voter = ?", [voter])]
 
     def flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
-        self._exec("INSERT OR IGNORE INTO flagged (node_id, reason, evidence_a, evidence_b) VALUES (?, ?, ?, ?)",
-                        [node_id, reason, evidence_a, evidence_b])
+        with self._lock:
+            self._exec("INSERT OR IGNORE INTO flagged (node_id, reason, evidence_a, evidence_b) VALUES (?, ?, ?, ?)",
+                       [node_id, reason, evidence_a, evidence_b])
+            if self._flagged is not None:
+                self._flagged |= {node_id}
 
-    def flagged(self) -> set[str]:
-        return {r[0] for r in self._exec("SELECT node_id FROM flagged")}
+    def flagged(self) -> frozenset[str]:
+        with self._lock:
+            flagged = self._flagged if self._tx else None
+            if flagged is None:
+                flagged = frozenset(r[0] for r in self._exec("SELECT node_id FROM flagged"))
+                if self._tx:
+                    self._flagged = flagged
+            return flagged
 
     # -- peers and health ------------------------------------------------------------
 
@@ -539,11 +698,22 @@ class Store:
     # -- trace -----------------------------------------------------------------------
 
     def add_trace(self, node_id: str, seq: int, hash_: bytes, prev: bytes | None, entry: bytes, sig: bytes) -> None:
-        self._exec("INSERT INTO trace (node_id, seq, hash, prev, entry, sig) VALUES (?, ?, ?, ?, ?, ?)",
-                   [node_id, seq, hash_, prev, entry, sig])
+        with self._lock:
+            self._exec("INSERT INTO trace (node_id, seq, hash, prev, entry, sig) VALUES (?, ?, ?, ?, ?, ?)",
+                       [node_id, seq, hash_, prev, entry, sig])
+            if node_id in self._trace_heads:
+                head = self._trace_heads[node_id]
+                if head is None or seq > head[0]:
+                    self._trace_heads[node_id] = (seq, hash_)
 
     def trace_head(self, node_id: str) -> tuple[int, bytes] | None:
-        return self._one("SELECT seq, hash FROM trace WHERE node_id = ? ORDER BY seq DESC LIMIT 1", [node_id])
+        with self._lock:
+            if self._tx and node_id in self._trace_heads:
+                return self._trace_heads[node_id]
+            head = self._one("SELECT seq, hash FROM trace WHERE node_id = ? ORDER BY seq DESC LIMIT 1", [node_id])
+            if self._tx:
+                self._trace_heads[node_id] = head
+            return head
 
     def trace_entry(self, node_id: str, seq: int) -> tuple[bytes, bytes] | None:
         """(hash, entry) of one trace entry."""

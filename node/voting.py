@@ -26,7 +26,7 @@ class Voting:
     def _catch_up(self, region: str, key: str) -> None:
         """Rebuild the merges peers voted for and apply the diffs that were waiting for a
         parent, until neither makes progress."""
-        progress = True
+        progress = self.store.waiting(region, key)
         while progress:
             progress = False
             for version, parents in self.store.voted_merges(region, key):
@@ -93,13 +93,14 @@ class Voting:
     def _window(self, region: str, key: str, frame: Frame) -> voter.Dag:
         """The part of a frame's history a decision needs: once the frame is settled on an
         authored consensus version, that version and what descends from it; otherwise all."""
-        meta = self._meta(frame.consensus) if frame.settled else None
-        # (A merge consensus needs its branches: its parents are the leaves.)
-        if meta is not None and not meta.is_merge:
-            metas = self.store.frame_meta(region, key, meta.gen)
-            # Anything here not descending from the consensus (a fork from further back)
-            # needs the whole history for its common ancestor.
-            if all(v == frame.consensus or all(p in metas for p in m.parents) for v, m in metas.items()):
+        if frame.settled:
+            metas = self.store.frame_meta_from(region, key, frame.consensus)
+            meta = metas.get(frame.consensus)
+            # (A merge consensus needs its branches: its parents are the leaves.) Anything
+            # here not descending from the consensus (a fork from further back) needs the
+            # whole history for its common ancestor.
+            if meta is not None and not meta.is_merge and all(
+                    v == frame.consensus or all(p in metas for p in m.parents) for v, m in metas.items()):
                 return voter.Dag(metas)
         return self._dag(region, key)
 

@@ -18,6 +18,7 @@ arrays, text, bytes, integers within 64 bits, floats, booleans and null. No tags
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import cbor2
 
 from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, node_id_of, verify
-from .topics import TopicError, parse_topic, validate_kind, validate_region
+from .topics import PREFIX, TopicError, parse_topic, validate_kind, validate_region
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024
@@ -34,6 +35,7 @@ CONTENT_TYPE = "application/cbor"
 _INT_MIN, _INT_MAX = -(2**64), 2**64 - 1
 _SEQ_MAX = 2**63 - 1
 _KEYS = frozenset("vkrsntb")
+_LEAVES = frozenset({str, bytes, float, bool, type(None)})  # always plain (ints are range-checked)
 
 
 class EnvelopeError(Exception):
@@ -84,10 +86,12 @@ def check_plain(obj: Any, depth: int = 0) -> None:
         for k, v in obj.items():
             if type(k) is not str:
                 raise MalformedError(f"map key of type {type(k).__name__}; keys must be text")
-            check_plain(v, depth + 1)
+            if depth == MAX_DEPTH or type(v) not in _LEAVES:
+                check_plain(v, depth + 1)
     elif t is list:
         for v in obj:
-            check_plain(v, depth + 1)
+            if depth == MAX_DEPTH or type(v) not in _LEAVES:
+                check_plain(v, depth + 1)
     elif t is int:
         if not _INT_MIN <= obj <= _INT_MAX:
             raise MalformedError("integer outside the 64-bit range")
@@ -108,6 +112,9 @@ def strict_loads(data: bytes) -> Any:
 
 
 # -- envelopes ---------------------------------------------------------------------------
+
+_checked_region = functools.lru_cache(maxsize=1024)(validate_region)  # (a swarm uses few regions)
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -169,13 +176,14 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None
         if region is not None:
             if type(region) is not str:
                 raise MalformedError("envelope region is not text")
-            validate_region(region)
+            _checked_region(region)
     except TopicError as e:
         raise MalformedError(str(e)) from None
     if not verify(sender, payload, signature):
         raise BadSignatureError(f"signature does not match the payload from {node_id_of(sender)}")
     env = Envelope(kind, region, sender, seq, hlc, m["b"], data, payload)
-    if topic is not None:
+    # (kind and region are valid here: the topic naming them is the one region traffic takes)
+    if topic is not None and (region is None or topic != f"{PREFIX}/{kind}/{region}"):
         check_topic(env, topic)
     return env
 

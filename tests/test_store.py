@@ -1,0 +1,83 @@
+"""The store's per-transaction cache and the writes it keeps for COMMIT."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from edgeswarm.node.store import Frame, Store
+
+KEY = bytes(32)
+
+
+def h(n: int) -> bytes:
+    return hashlib.blake2b(bytes([n]), digest_size=32).digest()
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """Two connections to one file, as a node and a CLI command sharing a store."""
+    a, b = Store(tmp_path / "store.db"), Store(tmp_path / "store.db")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def read_all(store: Store) -> tuple:
+    with store.transaction():
+        return (store.sender_window("n1"), store.frame("r", "k"), store.latest_votes("r", "k"),
+                sorted(store.voters("r")), store.flagged(), store.trace_head("n1"), store.waiting("r", "k"))
+
+
+def test_another_connection_commit_is_seen(stores):
+    a, b = stores
+    before = read_all(a)
+    assert before == ((0, 0), Frame(None, None, 0), {}, [], frozenset(), None, False)
+    with b.transaction():
+        b.set_sender_window("n1", KEY, 7, 3, 1)
+        b.set_frame("r", "k", Frame(h(1), h(1), 2, True))
+        b.add_vote("r", "k", "n2", 1, h(1), b"vote", (h(3), h(4)))
+        b.flag("n3", "two votes", b"a", b"b")
+        b.add_trace("n1", 1, h(5), None, b"entry", b"sig")
+    assert read_all(a) == read_all(b) == (
+        (7, 3), Frame(h(1), h(1), 2, True), {"n2": h(1)}, ["n2"], frozenset({"n3"}), (1, h(5)), True)
+
+
+def test_rollback_forgets_what_the_transaction_read_and_wrote(stores):
+    a, _ = stores
+    with a.transaction():
+        a.set_sender_window("n1", KEY, 1, 1, 1)
+        a.add_vote("r", "k", "n2", 1, h(1), b"vote")
+    with pytest.raises(RuntimeError), a.transaction():
+        a.set_sender_window("n1", KEY, 9, 1, 1)
+        a.set_frame("r", "k", Frame(h(2), None, 1))
+        a.add_vote("r", "k", "n2", 2, h(2), b"vote")
+        a.flag("n2", "two votes", b"a", b"b")
+        raise RuntimeError
+    assert read_all(a)[:5] == ((1, 1), Frame(None, None, 0), {"n2": h(1)}, ["n2"], frozenset())
+
+
+def test_repeated_vote_returns_the_one_held(stores):
+    a, _ = stores
+    assert a.add_vote("r", "k", "n1", 1, h(1), b"first") is None
+    assert a.add_vote("r", "k", "n1", 1, h(2), b"second") == (h(1), b"first")
+    assert a.latest_votes("r", "k") == {"n1": h(1)}
+
+
+def test_sums_written_at_commit_match_a_rebuild(stores):
+    a, b = stores
+    changes = []
+    a.sum_listeners.append(lambda gen, items: changes.extend(items))
+    with a.transaction():
+        for i in range(1, 4):
+            a.add_version("r", f"k{i}", h(i), (), {"i": i}, "n1", i, 1)
+            for voter in ("n1", "n2"):
+                a.add_vote("r", f"k{i}", voter, 1, h(i), b"vote")
+        a.add_vote("r", "k1", "n2", 2, h(9), b"vote")  # replaces n2's latest vote
+        a.add_vote("r", "k1", "n2", 1, h(8), b"vote")  # an older round: the sum keeps the latest
+    assert len(changes) == 3 + 6 + 1
+    kept = a.read_sums("r", list)[1]
+    assert sum(row[2] for row in kept) == 3 and sum(row[3] for row in kept) == 3 * 2 + 1
+    b.rebuild_sums()
+    assert b.read_sums("r", list)[1] == kept
