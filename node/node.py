@@ -55,6 +55,7 @@ log = logging.getLogger("edgeswarm.node")
 OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
 INBOX_SIZE = 10_000  # messages received and not yet handled; beyond, the network thread waits
 INBOX_BATCH = 500  # messages handled in one go by the worker
+_WAKE = ("", b"")  # in the inbox: acknowledgements to clear
 
 KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
@@ -82,6 +83,7 @@ class Node(Voting):
         self._acks = threading.Condition()
         self._activity = threading.Condition()
         self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker, not yet acknowledged
+        self._acked: list[bytes] = []  # acknowledged, still in the outbox table
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[Queued] = []
         self._events: list[FrameVersion] = []
@@ -367,10 +369,34 @@ class Node(Voting):
                 self._inflight.discard(item.msg_id)
 
     def _on_ack(self, msg_id: bytes) -> None:
+        """The broker has it. The outbox row goes in the inbox worker's next transaction,
+        with the others acknowledged meanwhile: one COMMIT for many, and none in the
+        network thread. (A crash before then sends it again: receivers drop duplicates.)"""
         with self._acks:
             self._inflight.discard(msg_id)
-            self.store.mark_published(msg_id)
+            self._acked.append(msg_id)
+            wake = len(self._acked) == 1
             self._acks.notify_all()
+        if wake:
+            try:
+                self._inbox.put_nowait(_WAKE)
+            except queue.Full:  # the worker is busy: it clears acknowledgements after each batch
+                pass
+
+    def _clear_acked(self) -> None:
+        """Until none is left (those acknowledged meanwhile did not wake the worker again)."""
+        while True:
+            with self._acks:
+                acked = list(self._acked)
+            if not acked:
+                return
+            try:
+                self.store.mark_published(acked)
+            except Exception:  # left in the outbox: sent again at the next start, and dropped as known
+                log.warning("could not clear %d acknowledged messages from the outbox", len(acked), exc_info=True)
+            with self._acks:  # (only now: wait_published means the outbox table is clear too)
+                del self._acked[:len(acked)]
+                self._acks.notify_all()
 
     def _drain(self, until_seq: int) -> None:
         """Send the outbox backlog (envelopes stored before start() and not acknowledged) a
@@ -397,7 +423,8 @@ class Node(Voting):
     def wait_published(self, timeout: float = 10.0) -> bool:
         """Wait until the broker has acknowledged everything this node sent."""
         with self._acks:
-            return self._acks.wait_for(lambda: not self._inflight and not self._draining, timeout)
+            return self._acks.wait_for(lambda: not self._inflight and not self._draining and not self._acked,
+                                       timeout)
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -461,7 +488,8 @@ class Node(Voting):
                 except queue.Empty:
                     break
             stop = batch[-1] is None
-            self.receive_many([m for m in batch if m is not None])
+            self.receive_many([m for m in batch if m is not None and m is not _WAKE])
+            self._clear_acked()
             with self._activity:
                 self._activity.notify_all()
             if stop:

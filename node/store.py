@@ -739,7 +739,7 @@ class Store:
                           " ORDER BY seq LIMIT ?", [after_seq, 2**62 if until_seq is None else until_seq, limit])
         return [Queued(*r) for r in rows]
 
-    def mark_published(self, msg_id: bytes) -> None:
-        """The broker has it: the outbox lets it go (the diffs and votes tables keep it)."""
+    def mark_published(self, msg_ids: list[bytes]) -> None:
+        """The broker has them: the outbox lets them go (the diffs and votes tables keep them)."""
         with self.transaction():
-            self._exec("DELETE FROM outbox WHERE msg_id = ?", [msg_id])
+            self.db.conn.executemany("DELETE FROM outbox WHERE msg_id = ?", [(m,) for m in msg_ids])
