@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -11,7 +12,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
 from edgeswarm.node import Config, Node
 
-MOSQUITTO = ("127.0.0.1", 1883)
+# A Mosquitto to run the broker-parametrised tests on: EDGESWARM_TEST_MOSQUITTO=host:port
+# (.ci/run sets it when it starts one), else the usual 127.0.0.1:1883.
+_host, _, _port = os.environ.get("EDGESWARM_TEST_MOSQUITTO", "127.0.0.1:1883").rpartition(":")
+MOSQUITTO = (_host, int(_port))
 
 
 class BrokerAddress:
@@ -39,7 +43,8 @@ def broker(request, embedded_broker):
     if request.param == "embedded":
         return BrokerAddress("embedded", embedded_broker.host, embedded_broker.port, "3.1.1")
     if not is_listening(*MOSQUITTO):
-        pytest.skip("no Mosquitto listening on 127.0.0.1:1883 (install and start mosquitto to run this case)")
+        pytest.skip(f"no Mosquitto listening on {MOSQUITTO[0]}:{MOSQUITTO[1]} (install and start mosquitto, "
+                    "or set EDGESWARM_TEST_MOSQUITTO=host:port, to run this case)")
     return BrokerAddress("mosquitto", *MOSQUITTO, "auto")
 
 
