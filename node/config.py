@@ -9,6 +9,8 @@
     snapshot_interval = 3600           # seconds between snapshots in <home>/recovery; 0: never
     snapshots_kept = 5
     max_message_bytes = 262144         # larger messages are rejected unread
+    max_clock_skew = 300               # seconds a message's clock may be ahead of this node's;
+                                       # later ones are rejected (0: no limit)
 
     [broker]
     host = "127.0.0.1"
@@ -102,6 +104,7 @@ class Config:
     sync_interval: float = 30.0
     snapshot_interval: float = 3600.0
     snapshots_kept: int = 5
+    max_clock_skew: float = 300.0
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -124,6 +127,9 @@ class Config:
             raise ConfigError("node.snapshot_interval is a number of seconds (0 turns snapshots off)")
         if not isinstance(self.snapshots_kept, int) or isinstance(self.snapshots_kept, bool) or self.snapshots_kept < 1:
             raise ConfigError("node.snapshots_kept is a positive number")
+        if not isinstance(self.max_clock_skew, (int, float)) or isinstance(self.max_clock_skew, bool) \
+                or self.max_clock_skew < 0:
+            raise ConfigError("node.max_clock_skew is a number of seconds (0: no limit)")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -214,7 +220,7 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
-                      "snapshots_kept"}
+                      "snapshots_kept", "max_clock_skew"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker)
         if unknown:
@@ -236,6 +242,7 @@ class Config:
                    members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules,
                    sync_interval=node.get("sync_interval", 30.0),
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
+                   max_clock_skew=node.get("max_clock_skew", 300.0),
                    **{name: broker.get(name, "") for name in TLS_KEYS})
 
     def to_toml(self) -> str:
@@ -250,7 +257,8 @@ class Config:
             f"sync_interval = {self.sync_interval:g}\n"
             f"snapshot_interval = {self.snapshot_interval:g}\n"
             f"snapshots_kept = {self.snapshots_kept}\n"
-            f"max_message_bytes = {self.max_message_bytes}\n\n"
+            f"max_message_bytes = {self.max_message_bytes}\n"
+            f"max_clock_skew = {self.max_clock_skew:g}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"
             f"port = {self.broker_port}\n"

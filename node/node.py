@@ -26,6 +26,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -33,7 +34,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from edgeswarm.shared import diff
-from edgeswarm.shared.clock import HybridClock
+from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode,
                                        encode)
 from edgeswarm.shared.identity import Identity
@@ -565,6 +566,8 @@ class Node(Voting):
             if parse_topic(topic).node_id != env.sender_id:
                 self._reject("topic-mismatch", f"a {env.kind} from {env.sender_id} on {topic}")
                 return
+            if self._too_far_ahead(env):
+                return
             try:
                 self.presence.on_message(env)
             except (MalformedError, ValueError) as e:
@@ -595,8 +598,9 @@ class Node(Voting):
     def _handle(self, envs: list[Envelope]) -> None:
         self._deferred = {}
         try:
-            for env in envs:
-                {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
+            for env in envs:  # (live ones passed _accept; those a pull brought are checked here)
+                if not self._too_far_ahead(env):
+                    {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
             touched = self._deferred
         finally:
             self._deferred = None
@@ -610,8 +614,22 @@ class Node(Voting):
         else:
             self._reconsider(region, key)
 
+    def _too_far_ahead(self, env: Envelope) -> bool:
+        """A clock beyond node.max_clock_skew would drag this node's clock, and every timestamp
+        it issues, into the future: rejected. A node whose own wall clock is not set yet (a
+        board without a real-time clock before NTP answers) cannot tell, and lets it pass."""
+        skew = self.config.max_clock_skew
+        now = time.time() * 1000
+        if not skew or now < PLAUSIBLE_WALL_MS or (ahead := wall_ms(env.hlc) - now) <= skew * 1000:
+            return False
+        self._reject("clock-skew", f"{env.kind} from {env.sender_id}: its clock is {ahead / 1000:,.0f} s ahead "
+                                   f"of this node's (node.max_clock_skew is {skew:g} s)")
+        return True
+
     def _accept(self, env: Envelope) -> bool:
-        """Replay window: each (sender, seq) is taken once."""
+        """Replay window: each (sender, seq) is taken once; and a clock not too far ahead."""
+        if self._too_far_ahead(env):
+            return False
         sender = env.sender_id
         top, mask = self.store.sender_window(sender)
         try:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 _COUNTER_BITS = 16
+PLAUSIBLE_WALL_MS = 1_704_067_200_000  # 2024-01-01: a wall clock before this has not been set
 
 
 def pack(wall_ms: int, counter: int) -> int:

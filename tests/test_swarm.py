@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import cbor2
 
 from edgeswarm.shared import diff
-from edgeswarm.shared.envelope import canonical, encode
+from edgeswarm.shared.clock import pack, wall_ms
+from edgeswarm.shared.envelope import canonical, decode, encode
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import region_topic
 
@@ -159,3 +161,28 @@ def test_acknowledgement_bookkeeping_empties_once_the_broker_has_everything(make
         a.sync_now()  # digest, trace head and fingerprint: acknowledged, never waited for
     assert a.wait_published(TIMEOUT) and not a.store.unpublished()
     assert a.transport.wait_acked(TIMEOUT)
+
+
+def test_a_clock_far_ahead_is_rejected_and_does_not_drag_the_node_clock(make_node, region, attacker):
+    b = make_node()
+    other, skew = Identity.generate(), b.config.max_clock_skew
+    topic = region_topic("diff", region)
+
+    def signed_diff(seq: int, key: str, ahead_s: float):
+        value = {"n": seq}
+        version = diff.version_hash(region, key, None, value)
+        hlc = pack(int((time.time() + ahead_s) * 1000), 0)
+        return version, encode(other, "diff", region, seq, hlc, {"key": key, "parent": None, "version": version,
+                                                                 "ops": [["set", [], value]]})
+
+    far_version, far = signed_diff(1, "far", 10 * skew)
+    near_version, near = signed_diff(2, "near", skew / 2)
+    attacker.send(topic, far.raw)
+    attacker.send(topic, near.raw)  # delivered after it: once this one is in, the first was handled
+    assert b.wait_until(lambda: b.store.has_version(near_version), TIMEOUT)
+    assert b.counters["rejected.clock-skew"] == 1 and not b.store.has_version(far_version)
+    assert wall_ms(b.clock.now()) < (time.time() + skew) * 1000
+    # the same check for envelopes a pull brings (they skip the live replay window)
+    _, pulled = signed_diff(3, "pulled", 10 * skew)
+    b.handle_many([decode(pulled.raw)])
+    assert b.counters["rejected.clock-skew"] == 2 and b.head(region, "pulled") is None
