@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +18,10 @@ from typing import Any
 
 from edgeswarm.broker.embedded import BrokerError, EmbeddedBroker
 from edgeswarm.shared.envelope import EnvelopeError, decode
-from edgeswarm.shared.identity import Identity, IdentityError
-from edgeswarm.shared.topics import TopicError, region_filter, validate_region
+from edgeswarm.shared import roster
+from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
+from edgeswarm.shared.roster import RosterError, parse_admin_key
+from edgeswarm.shared.topics import TopicError, node_topic, region_filter, validate_region
 
 from .config import TLS_KEYS, Config, ConfigError, default_home
 from .bodies import validate_key
@@ -28,7 +33,9 @@ from .transport import Transport, TransportError
 
 log = logging.getLogger("edgeswarm")
 
-_EXPECTED = (ConfigError, IdentityError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
+ADMIN_KEY = "swarm.key"
+CERTIFICATE_FILE = "admission.cert"
+_EXPECTED = (ConfigError, IdentityError, RosterError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
              SnapshotError, ValueError, KeyError, OSError)
 
 
@@ -43,8 +50,8 @@ def to_json(obj: Any) -> Any:
     return obj
 
 
-def _print_json(obj: Any, stream=sys.stdout) -> None:
-    print(json.dumps(to_json(obj), ensure_ascii=False, sort_keys=True), file=stream, flush=True)
+def _print_json(obj: Any, stream=None) -> None:
+    print(json.dumps(to_json(obj), ensure_ascii=False, sort_keys=True), file=stream or sys.stdout, flush=True)
 
 
 def _version_json(fv) -> dict:
@@ -94,14 +101,82 @@ def _wait(stop: threading.Event) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     home = Path(args.home or default_home())
+    certificate = args.certificate.read_bytes() if args.certificate else None
     config = Config(home=home, regions=args.region or [], broker_host=args.host or "127.0.0.1",
                     broker_port=1883 if args.port is None else args.port, protocol=args.protocol,
-                    embedded_broker=args.embedded_broker, broker_urls=args.broker or [], **_tls_args(args))
+                    embedded_broker=args.embedded_broker, broker_urls=args.broker or [], **_tls_args(args),
+                    swarm_admin=args.admin or "", certificate=CERTIFICATE_FILE if certificate else "")
     config.save()
     identity = Identity.load_or_create(config.key_path)
+    if certificate is not None:
+        config.certificate_path.write_bytes(certificate)
     print(f"node {identity.node_id} initialised in {home}")
-    print(f"  key:    {config.key_path} (keep it private)")
+    print(f"  key:    {config.key_path} (keep it private); public key {identity.public_key.hex()}")
     print(f"  config: {config.config_path}")
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    identity = Identity.load(Config(home=Path(args.home or default_home())).key_path)
+    _print_json({"node": identity.node_id, "public_key": identity.public_key.hex()})
+    return 0
+
+
+# -- the swarm admin's commands (on the admin's machine, never on a board) ---------------------
+
+def _admin(args: argparse.Namespace, create: bool = False) -> Identity:
+    path = Path(args.admin_dir or os.environ.get("EDGESWARM_ADMIN") or Path.home() / ".edgeswarm-admin") / ADMIN_KEY
+    if create:
+        if path.exists():
+            raise ConfigError(f"{path} already exists: this machine already holds a swarm admin key")
+        return Identity.load_or_create(path)
+    if not path.exists():
+        raise ConfigError(f"no swarm admin key at {path} (edgeswarm swarm create)")
+    return Identity.load(path)
+
+
+def _node_key(text: str) -> bytes:
+    try:
+        return parse_admin_key(text)  # (the same form: 64 hex digits)
+    except RosterError:
+        raise ValueError(f"a node is named by its public key, 64 hex digits (edgeswarm id), not {text!r}") from None
+
+
+def cmd_swarm_create(args: argparse.Namespace) -> int:
+    admin = _admin(args, create=True)
+    print(f"swarm admin key made; give the boards this public key (swarm.admin): {admin.public_key.hex()}")
+    return 0
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    admin, key = _admin(args), _node_key(args.node)
+    now = int(time.time() * 1000)
+    raw = roster.issue(admin, key, args.region, now + int(args.days * 86_400_000), now)
+    out = args.out or Path(f"{node_id_of(key)}.cert")
+    out.write_bytes(raw)
+    print(f"admission certificate for node {node_id_of(key)} ({', '.join(sorted(set(args.region)))}, "
+          f"{args.days:g} days) written to {out}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    admin, key = _admin(args), _node_key(args.node)
+    raw = roster.revocation(admin, key, int(time.time() * 1000))
+    node_id = node_id_of(key)
+    if args.out:
+        args.out.write_bytes(raw)
+    if args.broker:
+        config = _load_config(args, Config(home=Path(tempfile.gettempdir()), protocol=args.protocol))
+        transport = Transport(config.endpoints, f"es-admin-{Identity.generate().node_id}", protocol=config.protocol,
+                              tls=config.tls)
+        transport.connect()
+        try:  # retained: nodes that connect later learn it too
+            if transport.publish(node_topic(node_id, "revoke"), raw, retain=True, wait=10.0) is None:
+                raise TransportError("the broker did not acknowledge the revocation")
+        finally:
+            transport.close()
+    print(f"node {node_id} revoked" + (f"; published on {', '.join(args.broker)}" if args.broker else "")
+          + (f"; written to {args.out}" if args.out else ""))
     return 0
 
 
@@ -342,7 +417,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--region", action="append", help="a region tree to follow (repeatable)")
     sp.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"])
     sp.add_argument("--embedded-broker", action="store_true", help="host the broker in this node")
+    sp.add_argument("--admin", metavar="HEX", help="the swarm admin's public key (a swarm with a roster)")
+    sp.add_argument("--certificate", type=Path, help="this node's admission certificate (copied into the home)")
     sp.set_defaults(func=cmd_init)
+
+    sp = sub.add_parser("id", help="this node's id and public key (what `admit` needs)")
+    sp.set_defaults(func=cmd_id)
+
+    def admin_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--admin-dir", type=Path, help="where the swarm admin key is (default $EDGESWARM_ADMIN "
+                                                       "or ~/.edgeswarm-admin)")
+
+    sp = sub.add_parser("swarm", help="swarm administration: `swarm create` makes the admin key")
+    sp.add_argument("action", choices=["create"])
+    admin_opts(sp)
+    sp.set_defaults(func=cmd_swarm_create)
+
+    sp = sub.add_parser("admit", help="sign an admission certificate for a node (admin)")
+    sp.add_argument("node", help="the node's public key (edgeswarm id on the board)")
+    sp.add_argument("--region", action="append", required=True, help="a region tree it may write in (repeatable)")
+    sp.add_argument("--days", type=float, default=365.0, help="valid for this many days")
+    sp.add_argument("--out", type=Path, help="certificate file (default NODE-ID.cert)")
+    admin_opts(sp)
+    sp.set_defaults(func=cmd_admit)
+
+    sp = sub.add_parser("revoke", help="sign a node's revocation and publish it, retained (admin)")
+    sp.add_argument("node", help="the node's public key")
+    sp.add_argument("--out", type=Path, help="also write the signed revocation here")
+    admin_opts(sp)
+    broker_opts(sp)
+    sp.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"])
+    sp.set_defaults(func=cmd_revoke)
 
     sp = sub.add_parser("broker", help="run an embedded broker alone")
     broker_opts(sp, urls=False)

@@ -25,6 +25,10 @@
     protocol = "auto"                  # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
     embedded = false                   # host an embedded broker on host:port
 
+    [swarm]                            # a swarm with a roster (shared/roster.py); empty: open
+    admin = ""                         # the swarm admin's public key, 64 hex digits
+    certificate = "admission.cert"     # this node's admission certificate (from the home)
+
     [[rules]]                          # coherence rules, see node/coherence.py
     region = "plant/line1"
     required = ["speed"]
@@ -45,6 +49,8 @@ from urllib.parse import urlsplit
 
 from edgeswarm.shared.envelope import DEFAULT_MAX_BYTES
 from edgeswarm.shared.topics import TopicError, validate_region
+
+from edgeswarm.shared.roster import RosterError, parse_admin_key
 
 from .coherence import Rule
 from .transport import TlsSettings
@@ -105,6 +111,8 @@ class Config:
     snapshot_interval: float = 3600.0
     snapshots_kept: int = 5
     max_clock_skew: float = 300.0
+    swarm_admin: str = ""
+    certificate: str = ""
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -147,6 +155,15 @@ class Config:
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"broker.protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
         self._check_tls(any(tls for _, _, tls in endpoints))
+        if not isinstance(self.swarm_admin, str) or not isinstance(self.certificate, str):
+            raise ConfigError("swarm.admin and swarm.certificate are texts")
+        if self.swarm_admin:
+            try:
+                parse_admin_key(self.swarm_admin)
+            except RosterError as e:
+                raise ConfigError(f"swarm.admin: {e}") from None
+        elif self.certificate:
+            raise ConfigError("swarm.certificate given without swarm.admin, the key that signed it")
 
     def _check_tls(self, tls: bool) -> None:
         for name in TLS_KEYS:
@@ -189,6 +206,10 @@ class Config:
         return [parse_broker_url(u) for u in self.broker_urls]
 
     @property
+    def certificate_path(self) -> Path:
+        return self.home / Path(self.certificate).expanduser()
+
+    @property
     def key_path(self) -> Path:
         return self.home / KEY_FILE
 
@@ -213,8 +234,9 @@ class Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
         node, broker, rules = data.pop("node", {}), data.pop("broker", {}), data.pop("rules", [])
-        if data or not isinstance(node, dict) or not isinstance(broker, dict) or not isinstance(rules, list):
-            raise ConfigError(f"{path}: only [node], [broker] and [[rules]] tables are allowed")
+        swarm = data.pop("swarm", {})
+        if data or not all(isinstance(t, dict) for t in (node, broker, swarm)) or not isinstance(rules, list):
+            raise ConfigError(f"{path}: only [node], [broker], [swarm] and [[rules]] tables are allowed")
         try:
             rules = [Rule.from_config(r) for r in rules]
         except ValueError as e:
@@ -222,7 +244,7 @@ class Config:
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
                       "snapshots_kept", "max_clock_skew"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", *TLS_KEYS}
-        unknown = (set(node) - known_node) | (set(broker) - known_broker)
+        unknown = (set(node) - known_node) | (set(broker) - known_broker) | (set(swarm) - {"admin", "certificate"})
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
         regions = node.get("regions", [])
@@ -243,6 +265,7 @@ class Config:
                    sync_interval=node.get("sync_interval", 30.0),
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
                    max_clock_skew=node.get("max_clock_skew", 300.0),
+                   swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
                    **{name: broker.get(name, "") for name in TLS_KEYS})
 
     def to_toml(self) -> str:
@@ -265,7 +288,10 @@ class Config:
             f'protocol = "{self.protocol}"\n'
             f"urls = [{', '.join(json.dumps(u) for u in self.broker_urls)}]\n"
             + "".join(f"{name} = {json.dumps(getattr(self, name))}\n" for name in TLS_KEYS) +
-            f"embedded = {'true' if self.embedded_broker else 'false'}\n"
+            f"embedded = {'true' if self.embedded_broker else 'false'}\n\n"
+            "[swarm]\n"
+            f"admin = {json.dumps(self.swarm_admin)}\n"
+            f"certificate = {json.dumps(self.certificate)}\n"
         )
 
     def save(self) -> None:

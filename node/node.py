@@ -38,9 +38,11 @@ from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode,
                                        encode)
 from edgeswarm.shared.identity import Identity
+from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.topics import (node_filter, parse_topic, region_covers, region_filter, region_topic,
                                      validate_region)
 
+from .admission import Admission
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config
 from .bodies import parse_diff, parse_vote, validate_key
@@ -79,6 +81,7 @@ class Node(Voting):
         self.coherence = Coherence(config.rules)
         self.counters: Counter[str] = Counter()
         self._static_members = frozenset(config.members) if config.members else None
+        self.admission = Admission(self)
         self._subscribers: list[tuple[str | None, Callback]] = []
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
@@ -112,7 +115,7 @@ class Node(Voting):
         self._worker = threading.Thread(target=self._work, daemon=True, name=f"edgeswarm-inbox-{self.node_id}")
         self._worker.start()
         self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id),
-                                  *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint"))])
+                                  *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint", "revoke"))])
         if self._announces:
             self.presence.prepare()
         self.transport.connect()
@@ -175,10 +178,13 @@ class Node(Voting):
     # -- membership ------------------------------------------------------------------
 
     def members(self, region: str) -> set[str]:
-        """The nodes whose writes and votes count in a region: the configured list, or (open
-        swarm) this node and every node seen voting in the region."""
+        """The nodes whose writes and votes count in a region: the configured list, or the
+        admitted nodes whose certificates cover it (a swarm with a roster), or (open swarm)
+        this node and every node seen voting in the region."""
         if self._static_members is not None:
             return set(self._static_members)
+        if self.admission.on:
+            return self.admission.members(region)
         return {self.node_id, *self.store.voters(region)}
 
     def quorum(self, region: str) -> int:
@@ -282,6 +288,7 @@ class Node(Voting):
     def _change(self, region: str, key: str, compute: Callable[[dict | None], dict | None]) -> str:
         validate_region(region)
         validate_key(key)
+        self.admission.check_own(region)
         with self._transaction():
             head = self.store.frame(region, key).head
             old = None if head is None else self.store.value(head)
@@ -560,6 +567,13 @@ class Node(Voting):
 
     def _dispatch(self, topic: str, env: Envelope) -> None:
         """Handle a message other than a diff or vote."""
+        if env.kind == "revoke":  # signed by the swarm admin, on the revoked node's topic
+            try:
+                with self._transaction():
+                    self.admission.on_revoke(env, topic)
+            except RosterError as e:
+                self._reject("bad-revocation", f"{topic}: {e}")
+            return
         if env.kind in ("birth", "death", "fingerprint"):
             # Retained, so delivered again on every subscription: no replay window; the
             # session and clock in them decide what is news. A node speaks only for itself.
@@ -570,6 +584,8 @@ class Node(Voting):
                 return
             try:
                 self.presence.on_message(env)
+            except RosterError as e:
+                self._reject("bad-certificate", f"birth of {env.sender_id}: {e}")
             except (MalformedError, ValueError) as e:
                 self._reject("bad-presence", f"{env.kind} from {env.sender_id}: {e}")
             return
@@ -599,7 +615,7 @@ class Node(Voting):
         self._deferred = {}
         try:
             for env in envs:  # (live ones passed _accept; those a pull brought are checked here)
-                if not self._too_far_ahead(env):
+                if not self._too_far_ahead(env) and not self._refused(env):
                     {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
             touched = self._deferred
         finally:
@@ -626,9 +642,17 @@ class Node(Voting):
                                    f"of this node's (node.max_clock_skew is {skew:g} s)")
         return True
 
+    def _refused(self, env: Envelope) -> bool:
+        """A sender the roster does not admit (for this region): rejected and counted."""
+        reason = self.admission.refuse(env)
+        if reason is not None:
+            self._reject(reason, f"a {env.kind} from {env.sender_id}" + (f" in {env.region}" if env.region else ""))
+        return reason is not None
+
     def _accept(self, env: Envelope) -> bool:
-        """Replay window: each (sender, seq) is taken once; and a clock not too far ahead."""
-        if self._too_far_ahead(env):
+        """Replay window: each (sender, seq) is taken once; a clock not too far ahead; an
+        admitted sender."""
+        if self._too_far_ahead(env) or self._refused(env):
             return False
         sender = env.sender_id
         top, mask = self.store.sender_window(sender)
@@ -724,9 +748,13 @@ class Node(Voting):
     def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
         """A node caught saying two things (votes, trace entries): keep both signed pieces as
         proof, ignore it from now on."""
-        self.store.flag(node_id, reason, evidence_a, evidence_b)
-        self.trace.record("flagged", node=node_id, reason=reason)
         self.counters["equivocations"] += 1
         log.warning("node %s equivocates (%s); its votes and writes no longer count", node_id, reason)
+        self.exclude(node_id, reason, evidence_a, evidence_b)
+
+    def exclude(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes = b"") -> None:
+        """From now on the node's votes and writes do not count (kept: the evidence why)."""
+        self.store.flag(node_id, reason, evidence_a, evidence_b)
+        self.trace.record("flagged", node=node_id, reason=reason)
         for region, key in self.store.voted_frames(node_id):
             self._reconsider(region, key)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeswarm.presence")
 
 SOFTWARE = f"edgeswarm {version('edgeswarm')}"  # the installed package's version (pyproject.toml)
+MAX_SESSION = 2**63 - 1  # (the store's integers)
 
 
 class Presence:
@@ -49,9 +50,10 @@ class Presence:
     def announce(self) -> None:
         """After connecting: the birth, and a first fingerprint."""
         node = self.node
-        node.send_now(node_topic(node.node_id, "birth"), "birth",
-                      {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE},
-                      retain=True)
+        birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE}
+        if node.admission.own is not None:
+            birth["certificate"] = node.admission.own.raw
+        node.send_now(node_topic(node.node_id, "birth"), "birth", birth, retain=True)
         self.publish_fingerprint()
 
     def leave(self) -> None:
@@ -79,16 +81,17 @@ class Presence:
 
     def on_message(self, env: Any) -> None:
         body = env.body
-        if type(body) is not dict or type(body.get("session")) is not int:
+        if type(body) is not dict or type(body.get("session")) is not int or not 0 <= body["session"] <= MAX_SESSION:
             raise MalformedError(f"a {env.kind} names the session")
         node_id, session = env.sender_id, body["session"]
         peer = self.store.peer(node_id)
         if env.kind == "birth":
-            if peer and (session, env.hlc) <= (peer["session"], peer["birth_hlc"]):
+            if peer and (session, env.hlc) <= (peer["session"], peer["birth_hlc"] or 0):  # (none before a birth)
                 return
             regions = body.get("regions")
             if type(regions) is not list or not all(type(r) is str for r in regions):
                 raise MalformedError("a birth lists the node's regions")
+            self.node.admission.on_birth(env)
             self.store.set_peer(node_id, session=session, birth_hlc=env.hlc, alive=1, regions=regions,
                                 software=str(body.get("software", "")))
             log.info("node %s is up (session %d)", node_id, session)

@@ -14,7 +14,9 @@ Tables
             its item hashes (authored versions, latest votes), how many authored versions
             and the sum of the latest vote rounds. Kept with every version and vote.
   trace     hash-chained signed entries: this node's own log and the copies fetched of peers'.
-  flagged   nodes caught voting twice in one round, with both signed votes as evidence.
+  flagged   nodes caught voting twice in one round, with both signed votes as evidence, and
+            nodes the swarm admin revoked, with the signed revocation.
+  certificates  the admission certificates peers presented (swarm roster).
   outbox    this node's own envelopes until the broker acknowledges them.
   senders   per-sender replay window (highest sequence number and bitmap).
   meta      this node's own sequence counter and last clock.
@@ -48,8 +50,8 @@ from .digest import position, version_item, vote_item
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
-CACHED_FRAMES = 4096  # frames whose rows and latest votes are kept between transactions
+SCHEMA_VERSION = 3
+CACHED_FRAMES = 4096  # frames (and senders) whose rows are kept between transactions
 
 _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALUES (?, ?, ?, ?, ?, ?)"
                " ON CONFLICT (region, key) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash),"
@@ -157,6 +159,11 @@ class Store:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
+        if version == 2:
+            with self.transaction():
+                self._create_certificates()
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
         if version == 1:
             with self.transaction():
                 self.db["diffs"].create_index(["version"], if_not_exists=True)
@@ -166,6 +173,7 @@ class Store:
                 self.db["outbox"].transform(drop={"acked"})
                 self.db["outbox"].create_index(["seq"], if_not_exists=True)
                 self.rebuild_sums()
+                self._create_certificates()
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
         if version != 0:
@@ -203,6 +211,7 @@ class Store:
             db["senders"].create({"node_id": str, "public_key": bytes, "top": int, "mask": bytes,
                                   "hlc": int}, pk="node_id")
             db["meta"].create({"name": str, "value": int}, pk="name")
+            self._create_certificates()
             self.rebuild_sums()
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -221,6 +230,9 @@ class Store:
             for region, key, voter, round_, version in self._exec(
                     "SELECT region, key, voter, round, version FROM latest"):
                 self._add_sum(region, key, vote_item(voter, round_, version), 0, round_)
+
+    def _create_certificates(self) -> None:
+        self.db["certificates"].create({"node_id": str, "certificate": bytes}, pk="node_id", if_not_exists=True)
 
     def _add_sum(self, region: str, key: str, item: int, versions: int, rounds: int) -> None:
         """XOR an item hash into a frame's sum (SQLite has no XOR operator: a|b & ~(a&b));
@@ -274,7 +286,8 @@ class Store:
     def _begin(self) -> None:
         """Keep the cache only if no other connection committed since it was filled."""
         version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version or max(len(self._frames), len(self._latest), len(self._idle)) > CACHED_FRAMES:
+        if version != self._data_version or max(len(self._frames), len(self._latest), len(self._idle),
+                                                 len(self._senders), len(self._trace_heads)) > CACHED_FRAMES:
             self._forget()
             self._data_version = version
         self._tx = True
@@ -492,9 +505,10 @@ class Store:
     def keys(self, region: str) -> list[str]:
         return [r[0] for r in self._exec("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
 
-    def frame_heads(self) -> list[tuple[str, str, str, str | None]]:
-        """(region, key, head hex, consensus hex or None) of every frame."""
-        return [(r, k, h.hex(), c.hex() if c else None) for r, k, h, c in
+    def frame_heads(self) -> list[tuple[str, str, str | None, str | None]]:
+        """(region, key, head hex, consensus hex) of every frame; None where it has none (a
+        frame whose only versions are not eligible, such as those of non-members)."""
+        return [(r, k, h.hex() if h else None, c.hex() if c else None) for r, k, h, c in
                 self._exec("SELECT region, key, head, consensus FROM frames ORDER BY region, key")]
 
     # -- diffs -----------------------------------------------------------------------
@@ -647,6 +661,19 @@ class Store:
                        [node_id, reason, evidence_a, evidence_b])
             if self._flagged is not None:
                 self._flagged |= {node_id}
+
+    def flag_reason(self, node_id: str) -> str | None:
+        row = self._one("SELECT reason FROM flagged WHERE node_id = ?", [node_id])
+        return None if row is None else row[0]
+
+    def certificates(self) -> dict[str, bytes]:
+        """The admission certificates peers presented (see node/admission.py)."""
+        return dict(self._exec("SELECT node_id, certificate FROM certificates"))
+
+    def set_certificate(self, node_id: str, certificate: bytes) -> None:
+        with self.transaction():
+            self._exec("INSERT INTO certificates (node_id, certificate) VALUES (?, ?)"
+                       " ON CONFLICT (node_id) DO UPDATE SET certificate = excluded.certificate", [node_id, certificate])
 
     def flagged(self) -> frozenset[str]:
         with self._lock:
