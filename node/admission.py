@@ -1,8 +1,8 @@
 """This node's side of the swarm roster (shared/roster.py).
 
 With `[swarm] admin` set, a node takes diffs, votes, trace and sync messages only from
-senders whose admission certificate it holds (they carry it in their births; the store
-keeps it), that have not expired, have not been revoked, and for a region inside the
+senders whose admission certificate it holds (they carry it in their births and fingerprints;
+the store keeps it), that have not expired, have not been revoked, and for a region inside the
 certificate's region trees; everything else is rejected and counted (rejected.not-admitted,
 .expired, .revoked, .outside-regions). The members of a region are the admitted nodes whose
 certificates cover it. A revocation, signed by the admin key, flags the node for good: its
@@ -112,9 +112,9 @@ class Admission:
 
     # -- messages ----------------------------------------------------------------------
 
-    def on_birth(self, env: Envelope) -> None:
-        """Keep the certificate a birth carries (RosterError when it is not a valid one for
-        the sender)."""
+    def on_presence(self, env: Envelope) -> None:
+        """Keep the certificate a birth or fingerprint carries (RosterError when it is not a
+        valid one for the sender)."""
         if self.admin is None or type(env.body) is not dict or "certificate" not in env.body:
             return
         raw = env.body["certificate"]

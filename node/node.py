@@ -585,7 +585,7 @@ class Node(Voting):
             try:
                 self.presence.on_message(env)
             except RosterError as e:
-                self._reject("bad-certificate", f"birth of {env.sender_id}: {e}")
+                self._reject("bad-certificate", f"{env.kind} of {env.sender_id}: {e}")
             except (MalformedError, ValueError) as e:
                 self._reject("bad-presence", f"{env.kind} from {env.sender_id}: {e}")
             return

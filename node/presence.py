@@ -3,7 +3,8 @@
 On every start a node counts a new session and
 - leaves a signed `death` {session} with the broker as its MQTT will, so that the broker
   announces it if the node vanishes (power cut, crash, network loss);
-- publishes a signed, retained `birth` {session, regions, software};
+- publishes a signed, retained `birth` {session, regions, software, and its admission
+  certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
 consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions.
 On a clean stop it publishes its death itself and clears its retained birth and
@@ -50,9 +51,8 @@ class Presence:
     def announce(self) -> None:
         """After connecting: the birth, and a first fingerprint."""
         node = self.node
-        birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE}
-        if node.admission.own is not None:
-            birth["certificate"] = node.admission.own.raw
+        birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE,
+                 **self._certificate()}
         node.send_now(node_topic(node.node_id, "birth"), "birth", birth, retain=True)
         self.publish_fingerprint()
 
@@ -64,6 +64,12 @@ class Presence:
             for kind in ("birth", "fingerprint"):  # an empty retained message clears the broker's copy
                 node.transport.publish(node_topic(node.node_id, kind), b"", retain=True, wait=2.0)
 
+    def _certificate(self) -> dict:
+        """This node's admission certificate, in births and (for brokers that keep no
+        retained births) fingerprints."""
+        own = self.node.admission.own
+        return {} if own is None else {"certificate": own.raw}
+
     def fingerprint(self) -> dict:
         store = self.store
         frames = store.frame_counts()
@@ -71,7 +77,7 @@ class Presence:
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_diffs("pending"), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
-                "flagged": len(store.flagged())}
+                "flagged": len(store.flagged()), **self._certificate()}
 
     def publish_fingerprint(self) -> None:
         node = self.node
@@ -91,7 +97,7 @@ class Presence:
             regions = body.get("regions")
             if type(regions) is not list or not all(type(r) is str for r in regions):
                 raise MalformedError("a birth lists the node's regions")
-            self.node.admission.on_birth(env)
+            self.node.admission.on_presence(env)
             self.store.set_peer(node_id, session=session, birth_hlc=env.hlc, alive=1, regions=regions,
                                 software=str(body.get("software", "")))
             log.info("node %s is up (session %d)", node_id, session)
@@ -103,5 +109,7 @@ class Presence:
         else:
             if peer and env.hlc <= (peer.get("fingerprint_hlc") or 0):
                 return
-            self.store.set_peer(node_id, fingerprint=body, fingerprint_hlc=env.hlc)
+            self.node.admission.on_presence(env)
+            self.store.set_peer(node_id, fingerprint={k: v for k, v in body.items() if k != "certificate"},
+                                fingerprint_hlc=env.hlc)
         self.node.counters[f"presence.{env.kind}"] += 1

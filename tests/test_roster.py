@@ -153,3 +153,12 @@ def test_admin_commands_make_a_node_that_joins_the_roster(tmp_path, capsys, monk
     # a certificate signed by another key is refused when the configuration names this admin
     assert main(["admit", public_key, "--region", "plant", "--out", str(cert), "--admin-dir",
                  str(tmp_path / "other")]) == 1
+
+
+def test_a_certificate_also_travels_in_fingerprints(admitted, region, attacker):
+    b = admitted("b")
+    # as on a broker that keeps no retained birth: b's is gone, its retained fingerprint is there
+    attacker.client.publish(node_topic(b.node_id, "birth"), b"", qos=1, retain=True).wait_for_publish(5)
+    c = admitted("c")
+    assert c.wait_until(lambda: b.node_id in c.members(region), TIMEOUT)
+    assert c.store.peer(b.node_id)["fingerprint"]["frames"] == 0  # (the certificate is not kept twice)
