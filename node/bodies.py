@@ -8,6 +8,9 @@ from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import MalformedError
 
 MAX_KEY_BYTES = 256
+# A node votes once per change of its head, so no honest round comes near this; the store
+# adds latest rounds up (digest counts), and they must stay integers of 64 bits.
+MAX_ROUND = 2**32 - 1
 
 
 def validate_key(key: str) -> str:
@@ -50,6 +53,6 @@ def parse_vote(body: Any) -> tuple[str, bytes, int, list[bytes] | None]:
     key, version, round_ = body["key"], body["version"], body["round"]
     validate_key(key)
     _hash(version, "version")
-    if type(round_) is not int or not 1 <= round_ <= 2**63 - 1:
+    if type(round_) is not int or not 1 <= round_ <= MAX_ROUND:
         raise MalformedError("a vote round is a positive integer")
     return key, version, round_, _merge_parents(body)

@@ -66,6 +66,7 @@ JOIN_SETTLE = 1.0  # the same, for a node that (re)joined less than JOINING seco
 JOINING = 5.0
 MAX_FORWARD = 16  # envelopes kept to forward, in message size limits; a bigger catch-up is not forwarded
 MAX_PEERS = 1024  # digests remembered per region tree
+MAX_ROOTS = 64  # region trees whose exchange state is kept (a peer may name any number below the followed ones)
 MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are dropped instead
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
 
@@ -216,6 +217,7 @@ class Sync:
     def on_digest(self, env: Any) -> None:
         root, theirs, counts = _parse_digest(env.body)
         if not self._follows(root):
+            self.node.counters["ignored.sync-region"] += 1
             return
         body = env.body
         pulling = body.get("pulling")
@@ -263,11 +265,31 @@ class Sync:
 
     def _remember(self, root: str, peer: str, seen: _Seen) -> None:
         with self._lock:
-            peers = self._seen.setdefault(root, {})
+            peers = self._seen.pop(root, None)
+            if peers is None:
+                peers = {}
+                self._make_room()
+            self._seen[root] = peers  # (the tree heard of most recently last)
             peers.pop(peer, None)
             peers[peer] = seen
             while len(peers) > MAX_PEERS:
                 del peers[next(iter(peers))]
+
+    def _make_room(self) -> None:
+        """(Under the lock.) With MAX_ROOTS trees kept, forget the one heard of least recently
+        (never a followed one) and all its exchange state."""
+        if len(self._seen) < MAX_ROOTS:
+            return
+        root = next((r for r in self._seen if r not in self.node.config.regions), None)
+        if root is None:
+            return
+        for state in (self._seen, self._pulls, self._deferred, self._relayed, self._synced, self._followers,
+                      self._forwarded):
+            state.pop(root, None)
+        self._busy.discard(root)
+        timer = self._deciding.pop(root, None)
+        if timer is not None:
+            timer.cancel()
 
     def _schedule(self, root: str, delay: float, waited: bool = False) -> None:
         with self._lock:
@@ -397,9 +419,14 @@ class Sync:
         the pull brings, or brought lately."""
         now = time.monotonic()
         with self._lock:
+            if root not in self._seen and root not in self.node.config.regions:  # (one this node told of)
+                self.node.counters["ignored.sync-region"] += 1
+                return
             last = self._forwarded.get(root)
             if root in self._pulls or last is None:
-                self._followers.setdefault(root, {})[peer] = now
+                followers = self._followers.setdefault(root, {})
+                if peer in followers or len(followers) < MAX_PEERS:
+                    followers[peer] = now
                 return
             if peer in last[3]:  # (once)
                 return
@@ -413,6 +440,7 @@ class Sync:
         body = env.body
         root = _region(body)
         if not self._follows(root):
+            self.node.counters["ignored.sync-region"] += 1
             return
         if body.get("follow"):
             self._on_follow(root, env.sender_id)
@@ -451,6 +479,9 @@ class Sync:
         takes envelopes a peer forwards at the end of its own pull.)"""
         body = env.body
         root = _region(body)
+        if not self._follows(root):  # (a pull is only ever made of a followed tree)
+            self.node.counters["ignored.sync-region"] += 1
+            return
         peer = env.sender_id
         raws = _list(body, "envelopes")
         taken = []
@@ -473,8 +504,8 @@ class Sync:
         with self._lock:
             pull = self._pulls.get(root)
             ours = pull is not None and pull.peer == peer
-            if not ours:
-                if "envelopes" not in body:
+            if not ours:  # forwarded: kept to relay only by a node that follows a peer for this tree
+                if "envelopes" not in body or root not in self._deferred:
                     self.node.counters["sync.stray"] += 1
                     return
                 followers, kept = self._relay(root, [e.raw for e in taken], "digest" in body)

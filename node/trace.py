@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeswarm.trace")
 
 MAX_RANGE = 500  # entries per trace-resp
+MAX_SEQ = 2**63 - 1  # (the store's integers)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def parse(node_id: str, raw: bytes) -> TraceEntry:
         seq, prev, hlc, event, data = strict_loads(raw)
     except (TypeError, ValueError) as e:
         raise MalformedError(f"not a trace entry: {e}") from None
-    if type(seq) is not int or seq < 1 or (prev is not None and (type(prev) is not bytes or len(prev) != 32)) \
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ \
+            or (prev is not None and (type(prev) is not bytes or len(prev) != 32)) \
             or type(hlc) is not int or type(event) is not str:
         raise MalformedError("a trace entry is [seq, prev, hlc, event, data]")
     return TraceEntry(node_id, seq, prev, hlc, event, data, entry_hash(raw))
@@ -93,7 +95,7 @@ class Trace:
         author = env.sender_id
         body = env.body if type(env.body) is dict else {}
         seq, hash_ = body.get("seq"), body.get("hash")
-        if type(seq) is not int or seq < 1 or type(hash_) is not bytes:
+        if type(seq) is not int or not 1 <= seq <= MAX_SEQ or type(hash_) is not bytes:
             raise MalformedError("a trace head is {seq, hash}")
         held = self.store.trace_entry(author, seq)
         if held is not None and held[0] != hash_:
@@ -109,9 +111,9 @@ class Trace:
     def on_request(self, env: Any) -> None:
         body = env.body
         start, end = (body.get("from"), body.get("to")) if type(body) is dict else (None, None)
-        if type(start) is not int or type(end) is not int or not 1 <= start <= end:
+        if type(start) is not int or type(end) is not int or not 1 <= start <= min(end, MAX_SEQ):
             raise MalformedError("a trace request is {from, to}")
-        end = min(end, start + MAX_RANGE - 1)
+        end = min(end, start + MAX_RANGE - 1, MAX_SEQ)
         entries, size = [], 0
         for raw, sig in self.store.trace_range(self.node.node_id, start, end):
             size += len(raw) + len(sig) + 8

@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 _COUNTER_BITS = 16
 PLAUSIBLE_WALL_MS = 1_704_067_200_000  # 2024-01-01: a wall clock before this has not been set
+# The largest timestamp a message may carry (wall times up to the year 4199): a clock that
+# observed it still has 2^62 ticks before it leaves SQLite's 64-bit integers.
+MAX_TIMESTAMP = (1 << 62) - 1
 
 
 def pack(wall_ms: int, counter: int) -> int:

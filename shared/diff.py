@@ -59,7 +59,7 @@ def check_ops(ops: Any) -> None:
             raise DiffError("'del' needs a non-empty path; delete a frame by setting it to null")
         if op[0] == "set":
             try:
-                check_plain(op[2])
+                check_plain(op[2], depth=len(path))  # (the frame value stays within MAX_DEPTH)
             except MalformedError as e:
                 raise DiffError(str(e)) from None
             if not path:

@@ -3,7 +3,8 @@
 Wire form (CBOR): a two-element array `[payload, signature]` where
   payload   = canonical CBOR of the map
               {"v": 1, "k": kind, "r": region or null, "s": sender public key (32 bytes),
-               "n": sequence number (per sender, from 1), "t": hybrid logical clock, "b": body}
+               "n": sequence number (per sender, from 1), "t": hybrid logical clock (at most
+               clock.MAX_TIMESTAMP), "b": body}
   signature = Ed25519 signature of exactly those payload bytes (64 bytes).
 The signature covers the bytes as sent, so nothing is ever re-serialised before checking.
 The message id is BLAKE2b-256 of the payload.
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
 
+from .clock import MAX_TIMESTAMP
 from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, node_id_of, verify
 from .topics import PREFIX, TopicError, parse_topic, validate_kind, validate_region
 
@@ -101,10 +104,34 @@ def check_plain(obj: Any, depth: int = 0) -> None:
         raise MalformedError(f"value of type {t.__name__} is outside the plain data model")
 
 
+def _refuse_tag(*_: Any) -> Any:
+    raise ValueError("a CBOR tag (tags are outside the plain data model)")
+
+
+class _NoTags(Mapping[int, Callable[..., Any]]):
+    """cbor2's semantic decoders: one for every tag number, and each refuses. Tags would
+    otherwise be decoded before the plain data model is checked, among them shared and
+    string references, which make a 100-byte message a graph that takes hours to walk or
+    gigabytes to encode again."""
+
+    def __getitem__(self, tag: int) -> Callable[..., Any]:
+        return _refuse_tag
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_NO_TAGS = _NoTags()
+
+
 def strict_loads(data: bytes) -> Any:
     """Decode CBOR that must be exactly one plain item; MalformedError otherwise."""
     try:
-        obj = cbor2.loads(data, max_depth=MAX_DEPTH + 2, allow_duplicate_keys=False)
+        obj = cbor2.loads(data, max_depth=MAX_DEPTH + 2, allow_duplicate_keys=False,
+                          semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag)
     except Exception as e:  # cbor2 raises several types; all mean "not valid CBOR for us"
         raise MalformedError(f"not valid CBOR: {e}") from None
     check_plain(obj)
@@ -169,7 +196,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None
     kind, region, sender, seq, hlc = m["k"], m["r"], m["s"], m["n"], m["t"]
     if type(kind) is not str or type(sender) is not bytes or len(sender) != PUBLIC_KEY_BYTES:
         raise MalformedError("envelope kind or sender has the wrong type")
-    if type(seq) is not int or not 1 <= seq <= _SEQ_MAX or type(hlc) is not int or hlc < 0:
+    if type(seq) is not int or not 1 <= seq <= _SEQ_MAX or type(hlc) is not int or not 0 <= hlc <= MAX_TIMESTAMP:
         raise MalformedError("envelope sequence number or clock is out of range")
     try:
         validate_kind(kind)
