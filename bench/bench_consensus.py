@@ -2,8 +2,8 @@
 
     python bench/bench_consensus.py [--writes 200] [--nodes 5]
 
-Two layouts, each against the embedded broker and then against Mosquitto on
-127.0.0.1:1883 when one is running:
+Two layouts, each against the embedded broker and then against a private Mosquitto
+(broker/mosquitto.py: set_tcp_nodelay) when mosquitto is installed, or --broker HOST:PORT:
 - processes: one node per process, as on boards (the writer here, the others children
   that report when they reach consensus; CLOCK_MONOTONIC is shared by all processes);
 - in-process: all nodes in this one interpreter, sharing one lock (pessimistic).
@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from edgeswarm.broker.embedded import EmbeddedBroker, is_listening
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.broker.mosquitto import MosquittoProcess, find_mosquitto
 from edgeswarm.node import Config, Node
 from edgeswarm.node.metrics import percentile
 from edgeswarm.shared.identity import Identity
@@ -173,16 +174,15 @@ def main() -> None:
         for runner in (run_processes, run):
             runner(args.broker, host, int(port), "auto", args.nodes, args.writes, args.warmup)
         return
-    brokers = [("embedded", "3.1.1")] + ([("mosquitto", "auto")] if is_listening("127.0.0.1", 1883) else [])
-    for name, protocol in brokers:
+    for runner in (run_processes, run):
+        with EmbeddedBroker() as broker:
+            runner("embedded", broker.host, broker.port, "3.1.1", args.nodes, args.writes, args.warmup)
+    if find_mosquitto() is None:
+        print("mosquitto skipped: not installed (or measure one with --broker HOST:PORT)")
+        return
+    with tempfile.TemporaryDirectory() as tmp, MosquittoProcess(Path(tmp)) as mosquitto:  # (set_tcp_nodelay)
         for runner in (run_processes, run):
-            if name == "embedded":
-                with EmbeddedBroker() as broker:
-                    runner(name, broker.host, broker.port, protocol, args.nodes, args.writes, args.warmup)
-            else:
-                runner(name, "127.0.0.1", 1883, protocol, args.nodes, args.writes, args.warmup)
-    if len(brokers) == 1:
-        print("mosquitto skipped: nothing listens on 127.0.0.1:1883")
+            runner("mosquitto", mosquitto.host, mosquitto.port, "auto", args.nodes, args.writes, args.warmup)
 
 
 if __name__ == "__main__":
