@@ -377,15 +377,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm_sim(args: argparse.Namespace) -> int:
+    from .harness import HarnessError
     from .swarmsim import Workload, report, run
     w = Workload(nodes=args.nodes, regions=args.regions, writers=args.writers, rate=args.rate, seconds=args.seconds,
                  conflicts=args.conflicts, outages=args.outages, seed=args.seed)
     w.check()
-    if args.broker:
-        figures, broker = run(w, args.broker, args.protocol), ", ".join(args.broker)
-    else:
-        with EmbeddedBroker() as embedded:
-            figures, broker = run(w, [embedded.url], "3.1.1"), f"the embedded broker ({embedded.url})"
+    try:
+        if args.broker:
+            figures, broker = run(w, args.broker, args.protocol), ", ".join(args.broker)
+        else:
+            with EmbeddedBroker() as embedded:
+                figures, broker = run(w, [embedded.url], "3.1.1"), f"the embedded broker ({embedded.url})"
+    except HarnessError as e:  # a node process that would not start, or died
+        print(f"edgeswarm: swarm-sim failed: {e}", file=sys.stderr)
+        return 1
     print(report(w, figures, broker))
     return 0 if figures["settled"] and not figures["lost"] else 1
 

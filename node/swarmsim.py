@@ -89,20 +89,14 @@ class _Member:
         return not any(a <= t <= b for a, b in self.down)
 
 
-
-
 def _write_loop(member: _Member, region: str, rng: random.Random, w: Workload, stop: float,
                 errors: list[str]) -> None:
     """Steady writes: a value every 1/rate seconds (the pace of the sensor, not a wait)."""
     period, n, start = 1.0 / w.rate, 0, time.monotonic()
-    while (now := time.monotonic()) < stop:
-        key = f"k{rng.randrange(KEYS)}"
-        try:
-            member.call("patch", region, key, {"reading": rng.random(), "n": n})
-        except HarnessError as e:
-            errors.append(str(e))
+    while time.monotonic() < stop:
+        _guarded(member.call, errors, "patch", region, f"k{rng.randrange(KEYS)}", {"reading": rng.random(), "n": n})
         n += 1
-        time.sleep(max(0.0, start + n * period - now - (time.monotonic() - now)))
+        time.sleep(max(0.0, start + n * period - time.monotonic()))
 
 
 def _conflict_loop(pairs: list[tuple[_Member, _Member, str]], rng: random.Random, w: Workload, stop: float,
@@ -150,10 +144,14 @@ def _outage_loop(victims: list[_Member], w: Workload, stop: float, errors: list[
                 errors.append(str(e))
             down = time.monotonic_ns()
             m.proc.kill()
-            time.sleep(w.outage_seconds)
-            m.proc = NodeProcess(m.config).start()
+            time.sleep(w.outage_seconds)  # (the length of the power cut)
+            m.proc = NodeProcess(m.config)
+            try:
+                m.proc.start()
+                m.cpu_base = m.proc.cpu()
+            except HarnessError as e:
+                errors.append(f"after a power cut: {e}")
             m.down.append((down, time.monotonic_ns()))
-            m.cpu_base = m.proc.cpu()
 
 
 def _settle(members: list[_Member], root: str, timeout: float) -> bool:
@@ -192,13 +190,13 @@ def run(w: Workload, broker_urls: list[str], protocol: str = "auto", home: Path 
                 m.proc.start()
                 started.append(m)
             say(f"{w.nodes} node processes up in {time.monotonic() - t0:.1f} s; load for {w.seconds:g} s")
-            return _drive(w, members, root, regions, rng, say)
+            return _drive(w, members, root, regions, rng)
         finally:
             for m in started:
                 m.proc.stop()
 
 
-def _drive(w: Workload, members: list[_Member], root: str, regions: list[str], rng: random.Random, say) -> dict:
+def _drive(w: Workload, members: list[_Member], root: str, regions: list[str], rng: random.Random) -> dict:
     writers = {r: members[i * w.writers:(i + 1) * w.writers] for i, r in enumerate(regions)}
     victims = members[len(regions) * w.writers:][-w.outages:] if w.outages else []
     pairs = [(ws[0], ws[1], r) for r, ws in writers.items() if len(ws) > 1]
