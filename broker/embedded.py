@@ -1,9 +1,10 @@
 """The embedded MQTT broker: amqtt in its own thread and event loop.
 
 Any node can host the bus. amqtt speaks MQTT 3.1.1 only, so clients of this broker use
-3.1.1 (the node's transport falls back by itself). Only one plugin is loaded, an open
-access plugin that keeps persistent sessions (see plugins.py): the default set (event and
-packet loggers, $SYS) costs about 40 % of throughput.
+3.1.1 (the node's transport falls back by itself). Only one plugin is loaded (see
+plugins.py): an open access plugin that keeps persistent sessions, or, for a swarm with a
+roster, one that admits only the swarm's nodes and keeps each to its regions. The default
+set (event and packet loggers, $SYS) costs about 40 % of throughput.
 amqtt is imported here only, when a broker is actually started.
 """
 
@@ -38,9 +39,10 @@ def is_listening(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, start_timeout: float = 15.0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, admin: str = "", start_timeout: float = 15.0) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.admin = admin  # a swarm admin's public key (hex): only its admitted nodes may connect
         self.start_timeout = start_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -53,7 +55,8 @@ class EmbeddedBroker:
     def config(self) -> dict:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"edgeswarm.broker.plugins.OpenAccessPlugin": {}},
+            "plugins": ({"edgeswarm.broker.plugins.RosterPlugin": {"admin": self.admin}} if self.admin
+                        else {"edgeswarm.broker.plugins.OpenAccessPlugin": {}}),
         }
 
     def start(self) -> EmbeddedBroker:

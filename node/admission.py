@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS
 from edgeswarm.shared.envelope import Envelope
-from edgeswarm.shared.roster import Certificate, RosterError, check_certificate, check_revocation, parse_admin_key
+from edgeswarm.shared.roster import (Certificate, RosterError, broker_password, check_certificate,
+                                     check_revocation, parse_admin_key)
 from edgeswarm.shared.topics import parse_topic
 
 from .config import ConfigError
@@ -66,6 +67,12 @@ class Admission:
                 self._certs[node_id] = check_certificate(raw, self.admin)
             except RosterError:  # (from another swarm's admin, before the configuration changed)
                 pass
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The broker login of an admitted node (brokers that check the roster ask for it)."""
+        if self.own is None:
+            return None
+        return self.node.node_id, broker_password(self.node.identity, self.own.raw)
 
     @property
     def on(self) -> bool:

@@ -168,7 +168,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if args.broker:
         config = _load_config(args, Config(home=Path(tempfile.gettempdir()), protocol=args.protocol))
         transport = Transport(config.endpoints, f"es-admin-{Identity.generate().node_id}", protocol=config.protocol,
-                              tls=config.tls)
+                              tls=config.tls, credentials=(roster.ADMIN_USERNAME, roster.admin_password(admin)))
         transport.connect()
         try:  # retained: nodes that connect later learn it too
             if transport.publish(node_topic(node_id, "revoke"), raw, retain=True, wait=10.0) is None:
@@ -182,7 +182,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
-    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883).start()
+    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883, admin=args.admin or "").start()
     print(f"edgeswarm broker listening on {broker.host}:{broker.port} (MQTT 3.1.1)", flush=True)
     try:
         _wait(stop)
@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
     broker = None
     if config.embedded_broker:
-        broker = EmbeddedBroker(config.broker_host, config.broker_port).start()
+        broker = EmbeddedBroker(config.broker_host, config.broker_port, admin=config.swarm_admin).start()
     node = Node(config)
     try:
         while not stop.is_set():
@@ -356,8 +356,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if args.count and seen >= args.count:
             done.set()
 
+    credentials = None
+    if config.swarm_admin and config.certificate:  # a broker that checks the roster: log in as this node
+        identity = Identity.load(config.key_path)
+        credentials = (identity.node_id, roster.broker_password(identity, config.certificate_path.read_bytes()))
     transport = Transport(config.endpoints, f"es-watch-{Identity.generate().node_id}", protocol=config.protocol,
-                          tls=config.tls)
+                          tls=config.tls, credentials=credentials)
     transport.on_message = on_message
     transport.subscribe([region_filter(args.region)])
     transport.connect()
@@ -456,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("broker", help="run an embedded broker alone")
     broker_opts(sp, urls=False)
+    sp.add_argument("--admin", metavar="HEX", help="a swarm admin's public key: only its admitted nodes may "
+                                                   "connect, each kept to its regions")
     sp.set_defaults(func=cmd_broker)
 
     sp = sub.add_parser("run", help="run the node until stopped")

@@ -101,7 +101,7 @@ class Node(Voting):
         self._announces = not client_tag
         self._started = False
         self.transport = Transport(config.endpoints, client_id, protocol=config.protocol,
-                                   persistent=not client_tag, tls=config.tls)
+                                   persistent=not client_tag, tls=config.tls, credentials=self.admission.credentials())
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack
         self.sync = Sync(self)

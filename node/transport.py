@@ -102,7 +102,7 @@ def _no_delay(client, userdata, sock) -> None:
 class Transport:
     def __init__(self, endpoints: list[tuple[str, int, bool]], client_id: str, *, protocol: str = "auto",
                  keepalive: int = 30, connect_timeout: float = 10.0, persistent: bool = False,
-                 tls: TlsSettings | None = None) -> None:
+                 tls: TlsSettings | None = None, credentials: tuple[str, str] | None = None) -> None:
         if protocol not in ("auto", *PROTOCOLS):
             raise TransportError(f"unknown MQTT protocol {protocol!r}; use auto, 5 or 3.1.1")
         if not endpoints:
@@ -112,6 +112,7 @@ class Transport:
         self.client_id = client_id
         self.protocol = protocol
         self.tls = tls or TlsSettings()  # used with mqtts:// endpoints
+        self.credentials = credentials  # (user name, password) for brokers that ask
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         # A persistent session makes the broker queue QoS 1 messages while this client is
@@ -195,6 +196,8 @@ class Transport:
         c.on_subscribe = self._on_subscribe
         c.on_connect_fail = self._on_connect_fail
         c.on_socket_open = _no_delay
+        if self.credentials is not None:
+            c.username_pw_set(*self.credentials)
         if self.will is not None:
             c.will_set(self.will[0], self.will[1], qos=1)
         if self.endpoints[self._at][2]:

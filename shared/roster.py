@@ -11,17 +11,27 @@ kept off the boards). The admin signs, as envelopes of this wire format with no 
 
 Anything else a node signs is judged against the sender's certificate: admitted, not expired,
 not revoked, and for a region inside the certificate's regions.
+
+A broker that knows the admin key can check logins without any list of its own: a node logs
+in as its node id with the password `<certificate>.<signature>` (base64url), the signature
+by the node's key over BROKER_LOGIN + certificate; the admin's tools log in as
+ADMIN_USERNAME with a signature by the admin key over BROKER_LOGIN + ADMIN_USERNAME. The
+password proves possession of the key; keep it off shared channels (use mqtts://).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 
 from .envelope import EnvelopeError, decode, encode
-from .identity import PUBLIC_KEY_BYTES, Identity, node_id_of
+from .identity import PUBLIC_KEY_BYTES, Identity, node_id_of, verify
 from .topics import TopicError, region_covers, validate_region
 
 MAX_CERTIFICATE_BYTES = 8192
+BROKER_LOGIN = b"edgeswarm broker login v1\x00"
+ADMIN_USERNAME = "swarm-admin"
 
 
 class RosterError(ValueError):
@@ -107,3 +117,43 @@ def check_certificate(raw: bytes, admin_key: bytes) -> Certificate:
 def check_revocation(raw: bytes, admin_key: bytes) -> str:
     """The node id a revocation signed by the admin key revokes."""
     return node_id_of(_public_key(_open(raw, "revoke", admin_key).get("node")))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise RosterError("the broker password is not base64url") from None
+
+
+def broker_password(identity: Identity, certificate: bytes) -> str:
+    """A node's broker password: its certificate, and its signature over it."""
+    return f"{_b64(certificate)}.{_b64(identity.sign(BROKER_LOGIN + certificate))}"
+
+
+def admin_password(admin: Identity) -> str:
+    return _b64(admin.sign(BROKER_LOGIN + ADMIN_USERNAME.encode()))
+
+
+def check_broker_login(username: object, password: object, admin_key: bytes, now_ms: int | None) -> Certificate | None:
+    """The certificate of the node logging in (None: the admin), or RosterError. Expiry is
+    checked when now_ms is given."""
+    if not isinstance(username, str) or not isinstance(password, str) or len(password) > 4 * MAX_CERTIFICATE_BYTES:
+        raise RosterError("no user name and password")
+    if username == ADMIN_USERNAME:
+        if not verify(admin_key, BROKER_LOGIN + username.encode(), _unb64(password)):
+            raise RosterError("not the swarm admin's signature")
+        return None
+    cert_part, _, sig_part = password.partition(".")
+    cert = check_certificate(_unb64(cert_part), admin_key)
+    if cert.node_id != username:
+        raise RosterError(f"{username} presents the certificate of {cert.node_id}")
+    if not verify(cert.public_key, BROKER_LOGIN + cert.raw, _unb64(sig_part)):
+        raise RosterError(f"the password of {username} is not signed by its key")
+    if now_ms is not None and now_ms > cert.expires_ms:
+        raise RosterError(f"the certificate of {username} has expired")
+    return cert

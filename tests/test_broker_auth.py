@@ -1,0 +1,178 @@
+"""The embedded broker of a swarm with a roster: only admitted nodes (and the admin's tools)
+connect, each publishing and reading only in its certificate's region trees."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.node import Config, Node
+from edgeswarm.node.cli import main
+from edgeswarm.node.transport import Transport, TransportError
+from edgeswarm.shared import roster
+from edgeswarm.shared.identity import Identity
+from edgeswarm.shared.topics import node_topic, region_topic
+
+TIMEOUT = 20.0
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+def admin():
+    return Identity.generate()
+
+
+@pytest.fixture
+def roster_broker(admin):
+    with EmbeddedBroker(admin=admin.public_key.hex()) as broker:
+        yield broker
+
+
+def certificate(admin: Identity, identity: Identity, regions: list[str], days: float = 1) -> bytes:
+    now = int(time.time() * 1000)
+    return roster.issue(admin, identity.public_key, regions, now + int(days * DAY_MS), now)
+
+
+@pytest.fixture
+def nodes(tmp_path, admin, roster_broker, region):
+    started: list[Node] = []
+
+    def make(name: str, regions: list[str] | None = None) -> Node:
+        home = tmp_path / name
+        identity = Identity.load_or_create(home / "node.key")
+        (home / "admission.cert").write_bytes(certificate(admin, identity, regions or [region]))
+        node = Node(Config(home=home, regions=regions or [region], broker_port=roster_broker.port, protocol="3.1.1",
+                           swarm_admin=admin.public_key.hex(), certificate="admission.cert"))
+        started.append(node.start())
+        return node
+
+    yield make
+    for n in started:
+        n.stop()
+
+
+class Client:
+    """A plain MQTT client logging in as it is told."""
+
+    def __init__(self, broker, username: str | None = None, password: str | None = None) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.got: list[str] = []
+        self.changed = threading.Condition()
+        self.refused: str | None = None
+        connected = threading.Event()
+
+        def on_connect(client, userdata, flags, reason_code, properties) -> None:
+            self.refused = str(reason_code) if reason_code.is_failure else None
+            connected.set()
+
+        def on_message(client, userdata, message) -> None:
+            with self.changed:
+                self.got.append(message.topic)
+                self.changed.notify_all()
+
+        self.client.on_connect, self.client.on_message = on_connect, on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert connected.wait(TIMEOUT)
+
+    def wait_for(self, topic: str) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: topic in self.got, TIMEOUT)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_client_without_credentials_is_refused(roster_broker, admin):
+    anonymous = Client(roster_broker)
+    stranger_key = Identity.generate()
+    forged = roster.broker_password(stranger_key, certificate(Identity.generate(), stranger_key, ["plant"]))
+    stranger = Client(roster_broker, stranger_key.node_id, forged)  # a certificate not from this swarm's admin
+    try:
+        assert anonymous.refused and stranger.refused
+    finally:
+        anonymous.close()
+        stranger.close()
+    transport = Transport([(roster_broker.host, roster_broker.port, False)], "es-nobody", protocol="3.1.1")
+    with pytest.raises(TransportError, match="refused"):
+        transport.connect()
+
+
+def test_admitted_nodes_work_and_each_is_kept_to_its_regions(nodes, roster_broker, admin, region):
+    a, b = nodes("a"), nodes("b")
+    v = a.put(region, "valve", {"open": True})
+    assert b.wait_until(lambda: (f := b.head(region, "valve")) is not None and f.version == v, TIMEOUT)
+    # a node with valid credentials for another region publishes here: the broker drops it
+    elsewhere = f"{region}-elsewhere"
+    d_key = Identity.generate()
+    d = Client(roster_broker, d_key.node_id, roster.broker_password(d_key, certificate(admin, d_key, [elsewhere])))
+    watcher = Client(roster_broker, roster.ADMIN_USERNAME, roster.admin_password(admin))
+    try:
+        assert d.refused is None and watcher.refused is None
+        watcher.client.subscribe("es/v1/#", qos=1)
+        watcher.client.publish(node_topic("ready", "birth"), b"", qos=1).wait_for_publish(TIMEOUT)
+        assert watcher.wait_for(node_topic("ready", "birth"))
+        d.client.publish(region_topic("diff", region), b"not for d", qos=1).wait_for_publish(TIMEOUT)
+        d.client.publish(region_topic("diff", elsewhere), b"d's own region", qos=1).wait_for_publish(TIMEOUT)
+        assert watcher.wait_for(region_topic("diff", elsewhere))  # published after the one dropped
+        assert region_topic("diff", region) not in watcher.got
+        # and it may not subscribe to this region either
+        granted: list = []
+        done = threading.Event()
+        d.client.on_subscribe = lambda client, userdata, mid, codes, props: (granted.extend(codes), done.set())
+        d.client.subscribe(f"es/v1/+/{region}/#", qos=1)
+        assert done.wait(TIMEOUT) and granted[0].is_failure
+    finally:
+        d.close()
+        watcher.close()
+
+
+def test_the_admin_revokes_through_the_roster_broker(nodes, roster_broker, admin, region, tmp_path):
+    a, r = nodes("a"), nodes("r")
+    assert a.wait_until(lambda: r.node_id in a.members(region), TIMEOUT)
+    admin_dir = tmp_path / "admin"
+    admin_dir.mkdir()
+    (admin_dir / "swarm.key").write_bytes(admin.signing_key.encode())
+    (admin_dir / "swarm.key").chmod(0o600)
+    assert main(["revoke", Identity.load(r.config.key_path).public_key.hex(), "--admin-dir", str(admin_dir),
+                 "--broker", roster_broker.url, "--protocol", "3.1.1"]) == 0
+    assert a.wait_until(lambda: r.node_id not in a.members(region), TIMEOUT)
+    # the broker refuses it from now on too
+    r_identity = Identity.load(r.config.key_path)
+    again = Client(roster_broker, r.node_id, roster.broker_password(r_identity, r.admission.own.raw))
+    try:
+        assert again.refused
+    finally:
+        again.close()
+
+
+def test_watch_logs_in_with_the_node_credentials_of_its_home(nodes, roster_broker, admin, region, tmp_path):
+    a = nodes("a")
+    home = tmp_path / "watcher"
+    identity = Identity.load_or_create(home / "node.key")
+    (home / "admission.cert").write_bytes(certificate(admin, identity, [region]))
+    Config(home=home, regions=[region], broker_port=roster_broker.port, protocol="3.1.1",
+           swarm_admin=admin.public_key.hex(), certificate="admission.cert").save()
+    watch = subprocess.Popen([sys.executable, "-m", "edgeswarm.node.cli", "--home", str(home), "watch", region,
+                              "--count", "1", "--timeout", str(TIMEOUT)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "watching" in watch.stderr.readline()  # connected and subscribed
+        a.put(region, "valve", {"open": True})
+        out, err = watch.communicate(timeout=TIMEOUT)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(TIMEOUT)
+    assert watch.returncode == 0, err
+    assert f'"sender": "{a.node_id}"' in out
