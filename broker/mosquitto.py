@@ -1,5 +1,6 @@
-"""A private Mosquitto process, for a node (or a test, or a bench) on a machine that has
-Mosquitto installed and wants its own instance rather than the system's.
+"""Mosquitto for a swarm: the settings a site's Mosquitto needs (`site_settings` writes the
+password and ACL files of a swarm with a roster), and a private Mosquitto process for a node
+(or a test, or a bench) on a machine that has Mosquitto installed.
 
 The configuration it writes carries the settings edgeswarm wants from any Mosquitto:
 `set_tcp_nodelay true` (without it Mosquitto holds small packets back for the client's
@@ -9,7 +10,9 @@ enough for a node's persistent session to hold a burst while the node is away.
 
 from __future__ import annotations
 
+import base64
 import getpass
+import hashlib
 import os
 import shutil
 import subprocess
@@ -17,10 +20,45 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from edgeswarm.shared.identity import Identity
+from edgeswarm.shared.roster import ADMIN_USERNAME, RosterError, admin_password, check_broker_login
+from edgeswarm.shared.topics import NODE, PREFIX
+
 from .embedded import BrokerError, free_port, is_listening
 
 # Settings for any Mosquitto that carries a swarm (also for a site's own broker).
 RECOMMENDED = ("set_tcp_nodelay true", "max_queued_messages 100000")
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """A password file entry as mosquitto_passwd writes it: PBKDF2-SHA512, 101 rounds."""
+    salt = salt or os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, 101, 64)
+    return f"$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def site_settings(directory: Path, logins: dict[str, str], admin: Identity) -> list[str]:
+    """Write `passwords` and `acl` in `directory` for the nodes whose broker logins (node id ->
+    password, as `edgeswarm id --broker-password` prints them) are given, and the admin's
+    tools; returns the settings that use them. Each node may write in its certificate's
+    region trees and on its own node topic, and read those and every node topic. A login
+    that is not valid for this admin key is a RosterError naming the node."""
+    entries, acl = [f"{ADMIN_USERNAME}:{password_hash(admin_password(admin))}"], \
+        [f"user {ADMIN_USERNAME}", f"topic readwrite {PREFIX}/#", ""]
+    for node_id, password in sorted(logins.items()):
+        try:
+            cert = check_broker_login(node_id, password, admin.public_key, None)
+        except RosterError as e:
+            raise RosterError(f"node {node_id}: {e}") from None
+        entries.append(f"{node_id}:{password_hash(password)}")
+        acl += [f"user {node_id}", *(f"topic readwrite {PREFIX}/+/{r}/#" for r in cert.regions),
+                f"topic readwrite {PREFIX}/{NODE}/{node_id}/#", f"topic read {PREFIX}/{NODE}/+/+", ""]
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, lines in (("passwords", entries), ("acl", acl)):
+        path = directory / name
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        path.chmod(0o600)
+    return ["allow_anonymous false", f"password_file {directory / 'passwords'}", f"acl_file {directory / 'acl'}"]
 
 
 def find_mosquitto() -> str | None:
@@ -34,13 +72,15 @@ class MosquittoProcess:
     `settings` after it; anonymous clients are allowed unless the settings say otherwise."""
 
     def __init__(self, directory: Path, *, host: str = "127.0.0.1", port: int = 0,
-                 listener: Iterable[str] = (), settings: Iterable[str] = (), start_timeout: float = 15.0) -> None:
+                 listener: Iterable[str] = (), settings: Iterable[str] = (), start_timeout: float = 15.0,
+                 config_file: Path | None = None) -> None:
         self.directory = Path(directory)
         self.host = host
         self.port = port or free_port(host)
         self.listener = list(listener)
         self.settings = list(settings)
         self.start_timeout = start_timeout
+        self.config_file = config_file  # a whole configuration of its own (its listener on host:port)
         self.log: list[str] = []
         self._running = threading.Event()
         self._proc: subprocess.Popen | None = None
@@ -51,13 +91,19 @@ class MosquittoProcess:
         return f"{'mqtts' if tls else 'mqtt'}://{self.host}:{self.port}"
 
     def config(self) -> str:
-        lines = [f"listener {self.port} {self.host}", *self.listener,
-                 *(["allow_anonymous true"] if not any(s.startswith("allow_anonymous") for s in self.settings) else []),
-                 *RECOMMENDED, "persistence false", "log_dest stderr",
-                 "log_type error", "log_type warning", "log_type notice", "log_type information", *self.settings]
+        if self.config_file is not None:
+            lines = [self.config_file.read_text(encoding="utf-8")]
+        else:
+            lines = self._lines()
         if os.geteuid() == 0:  # as root, Mosquitto would switch to the `mosquitto` user, who cannot read our files
             lines.append(f"user {getpass.getuser()}")
         return "\n".join(lines) + "\n"
+
+    def _lines(self) -> list[str]:
+        return [f"listener {self.port} {self.host}", *self.listener,
+                *(["allow_anonymous true"] if not any(s.startswith("allow_anonymous") for s in self.settings) else []),
+                *RECOMMENDED, "persistence false", "log_dest stderr",
+                "log_type error", "log_type warning", "log_type notice", "log_type information", *self.settings]
 
     def start(self) -> MosquittoProcess:
         exe = find_mosquitto()

@@ -118,7 +118,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_id(args: argparse.Namespace) -> int:
     identity = Identity.load(Config(home=Path(args.home or default_home())).key_path)
-    _print_json({"node": identity.node_id, "public_key": identity.public_key.hex()})
+    out = {"node": identity.node_id, "public_key": identity.public_key.hex()}
+    if args.broker_password:  # for the admin's broker-config; a secret: it proves this node's key
+        config = Config.load(args.home)
+        if not config.certificate:
+            raise ConfigError("this node has no admission certificate (swarm.certificate) to log in with")
+        out["broker_password"] = roster.broker_password(identity, config.certificate_path.read_bytes())
+    _print_json(out)
     return 0
 
 
@@ -156,6 +162,28 @@ def cmd_admit(args: argparse.Namespace) -> int:
     out.write_bytes(raw)
     print(f"admission certificate for node {node_id_of(key)} ({', '.join(sorted(set(args.region)))}, "
           f"{args.days:g} days) written to {out}")
+    return 0
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from edgeswarm.broker.mosquitto import RECOMMENDED, site_settings
+    logins = {}
+    for n, line in enumerate(args.logins.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                item = json.loads(line)
+                logins[item["node"]] = item["broker_password"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{args.logins}:{n}: not a line of `edgeswarm id --broker-password`") from None
+    out = args.out.absolute()
+    settings = site_settings(out, logins, _admin(args))
+    tls = [f"{name} {Path(value).absolute()}" for name, value in
+           (("cafile", args.tls_cafile), ("certfile", args.tls_certfile), ("keyfile", args.tls_keyfile)) if value]
+    conf = out / "edgeswarm.conf"
+    conf.write_text("\n".join(["# Mosquitto for an edgeswarm swarm (edgeswarm broker-config mosquitto)",
+                               "per_listener_settings false", f"listener {args.port}{' ' + args.host if args.host else ''}",
+                               *tls, *RECOMMENDED, *settings]) + "\n", encoding="utf-8")
+    print(f"{conf}: {len(logins)} nodes and the admin; run mosquitto -c {conf}")
     return 0
 
 
@@ -431,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_init)
 
     sp = sub.add_parser("id", help="this node's id and public key (what `admit` needs)")
+    sp.add_argument("--broker-password", action="store_true",
+                    help="also the password this node logs in to a roster-checking broker with (a secret)")
     sp.set_defaults(func=cmd_id)
 
     def admin_opts(sp: argparse.ArgumentParser) -> None:
@@ -449,6 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, help="certificate file (default NODE-ID.cert)")
     admin_opts(sp)
     sp.set_defaults(func=cmd_admit)
+
+    sp = sub.add_parser("broker-config", help="write a site broker's configuration for the swarm (admin)")
+    sp.add_argument("kind", choices=["mosquitto"])
+    sp.add_argument("--logins", type=Path, required=True,
+                    help="the nodes' `edgeswarm id --broker-password` lines, one per node")
+    sp.add_argument("--out", type=Path, required=True, help="directory for edgeswarm.conf, passwords and acl")
+    sp.add_argument("--port", type=int, default=1883)
+    sp.add_argument("--host", help="address to listen on (default: all)")
+    sp.add_argument("--tls-cafile", help="TLS listener: CA file")
+    sp.add_argument("--tls-certfile", help="TLS listener: the broker's certificate")
+    sp.add_argument("--tls-keyfile", help="TLS listener: its key")
+    admin_opts(sp)
+    sp.set_defaults(func=cmd_broker_config)
 
     sp = sub.add_parser("revoke", help="sign a node's revocation and publish it, retained (admin)")
     sp.add_argument("node", help="the node's public key")

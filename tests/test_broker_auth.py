@@ -3,6 +3,7 @@ connect, each publishing and reading only in its certificate's region trees."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -12,7 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.broker.embedded import EmbeddedBroker, free_port
+from edgeswarm.broker.mosquitto import MosquittoProcess, find_mosquitto
 from edgeswarm.node import Config, Node
 from edgeswarm.node.cli import main
 from edgeswarm.node.transport import Transport, TransportError
@@ -176,3 +178,62 @@ def test_watch_logs_in_with_the_node_credentials_of_its_home(nodes, roster_broke
             watch.wait(TIMEOUT)
     assert watch.returncode == 0, err
     assert f'"sender": "{a.node_id}"' in out
+
+
+# -- a site's Mosquitto, configured by broker-config ------------------------------------------
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="no mosquitto executable (apt-get install mosquitto)")
+def test_broker_config_makes_mosquitto_enforce_the_roster(tmp_path, admin, region, capsys):
+    admin_dir = tmp_path / "admin"
+    admin_dir.mkdir()
+    (admin_dir / "swarm.key").write_bytes(admin.signing_key.encode())
+    (admin_dir / "swarm.key").chmod(0o600)
+    port = free_port()
+    configs = []
+    for name in ("a", "b"):
+        home = tmp_path / name
+        identity = Identity.load_or_create(home / "node.key")
+        (home / "admission.cert").write_bytes(certificate(admin, identity, [region]))
+        configs.append(Config(home=home, regions=[region], broker_port=port, swarm_admin=admin.public_key.hex(),
+                              certificate="admission.cert"))
+        configs[-1].save()
+    logins = tmp_path / "logins"
+    for c in configs:
+        assert main(["--home", str(c.home), "id", "--broker-password"]) == 0
+        logins.open("a").write(capsys.readouterr().out)
+    site = tmp_path / "site"
+    assert main(["broker-config", "mosquitto", "--logins", str(logins), "--out", str(site), "--port", str(port),
+                 "--host", "127.0.0.1", "--admin-dir", str(admin_dir)]) == 0
+    with MosquittoProcess(tmp_path / "run", port=port, config_file=site / "edgeswarm.conf") as broker:
+        assert Client(broker).refused  # no anonymous clients
+        a, b = (Node(c).start() for c in configs)
+        try:
+            v = a.put(region, "valve", {"open": True})
+            assert b.wait_until(lambda: (f := b.consensus(region, "valve")) is not None and f.version == v, TIMEOUT)
+            # a node admitted elsewhere, with its right password, may not write here
+            elsewhere = f"{region}-elsewhere"
+            d_key = Identity.generate()
+            d_password = roster.broker_password(d_key, certificate(admin, d_key, [elsewhere]))
+            d_logins = tmp_path / "d-logins"
+            d_logins.write_text(json.dumps({"node": d_key.node_id, "broker_password": d_password}) + "\n")
+            assert Client(broker, d_key.node_id, d_password).refused  # not in this broker's password file yet
+        finally:
+            a.stop()
+            b.stop()
+    assert main(["broker-config", "mosquitto", "--logins", str(d_logins), "--out", str(site), "--port", str(port),
+                 "--host", "127.0.0.1", "--admin-dir", str(admin_dir)]) == 0
+    with MosquittoProcess(tmp_path / "run", port=port, config_file=site / "edgeswarm.conf") as broker:
+        d = Client(broker, d_key.node_id, d_password)
+        watcher = Client(broker, roster.ADMIN_USERNAME, roster.admin_password(admin))
+        try:
+            assert d.refused is None and watcher.refused is None
+            watcher.client.subscribe("es/v1/#", qos=1)
+            watcher.client.publish(node_topic("ready", "birth"), b"", qos=1).wait_for_publish(TIMEOUT)
+            assert watcher.wait_for(node_topic("ready", "birth"))
+            d.client.publish(region_topic("diff", region), b"not for d", qos=1).wait_for_publish(TIMEOUT)
+            d.client.publish(region_topic("diff", elsewhere), b"d's own region", qos=1).wait_for_publish(TIMEOUT)
+            assert watcher.wait_for(region_topic("diff", elsewhere))  # published after the one dropped
+            assert region_topic("diff", region) not in watcher.got
+        finally:
+            d.close()
+            watcher.close()
