@@ -39,10 +39,12 @@ def is_listening(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, admin: str = "", start_timeout: float = 15.0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, admin: str = "",
+                 tls: tuple[str, str] | None = None, start_timeout: float = 15.0) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.admin = admin  # a swarm admin's public key (hex): only its admitted nodes may connect
+        self.tls = tls  # (certificate file, key file) of a TLS listener (mqtts://)
         self.start_timeout = start_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -50,11 +52,13 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def config(self) -> dict:
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
+                                      **({"ssl": True, "certfile": self.tls[0], "keyfile": self.tls[1]}
+                                         if self.tls else {})}},
             "plugins": ({"edgeswarm.broker.plugins.RosterPlugin": {"admin": self.admin}} if self.admin
                         else {"edgeswarm.broker.plugins.OpenAccessPlugin": {}}),
         }

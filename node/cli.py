@@ -210,8 +210,11 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
-    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883, admin=args.admin or "").start()
-    print(f"edgeswarm broker listening on {broker.host}:{broker.port} (MQTT 3.1.1)", flush=True)
+    if bool(args.tls_certfile) != bool(args.tls_keyfile):
+        raise ConfigError("--tls-certfile and --tls-keyfile go together")
+    tls = (args.tls_certfile, args.tls_keyfile) if args.tls_certfile else None
+    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883, admin=args.admin or "", tls=tls).start()
+    print(f"edgeswarm broker listening on {broker.url} (MQTT 3.1.1)", flush=True)
     try:
         _wait(stop)
     finally:
@@ -505,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker_opts(sp, urls=False)
     sp.add_argument("--admin", metavar="HEX", help="a swarm admin's public key: only its admitted nodes may "
                                                    "connect, each kept to its regions")
+    sp.add_argument("--tls-certfile", metavar="PEM", help="a TLS listener (mqtts://): the broker's certificate")
+    sp.add_argument("--tls-keyfile", metavar="PEM", help="and its key")
     sp.set_defaults(func=cmd_broker)
 
     sp = sub.add_parser("run", help="run the node until stopped")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.broker.mosquitto import MosquittoProcess, find_mosquitto
 from edgeswarm.node import Config, Node
 from edgeswarm.node.cli import build_parser, main
@@ -255,3 +256,14 @@ def test_cli_tls_options(tmp_path, monkeypatch, capsys):
     assert Config.load(home).ca_file == str(tmp_path / "ca.pem")  # from the current directory, kept absolute
     assert main(["--home", str(tmp_path / "other"), "init", "--ca-file", "ca.pem"]) == 1
     assert "mqtts:// brokers only" in capsys.readouterr().err
+
+
+def test_the_embedded_broker_listens_over_tls(nodes, pki, region):
+    with EmbeddedBroker(tls=(str(pki.server_cert), str(pki.server_key))) as broker:
+        assert broker.url.startswith("mqtts://")
+        a = nodes(broker, "a", ca_file=str(pki.ca), protocol="3.1.1").start()
+        b = nodes(broker, "b", ca_file=str(pki.ca), protocol="3.1.1").start()
+        version = a.put(region, "conveyor", {"speed": 0.8})
+        assert b.wait_until(lambda: b.store.has_version(bytes.fromhex(version)), TIMEOUT), b.stats()
+        with pytest.raises(TransportError, match="certificate verify failed"):
+            nodes(broker, "untrusting", protocol="3.1.1").start()  # the system's CAs do not know the site CA
