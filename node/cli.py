@@ -214,7 +214,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise ConfigError("--tls-certfile and --tls-keyfile go together")
     tls = (args.tls_certfile, args.tls_keyfile) if args.tls_certfile else None
     broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883, admin=args.admin or "", tls=tls).start()
-    print(f"edgeswarm broker listening on {broker.url} (MQTT 3.1.1)", flush=True)
+    print(f"edgeswarm broker listening on {broker.host}:{broker.port} (MQTT 3.1.1{', TLS' if tls else ''})", flush=True)
     try:
         _wait(stop)
     finally:
