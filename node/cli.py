@@ -21,6 +21,7 @@ from edgeswarm.shared.envelope import EnvelopeError, decode
 from edgeswarm.shared import roster
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
 from edgeswarm.shared.roster import RosterError, parse_admin_key
+from edgeswarm.shared.sealing import Seals, SealError, is_sealed, new_key
 from edgeswarm.shared.topics import TopicError, node_topic, region_filter, validate_region
 
 from .config import TLS_KEYS, Config, ConfigError, default_home
@@ -146,6 +147,17 @@ def _node_key(text: str) -> bytes:
         return parse_admin_key(text)  # (the same form: 64 hex digits)
     except RosterError:
         raise ValueError(f"a node is named by its public key, 64 hex digits (edgeswarm id), not {text!r}") from None
+
+
+def cmd_seal_key(args: argparse.Namespace) -> int:
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{args.out} already exists; refusing to overwrite a key") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(new_key())
+    print(f"region key written to {args.out}: copy it to every node of the region, and to no one else")
+    return 0
 
 
 def cmd_swarm_create(args: argparse.Namespace) -> int:
@@ -373,6 +385,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         config, max_bytes = _load_config(args, Config(home=default_home())), None
     seen = 0
     done = _stop_on_signal()
+    seals = Seals({args.region: args.sealed_key.read_bytes()} if args.sealed_key else config.sealed_keys())
 
     def on_message(topic: str, payload: bytes) -> None:
         nonlocal seen
@@ -381,8 +394,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
         except EnvelopeError as e:
             _print_json({"topic": topic, "rejected": e.reason, "detail": str(e)}, sys.stderr)
             return
+        body = env.body
+        if env.region is not None and is_sealed(body) and seals.box(env.region) is not None:
+            try:
+                body = seals.open(env.region, body)
+            except SealError as e:
+                _print_json({"topic": topic, "rejected": e.reason, "detail": str(e)}, sys.stderr)
+                return
         _print_json({"topic": topic, "kind": env.kind, "region": env.region, "sender": env.sender_id,
-                     "seq": env.seq, "hlc": env.hlc, "body": env.body})
+                     "seq": env.seq, "hlc": env.hlc, "body": body})
         seen += 1
         if args.count and seen >= args.count:
             done.set()
@@ -469,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     def admin_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--admin-dir", type=Path, help="where the swarm admin key is (default $EDGESWARM_ADMIN "
                                                        "or ~/.edgeswarm-admin)")
+
+    sp = sub.add_parser("seal-key", help="make a key for a sealed region (encrypted diffs and votes)")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.set_defaults(func=cmd_seal_key)
 
     sp = sub.add_parser("swarm", help="swarm administration: `swarm create` makes the admin key")
     sp.add_argument("action", choices=["create"])
@@ -560,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("watch", help="print verified messages of a region tree as JSON lines")
     broker_opts(sp)
     sp.add_argument("region")
+    sp.add_argument("--sealed-key", type=Path, help="the region's key, to open sealed bodies "
+                    "(default: the node home's swarm.sealed keys)")
     sp.add_argument("--count", type=int, default=0, help="exit after this many messages")
     sp.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     sp.set_defaults(func=cmd_watch)

@@ -28,6 +28,8 @@
     [swarm]                            # a swarm with a roster (shared/roster.py); empty: open
     admin = ""                         # the swarm admin's public key, 64 hex digits
     certificate = "admission.cert"     # this node's admission certificate (from the home)
+    sealed = { "plant/secret" = "plant-secret.key" }   # region trees whose diffs and votes
+                                       # travel encrypted, with their shared key files
 
     [[rules]]                          # coherence rules, see node/coherence.py
     region = "plant/line1"
@@ -113,6 +115,7 @@ class Config:
     max_clock_skew: float = 300.0
     swarm_admin: str = ""
     certificate: str = ""
+    sealed: dict[str, str] = field(default_factory=dict)
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -164,6 +167,14 @@ class Config:
                 raise ConfigError(f"swarm.admin: {e}") from None
         elif self.certificate:
             raise ConfigError("swarm.certificate given without swarm.admin, the key that signed it")
+        if not isinstance(self.sealed, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                         for k, v in self.sealed.items()):
+            raise ConfigError("swarm.sealed maps region trees to key files")
+        for root in self.sealed:
+            try:
+                validate_region(root)
+            except TopicError as e:
+                raise ConfigError(f"swarm.sealed: {e}") from None
 
     def _check_tls(self, tls: bool) -> None:
         for name in TLS_KEYS:
@@ -205,6 +216,17 @@ class Config:
             return [(self.broker_host, self.broker_port, False)]
         return [parse_broker_url(u) for u in self.broker_urls]
 
+    def sealed_keys(self) -> dict[str, bytes]:
+        """The keys of the sealed region trees, read from their files (from the home)."""
+        keys = {}
+        for root, name in self.sealed.items():
+            path = self.home / Path(name).expanduser()
+            try:
+                keys[root] = path.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"swarm.sealed: cannot read the key of {root!r}, {path}: {e.strerror}") from None
+        return keys
+
     @property
     def certificate_path(self) -> Path:
         return self.home / Path(self.certificate).expanduser()
@@ -244,7 +266,8 @@ class Config:
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
                       "snapshots_kept", "max_clock_skew"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", *TLS_KEYS}
-        unknown = (set(node) - known_node) | (set(broker) - known_broker) | (set(swarm) - {"admin", "certificate"})
+        unknown = (set(node) - known_node) | (set(broker) - known_broker) \
+            | (set(swarm) - {"admin", "certificate", "sealed"})
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
         regions = node.get("regions", [])
@@ -266,6 +289,7 @@ class Config:
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
                    max_clock_skew=node.get("max_clock_skew", 300.0),
                    swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
+                   sealed=swarm.get("sealed", {}),
                    **{name: broker.get(name, "") for name in TLS_KEYS})
 
     def to_toml(self) -> str:
@@ -292,6 +316,7 @@ class Config:
             "[swarm]\n"
             f"admin = {json.dumps(self.swarm_admin)}\n"
             f"certificate = {json.dumps(self.certificate)}\n"
+            f"sealed = {{{', '.join(f'{json.dumps(r)} = {json.dumps(k)}' for r, k in self.sealed.items())}}}\n"
         )
 
     def save(self) -> None:

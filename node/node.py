@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from edgeswarm.shared import diff
@@ -39,12 +40,13 @@ from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, 
                                        encode)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
+from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
 from edgeswarm.shared.topics import (node_filter, parse_topic, region_covers, region_filter, region_topic,
                                      validate_region)
 
 from .admission import Admission
 from .coherence import Coherence, CoherenceError, Validator
-from .config import Config
+from .config import Config, ConfigError
 from .bodies import parse_diff, parse_vote, validate_key
 from .store import FrameVersion, Queued, Store, VersionMeta
 from .presence import Presence
@@ -82,6 +84,10 @@ class Node(Voting):
         self.counters: Counter[str] = Counter()
         self._static_members = frozenset(config.members) if config.members else None
         self.admission = Admission(self)
+        try:
+            self.seals = Seals(config.sealed_keys())
+        except ValueError as e:
+            raise ConfigError(f"swarm.sealed: {e}") from None
         self._subscribers: list[tuple[str | None, Callback]] = []
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
@@ -362,8 +368,9 @@ class Node(Voting):
         return env
 
     def _send(self, kind: str, region: str, body: Any) -> Envelope:
-        """Sign a message and put it in the outbox (inside the caller's transaction)."""
-        env = self.sign(kind, region, body)
+        """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
+        caller's transaction)."""
+        env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body)
         item = Queued(env.msg_id, region_topic(kind, region), env.raw)
         self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
         self._sends.append(item)
@@ -563,7 +570,27 @@ class Node(Voting):
             self.counters["own"] += 1
             return None
         self.counters[f"bytes-in.{env.kind}"] += len(payload)
-        return env
+        return self.unseal(env)
+
+    def unseal(self, env: Envelope) -> Envelope | None:
+        """A diff or vote of a sealed region with its body opened; None (counted) when it
+        cannot be: sealed with another key, sealed where this node holds no key, or plain
+        where the region is sealed."""
+        if env.kind not in SEALED_KINDS or env.region is None:
+            return env
+        if self.seals.box(env.region) is None:
+            if is_sealed(env.body):
+                self.counters["ignored.sealed"] += 1
+                return None
+            return env
+        if not is_sealed(env.body):
+            self._reject("not-sealed", f"a plain {env.kind} from {env.sender_id} in sealed {env.region}")
+            return None
+        try:
+            return replace(env, body=self.seals.open(env.region, env.body))
+        except SealError as e:
+            self._reject(e.reason, f"from {env.sender_id}: {e}")
+            return None
 
     def _dispatch(self, topic: str, env: Envelope) -> None:
         """Handle a message other than a diff or vote."""

@@ -667,7 +667,7 @@ class Sync:
             return None
         if inner.sender == self.node.identity.public_key:
             return None
-        return inner
+        return self.node.unseal(inner)
 
     def _send(self, peer: str, kind: str, body: dict) -> None:
         self.node.send_now(node_topic(peer, kind), kind, body)

@@ -32,7 +32,10 @@ class Voting:
             for version, parents in self.store.voted_merges(region, key):
                 progress |= self._materialize(region, key, list(parents), version)
             for msg_id, raw in self.store.pending(region, key):
-                env = decode(raw, max_bytes=len(raw))
+                env = self.unseal(decode(raw, max_bytes=len(raw)))  # (stored as it came: checked, sealed or not)
+                if env is None:  # (a key file changed since)
+                    self.store.set_diff_status(msg_id, "rejected")
+                    continue
                 key_, parent, version, ops, merge = parse_diff(env.body)
                 held = self.store.has_version(version)
                 if held or self._parent_ready(region, key, parent, merge):
