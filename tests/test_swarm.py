@@ -186,3 +186,23 @@ def test_a_clock_far_ahead_is_rejected_and_does_not_drag_the_node_clock(make_nod
     _, pulled = signed_diff(3, "pulled", 10 * skew)
     b.handle_many([decode(pulled.raw)])
     assert b.counters["rejected.clock-skew"] == 2 and b.head(region, "pulled") is None
+
+
+def test_a_restarted_node_continues_its_sequence(make_node, region):
+    from edgeswarm.node import Node
+    from edgeswarm.shared.envelope import decode as open_envelope
+
+    a, b = make_node("a"), make_node("b")
+    v1 = a.put(region, "k", {"n": 1})
+    assert b.wait_until(lambda: b.store.has_version(bytes.fromhex(v1)), TIMEOUT)
+    last = a.store.meta("seq")
+    a.stop()
+    again = Node(a.config).start()
+    try:
+        v2 = again.put(region, "k", {"n": 2})
+        raw = again.store.db.execute("SELECT envelope FROM diffs WHERE version = ?", [bytes.fromhex(v2)]).fetchone()[0]
+        assert open_envelope(raw).seq > last
+        assert b.wait_until(lambda: b.store.has_version(bytes.fromhex(v2)), TIMEOUT)
+        assert b.counters["rejected.duplicate"] == 0 and b.counters["rejected.replay"] == 0
+    finally:
+        again.stop()
