@@ -19,7 +19,7 @@ from typing import Any
 from edgeswarm.broker.embedded import BrokerError, EmbeddedBroker
 from edgeswarm.shared.envelope import EnvelopeError, decode
 from edgeswarm.shared import roster
-from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
+from edgeswarm.shared.identity import Identity, IdentityError, node_id_of, write_secret
 from edgeswarm.shared.roster import RosterError, parse_admin_key
 from edgeswarm.shared.sealing import Seals, SealError, is_sealed, new_key
 from edgeswarm.shared.topics import TopicError, node_topic, region_filter, validate_region
@@ -150,12 +150,7 @@ def _node_key(text: str) -> bytes:
 
 
 def cmd_seal_key(args: argparse.Namespace) -> int:
-    try:
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{args.out} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(new_key())
+    write_secret(args.out, new_key())
     print(f"region key written to {args.out}: copy it to every node of the region, and to no one else")
     return 0
 

@@ -632,18 +632,17 @@ class Node(Voting):
                 self._reject("bad-sync", f"{env.kind} from {env.sender_id}: {e}")
 
     def handle_many(self, envs: list[Envelope]) -> None:
-        """Apply verified diffs and votes (live or through anti-entropy) in one transaction,
-        deciding each frame they touch once at the end (a sync response may bring hundreds
-        for a few frames)."""
+        """Apply verified diffs and votes a pull brought (they skip the live replay window;
+        the clock and the roster still judge them) in one transaction, deciding each frame
+        they touch once at the end (a sync response may bring hundreds for a few frames)."""
         with self._transaction():
-            self._handle(envs)
+            self._handle([env for env in envs if not self._too_far_ahead(env) and not self._refused(env)])
 
     def _handle(self, envs: list[Envelope]) -> None:
         self._deferred = {}
         try:
-            for env in envs:  # (live ones passed _accept; those a pull brought are checked here)
-                if not self._too_far_ahead(env) and not self._refused(env):
-                    {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
+            for env in envs:
+                {"diff": self._receive_diff, "vote": self._receive_vote}[env.kind](env)
             touched = self._deferred
         finally:
             self._deferred = None

@@ -44,6 +44,20 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     return True
 
 
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a key to a new file created with mode 0600 (and synced); never overwrite one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise IdentityError(f"key file {path} already exists; refusing to overwrite it") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @dataclass(frozen=True)
 class Identity:
     signing_key: SigningKey
@@ -65,16 +79,7 @@ class Identity:
 
     def save(self, path: Path) -> None:
         """Write the seed to a new file created with mode 0600; never overwrite a key."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise IdentityError(f"key file {path} already exists; refusing to overwrite it") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(bytes(self.signing_key))
-            f.flush()
-            os.fsync(f.fileno())
+        write_secret(path, bytes(self.signing_key))
 
     @classmethod
     def load(cls, path: Path) -> Identity:

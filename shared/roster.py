@@ -67,15 +67,19 @@ def _public_key(value: object) -> bytes:
     return value
 
 
-def issue(admin: Identity, node_public_key: bytes, regions: list[str], expires_ms: int, issued_ms: int) -> bytes:
-    """An admission certificate for a node."""
-    if not regions:
-        raise RosterError("a certificate names at least one region tree")
+def _check_regions(regions: list[str]) -> None:
     try:
         for r in regions:
             validate_region(r)
     except TopicError as e:
         raise RosterError(str(e)) from None
+
+
+def issue(admin: Identity, node_public_key: bytes, regions: list[str], expires_ms: int, issued_ms: int) -> bytes:
+    """An admission certificate for a node."""
+    if not regions:
+        raise RosterError("a certificate names at least one region tree")
+    _check_regions(regions)
     body = {"node": _public_key(node_public_key), "regions": sorted(set(regions)), "expires": expires_ms}
     return encode(admin, "admit", None, 1, issued_ms, body).raw
 
@@ -104,11 +108,7 @@ def check_certificate(raw: bytes, admin_key: bytes) -> Certificate:
     key, regions, expires = _public_key(body.get("node")), body.get("regions"), body.get("expires")
     if type(regions) is not list or not regions or not all(type(r) is str for r in regions):
         raise RosterError("a certificate lists its region trees")
-    try:
-        for r in regions:
-            validate_region(r)
-    except TopicError as e:
-        raise RosterError(str(e)) from None
+    _check_regions(regions)
     if type(expires) is not int:
         raise RosterError("a certificate has an expiry time")
     return Certificate(node_id_of(key), key, tuple(regions), expires, raw)
