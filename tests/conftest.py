@@ -49,6 +49,20 @@ def broker(request, embedded_broker):
 
 
 @pytest.fixture
+def admin():
+    """A swarm admin key (in memory; see admin_dir for the admin's commands)."""
+    from edgeswarm.shared.identity import Identity
+    return Identity.generate()
+
+
+@pytest.fixture
+def admin_dir(tmp_path, admin):
+    """The directory holding the admin key, as `--admin-dir` takes it."""
+    admin.save(tmp_path / "admin" / "swarm.key")
+    return tmp_path / "admin"
+
+
+@pytest.fixture
 def region():
     """A region no other test (or other user of a shared broker) writes to."""
     return f"test/{uuid.uuid4().hex[:12]}"

@@ -4,10 +4,7 @@ connect, each publishing and reading only in its certificate's region trees."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -22,24 +19,15 @@ from edgeswarm.shared import roster
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic, region_topic
 
+from helpers import certificate, watch_one
+
 TIMEOUT = 20.0
-DAY_MS = 86_400_000
-
-
-@pytest.fixture
-def admin():
-    return Identity.generate()
 
 
 @pytest.fixture
 def roster_broker(admin):
     with EmbeddedBroker(admin=admin.public_key.hex()) as broker:
         yield broker
-
-
-def certificate(admin: Identity, identity: Identity, regions: list[str], days: float = 1) -> bytes:
-    now = int(time.time() * 1000)
-    return roster.issue(admin, identity.public_key, regions, now + int(days * DAY_MS), now)
 
 
 @pytest.fixture
@@ -95,6 +83,19 @@ class Client:
         self.client.loop_stop()
 
 
+def assert_kept_to_its_region(d: Client, watcher: Client, region: str, elsewhere: str) -> None:
+    """d, logged in and admitted for `elsewhere` only, publishes in `region` and then in
+    `elsewhere`: the watcher (the admin, reading everything) gets the second, not the first."""
+    assert d.refused is None and watcher.refused is None
+    watcher.client.subscribe("es/v1/#", qos=1)
+    watcher.client.publish(node_topic("ready", "birth"), b"", qos=1).wait_for_publish(TIMEOUT)
+    assert watcher.wait_for(node_topic("ready", "birth"))
+    d.client.publish(region_topic("diff", region), b"not for d", qos=1).wait_for_publish(TIMEOUT)
+    d.client.publish(region_topic("diff", elsewhere), b"d's own region", qos=1).wait_for_publish(TIMEOUT)
+    assert watcher.wait_for(region_topic("diff", elsewhere))  # published after the one dropped
+    assert region_topic("diff", region) not in watcher.got
+
+
 def test_a_client_without_credentials_is_refused(roster_broker, admin):
     anonymous = Client(roster_broker)
     stranger_key = Identity.generate()
@@ -120,14 +121,7 @@ def test_admitted_nodes_work_and_each_is_kept_to_its_regions(nodes, roster_broke
     d = Client(roster_broker, d_key.node_id, roster.broker_password(d_key, certificate(admin, d_key, [elsewhere])))
     watcher = Client(roster_broker, roster.ADMIN_USERNAME, roster.admin_password(admin))
     try:
-        assert d.refused is None and watcher.refused is None
-        watcher.client.subscribe("es/v1/#", qos=1)
-        watcher.client.publish(node_topic("ready", "birth"), b"", qos=1).wait_for_publish(TIMEOUT)
-        assert watcher.wait_for(node_topic("ready", "birth"))
-        d.client.publish(region_topic("diff", region), b"not for d", qos=1).wait_for_publish(TIMEOUT)
-        d.client.publish(region_topic("diff", elsewhere), b"d's own region", qos=1).wait_for_publish(TIMEOUT)
-        assert watcher.wait_for(region_topic("diff", elsewhere))  # published after the one dropped
-        assert region_topic("diff", region) not in watcher.got
+        assert_kept_to_its_region(d, watcher, region, elsewhere)
         # and it may not subscribe to this region either
         granted: list = []
         done = threading.Event()
@@ -139,13 +133,9 @@ def test_admitted_nodes_work_and_each_is_kept_to_its_regions(nodes, roster_broke
         watcher.close()
 
 
-def test_the_admin_revokes_through_the_roster_broker(nodes, roster_broker, admin, region, tmp_path):
+def test_the_admin_revokes_through_the_roster_broker(nodes, roster_broker, admin_dir, region):
     a, r = nodes("a"), nodes("r")
     assert a.wait_until(lambda: r.node_id in a.members(region), TIMEOUT)
-    admin_dir = tmp_path / "admin"
-    admin_dir.mkdir()
-    (admin_dir / "swarm.key").write_bytes(admin.signing_key.encode())
-    (admin_dir / "swarm.key").chmod(0o600)
     assert main(["revoke", Identity.load(r.config.key_path).public_key.hex(), "--admin-dir", str(admin_dir),
                  "--broker", roster_broker.url, "--protocol", "3.1.1"]) == 0
     assert a.wait_until(lambda: r.node_id not in a.members(region), TIMEOUT)
@@ -165,29 +155,15 @@ def test_watch_logs_in_with_the_node_credentials_of_its_home(nodes, roster_broke
     (home / "admission.cert").write_bytes(certificate(admin, identity, [region]))
     Config(home=home, regions=[region], broker_port=roster_broker.port, protocol="3.1.1",
            swarm_admin=admin.public_key.hex(), certificate="admission.cert").save()
-    watch = subprocess.Popen([sys.executable, "-m", "edgeswarm.node.cli", "--home", str(home), "watch", region,
-                              "--count", "1", "--timeout", str(TIMEOUT)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "watching" in watch.stderr.readline()  # connected and subscribed
-        a.put(region, "valve", {"open": True})
-        out, err = watch.communicate(timeout=TIMEOUT)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(TIMEOUT)
-    assert watch.returncode == 0, err
+    out, _ = watch_one(["--home", str(home), "watch", region], lambda: a.put(region, "valve", {"open": True}),
+                       TIMEOUT)
     assert f'"sender": "{a.node_id}"' in out
 
 
 # -- a site's Mosquitto, configured by broker-config ------------------------------------------
 
 @pytest.mark.skipif(find_mosquitto() is None, reason="no mosquitto executable (apt-get install mosquitto)")
-def test_broker_config_makes_mosquitto_enforce_the_roster(tmp_path, admin, region, capsys):
-    admin_dir = tmp_path / "admin"
-    admin_dir.mkdir()
-    (admin_dir / "swarm.key").write_bytes(admin.signing_key.encode())
-    (admin_dir / "swarm.key").chmod(0o600)
+def test_broker_config_makes_mosquitto_enforce_the_roster(tmp_path, admin, admin_dir, region, capsys):
     port = free_port()
     configs = []
     for name in ("a", "b"):
@@ -226,14 +202,7 @@ def test_broker_config_makes_mosquitto_enforce_the_roster(tmp_path, admin, regio
         d = Client(broker, d_key.node_id, d_password)
         watcher = Client(broker, roster.ADMIN_USERNAME, roster.admin_password(admin))
         try:
-            assert d.refused is None and watcher.refused is None
-            watcher.client.subscribe("es/v1/#", qos=1)
-            watcher.client.publish(node_topic("ready", "birth"), b"", qos=1).wait_for_publish(TIMEOUT)
-            assert watcher.wait_for(node_topic("ready", "birth"))
-            d.client.publish(region_topic("diff", region), b"not for d", qos=1).wait_for_publish(TIMEOUT)
-            d.client.publish(region_topic("diff", elsewhere), b"d's own region", qos=1).wait_for_publish(TIMEOUT)
-            assert watcher.wait_for(region_topic("diff", elsewhere))  # published after the one dropped
-            assert region_topic("diff", region) not in watcher.got
+            assert_kept_to_its_region(d, watcher, region, elsewhere)
         finally:
             d.close()
             watcher.close()

@@ -5,7 +5,6 @@ every diff and every vote crosses the cluster's routes."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,6 +15,7 @@ from edgeswarm.node import Config
 from edgeswarm.node.harness import NodeProcess
 from edgeswarm.shared.identity import Identity
 
+from helpers import same_digest
 from natscluster import NatsCluster, find_nats_server
 
 pytestmark = pytest.mark.skipif(
@@ -79,17 +79,6 @@ def assert_consensus(nodes: list[NodeProcess], region: str, expected: dict[str, 
             pytest.fail(f"node {n.node_id}: no consensus on {len(lacking)} keys: {lacking}; {n.counters()}")
 
 
-def same_digest(nodes: list[NodeProcess], region: str) -> bool:
-    """Every node's digest equal to the first's, each waited for on that node's own events;
-    the first is read again in case it changed while the others caught up."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        target = nodes[0].digest(region)
-        if all(n.wait_digest(region, target, 2.0) for n in nodes[1:]) and nodes[0].digest(region) == target:
-            return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[NatsCluster]:
     with NatsCluster(tmp_path_factory.mktemp("nats"), servers=3) as c:
@@ -120,7 +109,7 @@ def test_concurrent_writes_from_every_server_converge(trio, region):
     expected = {f"{name}{i}": v for name, versions in zip("abc", writes) for i, v in enumerate(versions)}
     assert len(expected) == 60
     assert_consensus(trio, region, expected)
-    assert same_digest(trio, region)
+    assert same_digest(trio, region, TIMEOUT)
 
 
 def test_node_fails_over_to_another_server_of_the_cluster(tmp_path, region):
@@ -143,4 +132,4 @@ def test_node_fails_over_to_another_server_of_the_cluster(tmp_path, region):
         moved = mover.put(region, "moved", {"i": 2})
         assert_consensus([b, c], region, {"moved": moved})
         nodes = [mover, b, c]
-        assert same_digest(nodes, region), [n.status(region, ["before", "after", "moved"]) for n in nodes]
+        assert same_digest(nodes, region, TIMEOUT), [n.status(region, ["before", "after", "moved"]) for n in nodes]

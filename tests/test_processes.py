@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,20 +16,10 @@ from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic
 
+from helpers import same_digest
 from netcut import Link
 
 TIMEOUT = 60.0
-
-
-def same_digest(nodes, region):
-    """Every node's digest equal to the first's. Each wait is on that node's own events;
-    the first may still change while the others catch up, so its digest is read again."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        target = nodes[0].digest(region)
-        if all(n.wait_digest(region, target, 2.0) for n in nodes[1:]) and nodes[0].digest(region) == target:
-            return True
-    return False
 
 
 def test_node_cut_off_by_the_network_catches_up_on_1000_frames(tmp_path, broker, region):
@@ -60,7 +49,7 @@ def test_node_cut_off_by_the_network_catches_up_on_1000_frames(tmp_path, broker,
         expected = dict(zip(keys, versions))
         for n in (a, b, cut):
             assert n.wait_consensus(region, expected, TIMEOUT), n.counters()
-        assert same_digest([a, b, cut], region)
+        assert same_digest([a, b, cut], region, TIMEOUT)
         moved = cut.counters()
         assert moved["sync.envelopes"] >= 1000 and moved.get("rejected.internal", 0) == 0
 
@@ -94,7 +83,7 @@ def test_split_halves_of_six_processes_converge_with_forks_kept(tmp_path, region
         nodes = nodes[:3] + [node(h, left) for h in homes[3:]]
         for n in nodes:
             n.sync_now()
-        assert same_digest(nodes, region)
+        assert same_digest(nodes, region, TIMEOUT)
         views = [n.status(region, keys) for n in nodes]
         for view in views:
             assert all(s["consensus"] and s["consensus"] == s["head"] for s in view.values()), view
@@ -136,7 +125,7 @@ def test_wiped_board_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, 
         wiped.start()
         assert wiped.wait_consensus(region, expected, TIMEOUT), wiped.counters()
         assert wiped.get(region, "k1", True) == {"i": 1, "after": "snapshot"}
-        assert same_digest([a, b, wiped], region)
+        assert same_digest([a, b, wiped], region, TIMEOUT)
 
 
 def test_a_rewritten_trace_entry_is_caught_by_node_processes(tmp_path, broker, region, attacker):

@@ -15,13 +15,9 @@ from edgeswarm.shared.envelope import encode
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic, region_topic
 
+from helpers import certificate
+
 TIMEOUT = 20.0
-DAY_MS = 86_400_000
-
-
-@pytest.fixture
-def admin():
-    return Identity.generate()
 
 
 @pytest.fixture
@@ -30,9 +26,7 @@ def admitted(make_node, tmp_path, admin, region):
 
     def make(name: str, regions: list[str] | None = None, days: float = 1, **config) -> Node:
         identity = Identity.load_or_create(tmp_path / name / "node.key")
-        now = int(time.time() * 1000)
-        cert = roster.issue(admin, identity.public_key, regions or [region], now + int(days * DAY_MS), now)
-        (tmp_path / name / "admission.cert").write_bytes(cert)
+        (tmp_path / name / "admission.cert").write_bytes(certificate(admin, identity, regions or [region], days))
         return make_node(name, swarm_admin=admin.public_key.hex(), certificate="admission.cert", **config)
 
     return make
@@ -97,14 +91,10 @@ def test_an_expired_certificate_is_refused(admitted, region, attacker):
     assert not a.store.has_version(version)
 
 
-def test_a_revocation_is_enforced_kept_and_retained(admitted, make_node, admin, broker, region, tmp_path, attacker):
+def test_a_revocation_is_enforced_kept_and_retained(admitted, admin_dir, broker, region, attacker):
     a, b, r = admitted("a"), admitted("b"), admitted("r")
     everyone = {a.node_id, b.node_id, r.node_id}
     assert knows(a, region, everyone) and knows(b, region, everyone)
-    admin_dir = tmp_path / "admin"
-    (admin_dir).mkdir()
-    (admin_dir / "swarm.key").write_bytes(admin.signing_key.encode())
-    (admin_dir / "swarm.key").chmod(0o600)
     r_key = Identity.load(r.config.key_path).public_key.hex()
     try:
         assert main(["revoke", r_key, "--admin-dir", str(admin_dir), "--broker", f"mqtt://{broker.host}:{broker.port}",

@@ -4,8 +4,6 @@ holding the region's key see values."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +12,8 @@ from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import encode
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import region_topic
+
+from helpers import watch_one
 
 TIMEOUT = 20.0
 SECRET = "TOPSECRET-4711"
@@ -74,18 +74,7 @@ def test_a_node_with_the_key_catches_up_through_anti_entropy(make_node, tmp_path
 def test_watch_opens_sealed_bodies_with_the_key(make_node, broker, tmp_path, region):
     key = key_file(tmp_path)
     a = make_node("a", sealed={region: str(key)})
-    watch = subprocess.Popen([sys.executable, "-m", "edgeswarm.node.cli", "watch", region, "--host", broker.host,
-                              "--port", str(broker.port), "--sealed-key", str(key), "--count", "1",
-                              "--timeout", str(TIMEOUT)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "EDGESWARM_HOME": str(tmp_path / "no-node-here")})
-    try:
-        assert "watching" in watch.stderr.readline()
-        a.put(region, "door", {"code": SECRET})
-        out, err = watch.communicate(timeout=TIMEOUT)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(TIMEOUT)
-    assert watch.returncode == 0, err
+    out, _ = watch_one(["watch", region, "--host", broker.host, "--port", str(broker.port), "--sealed-key", str(key)],
+                       lambda: a.put(region, "door", {"code": SECRET}), TIMEOUT,
+                       env={**os.environ, "EDGESWARM_HOME": str(tmp_path / "no-node-here")})
     assert SECRET in out

@@ -23,6 +23,8 @@ from edgeswarm.node.cli import build_parser, main
 from edgeswarm.node.config import ConfigError
 from edgeswarm.node.transport import TransportError
 
+from helpers import watch_one
+
 TIMEOUT = 20.0
 PROMPTLY = 5.0  # seconds within which a refused TLS connection must be reported
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="no mosquitto executable (apt-get install mosquitto) "
@@ -184,18 +186,12 @@ def test_watch_uses_the_tls_options(mosquitto, nodes, pki, region, tmp_path):
                                 timeout=TIMEOUT)
     assert untrusting.returncode == 1 and "certificate verify failed" in untrusting.stderr, untrusting.stderr
 
-    watch = subprocess.Popen(watch_cmd + ["--ca-file", str(pki.ca), "--count", "1", "--timeout", str(TIMEOUT)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert "watching" in watch.stderr.readline()  # connected and subscribed
+    def write():
         writer = nodes(broker, "writer", ca_file=str(pki.ca)).start()
         writer.put(region, "k", {"seen": True})
-        out, err = watch.communicate(timeout=TIMEOUT)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.wait(TIMEOUT)
-    assert watch.returncode == 0, err
+        return writer
+
+    out, writer = watch_one(watch_cmd[3:] + ["--ca-file", str(pki.ca)], write, TIMEOUT, env=env)
     assert f'"region": "{region}"' in out and f'"sender": "{writer.node_id}"' in out
 
 
