@@ -27,7 +27,8 @@ from edgeswarm.shared.topics import TopicError, node_topic, region_filter, valid
 from .config import TLS_KEYS, Config, ConfigError, default_home
 from .bodies import validate_key
 from .node import Node
-from . import snapshot
+from .provision import ProvisionError, write_bundle
+from . import snapshot, systemd
 from .snapshot import SnapshotError
 from .store import StoreError
 from .transport import Transport, TransportError
@@ -36,7 +37,7 @@ log = logging.getLogger("edgeswarm")
 
 ADMIN_KEY = "swarm.key"
 CERTIFICATE_FILE = "admission.cert"
-_EXPECTED = (ConfigError, IdentityError, RosterError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
+_EXPECTED = (ConfigError, ProvisionError, IdentityError, RosterError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
              SnapshotError, ValueError, KeyError, OSError)
 
 
@@ -91,6 +92,21 @@ def _stop_on_signal() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def _watch(node: Node, stop: threading.Event) -> None:
+    """Until stopped: under systemd with a watchdog, ping it while the node is healthy, and
+    stop pinging (systemd then restarts the node) when it is not."""
+    every = systemd.watchdog_interval()
+    if every is None:
+        return _wait(stop)
+    while not stop.wait(min(every, 1.0)):
+        trouble = node.trouble()
+        if trouble is None:
+            systemd.notify("WATCHDOG=1")
+        else:
+            log.error("%s: no more watchdog pings, so systemd restarts this node", trouble)
+            systemd.notify(f"STATUS={trouble}")
 
 
 def _wait(stop: threading.Event) -> None:
@@ -172,6 +188,18 @@ def cmd_admit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    admin = None if args.open else _admin(args)
+    identity = write_bundle(args.out, regions=args.region, brokers=args.broker, admin=admin, days=args.days,
+                            members=args.member or [], auto=args.auto_broker, auto_port=args.auto_port,
+                            wheel=args.wheel, platform=args.platform, python=args.python,
+                            with_wheels=not args.no_wheelhouse)
+    print(f"bundle for node {identity.node_id} written to {args.out}"
+          f"{'' if admin is None else ' (admitted to ' + ', '.join(args.region) + ')'}; it holds the node's private "
+          f"key: read {args.out / 'README.txt'}, flash one board, then delete it")
+    return 0
+
+
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from edgeswarm.broker.mosquitto import RECOMMENDED, site_settings
     logins = {}
@@ -246,10 +274,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 stop.wait(5.0)
         if not stop.is_set():
             print(f"node {node.node_id} running: broker {node.transport.host}:{node.transport.port}"
-                  f"{' (embedded)' if broker else ''}, regions {', '.join(config.regions) or '(none)'}",
-                  flush=True)
-        _wait(stop)
+                  f"{' (embedded)' if broker else ''}{' (or one the swarm elects)' if config.broker_auto else ''}, "
+                  f"regions {', '.join(config.regions) or '(none)'}", flush=True)
+            systemd.notify(f"READY=1\nSTATUS=node {node.node_id} running")
+        _watch(node, stop)
     finally:
+        systemd.notify("STOPPING=1")
         node.stop()
         if broker:
             broker.stop()
@@ -501,6 +531,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, help="certificate file (default NODE-ID.cert)")
     admin_opts(sp)
     sp.set_defaults(func=cmd_admit)
+
+    sp = sub.add_parser("provision", help="write one board's bundle: key, certificate, config, systemd unit, "
+                                          "offline wheelhouse and first-boot scripts (admin)")
+    sp.add_argument("--out", type=Path, required=True, help="the bundle directory to make")
+    sp.add_argument("--region", action="append", required=True, help="a region tree the node follows and may "
+                                                                     "write in (repeatable)")
+    sp.add_argument("--broker", action="append", required=True, metavar="URL",
+                    help="the swarm's broker, mqtt://host:port (repeat for brokers to fail over to)")
+    sp.add_argument("--auto-broker", action="store_true",
+                    help="when no broker answers, the swarm elects a node to host one (broker.auto)")
+    sp.add_argument("--auto-port", type=int, default=1883, help="where this node's broker listens if elected")
+    sp.add_argument("--member", action="append", help="a member node id (repeatable; default: the roster decides)")
+    sp.add_argument("--days", type=float, default=365.0, help="the admission certificate is valid this many days")
+    sp.add_argument("--open", action="store_true", help="an open swarm: no admin key, no certificate")
+    sp.add_argument("--platform", default="host", choices=["host", "aarch64", "x86_64"],
+                    help="the board's architecture, for the wheelhouse (default: this machine's)")
+    sp.add_argument("--python", default="3.11", help="the board's Python version (default 3.11, Raspberry Pi OS "
+                                                     "bookworm's)")
+    sp.add_argument("--wheel", type=Path, help="edgeswarm's wheel (default: built from the source tree)")
+    sp.add_argument("--no-wheelhouse", action="store_true", help="leave out the wheels (the board has network)")
+    admin_opts(sp)
+    sp.set_defaults(func=cmd_provision)
 
     sp = sub.add_parser("broker-config", help="write a site broker's configuration for the swarm (admin)")
     sp.add_argument("kind", choices=["mosquitto"])

@@ -24,6 +24,11 @@
     key_file = ""                      # both or neither; relative paths are from the home
     protocol = "auto"                  # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
     embedded = false                   # host an embedded broker on host:port
+    auto = false                       # when no broker above answers, the swarm elects one of
+                                       # its nodes to host the bus (node/handover.py); 3.1.1
+    auto_port = 1883                   # where this node's broker listens if it is elected
+    auto_address = ""                  # the address peers reach it at; empty: the address this
+                                       # node reaches its broker from (and it listens on all)
 
     [swarm]                            # a swarm with a roster (shared/roster.py); empty: open
     admin = ""                         # the swarm admin's public key, 64 hex digits
@@ -119,6 +124,9 @@ class Config:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    broker_auto: bool = False
+    auto_port: int = 1883
+    auto_address: str = ""
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
@@ -157,6 +165,7 @@ class Config:
             raise ConfigError("broker.urls are all mqtt:// or all mqtts://, not a mix")
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise ConfigError(f"broker.protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
+        self._check_auto(any(tls for _, _, tls in endpoints))
         self._check_tls(any(tls for _, _, tls in endpoints))
         if not isinstance(self.swarm_admin, str) or not isinstance(self.certificate, str):
             raise ConfigError("swarm.admin and swarm.certificate are texts")
@@ -175,6 +184,22 @@ class Config:
                 validate_region(root)
             except TopicError as e:
                 raise ConfigError(f"swarm.sealed: {e}") from None
+
+    def _check_auto(self, tls: bool) -> None:
+        if not isinstance(self.broker_auto, bool):
+            raise ConfigError("broker.auto must be true or false")
+        if not isinstance(self.auto_port, int) or isinstance(self.auto_port, bool) or not 0 < self.auto_port < 65536:
+            raise ConfigError(f"broker.auto_port must be a TCP port number, not {self.auto_port!r}")
+        if not isinstance(self.auto_address, str) or any(c in self.auto_address for c in "/ []@"):
+            raise ConfigError(f"broker.auto_address must be a host name or IPv4 address, not {self.auto_address!r}")
+        if self.broker_auto:
+            if tls:
+                raise ConfigError("broker.auto: an elected node hosts a plain mqtt:// broker, so the "
+                                  "configured ones must be mqtt:// too")
+            if self.embedded_broker:
+                raise ConfigError("broker.auto and broker.embedded: a node that always hosts needs no election")
+            if self.protocol == "5":
+                raise ConfigError("broker.auto: the broker a node hosts speaks MQTT 3.1.1, so protocol cannot be 5")
 
     def _check_tls(self, tls: bool) -> None:
         for name in TLS_KEYS:
@@ -265,7 +290,8 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
                       "snapshots_kept", "max_clock_skew"}
-        known_broker = {"host", "port", "protocol", "embedded", "urls", *TLS_KEYS}
+        known_broker = {"host", "port", "protocol", "embedded", "urls", "auto", "auto_port", "auto_address",
+                        *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker) \
             | (set(swarm) - {"admin", "certificate", "sealed"})
         if unknown:
@@ -289,7 +315,8 @@ class Config:
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
                    max_clock_skew=node.get("max_clock_skew", 300.0),
                    swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
-                   sealed=swarm.get("sealed", {}),
+                   sealed=swarm.get("sealed", {}), broker_auto=broker.get("auto", False),
+                   auto_port=broker.get("auto_port", 1883), auto_address=broker.get("auto_address", ""),
                    **{name: broker.get(name, "") for name in TLS_KEYS})
 
     def to_toml(self) -> str:
@@ -312,7 +339,10 @@ class Config:
             f'protocol = "{self.protocol}"\n'
             f"urls = [{', '.join(json.dumps(u) for u in self.broker_urls)}]\n"
             + "".join(f"{name} = {json.dumps(getattr(self, name))}\n" for name in TLS_KEYS) +
-            f"embedded = {'true' if self.embedded_broker else 'false'}\n\n"
+            f"embedded = {'true' if self.embedded_broker else 'false'}\n"
+            f"auto = {'true' if self.broker_auto else 'false'}\n"
+            f"auto_port = {self.auto_port}\n"
+            f"auto_address = {json.dumps(self.auto_address)}\n\n"
             "[swarm]\n"
             f"admin = {json.dumps(self.swarm_admin)}\n"
             f"certificate = {json.dumps(self.certificate)}\n"

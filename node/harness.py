@@ -215,6 +215,13 @@ COMMANDS = {
     "wait_published": lambda node, timeout: node.wait_published(timeout),
     "snapshot": lambda node: str(node.snapshot()),
     "node_id": lambda node: node.node_id,
+    "bus": lambda node: {"port": node.transport.port, "connected": node.transport.connected,
+                         "hosting": node.handover.hosting},
+    "wait_bus": lambda node, port, timeout: node.transport.wait_state(
+        lambda: node.transport.connected and node.transport.port == port, timeout),
+    "wait_hosting": lambda node, hosting, timeout: node.handover.wait_hosting(hosting, timeout),
+    "wait_bus_hosts": lambda node, count, timeout: node.wait_until(lambda: len(node.handover.hosts) >= count,
+                                                                   timeout),
 }
 
 

@@ -45,6 +45,7 @@ from edgeswarm.shared.topics import (node_filter, parse_topic, region_covers, re
                                      validate_region)
 
 from .admission import Admission
+from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
 from .bodies import parse_diff, parse_vote, validate_key
@@ -52,7 +53,7 @@ from .store import FrameVersion, Queued, Store, VersionMeta
 from .presence import Presence
 from .sync import Sync
 from .trace import Trace
-from .transport import Transport
+from .transport import Transport, TransportError
 from .voting import Voting
 
 log = logging.getLogger("edgeswarm.node")
@@ -101,18 +102,22 @@ class Node(Voting):
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
         self._worker: threading.Thread | None = None
+        self._handled_at = time.monotonic()  # when the inbox worker last finished a batch
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
         # The node's own connection is persistent and announces the node (birth, will,
         # fingerprints); a tagged one (a short-lived CLI command) does neither.
         self._announces = not client_tag
         self._started = False
-        self.transport = Transport(config.endpoints, client_id, protocol=config.protocol,
+        # (with broker.auto any node may come to host the bus: amqtt speaks 3.1.1 only)
+        protocol = "3.1.1" if config.broker_auto else config.protocol
+        self.transport = Transport(config.endpoints, client_id, protocol=protocol,
                                    persistent=not client_tag, tls=config.tls, credentials=self.admission.credentials())
         self.transport.on_message = self._on_message
         self.transport.on_ack = self._on_ack
         self.sync = Sync(self)
         self.trace = Trace(self)
         self.presence = Presence(self)
+        self.handover = Handover(self)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -124,12 +129,23 @@ class Node(Voting):
                                   *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint", "revoke"))])
         if self._announces:
             self.presence.prepare()
-        self.transport.connect()
-        if self._announces:
-            self._connected()
-            # After a reconnect paho made by itself, say again that we are here.
+            # After a reconnect paho made by itself (or a first connection made late), say that we are here.
             self.transport.on_connected = lambda: self._connected() if self._started else None
+        try:
+            self.transport.connect()
+        except TransportError as e:
+            if not (self.handover.enabled and self._announces):
+                raise
+            # broker.auto: the node starts anyway, and the hand-over finds or elects a broker
+            log.warning("%s; looking for a broker among the swarm's nodes", e)
+            self._started = True
+            self.transport.connect_later()
+        else:
+            if self._announces:
+                self._connected()
         self._started = True
+        if self._announces:
+            self.handover.start()
         # What the outbox held at start goes out a window at a time, as acks come back: a
         # node that was offline for long may hold far more than fits in memory at once.
         if self.store.unpublished(limit=1):
@@ -169,6 +185,7 @@ class Node(Voting):
         with self._acks:
             self._acks.notify_all()  # a backlog sender waiting for acks stops
         self.transport.close()
+        self.handover.stop()
         if self._worker is not None:  # what was received is handled before the store closes
             self._inbox.put(None)
             self._worker.join(30)
@@ -505,10 +522,19 @@ class Node(Voting):
             stop = batch[-1] is None
             self.receive_many([m for m in batch if m is not None and m is not _WAKE])
             self._clear_acked()
+            self._handled_at = time.monotonic()
             with self._activity:
                 self._activity.notify_all()
             if stop:
                 return
+
+    def trouble(self, stalled_after: float = 60.0) -> str | None:
+        """Why this running node needs a restart (its systemd watchdog stops on it), or None."""
+        if self._worker is None or not self._worker.is_alive():
+            return "the inbox worker is not running"
+        if self._inbox.qsize() and time.monotonic() - self._handled_at > stalled_after:
+            return f"the inbox worker has handled nothing for {stalled_after:.0f} s"
+        return None
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Wait until `condition()` holds, re-checking after each message this node handles."""

@@ -53,6 +53,8 @@ class Presence:
         node = self.node
         birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE,
                  **self._certificate()}
+        if (bus := node.handover.advertised()) is not None:
+            birth["bus"] = bus  # where this node's broker would listen, were it elected (broker.auto)
         node.send_now(node_topic(node.node_id, "birth"), "birth", birth, retain=True)
         self.publish_fingerprint()
 
@@ -100,6 +102,7 @@ class Presence:
             self.node.admission.on_presence(env)
             self.store.set_peer(node_id, session=session, birth_hlc=env.hlc, alive=1, regions=regions,
                                 software=str(body.get("software", "")))
+            self.node.handover.on_birth(node_id, body.get("bus"))
             log.info("node %s is up (session %d)", node_id, session)
         elif env.kind == "death":
             if peer is None or session < peer["session"] or not peer["alive"]:

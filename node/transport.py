@@ -109,6 +109,9 @@ class Transport:
             raise TransportError("no broker to connect to")
         self.endpoints = list(endpoints)  # (host, port, TLS), in order of preference
         self._at = 0  # the one in use
+        self.configured = len(self.endpoints)  # the first ones; others are added by move()
+        self.failover = True  # go round the configured brokers when one is lost (off: someone else moves us)
+        self.max_reconnect_delay = 30  # seconds paho waits at most between attempts
         self.client_id = client_id
         self.protocol = protocol
         self.tls = tls or TlsSettings()  # used with mqtts:// endpoints
@@ -146,6 +149,21 @@ class Transport:
         return self.endpoints[self._at][1]
 
     @property
+    def at(self) -> int:
+        """The index in `endpoints` of the broker in use (or being tried)."""
+        return self._at
+
+    @property
+    def local_address(self) -> str | None:
+        """The address this client reaches its broker from, while connected."""
+        c = self._client
+        sock = c.socket() if c is not None else None
+        try:
+            return sock.getsockname()[0] if isinstance(sock, socket.socket) else None
+        except OSError:
+            return None
+
+    @property
     def mqtt_version(self) -> str:
         return "5" if self._version == mqtt.MQTTv5 else "3.1.1"
 
@@ -168,6 +186,35 @@ class Transport:
                 reasons.append(str(e))
         raise TransportError("; ".join(reasons))
 
+    def connect_later(self) -> None:
+        """Start without a broker: paho keeps trying the current one in the background
+        (with the protocol fixed, as there is no broker to ask) until move() says otherwise."""
+        if self.protocol == "auto":
+            raise TransportError("connect_later needs a fixed protocol")
+        c = self._new_client(PROTOCOLS[self.protocol])
+        self._answered.set()  # (no handshake is waited for: a lost connection is reported as such)
+        c.connect_async(self.host, self.port, **self._connect_options())
+        c.loop_start()
+
+    def move(self, endpoint: tuple[str, int, bool]) -> None:
+        """Go to `endpoint` (added to the endpoints if new): the connection, if any, is
+        dropped and paho's next reconnect goes there, resending what is unacknowledged."""
+        with self._state:
+            if endpoint not in self.endpoints:
+                self.endpoints.append(endpoint)
+            self._at = self.endpoints.index(endpoint)
+            c = self._client
+        if c is None:
+            return
+        log.warning("moving to broker %s:%s", self.host, self.port)
+        c.connect_async(self.host, self.port, **self._connect_options())
+        sock = c.socket()
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # paho sees the connection lost and reconnects
+            except OSError:
+                pass
+
     def _connect_here(self) -> None:
         versions = [PROTOCOLS[self.protocol]] if self.protocol != "auto" else [mqtt.MQTTv5, mqtt.MQTTv311]
         for i, version in enumerate(versions):
@@ -181,28 +228,9 @@ class Transport:
             log.info("broker does not speak MQTT 5 (%s); using 3.1.1", refusal)
 
     def _try_connect(self, version: int, probe: bool = False) -> str | None:
-        self._version = version
         self._refused = self._tls_failure = None
         self._answered.clear()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version,
-                        clean_session=None if version == mqtt.MQTTv5 else not self.persistent)
-        c.max_inflight_messages_set(100)
-        c.max_queued_messages_set(0)
-        c.reconnect_delay_set(1, 30)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_message = self._on_message
-        c.on_publish = self._on_publish
-        c.on_subscribe = self._on_subscribe
-        c.on_connect_fail = self._on_connect_fail
-        c.on_socket_open = _no_delay
-        if self.credentials is not None:
-            c.username_pw_set(*self.credentials)
-        if self.will is not None:
-            c.will_set(self.will[0], self.will[1], qos=1)
-        if self.endpoints[self._at][2]:
-            self._tls_set(c)
-        self._client = c
+        c = self._new_client(version)
         try:
             c.connect(self.host, self.port, **self._connect_options())
         except ssl.SSLError as e:
@@ -230,6 +258,29 @@ class Transport:
             self._stop_client()
             raise TransportError(f"broker {self.host}:{self.port} did not confirm the subscriptions")
         return self._refused
+
+    def _new_client(self, version: int) -> mqtt.Client:
+        self._version = version
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=version,
+                        clean_session=None if version == mqtt.MQTTv5 else not self.persistent)
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(1, self.max_reconnect_delay)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_connect_fail = self._on_connect_fail
+        c.on_socket_open = _no_delay
+        if self.credentials is not None:
+            c.username_pw_set(*self.credentials)
+        if self.will is not None:
+            c.will_set(self.will[0], self.will[1], qos=1)
+        if self.endpoints[self._at][2]:
+            self._tls_set(c)
+        self._client = c
+        return c
 
     def _tls_set(self, c: mqtt.Client) -> None:
         t = self.tls
@@ -293,7 +344,7 @@ class Transport:
             self._answered.set()
         elif reason_code.is_failure:
             log.warning("disconnected from %s:%s: %s; reconnecting", self.host, self.port, reason_code)
-            if len(self.endpoints) > 1:
+            if self.failover and self.configured > 1:
                 self._arm_failover(client)
 
     def _arm_failover(self, client: mqtt.Client) -> None:
@@ -309,9 +360,9 @@ class Transport:
         """Still without a broker: paho's next reconnect goes to the next one."""
         with self._state:
             self._failover_timer = None
-        if self.connected or client is not self._client:
+        if self.connected or client is not self._client or not self.failover:
             return
-        self._at = (self._at + 1) % len(self.endpoints)
+        self._at = (self._at + 1) % self.configured
         log.warning("trying broker %s:%s", self.host, self.port)
         client.connect_async(self.host, self.port, **self._connect_options())
         self._arm_failover(client)

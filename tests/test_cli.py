@@ -157,7 +157,7 @@ def test_errors_are_one_line(tmp_path):
     good = config.read_text()
     config.write_text(good.replace("[broker]", "[broker\n"))
     assert_one_line_error(cli("get", "plant", "k", home=home), "not valid TOML")
-    config.write_text(good.replace("port =", "colour = 1\nport ="))
+    config.write_text(good.replace("port =", "colour = 1\nport =", 1))
     assert_one_line_error(cli("get", "plant", "k", home=home), "unknown setting(s) colour")
     config.write_text(good.replace('regions = ["plant"]', 'regions = ["a//b"]'))
     assert_one_line_error(cli("get", "plant", "k", home=home), "empty level")

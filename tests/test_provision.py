@@ -1,0 +1,127 @@
+"""A board's bundle, end to end: made by `edgeswarm provision`, installed by its install.sh
+from its wheelhouse alone (no package index), its systemd unit accepted by
+systemd-analyze, and the installed node started from the bundle's configuration: it tells
+systemd it is ready, pings the watchdog, and its writes reach a peer of the swarm."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from edgeswarm.broker.embedded import EmbeddedBroker
+from edgeswarm.node import Config, Node
+from edgeswarm.node.cli import main
+from edgeswarm.node.provision import PREFIX, STATE, check_unit
+from edgeswarm.shared.identity import Identity
+
+from helpers import certificate
+
+TIMEOUT = 60.0
+
+
+def _index_reachable() -> bool:
+    with tempfile.TemporaryDirectory() as d:
+        return subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", d,
+                               f"paho-mqtt=={metadata.version('paho-mqtt')}"], capture_output=True).returncode == 0
+
+
+def _offline_env(**extra: str) -> dict[str, str]:
+    """The environment without any pip setting, pip reading no configuration file and
+    allowed no index: what the bundle installs must come from its wheelhouse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    return {**env, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", **extra}
+
+
+class NotifySocket:
+    """The socket systemd listens on for a Type=notify service."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(TIMEOUT)
+
+    def next(self) -> str:
+        return self.sock.recv(4096).decode()
+
+    def wait_for(self, state: str) -> list[str]:
+        seen = []
+        while state not in seen:
+            seen.extend(self.next().split("\n"))
+        return seen
+
+
+def test_bundle_installs_offline_and_its_node_joins_the_swarm(tmp_path, admin, admin_dir, region):
+    if not _index_reachable():
+        pytest.skip("no package index reachable to fill the bundle's wheelhouse from")
+    bundle = tmp_path / "bundle"
+    with EmbeddedBroker(admin=admin.public_key.hex()) as broker:
+        assert main(["provision", "--out", str(bundle), "--region", region, "--broker", broker.url,
+                     "--admin-dir", str(admin_dir)]) == 0
+        assert (bundle / "home" / "node.key").stat().st_mode & 0o077 == 0
+        assert bundle.stat().st_mode & 0o077 == 0
+        wheels = {p.name.split("-")[0].lower() for p in (bundle / "wheelhouse").glob("*.whl")}
+        assert {"edgeswarm", "paho_mqtt", "cbor2", "pynacl", "apscheduler", "sqlite_utils", "amqtt", "pip"} <= wheels
+
+        prefix, state = tmp_path / "opt", tmp_path / "state"
+        install = subprocess.run(["sh", str(bundle / "install.sh")], capture_output=True, text=True, timeout=300,
+                                 env=_offline_env(EDGESWARM_PREFIX=str(prefix), EDGESWARM_STATE=str(state),
+                                                  EDGESWARM_SYSTEM="no"))
+        assert install.returncode == 0, install.stderr
+        assert (prefix / "bin" / "edgeswarm").exists() and (state / "node.key").exists()
+        assert (state / "node.key").stat().st_mode & 0o077 == 0
+
+        # The bundle's unit, with the paths of this install, as systemd would load it.
+        unit = tmp_path / "edgeswarm.service"
+        unit.write_text((bundle / "edgeswarm.service").read_text().replace(PREFIX, str(prefix))
+                        .replace(STATE, str(state)))
+        assert check_unit(unit) is None, check_unit(unit)
+
+        peer_identity = Identity.generate()
+        peer_home = tmp_path / "peer"
+        peer_identity.save(peer_home / "node.key")
+        (peer_home / "admission.cert").write_bytes(certificate(admin, peer_identity, [region]))
+        peer = Node(Config(home=peer_home, regions=[region], broker_port=broker.port, protocol="3.1.1",
+                           sync_interval=0, snapshot_interval=0, swarm_admin=admin.public_key.hex(),
+                           certificate="admission.cert")).start()
+        notify = NotifySocket(tmp_path / "notify")
+        edgeswarm = str(prefix / "bin" / "edgeswarm")
+        node = subprocess.Popen([edgeswarm, "--home", str(state), "run"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env=_offline_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000"))
+        try:
+            assert "READY=1" in notify.wait_for("READY=1")
+            assert "WATCHDOG=1" in notify.wait_for("WATCHDOG=1")
+            put = subprocess.run([edgeswarm, "--home", str(state), "put", region, "pump", '{"rpm": 1200}'],
+                                 capture_output=True, text=True, timeout=TIMEOUT, env=_offline_env())
+            assert put.returncode == 0, put.stderr
+            assert peer.wait_until(lambda: peer.get(region, "pump") == {"rpm": 1200}, TIMEOUT), peer.stats()
+            node.terminate()
+            assert node.wait(TIMEOUT) == 0, node.stderr.read()
+            assert "STOPPING=1" in notify.wait_for("STOPPING=1")
+        finally:
+            if node.poll() is None:
+                node.kill()
+            peer.stop()
+            notify.sock.close()
+
+
+def test_provision_refuses_what_it_cannot_make(tmp_path, admin_dir, capsys):
+    existing = tmp_path / "there"
+    existing.mkdir()
+    assert main(["provision", "--out", str(existing), "--region", "plant", "--broker", "mqtt://h:1883",
+                 "--admin-dir", str(admin_dir), "--no-wheelhouse"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["provision", "--out", str(tmp_path / "b"), "--region", "plant", "--broker", "http://h",
+                 "--admin-dir", str(admin_dir), "--no-wheelhouse"]) == 1
+    assert "mqtt://host:port" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["provision", "--out", str(tmp_path / "c"), "--region", "plant", "--broker", "mqtt://h:1883",
+                 "--admin-dir", str(tmp_path / "nobody"), "--no-wheelhouse"]) == 1
+    assert "no swarm admin key" in capsys.readouterr().err
