@@ -122,7 +122,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     config = Config(home=home, regions=args.region or [], broker_host=args.host or "127.0.0.1",
                     broker_port=1883 if args.port is None else args.port, protocol=args.protocol,
                     embedded_broker=args.embedded_broker, broker_urls=args.broker or [], **_tls_args(args),
-                    swarm_admin=args.admin or "", certificate=CERTIFICATE_FILE if certificate else "")
+                    swarm_admin=args.admin or "", certificate=CERTIFICATE_FILE if certificate else "",
+                    broker_auto=args.auto_broker, auto_port=args.auto_port, auto_address=args.auto_address)
     config.save()
     identity = Identity.load_or_create(config.key_path)
     if certificate is not None:
@@ -192,7 +193,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
     admin = None if args.open else _admin(args)
     identity = write_bundle(args.out, regions=args.region, brokers=args.broker, admin=admin, days=args.days,
                             members=args.member or [], auto=args.auto_broker, auto_port=args.auto_port,
-                            wheel=args.wheel, platform=args.platform, python=args.python,
+                            auto_address=args.auto_address, wheel=args.wheel, platform=args.platform,
+                            python=args.python,
                             with_wheels=not args.no_wheelhouse)
     print(f"bundle for node {identity.node_id} written to {args.out}"
           f"{'' if admin is None else ' (admitted to ' + ', '.join(args.region) + ')'}; it holds the node's private "
@@ -497,11 +499,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--key-file", metavar="PEM", help="the client certificate's private key "
                             "(paths of these three are from the current directory; they override the config)")
 
+    def auto_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--auto-broker", action="store_true",
+                        help="when no broker answers, the swarm elects a node to host one (broker.auto)")
+        sp.add_argument("--auto-port", type=int, default=1883, help="where this node's broker listens if elected")
+        sp.add_argument("--auto-address", default="", help="the address peers reach it at (default: the one it "
+                                                           "reaches its broker from)")
+
     sp = sub.add_parser("init", help="create this node's key and configuration")
     broker_opts(sp)
     sp.add_argument("--region", action="append", help="a region tree to follow (repeatable)")
     sp.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"])
     sp.add_argument("--embedded-broker", action="store_true", help="host the broker in this node")
+    auto_opts(sp)
     sp.add_argument("--admin", metavar="HEX", help="the swarm admin's public key (a swarm with a roster)")
     sp.add_argument("--certificate", type=Path, help="this node's admission certificate (copied into the home)")
     sp.set_defaults(func=cmd_init)
@@ -539,9 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "write in (repeatable)")
     sp.add_argument("--broker", action="append", required=True, metavar="URL",
                     help="the swarm's broker, mqtt://host:port (repeat for brokers to fail over to)")
-    sp.add_argument("--auto-broker", action="store_true",
-                    help="when no broker answers, the swarm elects a node to host one (broker.auto)")
-    sp.add_argument("--auto-port", type=int, default=1883, help="where this node's broker listens if elected")
+    auto_opts(sp)
     sp.add_argument("--member", action="append", help="a member node id (repeatable; default: the roster decides)")
     sp.add_argument("--days", type=float, default=365.0, help="the admission certificate is valid this many days")
     sp.add_argument("--open", action="store_true", help="an open swarm: no admin key, no certificate")

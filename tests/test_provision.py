@@ -5,6 +5,7 @@ systemd it is ready, pings the watchdog, and its writes reach a peer of the swar
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.node import Config, Node
 from edgeswarm.node.cli import main
-from edgeswarm.node.provision import PREFIX, STATE, check_unit
+from edgeswarm.node.provision import PLATFORMS, PREFIX, STATE, check_unit
 from edgeswarm.shared.identity import Identity
 
 from helpers import certificate
@@ -111,6 +112,29 @@ def test_bundle_installs_offline_and_its_node_joins_the_swarm(tmp_path, admin, a
                 node.kill()
             peer.stop()
             notify.sock.close()
+
+
+def test_a_raspberry_pi_bundle_resolves_offline_for_its_platform(tmp_path, admin_dir):
+    """A 64-bit Raspberry Pi's wheelhouse, checked from here: pip resolves edgeswarm and
+    every dependency from it alone, for aarch64 and the board's Python."""
+    if not _index_reachable():
+        pytest.skip("no package index reachable to fill the bundle's wheelhouse from")
+    bundle = tmp_path / "pi"
+    assert main(["provision", "--out", str(bundle), "--region", "plant", "--broker", "mqtt://10.0.0.2:1883",
+                 "--auto-broker", "--platform", "aarch64", "--python", "3.11", "--admin-dir", str(admin_dir)]) == 0
+    wheelhouse = bundle / "wheelhouse"
+    assert any(p.name.startswith("cbor2-") and p.name.endswith("_aarch64.whl") for p in wheelhouse.iterdir())
+    assert not any("x86_64" in p.name for p in wheelhouse.iterdir())
+    report = tmp_path / "report.json"
+    tags = [a for tag in PLATFORMS["aarch64"] for a in ("--platform", tag)]
+    resolve = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+                              "--no-index", "--find-links", str(wheelhouse), "--only-binary=:all:",
+                              "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+                              "--abi", "none", *tags, "--target", str(tmp_path / "target"), "edgeswarm"],
+                             capture_output=True, text=True, env=_offline_env())
+    assert resolve.returncode == 0, resolve.stderr
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert {"edgeswarm", "paho-mqtt", "cbor2", "pynacl", "apscheduler", "sqlite-utils", "amqtt"} <= names
 
 
 def test_provision_refuses_what_it_cannot_make(tmp_path, admin_dir, capsys):
