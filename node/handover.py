@@ -8,10 +8,11 @@ same candidates the same way and walks them in order.
   listen (`bus`, an mqtt:// URL) and that are not known to be gone, this node included,
   ranked by node id. What births said is kept in `<home>/bus-hosts.json`, so a node that
   restarts during an outage still knows them.
-- Walking the ranking, a node moves to the first candidate whose broker answers. When it
-  reaches itself, it starts its own embedded broker, but only once it has been without a
-  broker for FAILOVER_AFTER + rank x HOST_STEP seconds: the candidates ranked before it
-  had their turn first, so in the usual case exactly the first live candidate hosts.
+- Walking the ranking, a node moves to the first other candidate whose broker answers.
+  When none does, it starts its own embedded broker, but only once it has been without a
+  broker for FAILOVER_AFTER + rank x HOST_STEP seconds (rank: its place in the ranking):
+  the candidates ranked before it had their turn first, so in the usual case exactly the
+  first live candidate hosts and the others join it.
 - Two hosts (a race, or a partition that healed) find each other: a host probes the
   candidates ranked before it, and moves to one that answers; its own broker is stopped
   once it has had no clients but itself for a while.
@@ -202,20 +203,25 @@ class Handover:
                 t.move(endpoint)
                 self._lost_since = now
                 return
-        for rank, (node_id, endpoint) in enumerate(self.candidates()):
-            if node_id == self.node.node_id:
-                if self.broker is None and lost >= FAILOVER_AFTER + rank * HOST_STEP:
-                    self._host(endpoint)
-                if self.broker is not None:
-                    self._retire_at = None
-                    t.move(endpoint)
-                    self._lost_since = now
-                return
-            if answers(endpoint):
+        ranked = self.candidates()
+        me = self.node.node_id
+        for node_id, endpoint in ranked:  # a broker one of them already hosts comes first
+            if node_id != me and answers(endpoint):
                 log.warning("no configured broker answers: moving to node %s's broker", node_id)
                 t.move(endpoint)
                 self._lost_since = now
+                if self.broker is not None:
+                    self._retire_at = now + HANDBACK_GRACE
                 return
+        rank = next((i for i, (node_id, _) in enumerate(ranked) if node_id == me), None)
+        if rank is None:  # (no address to offer yet: this node never reached a broker)
+            return
+        if self.broker is None and lost >= FAILOVER_AFTER + rank * HOST_STEP:
+            self._host(ranked[rank][1])
+        if self.broker is not None:
+            self._retire_at = None
+            t.move(ranked[rank][1])
+            self._lost_since = now
 
     def _give_way(self, t) -> None:
         """Hosting: if a candidate ranked before this node hosts too, go there."""

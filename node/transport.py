@@ -132,6 +132,7 @@ class Transport:
         self._connected = threading.Event()
         self._state = threading.Condition()
         self._failover_timer: threading.Timer | None = None
+        self._moving = False  # move() dropped the connection
         self._refused: str | None = None
         self._tls_failure: str | None = None  # a TLS error the network thread met before any CONNACK
         self._pub_lock = threading.Condition()
@@ -210,6 +211,7 @@ class Transport:
         c.connect_async(self.host, self.port, **self._connect_options())
         sock = c.socket()
         if isinstance(sock, socket.socket):
+            self._moving = True  # (the disconnect that follows is ours)
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # paho sees the connection lost and reconnects
             except OSError:
@@ -342,6 +344,8 @@ class Transport:
             # Closed before any CONNACK: an MQTT 3.1.1-only broker may just drop an MQTT 5 CONNECT.
             self._refused = f"connection closed ({reason_code}); unsupported protocol version?"
             self._answered.set()
+        elif self._moving:
+            self._moving = False
         elif reason_code.is_failure:
             log.warning("disconnected from %s:%s: %s; reconnecting", self.host, self.port, reason_code)
             if self.failover and self.configured > 1:

@@ -104,6 +104,35 @@ def test_when_the_elected_host_dies_the_next_one_hosts(tmp_path, region):
         assert second.wait_versions([written], TIMEOUT), second.counters()
 
 
+def test_a_node_restarting_during_the_outage_joins_the_host_instead_of_hosting(tmp_path, region):
+    """It ranks first, but a broker is already hosted: it joins that one (it learnt where
+    from births before the outage, kept in its home across the restart)."""
+    port = free_port()
+    homes = [tmp_path / f"n{i}" for i in range(2)]
+    ids = [Identity.load_or_create(h / "node.key").node_id for h in homes]
+    first, other = sorted(range(2), key=lambda i: ids[i])
+    auto_ports = [free_port() for _ in homes]
+
+    def config(i):
+        return Config(home=homes[i], regions=[region], broker_port=port, members=ids, quorum=1, sync_interval=2,
+                      snapshot_interval=0, broker_auto=True, auto_port=auto_ports[i], auto_address="127.0.0.1")
+    with ExitStack() as stack:
+        original = stack.enter_context(broker_process(port))
+        host = stack.enter_context(NodeProcess(config(other)))
+        restarting = NodeProcess(config(first)).start()
+        assert restarting.wait_bus_hosts(1, TIMEOUT) and host.wait_bus_hosts(1, TIMEOUT)
+        restarting.stop()  # a clean stop: its death is seen, so the other no longer counts it
+        original.kill()
+        original.wait(10)
+        assert host.wait_hosting(True, TIMEOUT), host.counters()
+
+        rejoined = stack.enter_context(NodeProcess(config(first)))  # no broker answers at its start
+        assert rejoined.wait_bus(auto_ports[other], TIMEOUT), rejoined.bus()
+        assert rejoined.counters().get("handover.hosted", 0) == 0 and not rejoined.bus()["hosting"]
+        version = rejoined.put(region, "k", {"back": True})
+        assert host.wait_versions([version], TIMEOUT), host.counters()
+
+
 def test_a_node_alone_starts_and_hosts_when_no_broker_answers(tmp_path, region):
     """Started with its broker down and no peer known, a node elects itself rather than fail."""
     port, own = free_port(), free_port()
