@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edgeswarm.broker.embedded import EmbeddedBroker
 from edgeswarm.node import Config, Node
@@ -135,6 +136,34 @@ def test_a_raspberry_pi_bundle_resolves_offline_for_its_platform(tmp_path, admin
     assert resolve.returncode == 0, resolve.stderr
     names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert {"edgeswarm", "paho-mqtt", "cbor2", "pynacl", "apscheduler", "sqlite-utils", "amqtt"} <= names
+
+
+def test_first_boot_scripts_parse(tmp_path, admin_dir):
+    bundle = tmp_path / "b"
+    assert main(["provision", "--out", str(bundle), "--region", "plant", "--broker", "mqtt://10.0.0.2:1883",
+                 "--admin-dir", str(admin_dir), "--no-wheelhouse"]) == 0
+    for script in ("install.sh", "firstrun.sh"):
+        check = subprocess.run(["sh", "-n", str(bundle / script)], capture_output=True, text=True)
+        assert check.returncode == 0, (script, check.stderr)
+    user_data = (bundle / "user-data").read_text()
+    assert user_data.startswith("#cloud-config\n")
+    assert "install.sh" in " ".join(yaml.safe_load(user_data)["runcmd"][0])
+    problems = check_unit(bundle / "edgeswarm.service")
+    if problems is not None:  # /opt/edgeswarm is not installed here: that is all it may say
+        assert all(f"{PREFIX}/bin/edgeswarm is not executable" in line for line in problems.splitlines()), problems
+
+
+def test_the_watchdog_stops_when_the_inbox_worker_is_gone(tmp_path, region):
+    with EmbeddedBroker() as broker:
+        node = Node(Config(home=tmp_path / "n", regions=[region], broker_port=broker.port, protocol="3.1.1",
+                           sync_interval=0, snapshot_interval=0))
+        assert node.trouble() is not None  # not started
+        node.start()
+        try:
+            assert node.trouble() is None
+        finally:
+            node.stop()
+        assert "not running" in node.trouble()
 
 
 def test_provision_refuses_what_it_cannot_make(tmp_path, admin_dir, capsys):
