@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -83,7 +84,11 @@ def wheelhouse(out: Path, *, wheel: Path | None = None, platform: str = "host", 
             raise ProvisionError(f"{wheel} is not a wheel file")
         shutil.copy2(wheel, out)
     elif (source := _source_tree()) is not None:
-        _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source))
+        with tempfile.TemporaryDirectory() as tmp:  # (a build writes into the tree it builds: not the source's)
+            tree = Path(tmp) / "edgeswarm"
+            shutil.copytree(source, tree, ignore=shutil.ignore_patterns(
+                ".*", "build", "dist", "*.egg-info", "__pycache__", "tests", "bench"))
+            _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(tree))
     else:
         raise ProvisionError("edgeswarm is installed from a wheel here: give that wheel with --wheel")
     ours = sorted(out.glob("edgeswarm-*.whl"))
