@@ -11,6 +11,8 @@
     max_message_bytes = 262144         # larger messages are rejected unread
     max_clock_skew = 300               # seconds a message's clock may be ahead of this node's;
                                        # later ones are rejected (0: no limit)
+    trace_kept = 10000                 # entries kept of each node's trace (this node's and the
+                                       # copies of peers'); older ones are dropped (0: keep all)
 
     [broker]
     host = "127.0.0.1"
@@ -118,6 +120,7 @@ class Config:
     snapshot_interval: float = 3600.0
     snapshots_kept: int = 5
     max_clock_skew: float = 300.0
+    trace_kept: int = 10000
     swarm_admin: str = ""
     certificate: str = ""
     sealed: dict[str, str] = field(default_factory=dict)
@@ -149,6 +152,9 @@ class Config:
         if not isinstance(self.max_clock_skew, (int, float)) or isinstance(self.max_clock_skew, bool) \
                 or self.max_clock_skew < 0:
             raise ConfigError("node.max_clock_skew is a number of seconds (0: no limit)")
+        if not isinstance(self.trace_kept, int) or isinstance(self.trace_kept, bool) or self.trace_kept < 0 \
+                or 0 < self.trace_kept < 100:
+            raise ConfigError("node.trace_kept is a number of trace entries, at least 100 (0: keep them all)")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -289,7 +295,7 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
-                      "snapshots_kept", "max_clock_skew"}
+                      "snapshots_kept", "max_clock_skew", "trace_kept"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", "auto", "auto_port", "auto_address",
                         *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker) \
@@ -313,7 +319,7 @@ class Config:
                    members=node.get("members", []), quorum=node.get("quorum", 0), rules=rules,
                    sync_interval=node.get("sync_interval", 30.0),
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
-                   max_clock_skew=node.get("max_clock_skew", 300.0),
+                   max_clock_skew=node.get("max_clock_skew", 300.0), trace_kept=node.get("trace_kept", 10000),
                    swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
                    sealed=swarm.get("sealed", {}), broker_auto=broker.get("auto", False),
                    auto_port=broker.get("auto_port", 1883), auto_address=broker.get("auto_address", ""),
@@ -332,7 +338,8 @@ class Config:
             f"snapshot_interval = {self.snapshot_interval:g}\n"
             f"snapshots_kept = {self.snapshots_kept}\n"
             f"max_message_bytes = {self.max_message_bytes}\n"
-            f"max_clock_skew = {self.max_clock_skew:g}\n\n"
+            f"max_clock_skew = {self.max_clock_skew:g}\n"
+            f"trace_kept = {self.trace_kept}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"
             f"port = {self.broker_port}\n"

@@ -81,6 +81,7 @@ class Node(Voting):
         self.node_id = self.identity.node_id
         self.store = Store(config.store_path)
         self.clock = HybridClock(self.store.meta("hlc"))
+        self.round_floor = self.store.meta("round_floor")  # own vote rounds start above it (see snapshot.restore)
         self.coherence = Coherence(config.rules)
         self.counters: Counter[str] = Counter()
         self._static_members = frozenset(config.members) if config.members else None

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 RECOVERY_DIR = "recovery"
+ROUND_EPOCH = 1_704_067_200  # 2024-01-01 UTC
 MAX_SNAPSHOT_BYTES = 1 << 30
 
 
@@ -60,6 +61,13 @@ def write(node: Node, keep: int = 5) -> Path:
 def latest(home: Path) -> Path | None:
     files = sorted((Path(home) / RECOVERY_DIR).glob("snapshot-*.cbor"))
     return files[-1] if files else None
+
+
+def round_floor(now: float | None = None) -> int:
+    """Where a restored node's vote rounds start: a quarter-second count since 2024, above
+    any round it can have reached before (a frame would have needed more than four votes
+    of it a second since its last restore), and below MAX_ROUND until 2058."""
+    return int(((time.time() if now is None else now) - ROUND_EPOCH) * 4)
 
 
 def restore(config: Config, path: Path, trusted: set[str] | None = None) -> dict:
@@ -110,6 +118,12 @@ def restore(config: Config, path: Path, trusted: set[str] | None = None) -> dict
             # count again from 1. Restart above anything plausible: the snapshot's clock.
             store.set_meta("seq", max(store.meta("seq"), env.hlc))
             store.set_meta("hlc", max(store.meta("hlc"), env.hlc))
+            # Likewise its trace and its votes: peers hold its old trace entries and votes,
+            # and an entry or a vote different from those at the same place would look like a
+            # rewritten history. Its trace goes on from a new start (peers take that as a
+            # pruned trace) and its vote rounds from a floor above what it can have used.
+            store.set_meta("trace_start", max(store.meta("trace_start"), env.hlc))
+            store.set_meta("round_floor", max(store.meta("round_floor"), round_floor()))
     finally:
         store.close()
     return {"frames": len(rows), "signer": env.sender_id, "moved_aside": str(moved) if moved else None}

@@ -751,6 +751,16 @@ class Store:
         return self._exec("SELECT entry, sig FROM trace WHERE node_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
                           [node_id, start, end if end is not None else 2**62])
 
+    def trace_base(self, node_id: str) -> int | None:
+        """The lowest seq held of a node's trace (entries below it were pruned, or never fetched)."""
+        row = self._one("SELECT MIN(seq) FROM trace WHERE node_id = ?", [node_id])
+        return row[0] if row else None
+
+    def prune_trace(self, node_id: str, upto: int) -> int:
+        """Drop a node's trace entries up to seq `upto`; how many went."""
+        with self.transaction():
+            return self.db.conn.execute("DELETE FROM trace WHERE node_id = ? AND seq <= ?", [node_id, upto]).rowcount
+
     def traced_nodes(self) -> list[str]:
         return [r[0] for r in self._exec("SELECT DISTINCT node_id FROM trace ORDER BY node_id")]
 

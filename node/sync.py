@@ -198,7 +198,12 @@ class Sync:
 
     def publish_digests(self, hello: bool = False) -> None:
         """Publish a digest of every followed region tree and this node's trace head (the
-        scheduled job; `hello` on (re)connecting)."""
+        scheduled job, which also prunes the traces held; `hello` on (re)connecting)."""
+        if not hello:
+            try:
+                self.node.trace.prune()
+            except Exception:  # (tried again next round)
+                log.exception("pruning the traces failed")
         self.node.trace.publish_head()
         self.node.presence.publish_fingerprint()
         if hello:
@@ -665,8 +670,7 @@ class Sync:
         if inner.kind not in ("diff", "vote") or inner.region is None or not region_covers(root, inner.region):
             self.node._reject("sync-unexpected", f"a {inner.kind} for {inner.region!r} in a sync of {root!r}")
             return None
-        if inner.sender == self.node.identity.public_key:
-            return None
+        # (this node's own envelopes too: a restored node learns back what it sent before)
         return self.node.unseal(inner)
 
     def _send(self, peer: str, kind: str, body: dict) -> None:

@@ -9,6 +9,13 @@ key, contiguous seqs, each prev matching. Two different signed entries at one se
 head that contradicts a held entry, prove that the node rewrote its history: it is flagged
 with both as evidence.
 
+A node keeps the last `trace_kept` entries of each trace (its own and its copies) and drops
+older ones at each anti-entropy round. Asked for a range it no longer holds, it answers
+from its oldest entry and says how far it pruned (`pruned`); the asker then takes that
+entry as the new start of its copy (counted as `trace.anchored`): the entries in between
+cannot be checked any more, anything from there on is. A response that leaves the asker
+short of the head it was announced is followed at once by the next request.
+
 Events: wrote, accepted, rejected, voted, merged, consensus, flagged.
 """
 
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeswarm.trace")
 
 MAX_RANGE = 500  # entries per trace-resp
+MAX_AUTHORS = 4096  # trace heads remembered (what each peer announced, to fetch up to it)
 MAX_SEQ = 2**63 - 1  # (the store's integers)
 
 
@@ -68,6 +76,7 @@ class Trace:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.store = node.store
+        self._announced: dict[str, int] = {}  # the highest head each author announced
 
     # -- own entries -----------------------------------------------------------------
 
@@ -76,7 +85,8 @@ class Trace:
         node = self.node
         with self.store.transaction():
             head = self.store.trace_head(node.node_id)
-            seq, prev = (head[0] + 1, head[1]) if head else (1, None)
+            # (a restored node starts anew above its old entries, which its peers may hold)
+            seq, prev = (head[0] + 1, head[1]) if head else (self.store.meta("trace_start") + 1, None)
             raw = canonical([seq, prev, node.clock.now(), event, data])
             self.store.add_trace(node.node_id, seq, entry_hash(raw), prev, raw, node.identity.sign(raw))
 
@@ -84,6 +94,17 @@ class Trace:
         return [parse(node_id, raw) for raw, _ in self.store.trace_range(node_id, since + 1, None)]
 
     # -- exchange --------------------------------------------------------------------
+
+    def prune(self) -> int:
+        """Drop what is beyond node.trace_kept of every trace held; how many entries went."""
+        kept, dropped = self.node.config.trace_kept, 0
+        if kept:
+            for node_id in self.store.traced_nodes():
+                head = self.store.trace_head(node_id)
+                if head is not None and head[0] > kept:
+                    dropped += self.store.prune_trace(node_id, head[0] - kept)
+        self.node.counters["trace.pruned"] += dropped
+        return dropped
 
     def publish_head(self) -> None:
         node = self.node
@@ -101,11 +122,20 @@ class Trace:
         if held is not None and held[0] != hash_:
             self._flag(author, f"trace head {seq} contradicts the entry held", held[1], env.raw)
             return
+        if seq > self._announced.get(author, 0):
+            if author not in self._announced and len(self._announced) >= MAX_AUTHORS:
+                self._announced.pop(next(iter(self._announced)))
+            self._announced[author] = seq
+        self._request(author)
+
+    def _request(self, author: str) -> None:
+        """Ask `author` for the next entries up to the head it announced, if any are missing."""
+        wanted = self._announced.get(author, 0)
         mine = self.store.trace_head(author)
-        if mine is None or mine[0] < seq:
+        if mine is None or mine[0] < wanted:
             start = 1 if mine is None else mine[0] + 1
             self.node.send_now(node_topic(author, "trace-req"), "trace-req",
-                       {"from": start, "to": min(seq, start + MAX_RANGE - 1)})
+                               {"from": start, "to": min(wanted, start + MAX_RANGE - 1)})
             self.node.counters["trace.requests-sent"] += 1
 
     def on_request(self, env: Any) -> None:
@@ -113,6 +143,10 @@ class Trace:
         start, end = (body.get("from"), body.get("to")) if type(body) is dict else (None, None)
         if type(start) is not int or type(end) is not int or not 1 <= start <= min(end, MAX_SEQ):
             raise MalformedError("a trace request is {from, to}")
+        body = {}
+        base = self.store.trace_base(self.node.node_id)
+        if base is not None and start < base:  # pruned: what is left, from the oldest entry kept
+            start, end, body["pruned"] = base, max(end, base), base - 1
         end = min(end, start + MAX_RANGE - 1, MAX_SEQ)
         entries, size = [], 0
         for raw, sig in self.store.trace_range(self.node.node_id, start, end):
@@ -121,14 +155,16 @@ class Trace:
                 break  # the rest at the asker's next round: a response stays under the size limit
             entries.append([raw, sig])
         if entries:
-            self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries})
+            self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries, **body})
 
     def on_response(self, env: Any) -> None:
         """Entries of the sender's own trace: verify and append them in order."""
         author = env.sender_id
         entries = env.body.get("entries") if type(env.body) is dict else None
-        if type(entries) is not list:
-            raise MalformedError("a trace response carries a list of entries")
+        pruned = env.body.get("pruned") if type(env.body) is dict else None
+        if type(entries) is not list or not (pruned is None or (type(pruned) is int and 1 <= pruned < MAX_SEQ)):
+            raise MalformedError("a trace response carries a list of entries (and how far the trace was pruned)")
+        added = 0
         with self.node._transaction():  # (flagging may cast votes: they go out after COMMIT)
             for item in entries:
                 if type(item) is not list or len(item) != 2 or type(item[0]) is not bytes or type(item[1]) is not bytes:
@@ -146,12 +182,19 @@ class Trace:
                     continue
                 head = self.store.trace_head(author)
                 expected_seq, expected_prev = (head[0] + 1, head[1]) if head else (1, None)
-                if entry.seq != expected_seq or entry.prev != expected_prev:
+                if pruned is not None and entry.seq == pruned + 1 > expected_seq:
+                    self.node.counters["trace.anchored"] += 1  # the author no longer has what lies between
+                    log.info("trace of %s: entries %d-%d were pruned by it; continuing from %d", author,
+                             expected_seq, pruned, entry.seq)
+                elif entry.seq != expected_seq or entry.prev != expected_prev:
                     self.node._reject("trace-chain", f"trace entry {entry.seq} from {author} does not extend "
                                                      f"the chain held (next {expected_seq})")
                     return
                 self.store.add_trace(author, entry.seq, entry.hash, entry.prev, raw, sig)
                 self.node.counters["trace.entries-fetched"] += 1
+                added += 1
+        if added:
+            self._request(author)  # more to fetch up to the head it announced: at once, not next round
 
     def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
         self.node.counters["trace.forks"] += 1

@@ -136,7 +136,7 @@ class Voting:
             parents = next(p for p, r in cache.items() if r and r[0] == head)
             self._store_merge(dag, region, key, parents, head, cache[parents][1])
             eligible.add(head)
-        round_ = frame.round
+        round_ = max(frame.round, self.round_floor)  # (the floor: above a restored node's old rounds)
         if head is not None and votes.get(self.node_id) != head and counts(self.node_id) \
                 and self.node_id in self.members(region):
             round_ += 1

@@ -106,12 +106,16 @@ def test_wiped_board_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, 
                for h in homes]
     with ExitStack() as stack:
         a, b = (stack.enter_context(NodeProcess(c)) for c in configs[:2])
-        wiped = NodeProcess(configs[2])
+        wiped = NodeProcess(configs[2]).start()
         stack.callback(wiped.stop)
         versions = a.put_many(region, [[f"k{i}", {"i": i}] for i in range(5)])
         expected = dict(zip([f"k{i}" for i in range(5)], versions))
-        assert b.wait_consensus(region, expected, TIMEOUT)
+        assert b.wait_consensus(region, expected, TIMEOUT) and wiped.wait_consensus(region, expected, TIMEOUT)
         snapshot = Path(b.snapshot())
+        wiped.sync_now()  # its peers hold its trace as it was before the wipe
+        old_head = wiped.trace_head(members[2])
+        assert a.wait_trace(members[2], old_head[0], TIMEOUT) and b.wait_trace(members[2], old_head[0], TIMEOUT)
+        wiped.stop()
 
         (homes[2] / "store.db").write_bytes(b"not sqlite at all" * 50)
         with pytest.raises(HarnessError, match="cannot open store.*`edgeswarm restore`"):
@@ -126,6 +130,13 @@ def test_wiped_board_rebuilds_from_a_peer_snapshot_then_syncs(tmp_path, broker, 
         assert wiped.wait_consensus(region, expected, TIMEOUT), wiped.counters()
         assert wiped.get(region, "k1", True) == {"i": 1, "after": "snapshot"}
         assert same_digest([a, b, wiped], region, TIMEOUT)
+        # Its trace goes on from a new start, above anything it wrote before the wipe: its
+        # peers take that (the entries between are gone) rather than see a rewritten history.
+        wiped.sync_now()
+        trace_head = wiped.trace_head(members[2])
+        for peer in (a, b):
+            assert peer.wait_trace(members[2], trace_head[0], TIMEOUT), peer.counters()
+            assert members[2] not in peer.flagged() and peer.counters().get("trace.forks", 0) == 0
 
 
 def test_a_rewritten_trace_entry_is_caught_by_node_processes(tmp_path, broker, region, attacker):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edgeswarm.node import Node
 from edgeswarm.node.trace import entry_hash, verify_chain
 from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.topics import node_topic
@@ -71,3 +72,43 @@ def test_metrics_reflect_the_swarm(make_swarm, region):
     assert m["convergence"] == 1.0 and m["conflict_rate"] == 0.0
     assert m["access_latency_ms"]["count"] == 4 and m["access_latency_ms"]["p50"] >= 0
     assert m["trace_depth"] == 3.0  # all three nodes' traces confirm every consensus version
+
+
+def _chained(entries) -> bool:
+    return all(e.seq == p.seq + 1 and e.prev == p.hash for p, e in zip(entries, entries[1:]))
+
+
+def test_traces_are_kept_to_their_limit_and_a_late_peer_starts_from_what_is_left(member_configs, region):
+    configs = member_configs(2, trace_kept=100, sync_interval=0, snapshot_interval=0)
+    a = Node(configs[0]).start()
+    b = Node(configs[1])
+    try:
+        for i in range(80):
+            a.put(region, f"k{i}", {"i": i})
+        head = a.store.trace_head(a.node_id)
+        assert head[0] > 150 and a.trace.prune() == head[0] - 100
+        kept = a.trace.entries(a.node_id)
+        assert len(kept) == 100 and kept[0].seq == head[0] - 99 and _chained(kept)
+
+        b.start()  # late: it never held the first entries, and a no longer has them
+        a.sync_now()
+        assert b.wait_until(lambda: b.store.trace_head(a.node_id) == a.store.trace_head(a.node_id), TIMEOUT), \
+            b.counters
+        assert b.counters["trace.anchored"] == 1 and not b.counters["rejected.trace-chain"]
+        assert [e.hash for e in b.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)]
+
+        # Far behind (more than one response holds): one announced head is enough to catch up.
+        for i in range(300):
+            a.put(region, f"m{i}", {"i": i})
+        a.trace.publish_head()  # (the head alone: a round would prune a's trace first)
+        target = a.store.trace_head(a.node_id)
+        assert b.wait_until(lambda: (h := b.store.trace_head(a.node_id)) is not None and h[0] >= target[0], TIMEOUT), \
+            (b.store.trace_head(a.node_id), target)
+        assert b.counters["trace.requests-sent"] >= 2 and b.counters["trace.anchored"] == 1
+        copy = b.trace.entries(a.node_id)
+        assert _chained(copy) and copy[-1].hash == a.store.trace_entry(a.node_id, copy[-1].seq)[0]
+        b.trace.prune()
+        assert len(b.trace.entries(a.node_id)) == 100 and len(b.trace.entries(b.node_id)) <= 100
+    finally:
+        b.stop()
+        a.stop()
