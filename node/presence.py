@@ -113,6 +113,12 @@ class Presence:
             if peer and env.hlc <= (peer.get("fingerprint_hlc") or 0):
                 return
             self.node.admission.on_presence(env)
-            self.store.set_peer(node_id, fingerprint={k: v for k, v in body.items() if k != "certificate"},
-                                fingerprint_hlc=env.hlc)
+            fields: dict[str, Any] = {"fingerprint": {k: v for k, v in body.items() if k != "certificate"},
+                                      "fingerprint_hlc": env.hlc}
+            # A fingerprint says the node runs: all a newcomer hears of it where the broker keeps
+            # no retained birth for a wildcard subscription (RabbitMQ), until its next birth.
+            if peer is None or session > peer["session"] \
+                    or (session == peer["session"] and not peer["alive"] and env.hlc > (peer["death_hlc"] or 0)):
+                fields.update(session=session, alive=1)
+            self.store.set_peer(node_id, **fields)
         self.node.counters[f"presence.{env.kind}"] += 1

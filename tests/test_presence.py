@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from edgeswarm.shared.topics import node_topic
+
 TIMEOUT = 15.0
 
 
@@ -34,3 +36,18 @@ def test_births_deaths_and_fingerprints(make_node, region):
     a.stop()  # a clean stop says goodbye
     assert b.wait_until(lambda: peer(b, a).get("alive") == 0, TIMEOUT)
     assert b.counters["rejected.internal"] == 0 and b.counters.get("rejected.bad-presence", 0) == 0
+
+
+def test_a_fingerprint_tells_a_newcomer_that_missed_the_birth(make_node, region):
+    """Brokers that deliver no retained birth to a wildcard subscription (RabbitMQ): the
+    newcomer learns that the node runs from its next fingerprint."""
+    a = make_node()
+    for kind in ("birth", "fingerprint"):  # what the broker retained of a, gone
+        assert a.transport.publish(node_topic(a.node_id, kind), b"", retain=True, wait=TIMEOUT) is not None
+    b = make_node()
+    assert peer(b, a).get("alive") != 1
+    a.sync_now()  # a fingerprint
+    assert b.wait_until(lambda: peer(b, a).get("alive") == 1, TIMEOUT)
+    assert peer(b, a)["session"] == a.presence.session
+    a.stop()  # and its death still counts
+    assert b.wait_until(lambda: peer(b, a).get("alive") == 0, TIMEOUT)
