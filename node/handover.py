@@ -15,7 +15,7 @@ same candidates the same way and walks them in order.
   first live candidate hosts and the others join it.
 - Two hosts (a race, or a partition that healed) find each other: a host probes the
   candidates ranked before it, and moves to one that answers; its own broker is stopped
-  once it has had no clients but itself for a while.
+  HANDBACK_GRACE seconds later, which sends its clients looking again.
 - While on an elected broker, every node probes the configured brokers; as soon as one
   answers it moves back. The host goes back too and stops its broker after HANDBACK_GRACE
   seconds, which sends any straggler to look for the configured broker again.
@@ -77,6 +77,9 @@ class Handover:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._changed = threading.Condition()  # notified when this node starts or stops hosting
+        if self.enabled:  # (before the transport connects: paho takes its reconnect delays then)
+            node.transport.failover = False  # moves are decided here
+            node.transport.max_reconnect_delay = 2
 
     # -- what births say ---------------------------------------------------------------
 
@@ -156,8 +159,6 @@ class Handover:
     def start(self) -> None:
         if not self.enabled or self._thread is not None:
             return
-        self.node.transport.failover = False  # moves are decided here
-        self.node.transport.max_reconnect_delay = 2
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"edgeswarm-handover-{self.node.node_id}")
         self._thread.start()
 
