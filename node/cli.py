@@ -37,8 +37,8 @@ log = logging.getLogger("edgeswarm")
 
 ADMIN_KEY = "swarm.key"
 CERTIFICATE_FILE = "admission.cert"
-_EXPECTED = (ConfigError, ProvisionError, IdentityError, RosterError, StoreError, TransportError, BrokerError, TopicError, EnvelopeError,
-             SnapshotError, ValueError, KeyError, OSError)
+_EXPECTED = (ConfigError, ProvisionError, IdentityError, RosterError, StoreError, TransportError, BrokerError,
+             TopicError, EnvelopeError, SnapshotError, ValueError, KeyError, OSError)
 
 
 def to_json(obj: Any) -> Any:
@@ -194,8 +194,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     identity = write_bundle(args.out, regions=args.region, brokers=args.broker, admin=admin, days=args.days,
                             members=args.member or [], auto=args.auto_broker, auto_port=args.auto_port,
                             auto_address=args.auto_address, wheel=args.wheel, platform=args.platform,
-                            python=args.python,
-                            with_wheels=not args.no_wheelhouse)
+                            python=args.python, with_wheels=not args.no_wheelhouse)
     print(f"bundle for node {identity.node_id} written to {args.out}"
           f"{'' if admin is None else ' (admitted to ' + ', '.join(args.region) + ')'}; it holds the node's private "
           f"key: read {args.out / 'README.txt'}, flash one board, then delete it")
@@ -555,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--open", action="store_true", help="an open swarm: no admin key, no certificate")
     sp.add_argument("--platform", default="host", choices=["host", "aarch64", "x86_64"],
                     help="the board's architecture, for the wheelhouse (default: this machine's)")
-    sp.add_argument("--python", default="3.11", help="the board's Python version (default 3.11, Raspberry Pi OS "
-                                                     "bookworm's)")
+    sp.add_argument("--python", default="3.11", help="the board's Python version, with --platform (default 3.11, "
+                                                     "Raspberry Pi OS bookworm's); host: this Python's")
     sp.add_argument("--wheel", type=Path, help="edgeswarm's wheel (default: built from the source tree)")
     sp.add_argument("--no-wheelhouse", action="store_true", help="leave out the wheels (the board has network)")
     admin_opts(sp)
