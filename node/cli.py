@@ -192,8 +192,9 @@ def cmd_admit(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     admin = None if args.open else _admin(args)
     identity = write_bundle(args.out, regions=args.region, brokers=args.broker, admin=admin, days=args.days,
-                            members=args.member or [], auto=args.auto_broker, auto_port=args.auto_port,
-                            auto_address=args.auto_address, wheel=args.wheel, platform=args.platform,
+                            members=args.member or [], quorum=args.quorum, auto=args.auto_broker,
+                            auto_port=args.auto_port, auto_address=args.auto_address, wheel=args.wheel,
+                            platform=args.platform,
                             python=args.python, with_wheels=not args.no_wheelhouse)
     print(f"bundle for node {identity.node_id} written to {args.out}"
           f"{'' if admin is None else ' (admitted to ' + ', '.join(args.region) + ')'}; it holds the node's private "
@@ -550,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the swarm's broker, mqtt://host:port (repeat for brokers to fail over to)")
     auto_opts(sp)
     sp.add_argument("--member", action="append", help="a member node id (repeatable; default: the roster decides)")
+    sp.add_argument("--quorum", type=int, default=0,
+                    help="votes that make consensus (default: a majority of the members the node knows; give it "
+                         "for a roster swarm, where a board that has heard no one yet knows only itself)")
     sp.add_argument("--days", type=float, default=365.0, help="the admission certificate is valid this many days")
     sp.add_argument("--open", action="store_true", help="an open swarm: no admin key, no certificate")
     sp.add_argument("--platform", default="host", choices=["host", "aarch64", "x86_64"],

@@ -245,9 +245,9 @@ Then: systemctl status edgeswarm; journalctl -u edgeswarm;
 
 
 def write_bundle(out: Path, *, regions: list[str], brokers: list[str], admin: Identity | None = None,
-                 days: float = 365.0, members: list[str] | None = None, auto: bool = False, auto_port: int = 1883,
-                 auto_address: str = "", wheel: Path | None = None, platform: str = "host",
-                 python: str = "3.11", with_wheels: bool = True) -> Identity:
+                 days: float = 365.0, members: list[str] | None = None, quorum: int = 0, auto: bool = False,
+                 auto_port: int = 1883, auto_address: str = "", wheel: Path | None = None,
+                 platform: str = "host", python: str = "3.11", with_wheels: bool = True) -> Identity:
     """Write the bundle for one new node into `out` (which must not exist); returns the
     node's identity."""
     if out.exists():
@@ -258,7 +258,7 @@ def write_bundle(out: Path, *, regions: list[str], brokers: list[str], admin: Id
         raise ProvisionError("give the swarm's broker(s) (--broker mqtt://host:port)")
     home = out / "home"
     # (the configuration is checked before anything is written)
-    config = Config(home=home, regions=regions, broker_urls=brokers, members=members or [],
+    config = Config(home=home, regions=regions, broker_urls=brokers, members=members or [], quorum=quorum,
                     protocol="3.1.1" if auto else "auto", broker_auto=auto, auto_port=auto_port,
                     auto_address=auto_address, swarm_admin=admin.public_key.hex() if admin else "",
                     certificate=CERTIFICATE_FILE if admin else "")
