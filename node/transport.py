@@ -140,6 +140,9 @@ class Transport:
         self._answered = threading.Event()
         self._suback = threading.Condition()
         self._subs = Unacked()
+        self._sub_batches: dict[int, list[str]] = {}  # filters of each SUBSCRIBE waiting for its SUBACK
+        self._early_refusals: dict[int, list[int]] = {}  # refused positions of SUBACKs that came first
+        self.refused: set[str] = set()  # filters the broker refused (the node hears nothing there)
 
     @property
     def host(self) -> str:
@@ -259,6 +262,11 @@ class Transport:
         if self._refused is None and not self.wait_subscribed(self.connect_timeout):
             self._stop_client()
             raise TransportError(f"broker {self.host}:{self.port} did not confirm the subscriptions")
+        if self._refused is None and self.refused:
+            self._stop_client()
+            raise TransportError(f"broker {self.host}:{self.port} refused the subscription to "
+                                 f"{', '.join(sorted(self.refused))} (a NATS server refuses '.' and spaces in topic "
+                                 "levels; an ACL may forbid them)")
         return self._refused
 
     def _new_client(self, version: int) -> mqtt.Client:
@@ -324,6 +332,9 @@ class Transport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._suback:  # a dropped connection never acknowledges its subscriptions
             self._subs.clear()
+            self._sub_batches.clear()
+            self._early_refusals.clear()
+            self.refused.clear()
         self._subscribe(client, self._filters)
         self._connected.set()
         self._answered.set()
@@ -411,14 +422,24 @@ class Transport:
             rc, mid = client.subscribe([(f, 1) for f in filters])
         if rc == mqtt.MQTT_ERR_SUCCESS:
             with self._suback:
-                self._subs.sent(mid)  # (if already acknowledged, nothing is left to wait for)
+                if self._subs.sent(mid) is None:
+                    self._sub_batches[mid] = filters
+                else:  # already acknowledged (see _on_subscribe): nothing is left to wait for
+                    self.refused.update(filters[i] for i in self._early_refusals.pop(mid, ()) if i < len(filters))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        for rc in reason_codes:
-            if rc.is_failure:
-                log.warning("broker %s:%s refused a subscription: %s", self.host, self.port, rc)
         with self._suback:
-            self._subs.acked(mid)
+            recorded, _ = self._subs.acked(mid)
+            batch = self._sub_batches.pop(mid, None) if recorded else None
+            failed = [i for i, rc in enumerate(reason_codes) if rc.is_failure]
+            if batch is None and failed:  # (acknowledged before _subscribe recorded it)
+                self._early_refusals[mid] = failed
+            for i in failed:
+                name = batch[i] if batch and i < len(batch) else "a filter"
+                if batch:
+                    self.refused.add(name)
+                log.error("broker %s:%s refused the subscription to %s: %s", self.host, self.port, name,
+                          reason_codes[i])
             self._suback.notify_all()
 
     def wait_subscribed(self, timeout: float) -> bool:

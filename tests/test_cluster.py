@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeswarm.node import Config
+from edgeswarm.node import Config, Node
+from edgeswarm.node.transport import TransportError
 from edgeswarm.node.harness import NodeProcess
 from edgeswarm.shared.identity import Identity
 
@@ -133,3 +134,16 @@ def test_node_fails_over_to_another_server_of_the_cluster(tmp_path, region):
         assert_consensus([b, c], region, {"moved": moved})
         nodes = [mover, b, c]
         assert same_digest(nodes, region, TIMEOUT), [n.status(region, ["before", "after", "moved"]) for n in nodes]
+
+
+def test_a_region_nats_cannot_carry_is_refused_at_start_with_the_reason(cluster, tmp_path):
+    """NATS maps topic levels to subject tokens and refuses a '.' in one: the node says so
+    rather than run deaf to its region."""
+    config = Config(home=tmp_path / "n", regions=["plant/line1.vision"], broker_urls=cluster.mqtt_urls[:1],
+                    sync_interval=0, snapshot_interval=0)
+    node = Node(config)
+    try:
+        with pytest.raises(TransportError, match=r"refused the subscription to es/v1/\+/plant/line1\.vision/#"):
+            node.start()
+    finally:
+        node.stop()
