@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 import threading
+from collections.abc import Iterable
 
 log = logging.getLogger("edgeswarm.broker")
 
@@ -39,11 +40,12 @@ def is_listening(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, admin: str = "",
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, admin: str = "", revoked: Iterable[str] = (),
                  tls: tuple[str, str] | None = None, start_timeout: float = 15.0) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.admin = admin  # a swarm admin's public key (hex): only its admitted nodes may connect
+        self.revoked = sorted(revoked)  # node ids refused from the start (the broker keeps nothing across restarts)
         self.tls = tls  # (certificate file, key file) of a TLS listener (mqtts://)
         self.start_timeout = start_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -59,7 +61,8 @@ class EmbeddedBroker:
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
                                       **({"ssl": True, "certfile": self.tls[0], "keyfile": self.tls[1]}
                                          if self.tls else {})}},
-            "plugins": ({"edgeswarm.broker.plugins.RosterPlugin": {"admin": self.admin}} if self.admin
+            "plugins": ({"edgeswarm.broker.plugins.RosterPlugin": {"admin": self.admin, "revoked": self.revoked}}
+                        if self.admin
                         else {"edgeswarm.broker.plugins.OpenAccessPlugin": {}}),
         }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -39,12 +39,14 @@ class RosterPlugin(BaseAuthPlugin, BaseTopicPlugin):
     @dataclass
     class Config:
         admin: str = ""  # the swarm admin's public key, hex
+        revoked: list = field(default_factory=list)  # node ids revoked before this broker started
 
     def __init__(self, context) -> None:
         super().__init__(context)
         self._admin = parse_admin_key(self.config.admin)
         self._logins: dict[str, Certificate | None] = {}  # client id -> certificate (None: the admin)
-        self._revoked: set[str] = set()  # node ids the admin published a revocation of, since the start
+        # node ids revoked: given at the start, and those the admin publishes a revocation of
+        self._revoked: set[str] = {str(n) for n in self.config.revoked}
 
     async def authenticate(self, *, session: Session) -> bool:
         now = int(time.time() * 1000)

@@ -81,6 +81,10 @@ class Admission:
     def _revoked(self, node_id: str) -> bool:
         return node_id in self.node.store.flagged() and self.node.store.flag_reason(node_id) == REVOKED
 
+    def revoked(self) -> set[str]:
+        """The node ids the swarm admin revoked (what a broker this node hosts must refuse)."""
+        return {n for n in self.node.store.flagged() if self._revoked(n)}
+
     def refuse(self, env: Envelope) -> str | None:
         """Why a signed message may not count, or None."""
         if self.admin is None:

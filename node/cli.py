@@ -250,7 +250,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if bool(args.tls_certfile) != bool(args.tls_keyfile):
         raise ConfigError("--tls-certfile and --tls-keyfile go together")
     tls = (args.tls_certfile, args.tls_keyfile) if args.tls_certfile else None
-    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883, admin=args.admin or "", tls=tls).start()
+    if args.revocation and not args.admin:
+        raise ConfigError("--revocation needs --admin, the key that signed it")
+    revoked = [roster.check_revocation(path.read_bytes(), parse_admin_key(args.admin)) for path in args.revocation or []]
+    broker = EmbeddedBroker(args.host or "127.0.0.1", args.port or 1883, admin=args.admin or "", revoked=revoked,
+                            tls=tls).start()
     print(f"edgeswarm broker listening on {broker.host}:{broker.port} (MQTT 3.1.1{', TLS' if tls else ''})", flush=True)
     try:
         _wait(stop)
@@ -263,9 +267,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
     stop = _stop_on_signal()
     broker = None
-    if config.embedded_broker:
-        broker = EmbeddedBroker(config.broker_host, config.broker_port, admin=config.swarm_admin).start()
     node = Node(config)
+    if config.embedded_broker:  # (refusing from the start the nodes revoked as far as this node knows)
+        try:
+            broker = EmbeddedBroker(config.broker_host, config.broker_port, admin=config.swarm_admin,
+                                    revoked=node.admission.revoked()).start()
+        except BaseException:
+            node.stop()
+            raise
     try:
         while not stop.is_set():
             try:
@@ -592,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "connect, each kept to its regions")
     sp.add_argument("--tls-certfile", metavar="PEM", help="a TLS listener (mqtts://): the broker's certificate")
     sp.add_argument("--tls-keyfile", metavar="PEM", help="and its key")
+    sp.add_argument("--revocation", action="append", type=Path, metavar="FILE",
+                    help="a revocation (edgeswarm revoke --out) to enforce from the start (repeatable); the broker "
+                         "keeps none across restarts")
     sp.set_defaults(func=cmd_broker)
 
     sp = sub.add_parser("run", help="run the node until stopped")

@@ -240,7 +240,8 @@ class Handover:
 
         bind = self.address or "0.0.0.0"
         try:
-            self.broker = EmbeddedBroker(bind, endpoint[1], admin=self.node.config.swarm_admin).start()
+            self.broker = EmbeddedBroker(bind, endpoint[1], admin=self.node.config.swarm_admin,
+                                         revoked=self.node.admission.revoked()).start()
         except BrokerError as e:
             log.error("elected to host the bus, but cannot start a broker on %s:%s: %s", bind, endpoint[1], e)
             return

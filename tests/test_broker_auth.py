@@ -4,7 +4,10 @@ connect, each publishing and reading only in its certificate's region trees."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+from types import SimpleNamespace
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -139,6 +142,7 @@ def test_the_admin_revokes_through_the_roster_broker(nodes, roster_broker, admin
     assert main(["revoke", Identity.load(r.config.key_path).public_key.hex(), "--admin-dir", str(admin_dir),
                  "--broker", roster_broker.url, "--protocol", "3.1.1"]) == 0
     assert a.wait_until(lambda: r.node_id not in a.members(region), TIMEOUT)
+    assert a.admission.revoked() == {r.node_id}  # (what a broker a would host refuses from its start)
     # the broker refuses it from now on too
     r_identity = Identity.load(r.config.key_path)
     again = Client(roster_broker, r.node_id, roster.broker_password(r_identity, r.admission.own.raw))
@@ -206,3 +210,28 @@ def test_broker_config_makes_mosquitto_enforce_the_roster(tmp_path, admin, admin
         finally:
             d.close()
             watcher.close()
+
+
+def test_a_broker_started_with_revocations_refuses_those_nodes_from_the_start(tmp_path, admin, admin_dir):
+    """An embedded broker keeps nothing across restarts: `edgeswarm broker --revocation`
+    (and a node hosting the bus, from what it knows) enforces revocations from the start."""
+    revoked, kept = Identity.generate(), Identity.generate()
+    out = tmp_path / "r.revocation"
+    assert main(["revoke", revoked.public_key.hex(), "--admin-dir", str(admin_dir), "--out", str(out)]) == 0
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgeswarm.node.cli", "broker", "--port", str(port),
+                             "--admin", admin.public_key.hex(), "--revocation", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline(), proc.stderr.read()
+        broker = SimpleNamespace(host="127.0.0.1", port=port)
+        refused = Client(broker, revoked.node_id, roster.broker_password(revoked, certificate(admin, revoked, ["p"])))
+        accepted = Client(broker, kept.node_id, roster.broker_password(kept, certificate(admin, kept, ["p"])))
+        try:
+            assert refused.refused and accepted.refused is None
+        finally:
+            refused.close()
+            accepted.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
