@@ -348,13 +348,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _local_node(args) as node:
         if args.region is None:
             print(f"{'node':<18}{'alive':<7}{'session':>8}{'frames':>8}{'shadows':>9}{'forks':>7}{'pending':>9}"
-                  f"{'rejected':>10}  regions")
+                  f"{'rejected':>10}  {'broker (* hosts it)':<22}  regions")
             for node_id, peer in node.swarm().items():
                 fp = peer.get("fingerprint") or {}
                 mark = "*" if peer.get("self") else " "
                 print(f"{node_id + mark:<18}{'yes' if peer['alive'] else 'no':<7}{peer['session'] or 0:>8}"
                       + "".join(f"{fp.get(k, '-'):>{w}}" for k, w in (("frames", 8), ("shadows", 9), ("forks", 7),
                                                                       ("pending", 9), ("rejected", 10)))
+                      + f"  {str(fp.get('broker', '-')) + ('*' if fp.get('hosting') else ''):<22}"
                       + f"  {', '.join(peer.get('regions') or [])}")
             return 0
         keys = [args.key] if args.key else node.keys(args.region)

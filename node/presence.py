@@ -79,7 +79,14 @@ class Presence:
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_diffs("pending"), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
-                "flagged": len(store.flagged()), **self._certificate()}
+                "flagged": len(store.flagged()), **self._bus(), **self._certificate()}
+
+    def _bus(self) -> dict:
+        """The broker this node is on, and whether it hosts it (broker.auto): for `status`."""
+        t = self.node.transport
+        if not t.connected:
+            return {}
+        return {"broker": f"{t.host}:{t.port}", **({"hosting": True} if self.node.handover.hosting else {})}
 
     def publish_fingerprint(self) -> None:
         node = self.node

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 from edgeswarm.shared.topics import node_topic
 
@@ -24,6 +26,12 @@ def test_births_deaths_and_fingerprints(make_node, region):
     assert b.wait_until(lambda: (peer(b, a).get("fingerprint") or {}).get("frames") == 1, TIMEOUT)
     assert peer(b, a)["fingerprint"]["agreement"] == 1.0
     assert b.swarm()[a.node_id]["alive"] == 1 and b.swarm()[b.node_id]["self"]
+    assert peer(b, a)["fingerprint"]["broker"] == f"{a.transport.host}:{a.transport.port}"
+    b.config.config_path.write_text(b.config.to_toml())  # (for the command, which reads b's home)
+    status = subprocess.run([sys.executable, "-m", "edgeswarm.node.cli", "--home", str(b.config.home), "status"],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    row = next((line for line in status.stdout.splitlines() if line.startswith(a.node_id)), status.stderr)
+    assert f"{a.transport.host}:{a.transport.port}" in row and " yes " in row, status.stdout
 
     # The link drops without a goodbye: the broker publishes the will; paho reconnects and
     # the node is born again in the same session.
