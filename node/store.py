@@ -8,8 +8,7 @@ Tables
             vote round. Derived from versions and votes, kept for O(1) reads.
   diffs     every diff envelope sent or received, raw, with its status
             (applied / pending while a parent is missing / rejected).
-  votes     votes: (region, key, voter, round) -> version, with the signed envelope; a
-            voter's superseded votes go once the frame settles above what they were for;
+  votes     every vote: (region, key, voter, round) -> version, with the signed envelope;
   latest    and each voter's highest round per frame.
   sums      per frame, what anti-entropy compares (node/digest.py): its position, the XOR of
             its item hashes (authored versions, latest votes), how many authored versions
@@ -588,18 +587,6 @@ class Store:
                 rounds -= old[0]
             self._add_sum(region, key, item, 0, rounds)
             return None
-
-    def prune_votes(self, region: str, key: str, below_gen: int) -> int:
-        """Drop the votes of a frame that are neither a voter's latest nor for a version of
-        generation `below_gen` or later; how many went. Called once the frame is settled on a
-        consensus of that generation: what they were for lies below it, so no fork choice can
-        ask for them again, and anti-entropy only ever carries latest votes."""
-        with self.transaction():
-            return self.db.conn.execute(
-                "DELETE FROM votes WHERE region = ? AND key = ? AND round < (SELECT l.round FROM latest l WHERE"
-                " l.region = votes.region AND l.key = votes.key AND l.voter = votes.voter) AND version IN"
-                " (SELECT version FROM versions WHERE region = ? AND key = ? AND gen < ?)",
-                [region, key, region, key, below_gen]).rowcount
 
     def _latest_rounds(self, region: str, key: str) -> dict[str, tuple[int, bytes]]:
         """voter -> (round, version) of its latest vote on a frame (kept in a transaction)."""

@@ -175,5 +175,3 @@ class Voting:
                 log.warning("%s/%s: consensus moves to another branch, %s -> %s", region, key,
                             before.consensus.hex()[:16] if before.consensus else None, d.consensus.hex()[:16])
             self._events.append(self.store.version(d.consensus))
-            if d.settled and d.consensus in dag.versions:  # superseded votes below it: no longer needed
-                self.counters["votes.pruned"] += self.store.prune_votes(region, key, dag.versions[d.consensus].gen)

@@ -53,10 +53,6 @@ def test_sequential_writes_reach_consensus_everywhere(make_swarm, region):
         status = n.status(region, "line")
         assert status["quorum"] == 3 and not status["forks"]
         assert [fv.state for fv in n.history(region, "line")] == ["consensus"] * 5
-        # 25 votes were cast (5 voters, 5 versions); those below a settled consensus and
-        # superseded by the voter's later vote are dropped: at most the last two rounds stay.
-        held = n.store._exec("SELECT count(*) FROM votes WHERE region = ? AND key = ?", [region, "line"])[0][0]
-        assert 5 <= held <= 10 and n.counters["votes.pruned"] >= 10, (held, n.counters["votes.pruned"])
 
 
 def _offline_edit(nodes, region, key, offline_change, online_change):
