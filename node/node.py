@@ -124,8 +124,9 @@ class Node(Voting):
 
     def start(self) -> Node:
         """Connect to the broker, follow the configured regions, send what the outbox holds."""
-        self._worker = threading.Thread(target=self._work, daemon=True, name=f"edgeswarm-inbox-{self.node_id}")
-        self._worker.start()
+        if self._worker is None or not self._worker.is_alive():  # (started again after a lost connection: one)
+            self._worker = threading.Thread(target=self._work, daemon=True, name=f"edgeswarm-inbox-{self.node_id}")
+            self._worker.start()
         self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id),
                                   *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint", "revoke"))])
         if self._announces:
