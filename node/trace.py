@@ -152,7 +152,7 @@ class Trace:
         for raw, sig in self.store.trace_range(self.node.node_id, start, end):
             size += len(raw) + len(sig) + 8
             if entries and size > self.node.config.max_message_bytes // 2:
-                break  # the rest at the asker's next round: a response stays under the size limit
+                break  # a response stays under the size limit: the asker asks again for the rest
             entries.append([raw, sig])
         if entries:
             self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries, **body})

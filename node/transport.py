@@ -39,27 +39,28 @@ PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 class Unacked:
     """Packet ids sent and not yet acknowledged, each with the sender's token. paho may
     deliver an acknowledgement before the sender has recorded the id it got back, so an
-    acknowledgement for an id not recorded yet is kept (with whether it succeeded) until
-    the id is recorded. Every id sent must be recorded, or those kept would pile up and
-    match a later message once packet ids wrap. Not locked: callers hold their own lock."""
+    acknowledgement for an id not recorded yet is kept (with what it said: whether a
+    publish succeeded, which filters of a subscribe were refused) until the id is recorded.
+    Every id sent must be recorded, or those kept would pile up and match a later message
+    once packet ids wrap. Not locked: callers hold their own lock."""
 
     def __init__(self) -> None:
         self._waiting: dict[int, object] = {}
-        self._early: dict[int, bool] = {}
+        self._early: dict[int, object] = {}
 
-    def sent(self, mid: int, token: object = None) -> bool | None:
+    def sent(self, mid: int, token: object = None) -> object:
         """Record a sent id. None while unacknowledged; if its acknowledgement already
-        came, whether it succeeded."""
+        came, what it said."""
         if mid in self._early:
             return self._early.pop(mid)
         self._waiting[mid] = token
         return None
 
-    def acked(self, mid: int, ok: bool = True) -> tuple[bool, object]:
-        """(whether the id was recorded, its token)."""
+    def acked(self, mid: int, said: object = True) -> tuple[bool, object]:
+        """(whether the id was recorded, its token); `said` is kept for an id not recorded yet."""
         if mid in self._waiting:
             return True, self._waiting.pop(mid)
-        self._early[mid] = ok
+        self._early[mid] = said
         return False, None
 
     def clear(self) -> None:
@@ -140,8 +141,6 @@ class Transport:
         self._answered = threading.Event()
         self._suback = threading.Condition()
         self._subs = Unacked()
-        self._sub_batches: dict[int, list[str]] = {}  # filters of each SUBSCRIBE waiting for its SUBACK
-        self._early_refusals: dict[int, list[int]] = {}  # refused positions of SUBACKs that came first
         self.refused: set[str] = set()  # filters the broker refused (the node hears nothing there)
 
     @property
@@ -332,8 +331,6 @@ class Transport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._suback:  # a dropped connection never acknowledges its subscriptions
             self._subs.clear()
-            self._sub_batches.clear()
-            self._early_refusals.clear()
             self.refused.clear()
         self._subscribe(client, self._filters)
         self._connected.set()
@@ -421,22 +418,18 @@ class Transport:
         else:
             rc, mid = client.subscribe([(f, 1) for f in filters])
         if rc == mqtt.MQTT_ERR_SUCCESS:
-            with self._suback:
-                if self._subs.sent(mid) is None:
-                    self._sub_batches[mid] = filters
-                else:  # already acknowledged (see _on_subscribe): nothing is left to wait for
-                    self.refused.update(filters[i] for i in self._early_refusals.pop(mid, ()) if i < len(filters))
+            with self._suback:  # (the filters are the token: a SUBACK says which it refused)
+                refused = self._subs.sent(mid, filters)
+                if refused is not None:  # already acknowledged, with the positions it refused
+                    self.refused.update(filters[i] for i in refused if i < len(filters))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [i for i, rc in enumerate(reason_codes) if rc.is_failure]
         with self._suback:
-            recorded, _ = self._subs.acked(mid)
-            batch = self._sub_batches.pop(mid, None) if recorded else None
-            failed = [i for i, rc in enumerate(reason_codes) if rc.is_failure]
-            if batch is None and failed:  # (acknowledged before _subscribe recorded it)
-                self._early_refusals[mid] = failed
+            _, filters = self._subs.acked(mid, failed)
             for i in failed:
-                name = batch[i] if batch and i < len(batch) else "a filter"
-                if batch:
+                name = filters[i] if filters and i < len(filters) else "a filter"
+                if filters:
                     self.refused.add(name)
                 log.error("broker %s:%s refused the subscription to %s: %s", self.host, self.port, name,
                           reason_codes[i])
