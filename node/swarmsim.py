@@ -2,11 +2,12 @@
 
 Every node runs in its own process (as on its own board) through the node harness. The
 nodes are the members of R regions and follow all of them. For `seconds`, W writers per
-region write its frames at a steady rate; now and then two writers change the same frame
-at the same moment (a concurrent conflict: merged when the changes touch different
-fields, kept as a fork when they touch the same one); and some nodes that do not write
-lose power (SIGKILL) for a few seconds and come back on their store. Then the load stops
-and the swarm is left to settle until every node's digest is the same.
+region write its frames at a steady rate, each from its own phase; now and then two
+writers change the same frame at the same moment (a concurrent conflict: merged when the
+changes touch different fields, kept as a fork when they touch the same one); and some
+nodes that do not write lose power (SIGKILL) for a few seconds and come back on their
+store. Then the load stops and the swarm is left to settle until every node's digest is
+the same.
 
 Printed, measured in this one run:
   - convergence: the share of (node, frame) pairs whose consensus is the swarm's one
@@ -91,8 +92,12 @@ class _Member:
 
 def _write_loop(member: _Member, region: str, rng: random.Random, w: Workload, stop: float,
                 errors: list[str]) -> None:
-    """Steady writes: a value every 1/rate seconds (the pace of the sensor, not a wait)."""
-    period, n, start = 1.0 / w.rate, 0, time.monotonic()
+    """Steady writes: a value every 1/rate seconds (the pace of the sensor, not a wait),
+    from a phase of its own: writers are separate devices, not ticks of one clock (in step,
+    every writer's frame would land in the same instant and each write wait for the others)."""
+    period, n = 1.0 / w.rate, 0
+    start = time.monotonic() + rng.random() * period
+    time.sleep(max(0.0, start - time.monotonic()))
     while time.monotonic() < stop:
         _guarded(member.call, errors, "patch", region, f"k{rng.randrange(KEYS)}", {"reading": rng.random(), "n": n})
         n += 1
