@@ -783,8 +783,9 @@ class Node(Voting):
             return
         previous = self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
         if previous is not None:
-            if previous[0] != version:
-                self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1], env.raw)
+            if previous[0] != version:  # (the held one may be superseded: its envelope is gone)
+                self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1] or b"",
+                           env.raw)
             self.counters["votes.known"] += 1
             return
         self.counters["votes"] += 1

@@ -1,0 +1,129 @@
+"""What a change costs a member of a swarm: bytes on its card and CPU to take it in.
+
+    python bench/bench_store.py [--members 20] [--changes 500] [--keys 10]
+
+One node (real key, real SQLite store, no broker) receives what a swarm of `--members`
+sends for each change of `--changes` spread over `--keys` frames: the writer's signed diff
+and the signed votes of the other members, each voting for every new version in its next
+round. Printed, measured in this one run:
+  - the store's bytes per change on disk, by table (SQLite's dbstat), once the changes are
+    in and the write-ahead log folded back;
+  - the receiving node's CPU per change, messages handled one at a time (a quiet swarm:
+    each in its own transaction) and as they come in bursts (one transaction per change's
+    messages), with its share spent deciding (fork choice and consensus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from edgeswarm.node import Config, Node
+from edgeswarm.shared.clock import HybridClock
+from edgeswarm.shared.envelope import encode
+from edgeswarm.shared.identity import Identity
+from edgeswarm.shared.topics import region_topic
+
+REGION = "bench/store"
+
+
+def swarm_messages(home: Path, ids: list[Identity], changes: int, keys: int) -> list[list[tuple[str, bytes]]]:
+    """Per change: [the writer's diff and vote], then [the other members' votes] (the
+    receiver, ids[1], votes by itself)."""
+    members = [i.node_id for i in ids]
+    writer = Node(Config(home=home, regions=[REGION], members=members, sync_interval=0), identity=ids[0])
+    clock, seqs, rounds, out = HybridClock(0), {}, {}, []
+    try:
+        for n in range(changes):
+            key = f"k{n % keys}"
+            version = bytes.fromhex(writer.put(REGION, key, {"n": n, "reading": n * 0.25, "unit": "C"}))
+            sent = writer.store.unpublished()
+            writer.store.mark_published([item.msg_id for item in sent])
+            out.append([(item.topic, item.envelope) for item in sent])  # its diff, and its vote
+            votes = []
+            for voter in ids[2:]:
+                seqs[voter.node_id] = seqs.get(voter.node_id, 0) + 1
+                r = rounds[(voter.node_id, key)] = rounds.get((voter.node_id, key), 0) + 1
+                env = encode(voter, "vote", REGION, seqs[voter.node_id], clock.now(),
+                             {"key": key, "version": version, "round": r})
+                votes.append((region_topic("vote", REGION), env.raw))
+            out.append(votes)
+    finally:
+        writer.stop()
+    return out
+
+
+def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]], one_by_one: bool
+            ) -> tuple[Node, float, float]:
+    """A fresh receiver takes the messages; (node, CPU seconds, of which deciding)."""
+    node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
+                identity=ids[1])
+    deciding = [0.0]
+    decide = node._reconsider
+
+    def timed(region: str, key: str) -> None:
+        t = time.process_time()
+        decide(region, key)
+        deciding[0] += time.process_time() - t
+    node._reconsider = timed
+    t0 = time.process_time()
+    for group in messages:
+        if one_by_one:
+            for message in group:
+                node.receive(*message)
+        else:
+            node.receive_many(group)
+        node.store.mark_published([item.msg_id for item in node.store.unpublished()])  # (as the broker acks)
+    return node, time.process_time() - t0, deciding[0]
+
+
+def table_bytes(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall()
+    return dict(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--members", type=int, default=20, help="members of the swarm (at least 2)")
+    p.add_argument("--changes", type=int, default=500)
+    p.add_argument("--keys", type=int, default=10, help="frames the changes are spread over")
+    args = p.parse_args()
+    if args.members < 2:
+        p.error("--members is at least 2")
+    ids = [Identity.generate() for _ in range(args.members)]
+    with tempfile.TemporaryDirectory() as tmp:
+        messages = swarm_messages(Path(tmp) / "writer", ids, args.changes, args.keys)
+        results = {}
+        for label, one_by_one in (("one at a time", True), ("in bursts", False)):
+            home = Path(tmp) / label.replace(" ", "-")
+            node, cpu, deciding = receive(home, ids, messages, one_by_one)
+            reached = node.counters["consensus"]
+            node.stop()  # (closing folds the write-ahead log into the file)
+            results[label] = (cpu, deciding, reached, home / "store.db")
+        n = args.changes
+        print(f"a member of a {args.members}-member swarm, {n} changes of {args.keys} frames "
+              f"(a diff and {args.members - 1} votes each)")
+        for label, (cpu, deciding, reached, _) in results.items():
+            if reached != n:
+                raise SystemExit(f"{label}: {reached} of {n} changes reached consensus")
+            print(f"  CPU per change, messages {label}: {cpu / n * 1000:.2f} ms"
+                  f" ({deciding / cpu * 100:.0f} % deciding)")
+        store = results["in bursts"][3]
+        sizes = table_bytes(store)
+        groups: dict[str, int] = {}
+        for name, size in sizes.items():
+            table = next((t for t in ("votes", "latest", "trace", "diffs", "versions")
+                          if t in name), "other")
+            groups[table] = groups.get(table, 0) + size
+        print(f"  store on disk: {store.stat().st_size / n:,.0f} B per change "
+              f"({store.stat().st_size / 2**20:.1f} MiB); by table, with indexes:")
+        for table, size in sorted(groups.items(), key=lambda i: -i[1]):
+            print(f"    {table:<9}{size / n:>7,.0f} B per change")
+
+
+if __name__ == "__main__":
+    main()
