@@ -4,8 +4,9 @@ An entry is the canonical CBOR of [seq, prev, hlc, event, data]: seq counts from
 the hash of entry seq-1 (null for the first), the hash of an entry is BLAKE2b-256 of those
 bytes, and the node signs them. A node publishes its head (seq, hash) on its node topic
 (`trace-head`) with each anti-entropy round; a peer that holds less asks for the missing
-range (`trace-req`) and checks what comes back (`trace-resp`): signatures by the node's
-key, contiguous seqs, each prev matching. Two different signed entries at one seq, or a
+range (`trace-req`) and checks what comes back (`trace-resp`, in the node's own signed
+envelope): contiguous seqs, each prev matching, and the signature of the last entry, which
+covers every earlier one through the chain. Two different signed entries at one seq, or a
 head that contradicts a held entry, prove that the node rewrote its history: it is flagged
 with both as evidence.
 
@@ -158,43 +159,60 @@ class Trace:
             self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries, **body})
 
     def on_response(self, env: Any) -> None:
-        """Entries of the sender's own trace: verify and append them in order."""
+        """Entries of the sender's own trace: check and append them in order.
+
+        The response is the author's own signed envelope, so its entries are the author's
+        word; what makes the copy a proof on its own is checked once per response, not per
+        entry: the entries link to each other and to the copy held, and the last one's
+        signature holds (it signs the hash of the one before, which holds the hash of the
+        one before that, down to the copy held)."""
         author = env.sender_id
         entries = env.body.get("entries") if type(env.body) is dict else None
         pruned = env.body.get("pruned") if type(env.body) is dict else None
         if type(entries) is not list or not (pruned is None or (type(pruned) is int and 1 <= pruned < MAX_SEQ)):
             raise MalformedError("a trace response carries a list of entries (and how far the trace was pruned)")
-        added = 0
+        if any(type(item) is not list or len(item) != 2 or type(item[0]) is not bytes or type(item[1]) is not bytes
+               for item in entries):
+            raise MalformedError("a trace entry travels as [entry, signature]")
+        parsed = [(parse(author, raw), raw, sig) for raw, sig in entries]
         with self.node._transaction():  # (flagging may cast votes: they go out after COMMIT)
-            for item in entries:
-                if type(item) is not list or len(item) != 2 or type(item[0]) is not bytes or type(item[1]) is not bytes:
-                    raise MalformedError("a trace entry travels as [entry, signature]")
-                raw, sig = item
-                if not verify(env.sender, raw, sig):
-                    self.node._reject("trace-signature", f"trace entry from {author} with a bad signature")
-                    return
-                entry = parse(author, raw)
-                held = self.store.trace_entry(author, entry.seq)
-                if held is not None:
-                    if held[0] != entry.hash:
-                        self._flag(author, f"two trace entries at seq {entry.seq}", held[1], raw)
+            head = self.store.trace_head(author)
+            expected_seq, expected_prev = (head[0] + 1, head[1]) if head else (1, None)
+            new, anchored = [], False
+            for entry, raw, sig in parsed:
+                if entry.seq < expected_seq:  # (the head is the highest held: only those below it can be held)
+                    held = self.store.trace_entry(author, entry.seq)
+                    if held is not None:
+                        if held[0] == entry.hash:
+                            continue
+                        if verify(env.sender, raw, sig):  # (the proof must stand without the envelope)
+                            self._flag(author, f"two trace entries at seq {entry.seq}", held[1], raw)
+                        else:
+                            self.node._reject("trace-signature", f"trace entry {entry.seq} from {author} "
+                                                                 "with a bad signature")
                         return
-                    continue
-                head = self.store.trace_head(author)
-                expected_seq, expected_prev = (head[0] + 1, head[1]) if head else (1, None)
-                if pruned is not None and entry.seq == pruned + 1 > expected_seq:
-                    self.node.counters["trace.anchored"] += 1  # the author no longer has what lies between
-                    log.info("trace of %s: entries %d-%d were pruned by it; continuing from %d", author,
-                             expected_seq, pruned, entry.seq)
+                if pruned is not None and not new and entry.seq == pruned + 1 > expected_seq:
+                    anchored = True  # the author no longer has what lies between
                 elif entry.seq != expected_seq or entry.prev != expected_prev:
                     self.node._reject("trace-chain", f"trace entry {entry.seq} from {author} does not extend "
                                                      f"the chain held (next {expected_seq})")
-                    return
+                    break
+                new.append((entry, raw, sig))
+                expected_seq, expected_prev = entry.seq + 1, entry.hash
+            if not new:
+                return
+            last, raw, sig = new[-1]
+            if not verify(env.sender, raw, sig):
+                self.node._reject("trace-signature", f"trace entry {last.seq} from {author} with a bad signature")
+                return
+            if anchored:
+                self.node.counters["trace.anchored"] += 1
+                log.info("trace of %s: entries %d-%d were pruned by it; continuing from %d", author,
+                         head[0] + 1 if head else 1, pruned, new[0][0].seq)
+            for entry, raw, sig in new:
                 self.store.add_trace(author, entry.seq, entry.hash, entry.prev, raw, sig)
-                self.node.counters["trace.entries-fetched"] += 1
-                added += 1
-        if added:
-            self._request(author)  # more to fetch up to the head it announced: at once, not next round
+            self.node.counters["trace.entries-fetched"] += len(new)
+        self._request(author)  # more to fetch up to the head it announced: at once, not next round
 
     def _flag(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes) -> None:
         self.node.counters["trace.forks"] += 1

@@ -127,6 +127,7 @@ class Transport:
         self.on_connected: Callable[[], None] | None = None
         self.will: tuple[str, bytes] | None = None  # (topic, payload) the broker publishes, retained, if we vanish
         self._filters: set[str] = set()
+        self._solicited: dict[str, bool] = {}  # topic -> whether a filter matches it (a swarm has few topics)
         self.unsolicited = 0  # messages on topics this client did not subscribe to, dropped
         self._client: mqtt.Client | None = None
         self._version = 0
@@ -406,6 +407,7 @@ class Transport:
     def subscribe(self, filters: Iterable[str]) -> None:
         new = [f for f in filters if f not in self._filters]
         self._filters.update(new)
+        self._solicited = {}
         if self._client is not None and self.connected and new:
             self._subscribe(self._client, new)
 
@@ -443,11 +445,17 @@ class Transport:
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         # Brokers are not trusted to filter: amqtt 0.12 sends a connecting client the
         # retained messages of every subscription in the broker, not only its own.
-        if not any(mqtt.topic_matches_sub(f, message.topic) for f in self._filters):
+        topic = message.topic
+        solicited = self._solicited.get(topic)
+        if solicited is None:
+            if len(self._solicited) >= 4096:
+                self._solicited = {}
+            solicited = self._solicited[topic] = any(mqtt.topic_matches_sub(f, topic) for f in self._filters)
+        if not solicited:
             self.unsolicited += 1
             return
         if self.on_message is not None:
-            self.on_message(message.topic, message.payload)
+            self.on_message(topic, message.payload)
 
     # -- publishing ------------------------------------------------------------------
 
