@@ -7,7 +7,8 @@ writers change the same frame at the same moment (a concurrent conflict: merged 
 changes touch different fields, kept as a fork when they touch the same one); and some
 nodes that do not write lose power (SIGKILL) for a few seconds and come back on their
 store. Then the load stops and the swarm is left to settle until every node's digest is
-the same.
+the same, and every node has copied every other node's trace (as the next scheduled round
+would do).
 
 Printed, measured in this one run:
   - convergence: the share of (node, frame) pairs whose consensus is the swarm's one
@@ -16,8 +17,9 @@ Printed, measured in this one run:
   - conflicts: the share of frames with a kept fork, and the merges made;
   - latency: write to consensus on the writer, and on each node that was up (p50, p99);
   - trace depth: how many nodes' traces confirm each consensus version (averaged);
-  - throughput: writes per second offered and brought to consensus everywhere, and the
-    bytes every frame cost on the bus (published by the nodes; delivered to them).
+  - throughput: writes per second offered and brought to consensus everywhere, and what
+    every frame cost: bytes on the bus (published by the nodes; delivered to them) and
+    node CPU, trace copies included.
 """
 
 from __future__ import annotations
@@ -223,10 +225,24 @@ def _drive(w: Workload, members: list[_Member], root: str, regions: list[str], r
     quiet = time.monotonic()
     settled = _settle(members, root, SETTLE_TIMEOUT)
     settle_s = time.monotonic() - quiet
+    mirrored = _mirror_traces(members, SETTLE_TIMEOUT)
     for m in members:
         m.collect()
         m.cpu += m.call("cpu") - m.cpu_base
-    return _figures(w, members, regions, settled, settle_s, stop - start, errors)
+    return _figures(w, members, regions, settled, settle_s, stop - start, errors) | {"traces_mirrored": mirrored}
+
+
+def _mirror_traces(members: list[_Member], timeout: float) -> bool:
+    """Every node fetches every other node's trace up to its head, as the next scheduled
+    round would: the CPU and bytes a write costs include the copies of the entries it
+    made every node record (a run shorter than the sync interval would leave them out)."""
+    deadline = time.monotonic() + timeout
+    ids = [m.proc.node_id for m in members]
+    heads = {i: m.call("trace_head", i) for m, i in zip(members, ids)}
+    for m in members:
+        m.call("sync_now")  # (its trace head goes out with its digests)
+    return all(m.call("wait_trace", i, heads[i][0], max(0.1, deadline - time.monotonic()))
+               for m in members for i in ids if heads[i])
 
 
 def _figures(w: Workload, members: list[_Member], regions: list[str], settled: bool, settle_s: float,
@@ -303,7 +319,8 @@ def report(w: Workload, f: dict, broker: str) -> str:
         f"  conflicts: {conflict}",
         f"  write -> consensus: on the writer {_ms(f['writer_ms'])}; on each node {_ms(f['node_ms'])}; "
         f"on every node up {_ms(f['everywhere_ms'])}",
-        f"  trace depth {f['trace_depth'] or 0:.1f} (nodes whose trace confirms a consensus version)",
+        f"  trace depth {f['trace_depth'] or 0:.1f} (nodes whose trace confirms a consensus version"
+        + (", every trace copied everywhere)" if f.get("traces_mirrored") else "; traces NOT all copied)"),
         f"  throughput {f['offered_per_s']:.1f} writes/s; per frame {f['bytes_out_per_frame']:,.0f} B published, "
         f"{f['bytes_in_per_frame']:,.0f} B delivered; {f['cpu_ms_per_write']:,.1f} ms of node CPU (all nodes)",
     ]
