@@ -128,7 +128,8 @@ class Node(Voting):
             self._worker = threading.Thread(target=self._work, daemon=True, name=f"edgeswarm-inbox-{self.node_id}")
             self._worker.start()
         self.transport.subscribe([*(region_filter(r) for r in self.config.regions), node_filter(self.node_id),
-                                  *(node_filter(kind=k) for k in ("trace-head", "birth", "death", "fingerprint", "revoke"))])
+                                  *(node_filter(kind=k) for k in ("trace", "trace-head", "birth", "death", "fingerprint",
+                                                                  "revoke"))])
         if self._announces:
             self.presence.prepare()
             # After a reconnect paho made by itself (or a first connection made late), say that we are here.
@@ -646,7 +647,7 @@ class Node(Voting):
             return
         sync = {"digest": self.sync.on_digest,
                 "sync-req": self.sync.on_request, "sync-resp": self.sync.on_response,
-                "trace-head": self.trace.on_head, "trace-req": self.trace.on_request,
+                "trace": self.trace.on_push, "trace-head": self.trace.on_head, "trace-req": self.trace.on_request,
                 "trace-resp": self.trace.on_response}.get(env.kind)
         if sync is None:
             self.counters[f"ignored.{env.kind}"] += 1

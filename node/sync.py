@@ -197,13 +197,15 @@ class Sync:
         return {"region": root, "hashes": pack(tree.children(0, 0)), "counts": tree.counts()}
 
     def publish_digests(self, hello: bool = False) -> None:
-        """Publish a digest of every followed region tree and this node's trace head (the
-        scheduled job, which also prunes the traces held; `hello` on (re)connecting)."""
+        """Publish a digest of every followed region tree, the trace entries recorded since
+        the last round and this node's trace head (the scheduled job, which also prunes the
+        traces held; `hello` on (re)connecting)."""
         if not hello:
             try:
                 self.node.trace.prune()
             except Exception:  # (tried again next round)
                 log.exception("pruning the traces failed")
+        self.node.trace.push()
         self.node.trace.publish_head()
         self.node.presence.publish_fingerprint()
         if hello:

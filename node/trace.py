@@ -2,11 +2,13 @@
 
 An entry is the canonical CBOR of [seq, prev, hlc, event, data]: seq counts from 1, prev is
 the hash of entry seq-1 (null for the first), the hash of an entry is BLAKE2b-256 of those
-bytes, and the node signs them. A node publishes its head (seq, hash) on its node topic
-(`trace-head`) with each anti-entropy round; a peer that holds less asks for the missing
-range (`trace-req`) and checks what comes back (`trace-resp`, in the node's own signed
-envelope): contiguous seqs, each prev matching, and the signature of the last entry, which
-covers every earlier one through the chain. Two different signed entries at one seq, or a
+bytes, and the node signs them. With each anti-entropy round a node pushes the entries it
+recorded since the last round to every peer at once (`trace`, on its node topic), then
+publishes its head (seq, hash; `trace-head`); a peer that still holds less (it was away,
+or came late) asks for the missing range (`trace-req`) and gets it alone (`trace-resp`, on
+its own node topic). Either way the entries come in the node's own signed envelope, and
+the receiver checks them as one chain: contiguous seqs, each prev matching, and the
+signature of the last entry, which covers every earlier one through the chain. Two different signed entries at one seq, or a
 head that contradicts a held entry, prove that the node rewrote its history: it is flagged
 with both as evidence.
 
@@ -78,6 +80,8 @@ class Trace:
         self.node = node
         self.store = node.store
         self._announced: dict[str, int] = {}  # the highest head each author announced
+        head = self.store.trace_head(node.node_id)
+        self._pushed = head[0] if head else 0  # own entries up to here went out (or were there at start)
 
     # -- own entries -----------------------------------------------------------------
 
@@ -107,6 +111,28 @@ class Trace:
         self.node.counters["trace.pruned"] += dropped
         return dropped
 
+    def push(self) -> None:
+        """Send every peer, in one go, the entries recorded since the last push."""
+        node = self.node
+        head = self.store.trace_head(node.node_id)
+        start = max(self._pushed + 1, self.store.trace_base(node.node_id) or 1)
+        while head is not None and start <= head[0]:
+            entries = self._entries(start, head[0])
+            node.send_now(node_topic(node.node_id, "trace"), "trace", {"entries": entries})
+            start += len(entries)
+        self._pushed = max(self._pushed, head[0] if head else 0)
+
+    def _entries(self, start: int, end: int) -> list[list[bytes]]:
+        """[entry, signature] of own entries from `start` on, at most up to `end`, as many as
+        fit in one message (at least one)."""
+        entries, size = [], 0
+        for raw, sig in self.store.trace_range(self.node.node_id, start, min(end, start + MAX_RANGE - 1)):
+            size += len(raw) + len(sig) + 8
+            if entries and size > self.node.config.max_message_bytes // 2:
+                break  # the rest in the next message
+            entries.append([raw, sig])
+        return entries
+
     def publish_head(self) -> None:
         node = self.node
         head = self.store.trace_head(node.node_id)
@@ -123,11 +149,14 @@ class Trace:
         if held is not None and held[0] != hash_:
             self._flag(author, f"trace head {seq} contradicts the entry held", held[1], env.raw)
             return
+        self._announce(author, seq)
+        self._request(author)
+
+    def _announce(self, author: str, seq: int) -> None:
         if seq > self._announced.get(author, 0):
             if author not in self._announced and len(self._announced) >= MAX_AUTHORS:
                 self._announced.pop(next(iter(self._announced)))
             self._announced[author] = seq
-        self._request(author)
 
     def _request(self, author: str) -> None:
         """Ask `author` for the next entries up to the head it announced, if any are missing."""
@@ -148,18 +177,18 @@ class Trace:
         base = self.store.trace_base(self.node.node_id)
         if base is not None and start < base:  # pruned: what is left, from the oldest entry kept
             start, end, body["pruned"] = base, max(end, base), base - 1
-        end = min(end, start + MAX_RANGE - 1, MAX_SEQ)
-        entries, size = [], 0
-        for raw, sig in self.store.trace_range(self.node.node_id, start, end):
-            size += len(raw) + len(sig) + 8
-            if entries and size > self.node.config.max_message_bytes // 2:
-                break  # a response stays under the size limit: the asker asks again for the rest
-            entries.append([raw, sig])
+        entries = self._entries(start, end)  # (the asker asks again for what did not fit)
         if entries:
             self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries, **body})
 
-    def on_response(self, env: Any) -> None:
-        """Entries of the sender's own trace: check and append them in order.
+    def on_push(self, env: Any) -> None:
+        """Entries the sender recorded since its last push, sent to every peer."""
+        self.on_response(env, pushed=True)
+
+    def on_response(self, env: Any, pushed: bool = False) -> None:
+        """Entries of the sender's own trace: check and append them in order. A push that
+        does not follow on from the copy held (this node was away, or came late) is set
+        aside, and the entries between fetched: they come with it.
 
         The response is the author's own signed envelope, so its entries are the author's
         word; what makes the copy a proof on its own is checked once per response, not per
@@ -169,7 +198,8 @@ class Trace:
         author = env.sender_id
         entries = env.body.get("entries") if type(env.body) is dict else None
         pruned = env.body.get("pruned") if type(env.body) is dict else None
-        if type(entries) is not list or not (pruned is None or (type(pruned) is int and 1 <= pruned < MAX_SEQ)):
+        if type(entries) is not list or not (pruned is None or (type(pruned) is int and 1 <= pruned < MAX_SEQ
+                                                                and not pushed)):
             raise MalformedError("a trace response carries a list of entries (and how far the trace was pruned)")
         if any(type(item) is not list or len(item) != 2 or type(item[0]) is not bytes or type(item[1]) is not bytes
                for item in entries):
@@ -193,6 +223,9 @@ class Trace:
                         return
                 if pruned is not None and not new and entry.seq == pruned + 1 > expected_seq:
                     anchored = True  # the author no longer has what lies between
+                elif pushed and not new and entry.seq > expected_seq:
+                    self._announce(author, parsed[-1][0].seq)
+                    break
                 elif entry.seq != expected_seq or entry.prev != expected_prev:
                     self.node._reject("trace-chain", f"trace entry {entry.seq} from {author} does not extend "
                                                      f"the chain held (next {expected_seq})")
@@ -200,6 +233,8 @@ class Trace:
                 new.append((entry, raw, sig))
                 expected_seq, expected_prev = entry.seq + 1, entry.hash
             if not new:
+                if pushed:
+                    self._request(author)
                 return
             last, raw, sig = new[-1]
             if not verify(env.sender, raw, sig):

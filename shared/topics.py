@@ -20,7 +20,7 @@ MAX_REGION_LEVELS = 16
 MAX_LEVEL_CHARS = 64
 MAX_REGION_BYTES = 256
 _FORBIDDEN = frozenset("+#$\x00")
-KINDS = frozenset({"diff", "vote", "trace-head", "trace-req", "trace-resp", "digest",
+KINDS = frozenset({"diff", "vote", "trace", "trace-head", "trace-req", "trace-resp", "digest",
                    "sync-req", "sync-resp", "birth", "death", "fingerprint", "admit", "revoke",
                    "snapshot"})  # (a snapshot is a signed file, never published)
 

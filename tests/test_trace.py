@@ -54,6 +54,37 @@ def test_traces_chain_spread_and_rewrites_are_caught(make_swarm, region, attacke
     assert c.store.trace_entry(a.node_id, 1)[1] == raw
 
 
+def test_new_entries_are_pushed_to_every_peer_and_a_late_one_fetches_the_rest(member_configs, region):
+    """A round sends each peer the entries recorded since the last one, in one message to
+    all, without being asked; a node that missed earlier ones asks for those alone."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b = Node(configs[0]).start(), Node(configs[1]).start()
+    late = Node(configs[2])
+    try:
+        a.put(region, "k0", {"i": 0})
+        assert a.wait_until(lambda: a.status(region, "k0")["support"].get(a.status(region, "k0")["head"]) == 2,
+                            TIMEOUT)
+        a.trace.push()  # entries only, no head: b learns them from the push alone
+        head = a.store.trace_head(a.node_id)
+        assert b.wait_until(lambda: b.store.trace_head(a.node_id) == head, TIMEOUT), b.counters
+        assert not b.counters["trace.requests-sent"] and b.counters["trace.entries-fetched"] == head[0]
+
+        late.start()
+        a.put(region, "k1", {"i": 1})
+        assert a.wait_until(lambda: a.status(region, "k1")["support"].get(a.status(region, "k1")["head"]) == 3,
+                            TIMEOUT)
+        a.trace.push()  # only what came since the first push: late fetches the beginning first
+        head = a.store.trace_head(a.node_id)
+        for n in (b, late):
+            assert n.wait_until(lambda n=n: n.store.trace_head(a.node_id) == head, TIMEOUT), n.counters
+            assert [e.hash for e in n.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)]
+        assert not b.counters["trace.requests-sent"]
+        assert late.counters["trace.requests-sent"] >= 1 and not late.counters["rejected.trace-chain"]
+    finally:
+        for n in (late, b, a):
+            n.stop()
+
+
 def test_metrics_reflect_the_swarm(make_swarm, region):
     nodes, _ = make_swarm(3, sync_interval=0)
     a = nodes[0]
