@@ -62,8 +62,8 @@ FIELDS = ("key", "parent", "version", "ops", "merge", "round", "region", "hashes
           "items", "want", "envelopes", "last", "digest", "cut", "follow", "hello", "answer", "welcome",
           "pulling", "seq", "hash", "from", "to", "entries", "session", "regions", "software", "v", "k", "r",
           "s", "n", "t", "b")
-KINDS = ("diff", "vote", "digest", "sync-req", "sync-resp", "trace-head", "trace-req", "trace-resp", "birth",
-         "death", "fingerprint", "revoke", "snapshot")
+KINDS = ("diff", "vote", "digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp",
+         "birth", "death", "fingerprint", "revoke", "snapshot")
 INTS = (0, 1, -1, 2, 15, 16, 23, 24, 255, 256, 65535, 65536, 2**31 - 1, 2**32 - 1, 2**32, 2**53, 2**60,
         2**62 - 1, 2**62, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) - 1, -(2**64), 2**64, 2**100, -(2**100))
 TEXTS = ("", "a", "\x00", "/", "+", "#", "$", "es/v1", "plant", "plant/line1", "plant/line1/", "plant//line1",
@@ -491,6 +491,7 @@ class Target:
             Template("trace-head", None, {"seq": 3, "hash": prev}, own("trace-head"), trace_sender),
             Template("trace-req", None, {"from": 1, "to": 500}, to_me("trace-req")),
             Template("trace-resp", None, {"entries": entries}, to_me("trace-resp"), trace_sender),
+            Template("trace", None, {"entries": entries}, own("trace"), trace_sender),
             Template("birth", None, {"session": 3, "regions": [region], "software": "edgeswarm 0.1.0"}, own("birth")),
             Template("death", None, {"session": 3}, own("death")),
             Template("fingerprint", None, {"session": 3, "frames": 3, "shadows": 0, "forks": 0, "pending": 0,

@@ -8,9 +8,9 @@ publishes its head (seq, hash; `trace-head`); a peer that still holds less (it w
 or came late) asks for the missing range (`trace-req`) and gets it alone (`trace-resp`, on
 its own node topic). Either way the entries come in the node's own signed envelope, and
 the receiver checks them as one chain: contiguous seqs, each prev matching, and the
-signature of the last entry, which covers every earlier one through the chain. Two different signed entries at one seq, or a
-head that contradicts a held entry, prove that the node rewrote its history: it is flagged
-with both as evidence.
+signature of the last entry, which covers every earlier one through the chain. Two
+different signed entries at one seq, or a head that contradicts a held entry, prove that
+the node rewrote its history: it is flagged with both as evidence.
 
 A node keeps the last `trace_kept` entries of each trace (its own and its copies) and drops
 older ones at each anti-entropy round. Asked for a range it no longer holds, it answers
@@ -126,7 +126,7 @@ class Trace:
         """[entry, signature] of own entries from `start` on, at most up to `end`, as many as
         fit in one message (at least one)."""
         entries, size = [], 0
-        for raw, sig in self.store.trace_range(self.node.node_id, start, min(end, start + MAX_RANGE - 1)):
+        for raw, sig in self.store.trace_range(self.node.node_id, start, min(end, start + MAX_RANGE - 1, MAX_SEQ)):
             size += len(raw) + len(sig) + 8
             if entries and size > self.node.config.max_message_bytes // 2:
                 break  # the rest in the next message

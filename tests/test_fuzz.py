@@ -289,7 +289,7 @@ REQUIRED = {"diff": {"key": str, "parent": (bytes, type(None)), "version": bytes
             "digest": {"region": str, "hashes": bytes, "counts": list},
             "sync-req": {"region": str}, "sync-resp": {"region": str},
             "trace-head": {"seq": int, "hash": bytes}, "trace-req": {"from": int, "to": int},
-            "trace-resp": {"entries": list},
+            "trace-resp": {"entries": list}, "trace": {"entries": list},
             "birth": {"session": int}, "death": {"session": int}, "fingerprint": {"session": int}}
 # Fields that may be missing, but not of another type.
 TYPED = {"sync-req": {"nodes": list, "frames": list, "items": list}, "sync-resp": {"envelopes": list}}
