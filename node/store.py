@@ -27,9 +27,9 @@ short-lived CLI process may share the file and a failure never half-writes anyth
 
 Inside a transaction the store keeps what it reads again and again (replay windows, flagged
 nodes, frame rows, latest votes, voters, trace heads, frames with nothing waiting) and
-writes replay windows and sums once, at COMMIT. The cache outlives the transaction only
-while no other connection commits (PRAGMA data_version) and is dropped on ROLLBACK; reads
-outside a transaction always go to the file.
+writes replay windows, sums and dropped vote envelopes once, at COMMIT. The cache outlives
+the transaction only while no other connection commits (PRAGMA data_version) and is
+dropped on ROLLBACK; reads outside a transaction always go to the file.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
 _SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
                   " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
                   " mask = excluded.mask, hlc = excluded.hlc")
+_DROP_ENVELOPE = "UPDATE votes SET envelope = NULL WHERE region = ? AND key = ? AND voter = ? AND round = ?"
 
 
 class StoreError(Exception):
@@ -323,6 +324,7 @@ class Store:
         self._idle: set[tuple[str, str]] = set()  # frames with no pending diff and no voted merge lacking
         self._trace_heads: dict[str, tuple[int, bytes] | None] = {}
         self._pending_senders: dict[str, tuple[bytes, int, bytes, int]] = {}
+        self._superseded: list[tuple[str, str, str, int]] = []  # votes whose envelopes go at COMMIT
         self._pending_sums: dict[tuple[str, str], list[int]] = {}
 
     def _flush(self) -> None:
@@ -330,6 +332,9 @@ class Store:
         if self._pending_senders:
             self.db.conn.executemany(_SENDER_UPSERT, [(n, *row) for n, row in self._pending_senders.items()])
             self._pending_senders = {}
+        if self._superseded:
+            self.db.conn.executemany(_DROP_ENVELOPE, self._superseded)
+            self._superseded = []
         self._flush_sums()
 
     def _flush_sums(self) -> None:
@@ -619,8 +624,7 @@ class Store:
             return None
 
     def _drop_envelope(self, region: str, key: str, voter: str, round_: int) -> None:
-        self._exec("UPDATE votes SET envelope = NULL WHERE region = ? AND key = ? AND voter = ? AND round = ?",
-                   [region, key, voter, round_])
+        self._superseded.append((region, key, voter, round_))  # (add_vote is always in a transaction)
 
     def _latest_rounds(self, region: str, key: str) -> dict[str, tuple[int, bytes]]:
         """voter -> (round, version) of its latest vote on a frame (kept in a transaction)."""
