@@ -17,7 +17,10 @@ A message that fails any step is counted by reason and never raises out of the r
 Messages are taken off the network thread into an inbox and handled by one worker thread,
 consecutive diffs and votes in one transaction: the network thread only acknowledges and
 queues, so a long sync response never holds back acknowledgements (amqtt drops a QoS 1
-delivery it waited 5 s for) or keepalives.
+delivery it waited 5 s for) or keepalives. The worker takes the swarm's live traffic
+(diffs, votes, presence) first and the bulk that rounds bring (digests, sync exchanges,
+trace copies) one message at a time when nothing live waits: a write never queues behind
+a round's worth of trace entries from every peer.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +65,14 @@ OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
 INBOX_SIZE = 10_000  # messages received and not yet handled; beyond, the network thread waits
 INBOX_BATCH = 500  # messages handled in one go by the worker
 _WAKE = ("", b"")  # in the inbox: acknowledgements to clear
+# Handled when no live message waits (see _work): what anti-entropy rounds bring.
+_LATER = frozenset({"digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp"})
+
+
+def _later(topic: str) -> bool:
+    """A message of a kind in _LATER (told by its topic: es/v1/<kind>/... or es/v1/node/<id>/<kind>)."""
+    kind = topic.split("/", 3)[2:3]
+    return (topic.rsplit("/", 1)[-1] if kind == ["node"] else kind[0] if kind else "") in _LATER
 
 KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
@@ -514,8 +525,14 @@ class Node(Voting):
         self._inbox.put((topic, payload))
 
     def _work(self) -> None:
-        """The inbox worker: handle what arrives, in order, a batch at a time."""
+        """The inbox worker: handle what arrives a batch at a time, in order, except that the
+        kinds in _LATER wait until no other message does, and then go one at a time (the
+        inbox holds no more than INBOX_SIZE of them either)."""
+        later: deque[tuple[str, bytes]] = deque()
         while True:
+            if later and (self._inbox.empty() or len(later) >= INBOX_SIZE):
+                self._handled([later.popleft()])
+                continue
             batch = [self._inbox.get()]
             while len(batch) < INBOX_BATCH and batch[-1] is not None:
                 try:
@@ -523,13 +540,22 @@ class Node(Voting):
                 except queue.Empty:
                     break
             stop = batch[-1] is None
-            self.receive_many([m for m in batch if m is not None and m is not _WAKE])
-            self._clear_acked()
-            self._handled_at = time.monotonic()
-            with self._activity:
-                self._activity.notify_all()
+            now = []
+            for m in batch:
+                if m is not None and m is not _WAKE:
+                    (later if _later(m[0]) else now).append(m)
+            self._handled(now)
             if stop:
+                while later:  # (what came is handled before the store closes)
+                    self._handled([later.popleft()])
                 return
+
+    def _handled(self, messages: list[tuple[str, bytes]]) -> None:
+        self.receive_many(messages)
+        self._clear_acked()
+        self._handled_at = time.monotonic()
+        with self._activity:
+            self._activity.notify_all()
 
     def trouble(self, stalled_after: float = 60.0) -> str | None:
         """Why this running node needs a restart (its systemd watchdog stops on it), or None."""

@@ -501,8 +501,8 @@ class Sync:
         if taken:
             counters = self.node.counters
             held = counters["known"] + counters["votes.known"]
+            counters["sync.envelopes"] += len(taken)  # (counted before what they bring shows)
             self.node.handle_many(taken)
-            counters["sync.envelopes"] += len(taken)
             counters["sync.already-held"] += counters["known"] + counters["votes.known"] - held
         if "digest" in body:  # the sender's state after this
             root_, _, counts = _parse_digest(body["digest"])

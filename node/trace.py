@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeswarm.trace")
 
 MAX_RANGE = 500  # entries per trace-resp
+PUSH_RANGE = 100  # entries per push: the receiver handles one push at a time between live messages
 MAX_AUTHORS = 4096  # trace heads remembered (what each peer announced, to fetch up to it)
 MAX_SEQ = 2**63 - 1  # (the store's integers)
 
@@ -117,7 +118,7 @@ class Trace:
         head = self.store.trace_head(node.node_id)
         start = max(self._pushed + 1, self.store.trace_base(node.node_id) or 1)
         while head is not None and start <= head[0]:
-            entries = self._entries(start, head[0])
+            entries = self._entries(start, min(head[0], start + PUSH_RANGE - 1))
             node.send_now(node_topic(node.node_id, "trace"), "trace", {"entries": entries})
             start += len(entries)
         self._pushed = max(self._pushed, head[0] if head else 0)
