@@ -526,11 +526,12 @@ class Node(Voting):
 
     def _work(self) -> None:
         """The inbox worker: handle what arrives a batch at a time, in order, except that the
-        kinds in _LATER wait until no other message does, and then go one at a time (the
+        kinds in _LATER are set aside and handled one at a time, when no other message
+        waits or else one after each batch (neither kind waits on the other for long; the
         inbox holds no more than INBOX_SIZE of them either)."""
         later: deque[tuple[str, bytes]] = deque()
         while True:
-            if later and (self._inbox.empty() or len(later) >= INBOX_SIZE):
+            if later and (self._inbox.empty() or len(later) >= INBOX_SIZE):  # (this thread alone takes)
                 self._handled([later.popleft()])
                 continue
             batch = [self._inbox.get()]
@@ -549,6 +550,8 @@ class Node(Voting):
                 while later:  # (what came is handled before the store closes)
                     self._handled([later.popleft()])
                 return
+            if later:
+                self._handled([later.popleft()])
 
     def _handled(self, messages: list[tuple[str, bytes]]) -> None:
         self.receive_many(messages)
