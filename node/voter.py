@@ -7,13 +7,18 @@ stores what they produce. Every node given the same versions and votes decides t
   parents eligible), with every ancestor eligible. Only eligible versions are voted for.
 - Leaves: eligible authored versions that no other eligible authored version descends
   from (merges are transparent: a merge joins branches only once someone builds on it).
-- Fork choice: leaves ordered by score, then lower hash. The score of a leaf counts the
-  members whose *first* vote after the leaves' common ancestor lies on that leaf's branch:
-  a branch the swarm backed early keeps its place, and because first votes never change,
-  the tally cannot swing back and forth (counting latest votes lets nodes that learn of
-  each other's switches in lockstep flip forever). The best leaf is joined by every other
-  leaf that merges cleanly with it (three-way merge from their common ancestor, coherent
-  result); the merge of that set is the head. Leaves that conflict stay as forks.
+- Fork choice: at the leaves' common ancestor (the fork) they fall into branches; a branch
+  scores the members whose *first* vote after the fork lies on it, ties going to the
+  branch whose first version has the lower hash; inside the best branch the same again
+  below its own fork, and so on. A branch the swarm backed early keeps its place: first
+  votes never change, so the tally cannot swing back and forth (counting latest votes lets
+  nodes that learn of each other's switches in lockstep flip forever), and a branch's
+  first version stays as the branch grows (a leaf's own hash changes with every write on
+  it: ranking by it flipped the swarm between branches as they were written on). A fork
+  inside a branch is decided by the votes cast after it, not by those from before it. The
+  best leaf is joined by every other leaf that merges cleanly with it (three-way merge
+  from their common ancestor, coherent result); the merge of that set is the head. Leaves
+  that conflict stay as forks.
 - Support of a version: members whose latest vote is that version or a descendant.
 - Consensus: the deepest version (generation, then lower hash) with support >= quorum.
   While the current consensus keeps a quorum it only moves forward, to a descendant (or a
@@ -120,18 +125,7 @@ def choose_head(dag: Dag, eligible: set[bytes], votes: Callable[[], dict[str, li
     if len(leaves) < 2:
         return (leaves[0], leaves) if leaves else (None, [])
 
-    fork = dag.lca(leaves)
-    before = dag.ancestors(fork) if fork is not None else frozenset()
-    branches: set[bytes] = set()
-    for leaf in leaves:
-        branches |= dag.ancestors(leaf) - before
-    first = [next((w for w in ws if w in branches), None) for ws in votes().values()]
-
-    def score(leaf: bytes) -> int:
-        anc = dag.ancestors(leaf)
-        return sum(1 for w in first if w in anc)
-
-    order = sorted(leaves, key=lambda v: (-score(v), v))
+    order = _rank(dag, sorted(leaves), list(votes().values()))
     chosen, head = [order[0]], order[0]
     for leaf in order[1:]:
         merged = try_merge(tuple(chosen + [leaf]))
@@ -139,6 +133,40 @@ def choose_head(dag: Dag, eligible: set[bytes], votes: Callable[[], dict[str, li
             chosen.append(leaf)
             head = merged
     return head, order
+
+
+def _rank(dag: Dag, leaves: list[bytes], history: list[list[bytes]]) -> list[bytes]:
+    """Leaves best first. At their fork (common ancestor) the leaves fall into branches
+    (leaves sharing a version after the fork are on one branch); a branch scores the
+    members whose first vote after the fork lies on it, ties going to the branch whose
+    first version has the lower hash (a branch keeps that as it grows, where a leaf's own
+    hash changes with each write); then the same again inside each branch, below its own
+    fork."""
+    if len(leaves) < 2:
+        return leaves
+    fork = dag.lca(leaves)
+    before = dag.ancestors(fork) if fork is not None else frozenset()
+    branches: list[tuple[set[bytes], list[bytes]]] = []  # (versions after the fork, leaves)
+    for leaf in leaves:
+        own, mine, apart = set(dag.ancestors(leaf) - before), [leaf], []
+        for versions, members in branches:  # (branches are disjoint: only `own` can join them)
+            if versions & own:
+                own |= versions
+                mine += members
+            else:
+                apart.append((versions, members))
+        branches = apart + [(own, mine)]
+    if len(branches) == 1:  # (a merge below every leaf: no fork to split them at) by leaf
+        branches = [(set(dag.ancestors(leaf) - before), [leaf]) for leaf in leaves]
+    after = set().union(*(versions for versions, _ in branches))
+    first = [next((w for w in ws if w in after), None) for ws in history]
+
+    def rank(branch: tuple[set[bytes], list[bytes]]) -> tuple[int, bytes]:
+        versions, _ = branch
+        roots = [v for v in versions if not any(p in versions for p in dag.versions[v].parents)]
+        return -sum(1 for w in first if w in versions), min(roots)
+
+    return [leaf for branch in sorted(branches, key=rank) for leaf in _rank(dag, sorted(branch[1]), history)]
 
 
 def decide(dag: Dag, eligible: set[bytes], votes: dict[str, bytes], quorum: int, head: bytes | None,

@@ -134,3 +134,28 @@ def test_any_interleaving_converges_and_loses_nothing(steps):
         finally:
             for node in nodes:
                 node.stop()
+
+
+def test_a_fork_inside_a_branch_is_decided_by_the_votes_after_it_and_stays_as_it_grows():
+    """An old fork is kept (X1 beside the main line B-M1-M2); later the main line forks
+    again at M2 (P, Q). The members' first votes after the old fork all lie on the main
+    line, so they cannot tell P from Q: the votes after M2 do (two for P, one for Q), and
+    writing on Q (a new leaf with a lower hash) does not move the head."""
+    from edgeswarm.node.store import VersionMeta
+    from edgeswarm.node.voter import Dag, choose_head
+
+    def v(byte: int, parents: tuple[bytes, ...], gen: int) -> VersionMeta:
+        return VersionMeta(bytes([byte]) * 32, parents, "author", gen, gen, True)
+
+    B = v(0x10, (), 1)
+    X1, M1 = v(0x01, (B.version,), 2), v(0x30, (B.version,), 2)
+    M2 = v(0x40, (M1.version,), 3)
+    P, Q = v(0x90, (M2.version,), 4), v(0x80, (M2.version,), 4)
+    Q2 = v(0x02, (Q.version,), 5)
+    votes = {"v1": [B, M1, M2, P], "v2": [B, M1, M2, P], "v3": [B, M1, M2, Q], "v4": [B, X1]}
+    history = lambda: {n: [m.version for m in ms] for n, ms in votes.items()}  # noqa: E731
+    no_merge = lambda parents: None  # noqa: E731
+    for versions in ([B, X1, M1, M2, P, Q], [B, X1, M1, M2, P, Q, Q2]):
+        dag = Dag({m.version: m for m in versions})
+        head, order = choose_head(dag, set(dag.versions), history, no_merge)
+        assert head == P.version and order[-1] == X1.version
