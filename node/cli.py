@@ -267,7 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
     stop = _stop_on_signal()
     broker = None
-    node = Node(config)
+    with systemd.more_time():  # (its store may be migrated to this release's schema now)
+        node = Node(config)
     if config.embedded_broker:  # (refusing from the start the nodes revoked as far as this node knows)
         try:
             broker = EmbeddedBroker(config.broker_host, config.broker_port, admin=config.swarm_admin,

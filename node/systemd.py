@@ -2,7 +2,9 @@
 named by $NOTIFY_SOCKET) for a `Type=notify` unit with `WatchdogSec=`.
 
 READY=1 once the node runs, WATCHDOG=1 while it is healthy (systemd restarts it when the
-pings stop), STOPPING=1 on the way out. Outside systemd ($NOTIFY_SOCKET unset) nothing is
+pings stop), STOPPING=1 on the way out; EXTEND_TIMEOUT_USEC while its store opens (the
+first start after an update may migrate a large store for longer than the unit's
+TimeoutStartSec, and a migration killed half-way starts over at the next start). Outside systemd ($NOTIFY_SOCKET unset) nothing is
 sent. The protocol is one datagram per message, so it is written here rather than pulling
 in libsystemd's bindings, which a board would have to compile.
 """
@@ -11,6 +13,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def notify(state: str) -> bool:
@@ -39,3 +44,25 @@ def watchdog_interval() -> float | None:
         return max(int(usec), 0) / 2e6 or None
     except ValueError:
         return None
+
+
+@contextmanager
+def more_time(step: float = 30.0) -> Iterator[None]:
+    """Around a start-up step that may outlast TimeoutStartSec: ask systemd for `step`
+    seconds more, again every `step` / 3 seconds while the step runs (nothing outside
+    systemd)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        yield
+        return
+    done = threading.Event()
+
+    def extend() -> None:
+        while notify(f"EXTEND_TIMEOUT_USEC={int(step * 1e6)}") and not done.wait(step / 3):
+            pass
+    asking = threading.Thread(target=extend, daemon=True, name="edgeswarm-start-time")
+    asking.start()
+    try:
+        yield
+    finally:
+        done.set()
+        asking.join()

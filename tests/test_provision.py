@@ -178,3 +178,25 @@ def test_provision_refuses_what_it_cannot_make(tmp_path, admin_dir, capsys):
     assert main(["provision", "--out", str(tmp_path / "c"), "--region", "plant", "--broker", "mqtt://h:1883",
                  "--admin-dir", str(tmp_path / "nobody"), "--no-wheelhouse"]) == 1
     assert "no swarm admin key" in capsys.readouterr().err
+
+
+def test_a_long_start_step_asks_systemd_for_more_time_until_it_ends(tmp_path, monkeypatch):
+    """Opening a store migrated to a new schema may outlast TimeoutStartSec: while it
+    runs, the node extends the start timeout; once it ends, no more."""
+    import time
+
+    from edgeswarm.node import systemd
+
+    notify = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    try:
+        with systemd.more_time(step=0.3):
+            time.sleep(0.5)  # (the long step)
+        asked: list[str] = []
+        notify.sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):  # all it sent, and then nothing once the step is over
+            while True:
+                asked.append(notify.next())
+        assert len(asked) >= 2 and set(asked) == {"EXTEND_TIMEOUT_USEC=300000"}, asked
+    finally:
+        notify.sock.close()
