@@ -233,14 +233,15 @@ def _drive(w: Workload, members: list[_Member], root: str, regions: list[str], r
 
 
 def _mirror_traces(members: list[_Member], timeout: float) -> bool:
-    """Every node fetches every other node's trace up to its head, as the next scheduled
-    round would: the CPU and bytes a write costs include the copies of the entries it
-    made every node record (a run shorter than the sync interval would leave them out)."""
+    """Every node copies every other node's trace up to its head, as the next scheduled
+    round would (pushed, or fetched where a push was missed): the CPU and bytes a write
+    costs include the copies of the entries it made every node record (a run shorter than
+    the sync interval would leave them out)."""
     deadline = time.monotonic() + timeout
     ids = [m.proc.node_id for m in members]
     heads = {i: m.call("trace_head", i) for m, i in zip(members, ids)}
     for m in members:
-        m.call("sync_now")  # (its trace head goes out with its digests)
+        m.call("sync_now")  # (its new trace entries and its head go out with its digests)
     return all(m.call("wait_trace", i, heads[i][0], max(0.1, deadline - time.monotonic()))
                for m in members for i in ids if heads[i])
 
