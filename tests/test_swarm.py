@@ -208,29 +208,21 @@ def test_a_restarted_node_continues_its_sequence(make_node, region):
         again.stop()
 
 
-def test_a_live_change_is_handled_before_the_trace_copies_queued_ahead_of_it(tmp_path):
+def test_a_live_change_is_handled_before_the_trace_copies_queued_ahead_of_it(offline_pair):
     """The inbox worker takes diffs and votes first, and what rounds bring (here a peer's
     trace entries, queued before the diff) once nothing live waits."""
-    from edgeswarm.node import Config, Node
     from edgeswarm.shared.topics import node_topic
 
-    a = Node(Config(home=tmp_path / "a", regions=["plant"], sync_interval=0))
-    b = Node(Config(home=tmp_path / "b", regions=["plant"], sync_interval=0))
-    try:
-        for i in range(3):
-            a.put("plant/a", f"k{i}", {"i": i})
-        rows = a.store.trace_range(a.node_id, 1, None)
-        pushes = [(node_topic(a.node_id, "trace"), a.sign("trace", None, {"entries": [list(r) for r in rows[k:k + 2]]}
-                                                          ).raw) for k in range(0, len(rows), 2)]
-        a.put("plant/a", "live", {"now": True})
-        diff_ = [i for i in a.store.unpublished() if "/diff/" in i.topic][-1]  # (oldest first)
-        fetched_when_live: list[int] = []
-        b.subscribe(lambda fv: fv.key == "live" and fetched_when_live.append(b.counters["trace.entries-fetched"]))
-        for message in pushes + [(diff_.topic, diff_.envelope), None]:
-            b._inbox.put(message)
-        b._work()  # (here, in this thread: it returns at the None)
-        assert fetched_when_live and set(fetched_when_live) == {0}  # (its head, then its consensus)
-        assert b.counters["trace.entries-fetched"] == len(rows) and b.get("plant/a", "live") == {"now": True}
-    finally:
-        a.stop()
-        b.stop()
+    a, b = offline_pair
+    rows = a.store.trace_range(a.node_id, 1, None)
+    pushes = [(node_topic(a.node_id, "trace"), a.sign("trace", None, {"entries": [list(r) for r in rows[k:k + 2]]}).raw)
+              for k in range(0, len(rows), 2)]
+    a.put("plant/a", "live", {"now": True})
+    diff_ = [i for i in a.store.unpublished() if "/diff/" in i.topic][-1]  # (oldest first)
+    fetched_when_live: list[int] = []
+    b.subscribe(lambda fv: fv.key == "live" and fetched_when_live.append(b.counters["trace.entries-fetched"]))
+    for message in pushes + [(diff_.topic, diff_.envelope), None]:
+        b._inbox.put(message)
+    b._work()  # (here, in this thread: it returns at the None)
+    assert fetched_when_live and set(fetched_when_live) == {0}  # (its head, then its consensus)
+    assert b.counters["trace.entries-fetched"] == len(rows) and b.get("plant/a", "live") == {"now": True}

@@ -148,32 +148,23 @@ def test_traces_are_kept_to_their_limit_and_a_late_peer_starts_from_what_is_left
         a.stop()
 
 
-def test_a_response_is_checked_as_one_chain_under_its_last_signature(tmp_path):
+def test_a_response_is_checked_as_one_chain_under_its_last_signature(offline_pair):
     """Entries must link to each other and to the copy held, and the last one's signature,
     which covers all before it, must hold: a bad one keeps out the whole response."""
-    from edgeswarm.node import Config
+    a, b = offline_pair
+    rows = a.store.trace_range(a.node_id, 1, None)
+    assert len(rows) >= 4
+    topic = node_topic(b.node_id, "trace-resp")
 
-    a = Node(Config(home=tmp_path / "a", regions=["plant"], sync_interval=0))
-    b = Node(Config(home=tmp_path / "b", regions=["plant"], sync_interval=0))
-    try:
-        for i in range(3):
-            a.put("plant/a", f"k{i}", {"i": i})
-        rows = a.store.trace_range(a.node_id, 1, None)
-        assert len(rows) >= 4
-        topic = node_topic(b.node_id, "trace-resp")
+    def respond(seq: int, entries: list) -> None:
+        b.receive(topic, encode(a.identity, "trace-resp", None, seq, seq, {"entries": entries}).raw)
 
-        def respond(seq: int, entries: list) -> None:
-            b.receive(topic, encode(a.identity, "trace-resp", None, seq, seq, {"entries": entries}).raw)
-
-        last_raw, last_sig = rows[3]
-        respond(1, [list(r) for r in rows[:3]] + [[last_raw, bytes(64)]])
-        assert b.counters["rejected.trace-signature"] == 1 and b.store.trace_head(a.node_id) is None
-        respond(2, [list(r) for r in rows[1:4]])  # not from the start of the chain
-        assert b.counters["rejected.trace-chain"] == 1 and b.store.trace_head(a.node_id) is None
-        respond(3, [list(r) for r in rows[:4]])
-        assert b.store.trace_head(a.node_id) == (4, a.store.trace_entry(a.node_id, 4)[0])
-        assert [e.hash for e in b.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)][:4]
-        assert b.counters["trace.entries-fetched"] == 4
-    finally:
-        a.stop()
-        b.stop()
+    last_raw, last_sig = rows[3]
+    respond(1, [list(r) for r in rows[:3]] + [[last_raw, bytes(64)]])
+    assert b.counters["rejected.trace-signature"] == 1 and b.store.trace_head(a.node_id) is None
+    respond(2, [list(r) for r in rows[1:4]])  # not from the start of the chain
+    assert b.counters["rejected.trace-chain"] == 1 and b.store.trace_head(a.node_id) is None
+    respond(3, [list(r) for r in rows[:4]])
+    assert b.store.trace_head(a.node_id) == (4, a.store.trace_entry(a.node_id, 4)[0])
+    assert [e.hash for e in b.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)][:4]
+    assert b.counters["trace.entries-fetched"] == 4
