@@ -44,8 +44,8 @@ from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, 
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
-from edgeswarm.shared.topics import (node_filter, parse_topic, region_covers, region_filter, region_topic,
-                                     validate_region)
+from edgeswarm.shared.topics import (TopicError, node_filter, parse_topic, region_covers, region_filter,
+                                     region_topic, validate_region)
 
 from .admission import Admission
 from .handover import Handover
@@ -70,9 +70,12 @@ _LATER = frozenset({"digest", "sync-req", "sync-resp", "trace", "trace-head", "t
 
 
 def _later(topic: str) -> bool:
-    """A message of a kind in _LATER (told by its topic: es/v1/<kind>/... or es/v1/node/<id>/<kind>)."""
-    kind = topic.split("/", 3)[2:3]
-    return (topic.rsplit("/", 1)[-1] if kind == ["node"] else kind[0] if kind else "") in _LATER
+    """A message of a kind in _LATER, told by its topic (a topic that is not the swarm's:
+    handled at once, where it is rejected)."""
+    try:
+        return parse_topic(topic).kind in _LATER
+    except TopicError:
+        return False
 
 KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
