@@ -423,19 +423,23 @@ class Transport:
             with self._suback:  # (the filters are the token: a SUBACK says which it refused)
                 refused = self._subs.sent(mid, filters)
                 if refused is not None:  # already acknowledged, with the positions it refused
-                    self.refused.update(filters[i] for i in refused if i < len(filters))
+                    self._note_refused(filters, refused)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [i for i, rc in enumerate(reason_codes) if rc.is_failure]
         with self._suback:
             _, filters = self._subs.acked(mid, failed)
+            if filters is not None:  # (else they are noted when the subscribe records its id)
+                self._note_refused(filters, failed)
             for i in failed:
-                name = filters[i] if filters and i < len(filters) else "a filter"
-                if filters:
-                    self.refused.add(name)
-                log.error("broker %s:%s refused the subscription to %s: %s", self.host, self.port, name,
+                log.error("broker %s:%s refused a subscription (%s): %s", self.host, self.port,
+                          filters[i] if filters is not None and i < len(filters) else f"filter {i + 1}",
                           reason_codes[i])
             self._suback.notify_all()
+
+    def _note_refused(self, filters: list[str], positions: list[int]) -> None:
+        """The filters at `positions` of a SUBACK's list were refused (held under _suback)."""
+        self.refused.update(filters[i] for i in positions if i < len(filters))
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until the broker has acknowledged every subscription sent so far."""
