@@ -83,7 +83,7 @@ class Admission:
 
     def revoked(self) -> set[str]:
         """The node ids the swarm admin revoked (what a broker this node hosts must refuse)."""
-        return {n for n in self.node.store.flagged() if self._revoked(n)}
+        return {n for n in self.node.store.flagged() if self.node.store.flag_reason(n) == REVOKED}
 
     def refuse(self, env: Envelope) -> str | None:
         """Why a signed message may not count, or None."""

@@ -194,8 +194,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     identity = write_bundle(args.out, regions=args.region, brokers=args.broker, admin=admin, days=args.days,
                             members=args.member or [], quorum=args.quorum, auto=args.auto_broker,
                             auto_port=args.auto_port, auto_address=args.auto_address, wheel=args.wheel,
-                            platform=args.platform,
-                            python=args.python, with_wheels=not args.no_wheelhouse)
+                            platform=args.platform, python=args.python, with_wheels=not args.no_wheelhouse)
     print(f"bundle for node {identity.node_id} written to {args.out}"
           f"{'' if admin is None else ' (admitted to ' + ', '.join(args.region) + ')'}; it holds the node's private "
           f"key: read {args.out / 'README.txt'}, flash one board, then delete it")
