@@ -1,16 +1,18 @@
 """What a change costs a member of a swarm: bytes on its card and CPU to take it in.
 
-    python bench/bench_store.py [--members 20] [--changes 500] [--keys 10]
+    python bench/bench_store.py [--members 20] [--changes 500] [--keys 10] [--round-every 50]
 
 One node (real key, real SQLite store, no broker) receives what a swarm of `--members`
 sends for each change of `--changes` spread over `--keys` frames: the writer's signed diff
 and the signed votes of the other members, each voting for every new version in its next
 round. Printed, measured in this one run:
-  - the store's bytes per change on disk, by table (SQLite's dbstat), once the changes are
-    in and the write-ahead log folded back;
+  - the store's bytes per change (SQLite's dbstat), and how much each table grew per change
+    over the second half of the run, with the scheduled rounds compacting the vote history
+    (free pages are what the rounds freed and the next writes reuse);
   - the receiving node's CPU per change, messages handled one at a time (a quiet swarm:
     each in its own transaction) and as they come in bursts (one transaction per change's
-    messages), with its share spent deciding (fork choice and consensus).
+    messages), with its share spent deciding (fork choice and consensus);
+  - what the rounds' compaction of the vote history drops, and its CPU.
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ def swarm_messages(home: Path, ids: list[Identity], changes: int, keys: int) -> 
     return out
 
 
-def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]], one_by_one: bool
-            ) -> tuple[Node, float, float]:
-    """A fresh receiver takes the messages; (node, CPU seconds, of which deciding)."""
+def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]], one_by_one: bool,
+            round_every: int) -> tuple[Node, float, float, float, list[dict[str, int]]]:
+    """A fresh receiver takes the messages, with a scheduled round's compaction of the vote
+    history every `round_every` changes; (node, CPU seconds taking messages, of which
+    deciding, CPU seconds compacting, the store's bytes by table at half way and at the end)."""
     node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
                 identity=ids[1])
-    deciding = [0.0]
+    deciding, compacting, sizes = [0.0], 0.0, []
     decide = node._reconsider
 
     def timed(region: str, key: str) -> None:
@@ -69,21 +73,36 @@ def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, byte
         decide(region, key)
         deciding[0] += time.process_time() - t
     node._reconsider = timed
-    t0 = time.process_time()
-    for group in messages:
+    cpu = 0.0
+    changes = len(messages) // 2  # (two groups per change)
+    for n, group in enumerate(messages, start=1):
+        t0 = time.process_time()
         if one_by_one:
             for message in group:
                 node.receive(*message)
         else:
             node.receive_many(group)
         node.store.mark_published([item.msg_id for item in node.store.unpublished()])  # (as the broker acks)
-    return node, time.process_time() - t0, deciding[0]
+        cpu += time.process_time() - t0
+        if n % 2 == 0 and (n // 2 % round_every == 0 or n // 2 == changes):
+            t0 = time.process_time()
+            node.compact_votes()
+            compacting += time.process_time() - t0
+            if n // 2 in (changes // 2, changes):
+                sizes.append(table_bytes(node.store.path))
+    return node, cpu, deciding[0], compacting, sizes
 
 
 def table_bytes(path: Path) -> dict[str, int]:
+    """Bytes by table (indexes with their table), and free pages."""
+    groups: dict[str, int] = {}
     with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall()
-    return dict(rows)
+        for name, size in db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"):
+            table = next((t for t in ("votes", "latest", "trace", "diffs", "versions") if t in name), "other")
+            groups[table] = groups.get(table, 0) + size
+        groups["free pages"] = db.execute("PRAGMA freelist_count").fetchone()[0] * db.execute(
+            "PRAGMA page_size").fetchone()[0]
+    return groups
 
 
 def main() -> None:
@@ -91,6 +110,7 @@ def main() -> None:
     p.add_argument("--members", type=int, default=20, help="members of the swarm (at least 2)")
     p.add_argument("--changes", type=int, default=500)
     p.add_argument("--keys", type=int, default=10, help="frames the changes are spread over")
+    p.add_argument("--round-every", type=int, default=50, help="changes between two scheduled rounds")
     args = p.parse_args()
     if args.members < 2:
         p.error("--members is at least 2")
@@ -100,29 +120,27 @@ def main() -> None:
         results = {}
         for label, one_by_one in (("one at a time", True), ("in bursts", False)):
             home = Path(tmp) / label.replace(" ", "-")
-            node, cpu, deciding = receive(home, ids, messages, one_by_one)
-            reached = node.counters["consensus"]
-            node.stop()  # (closing folds the write-ahead log into the file)
-            results[label] = (cpu, deciding, reached, home / "store.db")
+            node, cpu, deciding, compacting, sizes = receive(home, ids, messages, one_by_one, args.round_every)
+            results[label] = (cpu, deciding, node.counters["consensus"], node.counters["votes-compacted"],
+                              compacting, sizes)
+            node.stop()
         n = args.changes
         print(f"a member of a {args.members}-member swarm, {n} changes of {args.keys} frames "
-              f"(a diff and {args.members - 1} votes each)")
-        for label, (cpu, deciding, reached, _) in results.items():
+              f"(a diff and {args.members - 1} votes each), a round every {args.round_every} changes")
+        for label, (cpu, deciding, reached, *_) in results.items():
             if reached != n:
                 raise SystemExit(f"{label}: {reached} of {n} changes reached consensus")
             print(f"  CPU per change, messages {label}: {cpu / n * 1000:.2f} ms"
                   f" ({deciding / cpu * 100:.0f} % deciding)")
-        store = results["in bursts"][3]
-        sizes = table_bytes(store)
-        groups: dict[str, int] = {}
-        for name, size in sizes.items():
-            table = next((t for t in ("votes", "latest", "trace", "diffs", "versions")
-                          if t in name), "other")
-            groups[table] = groups.get(table, 0) + size
-        print(f"  store on disk: {store.stat().st_size / n:,.0f} B per change "
-              f"({store.stat().st_size / 2**20:.1f} MiB); by table, with indexes:")
-        for table, size in sorted(groups.items(), key=lambda i: -i[1]):
-            print(f"    {table:<9}{size / n:>7,.0f} B per change")
+        _, _, _, compacted, compacting, (half, end) = results["in bursts"]
+        print(f"  the rounds' compaction dropped {compacted:,} of {n * args.members:,} votes"
+              f" ({compacting / n * 1000:.3f} ms CPU per change)")
+        grown = {t: end.get(t, 0) - half.get(t, 0) for t in end}
+        second = n - n // 2
+        print(f"  store: {sum(end.values()) / n:,.0f} B per change in all; over the second half it grew"
+              f" {sum(grown.values()) / second:,.0f} B per change, by table (with indexes):")
+        for table, size in sorted(grown.items(), key=lambda i: -i[1]):
+            print(f"    {table:<11}{size / second:>7,.0f} B per change")
 
 
 if __name__ == "__main__":

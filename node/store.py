@@ -8,8 +8,10 @@ Tables
             vote round. Derived from versions and votes, kept for O(1) reads.
   diffs     every diff envelope sent or received, raw, with its status
             (applied / pending while a parent is missing / rejected).
-  votes     every vote: (region, key, voter, round) -> version; only each voter's latest
-            vote on a frame keeps its signed envelope (what anti-entropy sends);
+  votes     the votes: (region, key, voter, round) -> version; only each voter's latest
+            vote on a frame keeps its signed envelope (what anti-entropy sends), and once
+            the frame settles, the votes below the consensus that no decision reads again
+            go (Voting.compact_votes, each scheduled round);
   latest    and each voter's highest round per frame.
   sums      per frame, what anti-entropy compares (node/digest.py): its position, the XOR of
             its item hashes (authored versions, latest votes), how many authored versions
@@ -39,6 +41,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -61,6 +64,7 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
 _SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
                   " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
                   " mask = excluded.mask, hlc = excluded.hlc")
+COMPACT_QUEUE = 65536  # frames settled since their vote history was compacted (more wait for the next)
 _DROP_ENVELOPE = "UPDATE votes SET envelope = NULL WHERE region = ? AND key = ? AND voter = ? AND round = ?"
 
 
@@ -138,6 +142,9 @@ class Store:
         self.sum_listeners: list[Callable[[int, list | None], None]] = []
         self.sums_gen = 0
         self._sum_changes: list | None = []
+        # Frames whose consensus settled since their vote history was last compacted
+        # (settled_frames), oldest first; at most COMPACT_QUEUE of them.
+        self._to_compact: dict[tuple[str, str], None] = {}
         self._tx = False  # a transaction is open: the cache may be read
         self._data_version = -1
         self._forget()
@@ -525,6 +532,8 @@ class Store:
                        " round = excluded.round, settled = excluded.settled",
                        [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
             self._frames[(region, key)] = frame
+            if frame.settled and len(self._to_compact) < COMPACT_QUEUE:
+                self._to_compact[(region, key)] = None
 
     def regions(self) -> list[str]:
         return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
@@ -637,6 +646,32 @@ class Store:
         else:  # (a vote stored outside a transaction would leave the kept one behind)
             self._latest.pop((region, key), None)
         return latest
+
+    def settled_frames(self, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` frames settled on a consensus since they were last handed out here,
+        oldest first (for compacting their vote history)."""
+        with self._lock:
+            frames = list(islice(self._to_compact, limit))
+            for frame in frames:
+                del self._to_compact[frame]
+        return frames
+
+    def vote_rows(self, region: str, key: str) -> dict[str, list[tuple[int, bytes, int | None]]]:
+        """voter -> (round, version, the version's generation or None when not held) of
+        every vote it cast on this frame, in round order."""
+        out: dict[str, list[tuple[int, bytes, int | None]]] = {}
+        for voter, round_, version, gen in self._exec(
+                "SELECT v.voter, v.round, v.version, x.gen FROM votes v LEFT JOIN versions x ON x.version = v.version"
+                " WHERE v.region = ? AND v.key = ? ORDER BY v.voter, v.round", [region, key]):
+            out.setdefault(voter, []).append((round_, version, gen))
+        return out
+
+    def drop_votes_below(self, region: str, key: str, rounds: dict[str, int]) -> int:
+        """Delete each voter's votes on this frame in rounds below the one given; how many."""
+        with self.transaction():
+            return self.db.conn.executemany(
+                "DELETE FROM votes WHERE region = ? AND key = ? AND voter = ? AND round < ?",
+                [(region, key, voter, r) for voter, r in rounds.items()]).rowcount
 
     def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """(version, parents) of voted merges of a frame that this store does not hold."""

@@ -297,6 +297,8 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
         "everywhere_ms": (percentile(everywhere_ms, 50), percentile(everywhere_ms, 99), len(everywhere_ms)),
         "offered_per_s": len(written) / load_s,
         "bytes_out_per_frame": bytes_out / frames, "bytes_in_per_frame": bytes_in / frames,
+        "bytes_in_by_kind": {k.removeprefix("bytes-in."): v / frames for k, v in counters.items()
+                             if k.startswith("bytes-in.")},
         "cpu_ms_per_write": sum(m.cpu for m in members) * 1000 / frames,
         "first_errors": errors[:3],
     }
@@ -324,5 +326,7 @@ def report(w: Workload, f: dict, broker: str) -> str:
         + (", every trace copied everywhere)" if f.get("traces_mirrored") else "; traces NOT all copied)"),
         f"  throughput {f['offered_per_s']:.1f} writes/s; per frame {f['bytes_out_per_frame']:,.0f} B published, "
         f"{f['bytes_in_per_frame']:,.0f} B delivered; {f['cpu_ms_per_write']:,.1f} ms of node CPU (all nodes)",
+        "  delivered per frame by kind: " + ", ".join(
+            f"{kind} {n:,.0f} B" for kind, n in sorted(f["bytes_in_by_kind"].items(), key=lambda kv: -kv[1]) if n >= 1),
     ]
     return "\n".join(lines)

@@ -199,12 +199,14 @@ class Sync:
     def publish_digests(self, hello: bool = False) -> None:
         """Publish a digest of every followed region tree, the trace entries recorded since
         the last round and this node's trace head (the scheduled job, which also prunes the
-        traces held; `hello` on (re)connecting)."""
+        traces held and compacts the vote history of frames settled since; `hello` on
+        (re)connecting)."""
         if not hello:
-            try:
-                self.node.trace.prune()
-            except Exception:  # (tried again next round)
-                log.exception("pruning the traces failed")
+            for what, prune in (("the traces", self.node.trace.prune), ("the vote history", self.node.compact_votes)):
+                try:
+                    prune()
+                except Exception:  # (tried again next round)
+                    log.exception("pruning %s failed", what)
         self.node.trace.push()
         self.node.trace.publish_head()
         self.node.presence.publish_fingerprint()

@@ -156,6 +156,48 @@ class Voting:
             decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
         return decision
 
+    def compact_votes(self, batch: int = 256) -> int:
+        """Drop vote history that no decision reads again (the scheduled round's job); how
+        many votes went. See _compactable."""
+        dropped = 0
+        while frames := self.store.settled_frames(batch):
+            for region, key in frames:
+                with self.store.transaction():
+                    dropped += self.store.drop_votes_below(region, key, self._compactable(region, key))
+        self.counters["votes-compacted"] += dropped
+        return dropped
+
+    def _compactable(self, region: str, key: str) -> dict[str, int]:
+        """voter -> the round below which its votes on a settled frame can go: the round of
+        its first vote for an eligible authored version that is the consensus or descends
+        from it, when every vote it cast before that one was for an ancestor of the
+        consensus (on a settled frame: any version of a lower generation).
+
+        Fork choice reads, at a fork, each member's first vote after it. A vote dropped
+        this way lies after a fork only if the member's next vote kept does too, and on the
+        same branch (it descends from the dropped one and lies under a leaf, being eligible
+        and authored), so every fork, including one brought later from before the
+        consensus, is decided as before. (One case is not: an author revoked afterwards
+        whose version was that next vote.) What remains of a long-lived frame is each
+        member's votes from the consensus on. A vote that comes late for a round dropped
+        here is stored as any late vote, and dropped again at the next round; a second
+        vote in such a round goes unflagged, as no decision counts that round any more."""
+        frame = self.store.frame(region, key)
+        if not frame.settled or frame.consensus is None:
+            return {}
+        dag = voter.Dag(self.store.frame_meta_from(region, key, frame.consensus))
+        if frame.consensus not in dag.versions:
+            return {}
+        floor = dag.versions[frame.consensus].gen
+        eligible = dag.eligible(self._counts(self.store.flagged()))
+        ahead = {v for v in dag.descendants(frame.consensus) & eligible if not dag.versions[v].is_merge}
+        cut = {}
+        for voter_id, rows in self.store.vote_rows(region, key).items():
+            first = next((i for i, (_, version, _) in enumerate(rows) if version in ahead), 0)
+            if first and all(gen is not None and gen < floor for _, _, gen in rows[:first]):
+                cut[voter_id] = rows[first][0]
+        return cut
+
     def _reconsider(self, region: str, key: str) -> None:
         """Recompute head, own vote and consensus of a frame after any change to it."""
         self._catch_up(region, key)

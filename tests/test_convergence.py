@@ -19,6 +19,7 @@ from nacl.signing import SigningKey
 
 from edgeswarm.node.digest import Tree
 from edgeswarm.node import Config, Node
+from edgeswarm.node.store import Frame
 from edgeswarm.shared.identity import Identity
 
 REGION = "sim/line"
@@ -29,7 +30,8 @@ write = st.tuples(st.just("write"), st.integers(0, NODES - 1), st.sampled_from([
 deliver = st.tuples(st.just("deliver"), st.integers(0, NODES - 1), st.integers(0, 1000))
 redeliver = st.tuples(st.just("redeliver"), st.integers(0, NODES - 1), st.integers(0, 1000))
 send = st.tuples(st.just("send"), st.integers(0, NODES - 1))
-actions = st.lists(st.one_of(write, write, deliver, deliver, deliver, redeliver, send, send), min_size=10,
+compact = st.tuples(st.just("compact"), st.integers(0, NODES - 1))  # what a node's scheduled round does
+actions = st.lists(st.one_of(write, write, deliver, deliver, deliver, redeliver, send, send, compact), min_size=10,
                    max_size=80)
 
 
@@ -73,12 +75,17 @@ class Network:
 
 
 @settings(max_examples=int(os.environ.get("EDGESWARM_SIM_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(actions)
-# A late fork from before a settled consensus: fork choice reads every voter's votes in
-# round order, so a node may drop none of them (dropping superseded ones split the swarm).
+@given(actions, st.booleans())
+# A late fork from before a settled consensus: fork choice reads the voters' votes in round
+# order (dropping every superseded one split the swarm), so compaction keeps what it reads.
 @example(steps=[("write", 0, "a", "x", 0)] * 11 + [("write", 0, "a", "x", 1), ("write", 1, "a", "x", 3),
-                                                  ("write", 2, "a", "x", 0), ("write", 2, "a", "y", 0)])
-def test_any_interleaving_converges_and_loses_nothing(steps):
+                                                  ("write", 2, "a", "x", 0), ("write", 2, "a", "y", 0)], eager=True)
+@example(steps=[("write", 0, "a", "x", 0)] * 11 + [("write", 0, "a", "x", 1), ("send", 0), ("deliver", 1, 0),
+                                                  ("deliver", 1, 0), ("send", 1), ("deliver", 0, 0), ("compact", 0),
+                                                  ("compact", 1), ("write", 1, "a", "x", 3), ("write", 2, "a", "x", 0),
+                                                  ("compact", 0), ("write", 2, "a", "y", 0)], eager=False)
+def test_any_interleaving_converges_and_loses_nothing(steps, eager):
+    """`eager`: every node compacts its vote history after every step, not only when told."""
     with tempfile.TemporaryDirectory() as tmp:
         homes = [Path(tmp) / f"n{i}" for i in range(NODES)]
         # Fixed keys: hashes (and so tie-breaks) are the same each time an example is replayed.
@@ -92,48 +99,59 @@ def test_any_interleaving_converges_and_loses_nothing(steps):
         net = Network(nodes)
         written: set[str] = set()
         try:
-            for step in steps:
-                if step[0] == "write":
-                    _, i, key, field, value = step
-                    written.add(nodes[i].patch(REGION, key, set={field: value}))
-                elif step[0] == "deliver":
-                    net.deliver(step[1], step[2])
-                elif step[0] == "redeliver":
-                    net.redeliver(step[1], step[2])
-                else:
-                    net.send(step[1])
-            event(f"settled in {min(net.settle(), 5)}+ rounds")
+            # The steps twice: the second time on a settled history that compaction trims,
+            # with forks from before what each node has compacted.
+            for phase in range(2):
+                for step in steps:
+                    if step[0] == "write":
+                        _, i, key, field, value = step
+                        written.add(nodes[i].patch(REGION, key, set={field: value + 4 * phase}))
+                    elif step[0] == "deliver":
+                        net.deliver(step[1], step[2])
+                    elif step[0] == "redeliver":
+                        net.redeliver(step[1], step[2])
+                    elif step[0] == "compact":
+                        nodes[step[1]].compact_votes()
+                    else:
+                        net.send(step[1])
+                    if eager:
+                        for node in nodes:
+                            node.compact_votes()
+                event(f"settled in {min(net.settle(), 5)}+ rounds")
+                check_converged(nodes, written)
             stats = sum((n.counters for n in nodes), start=Counter())
-            for name in ("merges", "pending", "fork-resolutions", "rejected.duplicate"):
+            for name in ("merges", "pending", "fork-resolutions", "rejected.duplicate", "votes-compacted"):
                 event(f"{name}: {'yes' if stats[name] else 'no'}")
-
-            for node in nodes:
-                assert node.counters["rejected.internal"] == 0
-                versions = {fv.version for key in ("a", "b") for fv in node.history(REGION, key)}
-                assert written <= versions, "an accepted version was lost"
-            for key in ("a", "b"):
-                views = [n.status(REGION, key) for n in nodes]
-                assert len({(v["head"], v["consensus"], tuple(v["forks"])) for v in views}) == 1, views
-                event(f"forks: {'yes' if views[0]['forks'] else 'no'}")
-                if any(fv_key == key for fv_key in nodes[0].keys(REGION)):
-                    assert views[0]["consensus"] == views[0]["head"] is not None
-                    values = {repr(n.get(REGION, key, consensus=True)) for n in nodes}
-                    assert len(values) == 1
-            # What anti-entropy compares: kept with every version and vote, equal to the
-            # sums computed from scratch, and the same on every node once they agree.
-            digests = set()
-            for node in nodes:
-                kept = node.store.read_sums("sim", list)[1]
-                followed = node.sync.tree("sim")
-                assert (list(followed.pos), list(followed.hashes)) == ([r[0] for r in kept], [r[1] for r in kept])
-                assert followed.counts() == Tree(kept).counts()
-                node.store.rebuild_sums()
-                assert node.store.read_sums("sim", list)[1] == kept
-                digests.add(node.sync.digest("sim")["hashes"])
-            assert len(digests) == 1, "settled nodes whose digests differ would sync forever"
         finally:
             for node in nodes:
                 node.stop()
+
+
+def check_converged(nodes: list[Node], written: set[str]) -> None:
+    for node in nodes:
+        assert node.counters["rejected.internal"] == 0
+        versions = {fv.version for key in ("a", "b") for fv in node.history(REGION, key)}
+        assert written <= versions, "an accepted version was lost"
+    for key in ("a", "b"):
+        views = [n.status(REGION, key) for n in nodes]
+        assert len({(v["head"], v["consensus"], tuple(v["forks"])) for v in views}) == 1, views
+        event(f"forks: {'yes' if views[0]['forks'] else 'no'}")
+        if any(fv_key == key for fv_key in nodes[0].keys(REGION)):
+            assert views[0]["consensus"] == views[0]["head"] is not None
+            values = {repr(n.get(REGION, key, consensus=True)) for n in nodes}
+            assert len(values) == 1
+    # What anti-entropy compares: kept with every version and vote, equal to the sums
+    # computed from scratch, and the same on every node once they agree.
+    digests = set()
+    for node in nodes:
+        kept = node.store.read_sums("sim", list)[1]
+        followed = node.sync.tree("sim")
+        assert (list(followed.pos), list(followed.hashes)) == ([r[0] for r in kept], [r[1] for r in kept])
+        assert followed.counts() == Tree(kept).counts()
+        node.store.rebuild_sums()
+        assert node.store.read_sums("sim", list)[1] == kept
+        digests.add(node.sync.digest("sim")["hashes"])
+    assert len(digests) == 1, "settled nodes whose digests differ would sync forever"
 
 
 def test_a_fork_inside_a_branch_is_decided_by_the_votes_after_it_and_stays_as_it_grows():
@@ -159,3 +177,34 @@ def test_a_fork_inside_a_branch_is_decided_by_the_votes_after_it_and_stays_as_it
         dag = Dag({m.version: m for m in versions})
         head, order = choose_head(dag, set(dag.versions), history, no_merge)
         assert head == P.version and order[-1] == X1.version
+
+
+def test_compaction_drops_only_votes_below_the_next_one_kept(tmp_path):
+    """On a frame settled on C (B - M1 - C - D): a member that voted B, M1, C, D keeps C
+    and D; one with a vote for a version not held (U) between keeps every vote (U may be
+    a branch from before C, arriving later); one with a single vote keeps it."""
+    members = [Identity.generate() for _ in range(2)]
+    node = Node(Config(home=tmp_path, regions=["sim"], members=[m.node_id for m in members]),
+                identity=members[0])
+    store, author = node.store, members[1].node_id
+    try:
+        chain = {}
+        with store.transaction():
+            parent = None
+            for gen, name in enumerate(["B", "M1", "C", "D"], start=1):
+                chain[name] = bytes([gen]) * 32
+                store.add_version(REGION, "a", chain[name], (parent,) if parent else (), {"n": gen}, author, gen, gen)
+                parent = chain[name]
+            store.set_frame(REGION, "a", Frame(chain["D"], chain["C"], 0, settled=True))
+            votes = {"p": ["B", "M1", "C", "D"], "q": ["B", "U", "D"], "s": ["M1"]}
+            for voter, names in votes.items():
+                for round_, name in enumerate(names, start=1):
+                    store.add_vote(REGION, "a", voter, round_, chain.get(name, bytes(32)), b"vote")
+        latest = store.frame_items(REGION, "a")[1]
+        assert node._compactable(REGION, "a") == {"p": 3}
+        assert node.compact_votes() == 2 and node.compact_votes() == 0  # (each frame once per settling)
+        assert store.votes_in_order(REGION, "a") == {
+            "p": [chain["C"], chain["D"]], "q": [chain["B"], bytes(32), chain["D"]], "s": [chain["M1"]]}
+        assert store.frame_items(REGION, "a")[1] == latest  # what anti-entropy sends is untouched
+    finally:
+        node.stop()
