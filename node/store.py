@@ -8,10 +8,9 @@ Tables
             vote round. Derived from versions and votes, kept for O(1) reads.
   diffs     every diff envelope sent or received, raw, with its status
             (applied / pending while a parent is missing / rejected).
-  votes     the votes: (region, key, voter, round) -> version; only each voter's latest
-            vote on a frame keeps its signed envelope (what anti-entropy sends), and once
-            the frame settles, the votes below the consensus that no decision reads again
-            go (Voting.compact_votes, each scheduled round);
+  votes     the votes: (region, key, voter, round) -> version, with the signed envelope
+            (what anti-entropy sends); those no decision reads again go at each scheduled
+            round (Voting.compact_votes);
   latest    and each voter's highest round per frame.
   sums      per frame, what anti-entropy compares (node/digest.py): its position, the XOR of
             its item hashes (authored versions, latest votes), how many authored versions
@@ -29,7 +28,7 @@ short-lived CLI process may share the file and a failure never half-writes anyth
 
 Inside a transaction the store keeps what it reads again and again (replay windows, flagged
 nodes, frame rows, latest votes, voters, trace heads, frames with nothing waiting) and
-writes replay windows, sums and dropped vote envelopes once, at COMMIT. The cache outlives
+writes replay windows and sums once, at COMMIT. The cache outlives
 the transaction only while no other connection commits (PRAGMA data_version) and is
 dropped on ROLLBACK; reads outside a transaction always go to the file.
 """
@@ -64,8 +63,7 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
 _SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
                   " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
                   " mask = excluded.mask, hlc = excluded.hlc")
-COMPACT_QUEUE = 65536  # frames settled since their vote history was compacted (more wait for the next)
-_DROP_ENVELOPE = "UPDATE votes SET envelope = NULL WHERE region = ? AND key = ? AND voter = ? AND round = ?"
+COMPACT_QUEUE = 65536  # frames decided since their votes were compacted (more wait for their next decision)
 
 
 class StoreError(Exception):
@@ -142,8 +140,8 @@ class Store:
         self.sum_listeners: list[Callable[[int, list | None], None]] = []
         self.sums_gen = 0
         self._sum_changes: list | None = []
-        # Frames whose consensus settled since their vote history was last compacted
-        # (settled_frames), oldest first; at most COMPACT_QUEUE of them.
+        # Frames decided since their votes were last compacted (decided_frames), oldest
+        # first; at most COMPACT_QUEUE of them.
         self._to_compact: dict[tuple[str, str], None] = {}
         self._tx = False  # a transaction is open: the cache may be read
         self._data_version = -1
@@ -183,7 +181,7 @@ class Store:
                 if version <= 2:
                     self._create_certificates()
                 if version <= 3:
-                    self._compact_votes()
+                    self._rebuild_votes()
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
         db = self.db
@@ -245,18 +243,15 @@ class Store:
         self._exec("CREATE TABLE latest (region TEXT NOT NULL, key TEXT NOT NULL, voter TEXT NOT NULL,"
                    " round INTEGER NOT NULL, version BLOB NOT NULL, PRIMARY KEY (region, key, voter)) WITHOUT ROWID")
 
-    def _compact_votes(self) -> None:
-        """Schema 3 -> 4: the vote tables rebuilt in key order, and the envelopes of votes
-        that are not their voter's latest dropped."""
+    def _rebuild_votes(self) -> None:
+        """Schema 3 -> 4: the vote tables rebuilt in key order (WITHOUT ROWID)."""
         self._exec("ALTER TABLE votes RENAME TO votes_3")
         self._exec("ALTER TABLE latest RENAME TO latest_3")
         for index in ("idx_votes_region_key_merge_of", "idx_votes_merges"):  # (renamed with their table)
             self._exec(f"DROP INDEX IF EXISTS {index}")
         self._create_votes()
         self._exec("INSERT INTO votes (region, key, voter, round, version, merge_of, envelope)"
-                   " SELECT v.region, v.key, v.voter, v.round, v.version, v.merge_of,"
-                   " CASE WHEN l.round = v.round THEN v.envelope END"
-                   " FROM votes_3 v LEFT JOIN latest_3 l USING (region, key, voter)")
+                   " SELECT region, key, voter, round, version, merge_of, envelope FROM votes_3")
         self._exec("INSERT INTO latest SELECT region, key, voter, round, version FROM latest_3")
         self._exec("DROP TABLE votes_3")
         self._exec("DROP TABLE latest_3")
@@ -331,7 +326,6 @@ class Store:
         self._idle: set[tuple[str, str]] = set()  # frames with no pending diff and no voted merge lacking
         self._trace_heads: dict[str, tuple[int, bytes] | None] = {}
         self._pending_senders: dict[str, tuple[bytes, int, bytes, int]] = {}
-        self._superseded: list[tuple[str, str, str, int]] = []  # votes whose envelopes go at COMMIT
         self._pending_sums: dict[tuple[str, str], list[int]] = {}
 
     def _flush(self) -> None:
@@ -339,9 +333,6 @@ class Store:
         if self._pending_senders:
             self.db.conn.executemany(_SENDER_UPSERT, [(n, *row) for n, row in self._pending_senders.items()])
             self._pending_senders = {}
-        if self._superseded:
-            self.db.conn.executemany(_DROP_ENVELOPE, self._superseded)
-            self._superseded = []
         self._flush_sums()
 
     def _flush_sums(self) -> None:
@@ -532,7 +523,7 @@ class Store:
                        " round = excluded.round, settled = excluded.settled",
                        [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
             self._frames[(region, key)] = frame
-            if frame.settled and len(self._to_compact) < COMPACT_QUEUE:
+            if len(self._to_compact) < COMPACT_QUEUE:
                 self._to_compact[(region, key)] = None
 
     def regions(self) -> list[str]:
@@ -590,19 +581,18 @@ class Store:
     # -- votes -----------------------------------------------------------------------
 
     def vote_at(self, region: str, key: str, voter: str, round_: int) -> tuple[bytes, bytes | None] | None:
-        """(version, envelope) of a voter's vote in a round, if any (envelope None when a
-        later round superseded it)."""
+        """(version, envelope) of a voter's vote in a round, if any (envelope None: stored
+        when only a voter's latest kept its envelope)."""
         return self._one("SELECT version, envelope FROM votes WHERE region = ? AND key = ? AND voter = ? AND round = ?",
                          [region, key, voter, round_])
 
     def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes,
                  merge_of: tuple[bytes, ...] | None = None) -> tuple[bytes, bytes | None] | None:
-        """Store a vote. When the voter already has one in that round, store nothing and
-        return (version, envelope) of the one held (envelope None: not the voter's latest).
-
-        Only a voter's latest vote on a frame keeps its envelope: anti-entropy sends no
-        other, and fork choice reads the versions alone. (In a 20-member swarm the
-        envelopes were three quarters of what a change left on the card.)"""
+        """Store a vote with its signed envelope (anti-entropy sends the votes held of a frame,
+        as fork choice reads them; Voting.compact_votes drops those no decision reads again).
+        When the voter already has one in that round, store nothing and return (version,
+        envelope) of the one held (envelope None: a vote stored when only a voter's latest
+        kept its envelope)."""
         with self.transaction():
             if not self.db.conn.execute(
                     "INSERT OR IGNORE INTO votes (region, key, voter, round, version, merge_of, envelope)"
@@ -615,10 +605,7 @@ class Store:
             latest = self._latest_rounds(region, key)
             old = latest.get(voter)
             if old is not None and old[0] >= round_:  # a late one of an earlier round
-                self._drop_envelope(region, key, voter, round_)
                 return None
-            if old is not None:
-                self._drop_envelope(region, key, voter, old[0])
             self._exec("INSERT INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
                        " (region, key, voter) DO UPDATE SET round = excluded.round, version = excluded.version",
                        [region, key, voter, round_, version])
@@ -632,9 +619,6 @@ class Store:
             self._add_sum(region, key, item, 0, rounds)
             return None
 
-    def _drop_envelope(self, region: str, key: str, voter: str, round_: int) -> None:
-        self._superseded.append((region, key, voter, round_))  # (add_vote is always in a transaction)
-
     def _latest_rounds(self, region: str, key: str) -> dict[str, tuple[int, bytes]]:
         """voter -> (round, version) of its latest vote on a frame (kept in a transaction)."""
         if self._tx and (region, key) in self._latest:
@@ -647,9 +631,9 @@ class Store:
             self._latest.pop((region, key), None)
         return latest
 
-    def settled_frames(self, limit: int) -> list[tuple[str, str]]:
-        """Up to `limit` frames settled on a consensus since they were last handed out here,
-        oldest first (for compacting their vote history)."""
+    def decided_frames(self, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` frames decided (set_frame) since they were last handed out here,
+        oldest first (for compacting their votes)."""
         with self._lock:
             frames = list(islice(self._to_compact, limit))
             for frame in frames:
@@ -666,12 +650,11 @@ class Store:
             out.setdefault(voter, []).append((round_, version, gen))
         return out
 
-    def drop_votes_below(self, region: str, key: str, rounds: dict[str, int]) -> int:
-        """Delete each voter's votes on this frame in rounds below the one given; how many."""
+    def drop_votes(self, region: str, key: str, votes: Iterable[tuple[str, int]]) -> int:
+        """Delete votes on this frame by (voter, round); how many went."""
         with self.transaction():
-            return self.db.conn.executemany(
-                "DELETE FROM votes WHERE region = ? AND key = ? AND voter = ? AND round < ?",
-                [(region, key, voter, r) for voter, r in rounds.items()]).rowcount
+            return self.db.conn.executemany("DELETE FROM votes WHERE region = ? AND key = ? AND voter = ? AND round = ?",
+                                            [(region, key, voter, r) for voter, r in votes]).rowcount
 
     def voted_merges(self, region: str, key: str) -> list[tuple[bytes, tuple[bytes, ...]]]:
         """(version, parents) of voted merges of a frame that this store does not hold."""
@@ -704,17 +687,17 @@ class Store:
         return None if row is None else (row[0], row[1])
 
     def frame_items(self, region: str, key: str) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[str, int, bytes]]]:
-        """What a frame's sum covers, with the signed envelopes: (version, diff envelope or
-        None) of its authored versions in generation order, and (voter, round, vote
-        envelope) of its voters' latest votes."""
+        """What anti-entropy sends of a frame: (version, diff envelope or None) of its
+        authored versions in generation order, and (voter, round, vote envelope) of the votes
+        held with their envelopes, each voter's in round order (its latest last: what the
+        frame's sum covers)."""
         with self._lock:
             versions = self._exec(
                 "SELECT v.version, (SELECT envelope FROM diffs d WHERE d.version = v.version AND d.status = 'applied'"
                 " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' ORDER BY v.gen",
                 [region, key])
-            votes = self._exec(
-                "SELECT l.voter, l.round, v.envelope FROM latest l JOIN votes v USING (region, key, voter, round)"
-                " WHERE l.region = ? AND l.key = ?", [region, key])
+            votes = self._exec("SELECT voter, round, envelope FROM votes WHERE region = ? AND key = ?"
+                               " AND envelope IS NOT NULL ORDER BY voter, round", [region, key])
         return versions, votes
 
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:

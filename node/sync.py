@@ -26,10 +26,11 @@ the tree where it differs, one level per message:
   frames lists them; the other compares frame by frame.
   - I, seeing frames that differ or that only R holds, lists what it holds of them
     (`items`: [position, 4-byte short hashes of its versions, 4-byte voter tag + round of
-    each latest vote]);
+    each voter's latest vote]);
   - R, seeing frames that differ, asks for I's items (`want`), and sends at once every
     envelope of a frame I does not hold; given items, R sends the versions I lacks and the
-    latest votes newer than I's (never an older vote I has already seen replaced).
+    votes newer than I's latest of their voter (each voter's latest, and the ones it moved
+    away from that fork choice reads: Voting._compactable).
 R's envelopes are the original signed diffs and votes (`envelopes`, chunked under the
 message size limit); I runs them through the normal receive path minus the live replay
 window. R's reply that continues nothing is marked `last` and carries R's digest; when a step was
@@ -643,12 +644,13 @@ class Sync:
         if frame is None:
             return [pos, b"", b""]
         versions, votes = self.store.frame_items(*frame)
-        return [pos, pack_versions(v for v, _ in versions), pack_rounds((voter, r) for voter, r, _ in votes)]
+        latest = {voter: r for voter, r, _ in votes}  # (each voter's votes come in round order)
+        return [pos, pack_versions(v for v, _ in versions), pack_rounds(latest.items())]
 
     def _lacking(self, tree: Tree, wanted: list[tuple[int, set[bytes], dict[bytes, int]]]) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held)
-        that the peer lacks: versions whose short hash it did not list, latest votes newer
-        than the round it listed for that voter. Read a frame at a time, as they are sent."""
+        that the peer lacks: versions whose short hash it did not list, votes newer than
+        the latest round it listed for their voter. Read a frame at a time, as they are sent."""
         for pos, held, rounds in wanted:
             frame = tree.frame(pos)
             if frame is None:

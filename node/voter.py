@@ -15,7 +15,9 @@ stores what they produce. Every node given the same versions and votes decides t
   nodes that learn of each other's switches in lockstep flip forever), and a branch's
   first version stays as the branch grows (a leaf's own hash changes with every write on
   it: ranking by it flipped the swarm between branches as they were written on). A fork
-  inside a branch is decided by the votes cast after it, not by those from before it. The
+  inside a branch is decided by the votes cast after it, not by those from before it. (When
+  the leaves share versions after their fork all round, merges across it, each leaf is a
+  branch of its own and a vote counts where it lies on one of them alone.) The
   best leaf is joined by every other leaf that merges cleanly with it (three-way merge
   from their common ancestor, coherent result); the merge of that set is the head. Leaves
   that conflict stay as forks.
@@ -28,6 +30,7 @@ stores what they produce. Every node given the same versions and votes decides t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -141,7 +144,8 @@ def _rank(dag: Dag, leaves: list[bytes], history: list[list[bytes]]) -> list[byt
     members whose first vote after the fork lies on it, ties going to the branch whose
     first version has the lower hash (a branch keeps that as it grows, where a leaf's own
     hash changes with each write); then the same again inside each branch, below its own
-    fork."""
+    fork. When the leaves share versions after the fork all round (merges across it), each
+    leaf is a branch of its own, and a vote counts where it lies on one of them alone."""
     if len(leaves) < 2:
         return leaves
     fork = dag.lca(leaves)
@@ -158,8 +162,10 @@ def _rank(dag: Dag, leaves: list[bytes], history: list[list[bytes]]) -> list[byt
         branches = apart + [(own, mine)]
     if len(branches) == 1:  # (a merge below every leaf: no fork to split them at) by leaf
         branches = [(set(dag.ancestors(leaf) - before), [leaf]) for leaf in leaves]
-    after = set().union(*(versions for versions, _ in branches))
-    first = [next((w for w in ws if w in after), None) for ws in history]
+    # A member's first vote for a version on one branch alone (split by leaf, the branches
+    # can share versions: a vote for one of those does not tell them apart).
+    on = Counter(v for versions, _ in branches for v in versions)
+    first = [next((w for w in ws if on[w] == 1), None) for ws in history]
 
     def rank(branch: tuple[set[bytes], list[bytes]]) -> tuple[int, bytes]:
         versions, _ = branch

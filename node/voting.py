@@ -157,46 +157,51 @@ class Voting:
         return decision
 
     def compact_votes(self, batch: int = 256) -> int:
-        """Drop vote history that no decision reads again (the scheduled round's job); how
-        many votes went. See _compactable."""
+        """Drop the votes no decision reads again from the frames decided since the last
+        call (the scheduled round's job); how many went. See _compactable."""
         dropped = 0
-        while frames := self.store.settled_frames(batch):
+        while frames := self.store.decided_frames(batch):
             for region, key in frames:
                 with self.store.transaction():
-                    dropped += self.store.drop_votes_below(region, key, self._compactable(region, key))
+                    dropped += self.store.drop_votes(region, key, self._compactable(region, key))
         self.counters["votes-compacted"] += dropped
         return dropped
 
-    def _compactable(self, region: str, key: str) -> dict[str, int]:
-        """voter -> the round below which its votes on a settled frame can go: the round of
-        its first vote for an eligible authored version that is the consensus or descends
-        from it, when every vote it cast before that one was for an ancestor of the
-        consensus (on a settled frame: any version of a lower generation).
+    def _compactable(self, region: str, key: str) -> list[tuple[str, int]]:
+        """(voter, round) of the votes on a frame that no decision reads again.
 
-        Fork choice reads, at a fork, each member's first vote after it. A vote dropped
-        this way lies after a fork only if the member's next vote kept does too, and on the
-        same branch (it descends from the dropped one and lies under a leaf, being eligible
-        and authored), so every fork, including one brought later from before the
-        consensus, is decided as before. (One case is not: an author revoked afterwards
-        whose version was that next vote.) What remains of a long-lived frame is each
-        member's votes from the consensus on. A vote that comes late for a round dropped
-        here is stored as any late vote, and dropped again at the next round; a second
-        vote in such a round goes unflagged, as no decision counts that round any more."""
+        Fork choice reads, at a fork, each member's first vote after it, and a decision
+        reads each member's latest vote. A vote can go when the member's next vote is for
+        an eligible authored version that descends from it: that one lies under a leaf, so
+        it lies after any fork the dropped one lies after, on the same branch, and the
+        first vote after every fork counts as before (a fork brought later by anti-entropy
+        too). So can, on a frame settled on a consensus, the votes for versions below it
+        before a member's first vote for an eligible authored version from the consensus
+        on, when they are all below it. (Not covered: an author revoked afterwards whose
+        version was such a next vote.) What stays: each member's latest vote, the votes
+        it moved away from (to another branch, or to a merge) and, on a settled frame,
+        nothing below the consensus. A vote that comes late for a round dropped here is
+        stored as any late vote, and dropped again; a second vote in such a round goes
+        unflagged, as no decision reads that round any more."""
         frame = self.store.frame(region, key)
-        if not frame.settled or frame.consensus is None:
-            return {}
-        dag = voter.Dag(self.store.frame_meta_from(region, key, frame.consensus))
-        if frame.consensus not in dag.versions:
-            return {}
-        floor = dag.versions[frame.consensus].gen
+        dag = self._window(region, key, frame)
         eligible = dag.eligible(self._counts(self.store.flagged()))
-        ahead = {v for v in dag.descendants(frame.consensus) & eligible if not dag.versions[v].is_merge}
-        cut = {}
+        authored = {v for v in eligible if not dag.versions[v].is_merge}
+        settled = frame.settled and frame.consensus in dag.versions
+        if settled:
+            floor = dag.versions[frame.consensus].gen
+            ahead = dag.descendants(frame.consensus) & authored
+        dropped = []
         for voter_id, rows in self.store.vote_rows(region, key).items():
-            first = next((i for i, (_, version, _) in enumerate(rows) if version in ahead), 0)
-            if first and all(gen is not None and gen < floor for _, _, gen in rows[:first]):
-                cut[voter_id] = rows[first][0]
-        return cut
+            first = 0
+            if settled:
+                first = next((i for i, (_, version, _) in enumerate(rows) if version in ahead), 0)
+                if not all(gen is not None and gen < floor for _, _, gen in rows[:first]):
+                    first = 0
+            dropped += [(voter_id, rows[i][0]) for i in range(first)]
+            dropped += [(voter_id, r) for i, (r, version, _) in enumerate(rows[:-1]) if i >= first
+                        and rows[i + 1][1] in authored and version in dag.ancestors(rows[i + 1][1])]
+        return dropped
 
     def _reconsider(self, region: str, key: str) -> None:
         """Recompute head, own vote and consensus of a frame after any change to it."""

@@ -20,6 +20,7 @@ from nacl.signing import SigningKey
 from edgeswarm.node.digest import Tree
 from edgeswarm.node import Config, Node
 from edgeswarm.node.store import Frame
+from edgeswarm.shared.envelope import decode
 from edgeswarm.shared.identity import Identity
 
 REGION = "sim/line"
@@ -119,6 +120,7 @@ def test_any_interleaving_converges_and_loses_nothing(steps, eager):
                             node.compact_votes()
                 event(f"settled in {min(net.settle(), 5)}+ rounds")
                 check_converged(nodes, written)
+                check_pulled_alike(nodes, Path(tmp) / f"observer{phase}")
             stats = sum((n.counters for n in nodes), start=Counter())
             for name in ("merges", "pending", "fork-resolutions", "rejected.duplicate", "votes-compacted"):
                 event(f"{name}: {'yes' if stats[name] else 'no'}")
@@ -154,6 +156,21 @@ def check_converged(nodes: list[Node], written: set[str]) -> None:
     assert len(digests) == 1, "settled nodes whose digests differ would sync forever"
 
 
+def check_pulled_alike(nodes: list[Node], home: Path) -> None:
+    """A node that learns the frames by anti-entropy alone (each version's signed diff and
+    each member's latest signed vote, as a pull brings them) decides them as the swarm did."""
+    observer = Node(Config(home=home, regions=["sim"], members=[n.node_id for n in nodes]))
+    try:
+        for key in ("a", "b"):
+            versions, votes = nodes[0].store.frame_items(REGION, key)
+            observer.handle_many([decode(raw) for raw in [d for _, d in versions] + [v for _, _, v in votes]])
+            theirs, mine = nodes[0].status(REGION, key), observer.status(REGION, key)
+            assert (mine["head"], mine["consensus"], mine["forks"]) == (theirs["head"], theirs["consensus"],
+                                                                       theirs["forks"]), (key, mine, theirs)
+    finally:
+        observer.stop()
+
+
 def test_a_fork_inside_a_branch_is_decided_by_the_votes_after_it_and_stays_as_it_grows():
     """An old fork is kept (X1 beside the main line B-M1-M2); later the main line forks
     again at M2 (P, Q). The members' first votes after the old fork all lie on the main
@@ -179,32 +196,32 @@ def test_a_fork_inside_a_branch_is_decided_by_the_votes_after_it_and_stays_as_it
         assert head == P.version and order[-1] == X1.version
 
 
-def test_compaction_drops_only_votes_below_the_next_one_kept(tmp_path):
-    """On a frame settled on C (B - M1 - C - D): a member that voted B, M1, C, D keeps C
-    and D; one with a vote for a version not held (U) between keeps every vote (U may be
-    a branch from before C, arriving later); one with a single vote keeps it."""
+def test_compaction_keeps_the_votes_fork_choice_reads(tmp_path):
+    """A frame settled on C, B - M1 - C - D with E beside D: a member that voted B, M1, C,
+    D keeps D alone; one that voted D then E keeps both (it moved to another branch); one
+    with a vote for a version not held (U) between keeps every vote (U may lie on a branch
+    from before C, arriving later); one with a single vote keeps it."""
     members = [Identity.generate() for _ in range(2)]
     node = Node(Config(home=tmp_path, regions=["sim"], members=[m.node_id for m in members]),
                 identity=members[0])
     store, author = node.store, members[1].node_id
     try:
-        chain = {}
+        v = {name: bytes([i + 1]) * 32 for i, name in enumerate(["B", "M1", "C", "D", "E"])}
         with store.transaction():
-            parent = None
-            for gen, name in enumerate(["B", "M1", "C", "D"], start=1):
-                chain[name] = bytes([gen]) * 32
-                store.add_version(REGION, "a", chain[name], (parent,) if parent else (), {"n": gen}, author, gen, gen)
-                parent = chain[name]
-            store.set_frame(REGION, "a", Frame(chain["D"], chain["C"], 0, settled=True))
-            votes = {"p": ["B", "M1", "C", "D"], "q": ["B", "U", "D"], "s": ["M1"]}
+            for name, parent, gen in [("B", None, 1), ("M1", "B", 2), ("C", "M1", 3), ("D", "C", 4), ("E", "C", 4)]:
+                store.add_version(REGION, "a", v[name], (v[parent],) if parent else (), {"n": name}, author, gen, gen)
+            store.set_frame(REGION, "a", Frame(v["D"], v["C"], 0, settled=True))
+            votes = {"p": ["B", "M1", "C", "D"], "q": ["B", "U", "D"], "r": ["D", "E"], "s": ["M1"]}
             for voter, names in votes.items():
                 for round_, name in enumerate(names, start=1):
-                    store.add_vote(REGION, "a", voter, round_, chain.get(name, bytes(32)), b"vote")
-        latest = store.frame_items(REGION, "a")[1]
-        assert node._compactable(REGION, "a") == {"p": 3}
-        assert node.compact_votes() == 2 and node.compact_votes() == 0  # (each frame once per settling)
+                    store.add_vote(REGION, "a", voter, round_, v.get(name, bytes(32)), b"vote %s" % name.encode())
+        latest = store.latest_votes(REGION, "a")
+        assert node._compactable(REGION, "a") == [("p", 1), ("p", 2), ("p", 3)]
+        assert node.compact_votes() == 3 and node.compact_votes() == 0  # (each frame once per decision)
         assert store.votes_in_order(REGION, "a") == {
-            "p": [chain["C"], chain["D"]], "q": [chain["B"], bytes(32), chain["D"]], "s": [chain["M1"]]}
-        assert store.frame_items(REGION, "a")[1] == latest  # what anti-entropy sends is untouched
+            "p": [v["D"]], "q": [v["B"], bytes(32), v["D"]], "r": [v["D"], v["E"]], "s": [v["M1"]]}
+        assert store.latest_votes(REGION, "a") == latest  # what decisions and digests read is untouched
+        assert [(voter, r, raw) for voter, r, raw in store.frame_items(REGION, "a")[1] if voter == "r"] == [
+            ("r", 1, b"vote D"), ("r", 2, b"vote E")]  # anti-entropy sends what fork choice reads
     finally:
         node.stop()

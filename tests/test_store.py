@@ -69,20 +69,21 @@ def envelopes(store: Store) -> dict[int, bytes | None]:
     return dict(store.db.execute("SELECT round, envelope FROM votes WHERE voter = 'n1' ORDER BY round").fetchall())
 
 
-def test_only_a_voters_latest_vote_keeps_its_envelope(stores):
-    """Anti-entropy sends latest votes only and fork choice reads versions: the envelopes
-    of superseded votes go, whichever order the rounds arrive in."""
+def test_votes_keep_their_envelopes_and_the_latest_is_what_the_sum_covers(stores):
+    """Anti-entropy sends the votes fork choice reads, so each keeps its envelope (until the
+    node compacts the frame's votes), whichever order the rounds arrive in."""
     a, _ = stores
     for round_ in (1, 2, 4):
         assert a.add_vote("r", "k", "n1", round_, h(round_), b"vote%d" % round_) is None
-    assert envelopes(a) == {1: None, 2: None, 4: b"vote4"}
     assert a.add_vote("r", "k", "n1", 3, h(3), b"vote3") is None  # late: already superseded
-    assert envelopes(a) == {1: None, 2: None, 3: None, 4: b"vote4"}
+    assert envelopes(a) == {1: b"vote1", 2: b"vote2", 3: b"vote3", 4: b"vote4"}
     assert a.latest_votes("r", "k") == {"n1": h(4)} and a.votes_in_order("r", "k") == {"n1": [h(1), h(2), h(3), h(4)]}
-    assert a.frame_items("r", "k")[1] == [("n1", 4, b"vote4")]
-    # a second vote in a superseded round is still caught, by its version
-    assert a.add_vote("r", "k", "n1", 2, h(9), b"other") == (h(2), None)
-    assert a.add_vote("r", "k", "n1", 4, h(9), b"other") == (h(4), b"vote4")
+    assert a.frame_items("r", "k")[1] == [("n1", r, b"vote%d" % r) for r in (1, 2, 3, 4)]
+    assert a.read_sums("r", list)[1][0][3] == 4  # the sum counts the latest round only
+    # a second vote in a round is caught, with the one held as evidence
+    assert a.add_vote("r", "k", "n1", 2, h(9), b"other") == (h(2), b"vote2")
+    assert a.drop_votes("r", "k", [("n1", 1), ("n1", 2)]) == 2
+    assert envelopes(a) == {3: b"vote3", 4: b"vote4"}
 
 
 def test_sums_written_at_commit_match_a_rebuild(stores):
@@ -104,8 +105,8 @@ def test_sums_written_at_commit_match_a_rebuild(stores):
 
 
 def test_a_second_vote_in_a_superseded_round_flags_the_voter(tmp_path):
-    """The held vote of that round kept only its version: the voter is flagged all the
-    same, with the one envelope there is as evidence."""
+    """The voter has moved on since that round: it is flagged all the same, with both
+    signed votes as evidence."""
     from edgeswarm.node import Config, Node
     from edgeswarm.shared.envelope import encode
     from edgeswarm.shared.identity import Identity
@@ -121,14 +122,15 @@ def test_a_second_vote_in_a_superseded_round_flags_the_voter(tmp_path):
         def vote(seq: int, version: bytes, round_: int) -> bytes:
             return encode(mallory, "vote", "plant/a", seq, seq, {"key": "door", "version": version,
                                                                  "round": round_}).raw
-        node.receive(topic, vote(1, v1, 1))
+        first = vote(1, v1, 1)
+        node.receive(topic, first)
         node.receive(topic, vote(2, v2, 2))
-        assert node.store.vote_at("plant/a", "door", mallory.node_id, 1) == (v1, None)
+        assert node.store.vote_at("plant/a", "door", mallory.node_id, 1) == (v1, first)
         assert node.counters["equivocations"] == 0
         second = vote(3, v2, 1)
         node.receive(topic, second)
         assert node.counters["equivocations"] == 1
         assert node.store.flagged() == {mallory.node_id}
-        assert node.store.db.execute("SELECT evidence_a, evidence_b FROM flagged").fetchone() == (b"", second)
+        assert node.store.db.execute("SELECT evidence_a, evidence_b FROM flagged").fetchone() == (first, second)
     finally:
         node.stop()
