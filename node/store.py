@@ -28,9 +28,9 @@ short-lived CLI process may share the file and a failure never half-writes anyth
 
 Inside a transaction the store keeps what it reads again and again (replay windows, flagged
 nodes, frame rows, latest votes, voters, trace heads, frames with nothing waiting) and
-writes replay windows and sums once, at COMMIT. The cache outlives
-the transaction only while no other connection commits (PRAGMA data_version) and is
-dropped on ROLLBACK; reads outside a transaction always go to the file.
+writes replay windows and sums once, at COMMIT. The cache outlives the transaction only
+while no other connection commits (PRAGMA data_version) and is dropped on ROLLBACK; reads
+outside a transaction always go to the file.
 """
 
 from __future__ import annotations

@@ -200,10 +200,10 @@ class Sync:
     def publish_digests(self, hello: bool = False) -> None:
         """Publish a digest of every followed region tree, the trace entries recorded since
         the last round and this node's trace head (the scheduled job, which also prunes the
-        traces held and compacts the vote history of frames settled since; `hello` on
+        traces held and compacts the votes of frames decided since; `hello` on
         (re)connecting)."""
         if not hello:
-            for what, prune in (("the traces", self.node.trace.prune), ("the vote history", self.node.compact_votes)):
+            for what, prune in (("the traces", self.node.trace.prune), ("the votes", self.node.compact_votes)):
                 try:
                     prune()
                 except Exception:  # (tried again next round)

@@ -19,6 +19,8 @@ from .store import Frame, VersionMeta
 
 log = logging.getLogger("edgeswarm.node")
 
+COMPACT_PER_ROUND = 2048  # frames whose votes a scheduled round compacts at most
+
 
 class Voting:
     """Mixed into Node."""
@@ -156,11 +158,13 @@ class Voting:
             decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
         return decision
 
-    def compact_votes(self, batch: int = 256) -> int:
+    def compact_votes(self, limit: int = COMPACT_PER_ROUND, batch: int = 256) -> int:
         """Drop the votes no decision reads again from the frames decided since the last
-        call (the scheduled round's job); how many went. See _compactable."""
-        dropped = 0
-        while frames := self.store.decided_frames(batch):
+        call, `limit` frames at most (the rest wait for the next: the scheduled round's
+        job, after a heal that brought many); how many votes went. See _compactable."""
+        dropped = done = 0
+        while done < limit and (frames := self.store.decided_frames(min(batch, limit - done))):
+            done += len(frames)
             for region, key in frames:
                 with self.store.transaction():
                     dropped += self.store.drop_votes(region, key, self._compactable(region, key))

@@ -215,9 +215,11 @@ def test_compaction_keeps_the_votes_fork_choice_reads(tmp_path):
             for voter, names in votes.items():
                 for round_, name in enumerate(names, start=1):
                     store.add_vote(REGION, "a", voter, round_, v.get(name, bytes(32)), b"vote %s" % name.encode())
+        store.set_frame(REGION, "b", Frame(None, None, 0))  # decided after "a"
         latest = store.latest_votes(REGION, "a")
         assert node._compactable(REGION, "a") == [("p", 1), ("p", 2), ("p", 3)]
-        assert node.compact_votes() == 3 and node.compact_votes() == 0  # (each frame once per decision)
+        assert node.compact_votes(limit=1) == 3  # "b" waits for the next round
+        assert store.decided_frames(10) == [(REGION, "b")] and node.compact_votes() == 0
         assert store.votes_in_order(REGION, "a") == {
             "p": [v["D"]], "q": [v["B"], bytes(32), v["D"]], "r": [v["D"], v["E"]], "s": [v["M1"]]}
         assert store.latest_votes(REGION, "a") == latest  # what decisions and digests read is untouched
