@@ -112,25 +112,24 @@ def same_digest(nodes: list) -> bool:
 
 def lacking(stores: list[Store], keys: list[str]) -> tuple[int, int]:
     """(bytes of the envelopes each node lacks of what any node holds, bytes of the diffs
-    among them), summed over nodes: what a perfect exchange would have to move. Of each
-    voter's votes only the latest counts."""
+    among them), summed over nodes: what a perfect exchange would have to move. Of a
+    voter's votes, those above the latest round the node holds of it (anti-entropy sends
+    each voter's latest and the votes it moved away from, which fork choice reads)."""
     held = []
     for store in stores:
-        have: dict[tuple, tuple[int, bytes]] = {}
+        have: dict[tuple, bytes] = {}
+        latest: dict[tuple, int] = {}
         for k in keys:
             versions, votes = store.frame_items(REGION, k)
-            have.update({("diff", v): (0, raw) for v, raw in versions if raw})
-            have.update({("vote", k, voter): (round_, raw) for voter, round_, raw in votes})
-        held.append(have)
-    best: dict[tuple, tuple[int, bytes]] = {}
-    for have in held:
-        for item, (round_, raw) in have.items():
-            if item not in best or best[item][0] < round_:
-                best[item] = (round_, raw)
+            have.update({("diff", v): raw for v, raw in versions if raw})
+            have.update({("vote", k, voter, round_): raw for voter, round_, raw in votes})
+            latest.update({(k, voter): round_ for voter, round_, _ in votes})  # (in round order)
+        held.append((have, latest))
+    every = {item: raw for have, _ in held for item, raw in have.items()}
     total = diffs = 0
-    for have in held:
-        for item, (round_, raw) in best.items():
-            if item not in have or have[item][0] < round_:
+    for have, latest in held:
+        for item, raw in every.items():
+            if item not in have and (item[0] == "diff" or item[3] > latest.get(item[1:3], 0)):
                 total += len(raw)
                 diffs += len(raw) if item[0] == "diff" else 0
     return total, diffs
