@@ -1,5 +1,5 @@
 """Helpers shared by test modules: digests settling across node processes, a `watch`
-process, admission certificates."""
+process, admission certificates, an offline network of nodes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgeswarm.node import Node
 from edgeswarm.shared import roster
 from edgeswarm.shared.identity import Identity
 
@@ -48,3 +49,45 @@ def certificate(admin: Identity, identity: Identity, regions: list[str], days: f
     """An admission certificate for `identity`, valid from now for `days` (negative: expired)."""
     now = int(time.time() * 1000)
     return roster.issue(admin, identity.public_key, regions, now + int(days * DAY_MS), now)
+
+
+class Network:
+    """Nodes that never connect: each one's outbox is the network, and the test decides
+    which message reaches which node when, in any order, some of them twice."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.queues: list[list[tuple[str, bytes]]] = [[] for _ in nodes]
+        self.delivered: list[list[tuple[str, bytes]]] = [[] for _ in nodes]
+
+    def send(self, i: int) -> None:
+        """What node i has in its outbox goes onto the wire towards every other node."""
+        node = self.nodes[i]
+        for item in node.store.unpublished():
+            node.store.mark_published([item.msg_id])
+            for j in range(len(self.nodes)):
+                if j != i:
+                    self.queues[j].append((item.topic, item.envelope))
+
+    def deliver(self, j: int, pick: int) -> None:
+        if self.queues[j]:
+            message = self.queues[j].pop(pick % len(self.queues[j]))
+            self.delivered[j].append(message)
+            self.nodes[j].receive(*message)
+
+    def redeliver(self, j: int, pick: int) -> None:
+        if self.delivered[j]:
+            self.nodes[j].receive(*self.delivered[j][pick % len(self.delivered[j])])
+
+    def settle(self) -> int:
+        rounds = 0
+        while True:
+            for i in range(len(self.nodes)):
+                self.send(i)
+            if not any(self.queues):
+                return rounds
+            rounds += 1
+            assert rounds < 200, "the swarm keeps talking: no quiescence"
+            for j in range(len(self.nodes)):
+                while self.queues[j]:
+                    self.deliver(j, 0)

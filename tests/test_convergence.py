@@ -22,6 +22,7 @@ from edgeswarm.node import Config, Node
 from edgeswarm.node.store import Frame
 from edgeswarm.shared.envelope import decode
 from edgeswarm.shared.identity import Identity
+from helpers import Network
 
 REGION = "sim/line"
 NODES = 3
@@ -34,45 +35,6 @@ send = st.tuples(st.just("send"), st.integers(0, NODES - 1))
 compact = st.tuples(st.just("compact"), st.integers(0, NODES - 1))  # what a node's scheduled round does
 actions = st.lists(st.one_of(write, write, deliver, deliver, deliver, redeliver, send, send, compact), min_size=10,
                    max_size=80)
-
-
-class Network:
-    def __init__(self, nodes: list[Node]) -> None:
-        self.nodes = nodes
-        self.queues: list[list[tuple[str, bytes]]] = [[] for _ in nodes]
-        self.delivered: list[list[tuple[str, bytes]]] = [[] for _ in nodes]
-
-    def send(self, i: int) -> None:
-        """What node i has in its outbox goes onto the wire towards every other node."""
-        node = self.nodes[i]
-        for item in node.store.unpublished():
-            node.store.mark_published([item.msg_id])
-            for j in range(len(self.nodes)):
-                if j != i:
-                    self.queues[j].append((item.topic, item.envelope))
-
-    def deliver(self, j: int, pick: int) -> None:
-        if self.queues[j]:
-            message = self.queues[j].pop(pick % len(self.queues[j]))
-            self.delivered[j].append(message)
-            self.nodes[j].receive(*message)
-
-    def redeliver(self, j: int, pick: int) -> None:
-        if self.delivered[j]:
-            self.nodes[j].receive(*self.delivered[j][pick % len(self.delivered[j])])
-
-    def settle(self) -> int:
-        rounds = 0
-        while True:
-            for i in range(len(self.nodes)):
-                self.send(i)
-            if not any(self.queues):
-                return rounds
-            rounds += 1
-            assert rounds < 200, "the swarm keeps talking: no quiescence"
-            for j in range(len(self.nodes)):
-                while self.queues[j]:
-                    self.deliver(j, 0)
 
 
 @settings(max_examples=int(os.environ.get("EDGESWARM_SIM_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from edgeswarm.node import Config, Node
+from helpers import Network
 
 TIMEOUT = 20.0
 
@@ -59,6 +62,36 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(member_configs, region):
         for n in (a, b, c, late):
             n.stop()
 
+
+def test_a_node_that_pulls_a_frame_with_a_fork_decides_it_as_the_swarm_did(member_configs, region, tmp_path):
+    """Three members write one frame at once before hearing each other: two new roots (one
+    written by two nodes alike), a version on one of them and a merge; the members' first
+    votes after the fork differ from their latest, which are all for the merge. A node that
+    was not there pulls the frame and ranks the branches from the votes the pull brings."""
+    configs = member_configs(3, sync_interval=0)
+    nodes = [Node(c) for c in configs]
+    observer = Node(replace(configs[0], home=tmp_path / "observer"))  # not a member: it only follows
+    try:
+        nodes[0].patch(region, "a", set={"x": 0})
+        nodes[0].patch(region, "a", set={"x": 1})
+        nodes[1].patch(region, "a", set={"x": 3})
+        nodes[2].patch(region, "a", set={"x": 0})
+        nodes[2].patch(region, "a", set={"y": 0})
+        Network(nodes).settle()  # (offline: the order above is the test's, not the broker's)
+        swarm = {(s["head"], s["consensus"], tuple(s["forks"])) for s in (n.status(region, "a") for n in nodes)}
+        assert len(swarm) == 1 and next(iter(swarm))[2], swarm  # agreed, with a fork kept
+        voted = nodes[0].store.votes_in_order(region, "a")
+        assert any(ws[0] != ws[-1] for ws in voted.values())  # a first vote that is not the latest
+
+        for n in nodes + [observer]:
+            n.start()
+        observer.sync_now()
+        assert observer.wait_until(lambda: (lambda s: (s["head"], s["consensus"], tuple(s["forks"])))(
+            observer.status(region, "a")) in swarm, TIMEOUT), (observer.status(region, "a"), swarm)
+        assert observer.counters["rejected.internal"] == 0
+    finally:
+        for n in nodes + [observer]:
+            n.stop()
 
 def test_store_of_the_previous_schema_is_brought_up_to_date_on_open(tmp_path):
     """A board updated in the field keeps its store: the sums anti-entropy compares are
