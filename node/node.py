@@ -67,6 +67,7 @@ INBOX_BATCH = 500  # messages handled in one go by the worker
 _WAKE = ("", b"")  # in the inbox: acknowledgements to clear
 # Handled when no live message waits (see _work): what anti-entropy rounds bring.
 _LATER = frozenset({"digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp"})
+_ROUND_WINDOW = "round"  # the replay window of a sender's kinds in _LATER: "<node id>/round"
 
 
 def _later(topic: str) -> bool:
@@ -738,17 +739,21 @@ class Node(Voting):
 
     def _accept(self, env: Envelope) -> bool:
         """Replay window: each (sender, seq) is taken once; a clock not too far ahead; an
-        admitted sender."""
+        admitted sender. A sender's kinds in _LATER have a window of their own: the inbox
+        sets them aside while live traffic goes first, and they would fall behind the live
+        window (a trace push held back while its sender's votes went on looked like a replay
+        of an old message, and was fetched again)."""
         if self._too_far_ahead(env) or self._refused(env):
             return False
         sender = env.sender_id
-        top, mask = self.store.sender_window(sender)
+        window = f"{sender}/{_ROUND_WINDOW}" if env.kind in _LATER else sender  # (no node id holds '/')
+        top, mask = self.store.sender_window(window)
         try:
             top, mask = accept_seq(top, mask, env.seq)
         except EnvelopeError as e:
             self._reject(e.reason, f"from {sender}: {e}")
             return False
-        self.store.set_sender_window(sender, env.sender, top, mask, env.hlc)
+        self.store.set_sender_window(window, env.sender, top, mask, env.hlc)
         self.clock.observe(env.hlc)
         return True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from edgeswarm.node import Node
 from edgeswarm.node.trace import entry_hash, verify_chain
 from edgeswarm.shared.envelope import canonical, encode
-from edgeswarm.shared.topics import node_topic
+from edgeswarm.shared.topics import node_topic, region_topic
 
 TIMEOUT = 15.0
 
@@ -168,3 +168,21 @@ def test_a_response_is_checked_as_one_chain_under_its_last_signature(offline_pai
     assert b.store.trace_head(a.node_id) == (4, a.store.trace_entry(a.node_id, 4)[0])
     assert [e.hash for e in b.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)][:4]
     assert b.counters["trace.entries-fetched"] == 4
+
+
+def test_a_push_handled_after_its_senders_live_traffic_is_no_replay(offline_pair):
+    """The inbox sets round traffic aside while live traffic goes first: a push handled
+    after 70 newer votes of its sender is taken (its kind has a replay window of its own),
+    and the same push again is a duplicate."""
+    a, b = offline_pair
+    rows = a.store.trace_range(a.node_id, 1, None)
+    push = encode(a.identity, "trace", None, 1, 1, {"entries": [list(r) for r in rows]}).raw
+    version = bytes.fromhex(a.head("plant/a", "k0").version)
+    for seq in range(2, 72):
+        b.receive(region_topic("vote", "plant/a"),
+                  encode(a.identity, "vote", "plant/a", seq, seq, {"key": "k0", "version": version, "round": seq}).raw)
+    b.receive(node_topic(a.node_id, "trace"), push)
+    assert b.counters["rejected.replay"] == 0
+    assert b.store.trace_head(a.node_id) == a.store.trace_head(a.node_id)
+    b.receive(node_topic(a.node_id, "trace"), push)
+    assert b.counters["rejected.duplicate"] == 1
