@@ -12,11 +12,11 @@ how many authored versions and latest-vote rounds it holds. A node whose own dig
     (the counts tell a peer that is only behind), or follow a peer in its own state.
 Nodes in one state pull once for all. A node that hears a hello in its own state answers
 it directly with `welcome` (and `pulling` when it is pulling for that state). A node
-follows (sync-req `follow`) a peer pulling for its state, else one that welcomed it, else
-the first by node id of the peers seen in its state; the leader forwards, at the end of its
-pull, the envelopes it brought (sync-resp, the last chunk with its digest), and a leader
-that itself follows relays what it is forwarded. A follower still behind an exchange
-timeout later pulls from the peers that were ahead.
+follows (sync-req `follow`) a peer pulling for its state, else the first by node id of
+itself and the peers seen in its state (unless that is itself); the leader forwards, at
+the end of its pull, the envelopes it brought (sync-resp, the last chunk with its digest),
+and a leader that itself follows relays what it is forwarded. A follower still behind an
+exchange timeout later pulls from the peers that were ahead.
 
 A pull is one exchange at a time per region tree, initiator I and responder R, walking down
 the tree where it differs, one level per message:
@@ -94,7 +94,7 @@ class _Seen:
     at: float  # monotonic time it came
     pulling: bytes | None = None  # the peer is pulling for nodes in this state (see on_digest)
     hello: bool = False  # it came as the peer (re)joined
-    welcome: bool = False  # it answered this node's hello: the peer was there before
+    welcome: bool = False  # it answered this node's hello: the peer is in this node's state
 
 
 class Sync:
@@ -715,15 +715,16 @@ def _differing(mine: list[int], theirs: list[int]) -> list[int]:
 
 def _leader(seen: list[tuple[str, _Seen]], mine: bytes, me: str, fresh: float) -> str | None:
     """The peer in this node's state (seen after `fresh`) to leave a pull to, if any: one
-    pulling for it, else one that welcomed this node as it (re)joined, else the first by
-    node id of those that were in the same state and not (re)joining themselves."""
+    pulling for it, else the first by node id of this node and the peers seen in its state
+    (having welcomed it, or with its digest), None when that is this node. Every node in
+    the state picks the same one: nodes that (re)join together each welcome the other, and
+    following the one that welcomed it, each followed the other and nobody pulled."""
     recent = [(peer, their) for peer, their in seen if their.at > fresh]
-    for test in (lambda p, t: t.pulling is not None, lambda p, t: t.welcome):
-        chosen = [p for p, t in recent if test(p, t)]
-        if chosen:
-            return min(chosen)
-    same = [p for p, t in recent if t.hashes == mine and not t.hello and p < me]
-    return min(same) if same else None
+    pulling = [p for p, t in recent if t.pulling is not None]
+    if pulling:
+        return min(pulling)
+    first = min([p for p, t in recent if t.welcome or t.hashes == mine] + [me])
+    return None if first == me else first
 
 
 def _only_behind(mine: list[list[int]], theirs: list[list[int]], differing: list[int]) -> bool:

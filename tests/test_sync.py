@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
+
+import pytest
 
 from edgeswarm.node import Config, Node
 from helpers import Network
@@ -201,9 +204,11 @@ def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, 
             n.stop()
 
 
-def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, region, monkeypatch):
-    """Two nodes that missed the same writes come back together: the first pulls for both
-    and forwards what it got; the other follows it instead of walking the tree itself."""
+@pytest.mark.parametrize("together", [False, True], ids=["one-after-the-other", "together"])
+def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, region, monkeypatch, together):
+    """Two nodes that missed the same writes come back: one pulls for both and forwards
+    what it got; the other follows it instead of walking the tree itself. (Coming back
+    together, each welcomed the other, and each followed the other.)"""
     from edgeswarm.node import sync
     monkeypatch.setattr(sync, "JOIN_SETTLE", 3.0)  # time for the second to join before the first decides
     configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
@@ -216,7 +221,13 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
         b, c = Node(configs[1]), Node(configs[2])
         for n in (b, c):
             n.transport.persistent = False  # no broker session kept anything for them
-            n.start()  # each says hello (its digest) as it connects
+        starts = [threading.Thread(target=n.start) for n in (b, c)]  # each says hello (its digest) as it connects
+        for t in starts:
+            t.start()
+            if not together:
+                t.join(TIMEOUT)
+        for t in starts:
+            t.join(TIMEOUT)
         for n in (b, c):
             assert n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT), n.stats()
         leader, follower = (b, c) if b.counters["sync.pulls"] else (c, b)
