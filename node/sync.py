@@ -93,7 +93,6 @@ class _Seen:
     counts: list
     at: float  # monotonic time it came
     pulling: bytes | None = None  # the peer is pulling for nodes in this state (see on_digest)
-    hello: bool = False  # it came as the peer (re)joined
     welcome: bool = False  # it answered this node's hello: the peer is in this node's state
 
 
@@ -232,7 +231,7 @@ class Sync:
         body = env.body
         pulling = body.get("pulling")
         self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
-                                                  pulling if type(pulling) is bytes else None, bool(body.get("hello")),
+                                                  pulling if type(pulling) is bytes else None,
                                                   bool(body.get("welcome"))))
         tree = self.tree(root)
         level1 = tree.children(0, 0)
