@@ -703,11 +703,7 @@ class Store:
 
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""
-        out: dict[str, list[bytes]] = {}
-        for voter_id, version in self._exec(
-                "SELECT voter, version FROM votes WHERE region = ? AND key = ? ORDER BY voter, round", [region, key]):
-            out.setdefault(voter_id, []).append(version)
-        return out
+        return {voter: [version for _, version, _ in rows] for voter, rows in self.vote_rows(region, key).items()}
 
     def voted_frames(self, voter: str) -> list[tuple[str, str]]:
         return [tuple(r) for r in self._exec("SELECT DISTINCT region, key FROM votes WHERE voter = ?", [voter])]
