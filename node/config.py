@@ -13,6 +13,9 @@
                                        # later ones are rejected (0: no limit)
     trace_kept = 10000                 # entries kept of each node's trace (this node's and the
                                        # copies of peers'); older ones are dropped (0: keep all)
+    batch = true                       # changes and votes made together leave as one message per
+                                       # region under one signature; false for a swarm that still
+                                       # has nodes older than 0.2, which read only single messages
 
     [broker]
     host = "127.0.0.1"
@@ -121,6 +124,7 @@ class Config:
     snapshots_kept: int = 5
     max_clock_skew: float = 300.0
     trace_kept: int = 10000
+    batch: bool = True
     swarm_admin: str = ""
     certificate: str = ""
     sealed: dict[str, str] = field(default_factory=dict)
@@ -155,6 +159,8 @@ class Config:
         if not isinstance(self.trace_kept, int) or isinstance(self.trace_kept, bool) or self.trace_kept < 0 \
                 or 0 < self.trace_kept < 100:
             raise ConfigError("node.trace_kept is a number of trace entries, at least 100 (0: keep them all)")
+        if not isinstance(self.batch, bool):
+            raise ConfigError("node.batch must be true or false")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -295,7 +301,7 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
-                      "snapshots_kept", "max_clock_skew", "trace_kept"}
+                      "snapshots_kept", "max_clock_skew", "trace_kept", "batch"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", "auto", "auto_port", "auto_address",
                         *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker) \
@@ -320,6 +326,7 @@ class Config:
                    sync_interval=node.get("sync_interval", 30.0),
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
                    max_clock_skew=node.get("max_clock_skew", 300.0), trace_kept=node.get("trace_kept", 10000),
+                   batch=node.get("batch", True),
                    swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
                    sealed=swarm.get("sealed", {}), broker_auto=broker.get("auto", False),
                    auto_port=broker.get("auto_port", 1883), auto_address=broker.get("auto_address", ""),
@@ -339,7 +346,8 @@ class Config:
             f"snapshots_kept = {self.snapshots_kept}\n"
             f"max_message_bytes = {self.max_message_bytes}\n"
             f"max_clock_skew = {self.max_clock_skew:g}\n"
-            f"trace_kept = {self.trace_kept}\n\n"
+            f"trace_kept = {self.trace_kept}\n"
+            f"batch = {'true' if self.batch else 'false'}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"
             f"port = {self.broker_port}\n"

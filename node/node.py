@@ -39,8 +39,9 @@ from typing import Any
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
-from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode,
-                                       encode)
+from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode_many,
+                                       encode, encode_batch)
+from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
@@ -109,10 +110,10 @@ class Node(Voting):
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
         self._activity = threading.Condition()
-        self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker, not yet acknowledged
+        self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker (alone or in a batch), not yet acknowledged
         self._acked: list[bytes] = []  # acknowledged, still in the outbox table
         self._draining = False  # the outbox backlog is being sent (see _drain)
-        self._sends: list[Queued] = []
+        self._sends: list[tuple[Queued, Envelope]] = []
         self._events: list[FrameVersion] = []
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
@@ -184,7 +185,9 @@ class Node(Voting):
     def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
         """Sign and publish a message that is not kept in the outbox: sync, trace and
         presence messages, which the next round repeats if they are lost."""
-        self.transport.publish(topic, self.sign(kind, region, body).raw, retain=retain)
+        raw = self.sign(kind, region, body).raw
+        self.counters[f"bytes-out.{kind}"] += len(raw)
+        self.transport.publish(topic, raw, retain=retain)
 
     def snapshot(self) -> Path:
         """Write a signed snapshot of the consensus state to <home>/recovery now."""
@@ -388,8 +391,7 @@ class Node(Voting):
                 self._tx_depth = 0
             sends, self._sends = self._sends, []
             events, self._events = self._events, []
-        for item in sends:
-            self._publish(item)
+        self._publish_all(sends)
         for fv in events:
             self._notify(fv)
 
@@ -398,9 +400,7 @@ class Node(Voting):
         with self.store.transaction():
             seq, hlc = self.store.next_seq(), self.clock.now()
             self.store.set_meta("hlc", hlc)
-        env = encode(self.identity, kind, region, seq, hlc, body)
-        self.counters[f"bytes-out.{kind}"] += len(env.raw)
-        return env
+        return encode(self.identity, kind, region, seq, hlc, body)
 
     def _send(self, kind: str, region: str, body: Any) -> Envelope:
         """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
@@ -408,24 +408,72 @@ class Node(Voting):
         env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body)
         item = Queued(env.msg_id, region_topic(kind, region), env.raw)
         self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
-        self._sends.append(item)
+        self._sends.append((item, env))
         return env
 
-    def _publish(self, item: Queued) -> None:
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Changes made inside are stored in one transaction (all of them, or none if the block
+        raises) and, with node.batch, leave as one message per region under one signature
+        (up to 1,024 changes in each, and no more than fits node.max_message_bytes), which is
+        how a node keeps up with a sensor writing hundreds of frames a second."""
+        with self._transaction():
+            yield
+
+    def _publish_all(self, sends: list[tuple[Queued, Envelope]]) -> None:
+        """What a committed transaction queued: with node.batch, the messages for one topic
+        leave together under one signature, each alone otherwise."""
+        if not self.config.batch:
+            for item, env in sends:
+                self._publish(item, env.kind)
+            return
+        by_topic: dict[str, list[tuple[Queued, Envelope]]] = {}
+        for send in sends:
+            by_topic.setdefault(send[0].topic, []).append(send)
+        for topic, group in by_topic.items():
+            chunk, size = [], 0
+            for send in group + [None]:
+                # (each payload costs its bytes and a few of framing; the signature and array ~80)
+                if chunk and (send is None or len(chunk) == MAX_LEAVES
+                              or 80 + size + len(send[1].payload) + 5 > self.config.max_message_bytes):
+                    if len(chunk) == 1:
+                        self._publish(chunk[0][0], chunk[0][1].kind)
+                    else:
+                        self._publish_batch(topic, chunk)
+                    chunk, size = [], 0
+                if send is not None:
+                    chunk.append(send)
+                    size += len(send[1].payload) + 5
+
+    def _publish_batch(self, topic: str, sends: list[tuple[Queued, Envelope]]) -> None:
+        raw = encode_batch(self.identity, [env for _, env in sends])
+        ids = tuple(item.msg_id for item, _ in sends)
+        with self._acks:
+            self._inflight.update(ids)
+        self.counters[f"bytes-out.{sends[0][1].kind}"] += len(raw)
+        self.counters["batches-out"] += 1
+        if self.transport.publish(topic, raw, token=ids) is None:
+            with self._acks:  # not started: the envelopes stay in the outbox until start()
+                self._inflight.difference_update(ids)
+
+    def _publish(self, item: Queued, kind: str) -> None:
         with self._acks:
             self._inflight.add(item.msg_id)
+        self.counters[f"bytes-out.{kind}"] += len(item.envelope)
         if self.transport.publish(item.topic, item.envelope, token=item.msg_id) is None:
             with self._acks:  # not started: the envelope stays in the outbox until start()
                 self._inflight.discard(item.msg_id)
 
-    def _on_ack(self, msg_id: bytes) -> None:
-        """The broker has it. The outbox row goes in the inbox worker's next transaction,
-        with the others acknowledged meanwhile: one COMMIT for many, and none in the
-        network thread. (A crash before then sends it again: receivers drop duplicates.)"""
+    def _on_ack(self, token: bytes | tuple[bytes, ...]) -> None:
+        """The broker has it (a message, or a batch of them). The outbox rows go in the inbox
+        worker's next transaction, with the others acknowledged meanwhile: one COMMIT for
+        many, and none in the network thread. (A crash before then sends them again:
+        receivers drop duplicates.)"""
+        ids = token if type(token) is tuple else (token,)
         with self._acks:
-            self._inflight.discard(msg_id)
-            self._acked.append(msg_id)
-            wake = len(self._acked) == 1
+            self._inflight.difference_update(ids)
+            wake = not self._acked
+            self._acked.extend(ids)
             self._acks.notify_all()
         if wake:
             try:
@@ -459,7 +507,7 @@ class Node(Voting):
                 if not items:
                     return
                 for item in items:
-                    self._publish(item)
+                    self._publish(item, parse_topic(item.topic).kind)
                 after = items[-1].seq
                 with self._acks:
                     self._acks.wait_for(lambda: len(self._inflight) < OUTBOX_WINDOW // 2 or not self._started, 30)
@@ -587,19 +635,17 @@ class Node(Voting):
         (rejected.internal), never raised: the receive loop goes on."""
         live: list[Envelope] = []
         for topic, payload in messages:
-            env = self._decode(topic, payload)
-            if env is None:
-                continue
-            if env.kind in ("diff", "vote"):
-                live.append(env)
-                continue
-            if live:
-                self._take(live)
-                live = []
-            try:
-                self._dispatch(topic, env)
-            except Exception:
-                self._internal_error(topic)
+            for env in self._decode(topic, payload):
+                if env.kind in ("diff", "vote"):
+                    live.append(env)
+                    continue
+                if live:
+                    self._take(live)
+                    live = []
+                try:
+                    self._dispatch(topic, env)
+                except Exception:
+                    self._internal_error(topic)
         if live:
             self._take(live)
 
@@ -618,21 +664,22 @@ class Node(Voting):
         self.counters["rejected.internal"] += 1
         log.exception("internal error while handling a message on %s", topic)
 
-    def _decode(self, topic: str, payload: bytes) -> Envelope | None:
+    def _decode(self, topic: str, payload: bytes) -> list[Envelope]:
+        """The envelopes of a message (several when it is a batch), checked and opened."""
         self.counters["received"] += 1
         if not payload and "/node/" in topic:
             self.counters["presence.cleared"] += 1  # a node clearing its retained birth or fingerprint
-            return None
+            return []
         try:
-            env = decode(payload, max_bytes=self.config.max_message_bytes, topic=topic)
+            envs = decode_many(payload, max_bytes=self.config.max_message_bytes, topic=topic)
         except EnvelopeError as e:
             self._reject(e.reason, f"{topic}: {e}")
-            return None
-        if env.sender == self.identity.public_key:
+            return []
+        if envs[0].sender == self.identity.public_key:
             self.counters["own"] += 1
-            return None
-        self.counters[f"bytes-in.{env.kind}"] += len(payload)
-        return self.unseal(env)
+            return []
+        self.counters[f"bytes-in.{envs[0].kind}"] += len(payload)
+        return [env for env in map(self.unseal, envs) if env is not None]
 
     def unseal(self, env: Envelope) -> Envelope | None:
         """A diff or vote of a sealed region with its body opened; None (counted) when it
@@ -746,8 +793,12 @@ class Node(Voting):
         if self._too_far_ahead(env) or self._refused(env):
             return False
         sender = env.sender_id
-        window = f"{sender}/{_ROUND_WINDOW}" if env.kind in _LATER else sender  # (no node id holds '/')
+        # (no node id holds '/'; a batch holds one topic's messages, whose seqs skip those
+        # of the sender's messages in other topics meanwhile)
+        window = f"{sender}/{_ROUND_WINDOW}" if env.kind in _LATER else f"{sender}/{env.kind}/{env.region}"
         top, mask = self.store.sender_window(window)
+        if not top:  # a window kept per sender alone (before 0.2): the topic's starts from it
+            top, mask = self.store.sender_window(sender)
         try:
             top, mask = accept_seq(top, mask, env.seq)
         except EnvelopeError as e:

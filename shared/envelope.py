@@ -9,6 +9,19 @@ Wire form (CBOR): a two-element array `[payload, signature]` where
 The signature covers the bytes as sent, so nothing is ever re-serialised before checking.
 The message id is BLAKE2b-256 of the payload.
 
+Many payloads of one sender can share one signature (one Ed25519 check is what a small
+board pays most for per message):
+  batch     = `[[payload, ...], signature]`: 2 to merkle.MAX_LEAVES payloads in one
+              message; the signature is over BATCH_STATEMENT, the number of payloads (4
+              bytes, big-endian) and the root of the Merkle tree over their message ids
+              (shared/merkle.py);
+  item form = `[payload, signature, n, index, path]`: one payload of a batch on its own,
+              with its place in the batch and the inclusion path to the signed root. A
+              receiver keeps and passes on each payload of a batch in this form, so a
+              message of a batch travels alone (to a peer that lacks it) as a classic one does.
+All three forms carry the same payloads and mean the same; `decode` reads a classic message
+or an item form, `decode_many` a batch as well.
+
 Decoding is strict: size limit first, then shape and types, then the version, then the
 signature. Every failure is an `EnvelopeError` subclass whose `reason` names a counter;
 nothing else escapes `decode`.
@@ -29,6 +42,7 @@ import cbor2
 
 from .clock import MAX_TIMESTAMP
 from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, node_id_of, verify
+from .merkle import MAX_LEAVES, root_and_paths, root_from_path
 from .topics import PREFIX, TopicError, parse_topic, validate_kind, validate_region
 
 FORMAT_VERSION = 1
@@ -39,6 +53,8 @@ _INT_MIN, _INT_MAX = -(2**64), 2**64 - 1
 _SEQ_MAX = 2**63 - 1
 _KEYS = frozenset("vkrsntb")
 _LEAVES = frozenset({str, bytes, float, bool, type(None)})  # always plain (ints are range-checked)
+BATCH_STATEMENT = b"edgeswarm batch\x00"  # what a batch signature signs: this, n (4 bytes) and the root
+_MAX_PATH = MAX_LEAVES.bit_length()
 
 
 class EnvelopeError(Exception):
@@ -174,18 +190,88 @@ def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int
     return Envelope(kind, region, identity.public_key, seq, hlc, body, raw, payload)
 
 
+def encode_batch(identity: Identity, envs: list[Envelope]) -> bytes:
+    """One message carrying the payloads of `envs` (this identity's, 2 to MAX_LEAVES of
+    them) under one signature."""
+    if not 2 <= len(envs) <= MAX_LEAVES or any(e.sender != identity.public_key for e in envs):
+        raise ValueError(f"a batch is 2 to {MAX_LEAVES} messages of its signer")
+    root, _ = root_and_paths([e.msg_id for e in envs])
+    return cbor2.dumps([[e.payload for e in envs], identity.sign(_statement(len(envs), root))])
+
+
+def _statement(n: int, root: bytes) -> bytes:
+    return BATCH_STATEMENT + n.to_bytes(4, "big") + root
+
+
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None) -> Envelope:
-    """Check and open one message. Raises only EnvelopeError subclasses."""
+    """Check and open one message (classic, or one payload of a batch in its item form).
+    Raises only EnvelopeError subclasses."""
+    outer = _outer(data, max_bytes)
+    if type(outer[0]) is list:
+        raise MalformedError("a batch of messages where one message was expected")
+    return _checked(_one(outer, data), topic)
+
+
+def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None) -> list[Envelope]:
+    """Check and open a message that may be a batch: its envelopes, each in its item form
+    (`raw`), in the order sent. Raises only EnvelopeError subclasses."""
+    outer = _outer(data, max_bytes)
+    if type(outer[0]) is not list:
+        return [_checked(_one(outer, data), topic)]
+    payloads, signature = outer
+    if not 2 <= len(payloads) <= MAX_LEAVES or any(type(p) is not bytes for p in payloads):
+        raise MalformedError(f"a batch holds 2 to {MAX_LEAVES} payloads")
+    opened = [_open(p) for p in payloads]
+    sender = opened[0][2]
+    if any(m[2] != sender for m in opened):
+        raise MalformedError("a batch holds the messages of one sender only")
+    leaves = [hashlib.blake2b(p, digest_size=32).digest() for p in payloads]
+    root, paths = root_and_paths(leaves)
+    n = len(payloads)
+    if not verify(sender, _statement(n, root), signature):
+        raise BadSignatureError(f"batch signature does not match the payloads from {node_id_of(sender)}")
+    return [_checked(Envelope(*m, cbor2.dumps([p, signature, n, i, path]), p), topic)
+            for i, (p, m, path) in enumerate(zip(payloads, opened, paths))]
+
+
+def _outer(data: bytes, max_bytes: int) -> list:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedError("message is not bytes")
     data = bytes(data)
     if len(data) > max_bytes:
         raise OversizeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     outer = strict_loads(data)
-    if (type(outer) is not list or len(outer) != 2 or type(outer[0]) is not bytes
-            or type(outer[1]) is not bytes or len(outer[1]) != SIGNATURE_BYTES):
-        raise MalformedError("not an envelope: expected [payload bytes, 64-byte signature]")
-    payload, signature = outer
+    if (type(outer) is not list or len(outer) not in (2, 5) or type(outer[0]) not in (bytes, list)
+            or type(outer[1]) is not bytes or len(outer[1]) != SIGNATURE_BYTES
+            or (type(outer[0]) is list and len(outer) != 2)):
+        raise MalformedError("not an envelope: expected [payload bytes, 64-byte signature] "
+                             "(or a batch, or a payload of one with its path)")
+    return outer
+
+
+def _one(outer: list, data: bytes) -> Envelope:
+    """A classic message, or a payload of a batch in its item form: opened and its signature checked."""
+    payload, signature = outer[0], outer[1]
+    fields = _open(payload)
+    sender = fields[2]
+    if len(outer) == 2:
+        signed = payload
+    else:
+        n, index, path = outer[2:]
+        if (type(n) is not int or not 2 <= n <= MAX_LEAVES or type(index) is not int or type(path) is not list
+                or len(path) > _MAX_PATH or any(type(h) is not bytes or len(h) != 32 for h in path)):
+            raise MalformedError("a payload of a batch travels as [payload, signature, n, index, path]")
+        root = root_from_path(hashlib.blake2b(payload, digest_size=32).digest(), index, n, path)
+        if root is None:
+            raise MalformedError("the path of a payload of a batch does not fit the batch")
+        signed = _statement(n, root)
+    if not verify(sender, signed, signature):
+        raise BadSignatureError(f"signature does not match the payload from {node_id_of(sender)}")
+    return Envelope(*fields, bytes(data), payload)
+
+
+def _open(payload: bytes) -> tuple[str, str | None, bytes, int, int, Any]:
+    """The fields of a payload (kind, region, sender, seq, clock, body), checked but not its signature."""
     m = strict_loads(payload)
     if type(m) is not dict:
         raise MalformedError("envelope payload is not a map")
@@ -206,11 +292,12 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None
             _checked_region(region)
     except TopicError as e:
         raise MalformedError(str(e)) from None
-    if not verify(sender, payload, signature):
-        raise BadSignatureError(f"signature does not match the payload from {node_id_of(sender)}")
-    env = Envelope(kind, region, sender, seq, hlc, m["b"], data, payload)
+    return kind, region, sender, seq, hlc, m["b"]
+
+
+def _checked(env: Envelope, topic: str | None) -> Envelope:
     # (kind and region are valid here: the topic naming them is the one region traffic takes)
-    if topic is not None and (region is None or topic != f"{PREFIX}/{kind}/{region}"):
+    if topic is not None and (env.region is None or topic != f"{PREFIX}/{env.kind}/{env.region}"):
         check_topic(env, topic)
     return env
 

@@ -66,6 +66,39 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(member_configs, region):
             n.stop()
 
 
+def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_one(member_configs, region):
+    """A batch of writes leaves as one signed message (and the votes on it as one per
+    node); a peer keeps each change with its path to the batch's signature, so a node that
+    was not there pulls exactly the changes it lacks, each checked on its own."""
+    configs = member_configs(3, sync_interval=0)
+    a, b = (Node(cfg).start() for cfg in configs[:2])
+    late = Node(configs[2])
+    try:
+        keys = [f"k{i}" for i in range(40)]
+        with pytest.raises(RuntimeError):  # a batch is all or nothing
+            with a.batch():
+                a.put(region, "abandoned", {"x": 1})
+                raise RuntimeError("the sensor read failed")
+        assert a.get(region, "abandoned") is None and not a.store.unpublished()
+        with a.batch():
+            for i, k in enumerate(keys):
+                a.put(region, k, {"reading": i})
+        assert a.counters["batches-out"] == 2  # the 40 diffs, and a's 40 votes
+        assert b.wait_until(lambda: None not in consensus_map(b, region, keys).values(), TIMEOUT), b.stats()
+        expected = consensus_map(a, region, keys)
+        assert b.wait_until(lambda: consensus_map(b, region, keys) == expected, TIMEOUT)
+        assert b.counters["rejected.replay"] == 0 and b.counters["batches-out"] >= 1
+        a.stop()  # the late node can only pull from b, which holds a's diffs as item forms
+
+        late.start()
+        late.sync_now()
+        assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
+        assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
+    finally:
+        for n in (a, b, late):
+            n.stop()
+
+
 def test_a_node_that_pulls_a_frame_with_a_fork_decides_it_as_the_swarm_did(member_configs, region, tmp_path):
     """Three members write one frame at once before hearing each other: two new roots (one
     written by two nodes alike), a version on one of them and a merge; the members' first

@@ -10,7 +10,9 @@ from edgeswarm.shared import diff
 from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
-                                       UnsupportedVersionError, accept_seq, canonical, decode, encode)
+                                       UnsupportedVersionError, accept_seq, canonical, decode, decode_many,
+                                       encode, encode_batch)
+from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
 from edgeswarm.shared.topics import (TopicError, node_topic, parse_topic, region_filter, region_topic,
                                      validate_region)
@@ -52,6 +54,51 @@ def test_key_file_never_overwritten_and_bad_seed_refused(tmp_path):
 
 
 # -- envelope ------------------------------------------------------------------------------
+
+def test_a_batch_carries_many_messages_under_one_signature_and_each_travels_alone(me):
+    topic = "es/v1/vote/plant/line1"
+    for n in (2, 3, 7, 64, MAX_LEAVES):
+        envs = [encode(me, "vote", "plant/line1", i + 1, 1000 + i, {"key": f"k{i}"}) for i in range(n)]
+        got = decode_many(encode_batch(me, envs), topic=topic)
+        assert [(e.seq, e.body, e.msg_id) for e in got] == [(e.seq, e.body, e.msg_id) for e in envs]
+        for e in got:  # each payload with its path: a message on its own, checked alone
+            alone = decode(e.raw, topic=topic)
+            assert (alone.msg_id, alone.body, alone.sender) == (e.msg_id, e.body, me.public_key)
+            assert decode_many(e.raw, topic=topic)[0].raw == e.raw
+    with pytest.raises(ValueError):
+        encode_batch(me, envs[:1])
+    with pytest.raises(ValueError):
+        encode_batch(Identity.generate(), envs[:2])
+
+
+def test_a_tampered_batch_or_item_is_rejected(me):
+    envs = [encode(me, "diff", "plant/line1", i + 1, 1000 + i, {"key": f"k{i}"}) for i in range(5)]
+    payloads, sig = cbor2.loads(encode_batch(me, envs))
+    other = encode(Identity.generate(), "diff", "plant/line1", 9, 9, {"key": "x"})
+    with pytest.raises(BadSignatureError):  # a payload swapped for another of the signer's
+        decode_many(cbor2.dumps([payloads[:4] + [encode(me, "diff", "plant/line1", 9, 9, {}).payload], sig]))
+    with pytest.raises(BadSignatureError):  # one left out
+        decode_many(cbor2.dumps([payloads[:4], sig]))
+    with pytest.raises(MalformedError, match="one sender"):
+        decode_many(cbor2.dumps([payloads[:4] + [other.payload], sig]))
+    with pytest.raises(MalformedError, match="2 to"):
+        decode_many(cbor2.dumps([payloads[:1], sig]))
+    with pytest.raises(MalformedError, match="where one message"):
+        decode(cbor2.dumps([payloads, sig]))
+    with pytest.raises(TopicMismatchError):
+        decode_many(cbor2.dumps([payloads, sig]), topic="es/v1/vote/plant/line1")
+    item = cbor2.loads(decode_many(cbor2.dumps([payloads, sig]))[2].raw)
+    assert item[2:4] == [5, 2]
+    for bad, error in ((item[:3] + [3] + item[4:], (BadSignatureError, MalformedError)),  # another place
+                       (item[:2] + [6] + item[3:], (BadSignatureError, MalformedError)),  # another size
+                       (item[:4] + [item[4][:-1]], (BadSignatureError, MalformedError)),  # a hash left out
+                       (item[:4] + [[bytes(32)] + item[4][1:]], BadSignatureError),
+                       ([payloads[3]] + item[1:], BadSignatureError),  # a sibling's payload on this path
+                       (item[:2] + [1] + item[3:], MalformedError),
+                       (item[:4] + [["x"]], MalformedError)):
+        with pytest.raises(error):
+            decode(cbor2.dumps(bad))
+
 
 def test_envelope_round_trip(me):
     env = encode(me, "diff", "plant/line1", 7, 123456, {"a": [1, 2.5, "x", b"\x00", None, True]})
