@@ -408,7 +408,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if not entries and args.since == 0:
             raise KeyError(f"no trace of node {node_id} here (known: {', '.join(node.store.traced_nodes()) or 'none'})")
         for entry in entries:
-            _print_json(entry.to_json())
+            for line in entry.to_json():
+                _print_json(line)
     return 0
 
 

@@ -148,6 +148,15 @@ def _status(node, region: str, keys: list[str]) -> dict:
     return {k: node.status(region, k) for k in keys}
 
 
+def _put_batches(node, region: str, items: list, size: int) -> int:
+    """Write `items` ([key, value] pairs) `size` at a time, each group one node.batch()."""
+    for i in range(0, len(items), size):
+        with node.batch():
+            for key, value in items[i:i + size]:
+                node.put(region, key, value)
+    return len(items)
+
+
 class _Events:
     """What this node process wrote and when each version reached consensus here, as
     [version, CLOCK_MONOTONIC ns] pairs: one clock for every process of the machine, so a
@@ -185,6 +194,7 @@ EVENTS = _Events()
 COMMANDS = {
     "put": lambda node, region, key, value: EVENTS.wrote(lambda: node.put(region, key, value)),
     "put_many": lambda node, region, items: [EVENTS.wrote(lambda: node.put(region, k, v)) for k, v in items],
+    "put_batches": lambda node, region, items, size: _put_batches(node, region, items, size),
     "patch": lambda node, region, key, changes: EVENTS.wrote(lambda: node.patch(region, key, set=changes)),
     "events": lambda node: EVENTS.take(),
     "delete": lambda node, region, key: node.delete(region, key),

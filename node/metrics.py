@@ -47,17 +47,17 @@ def compute(node: Node) -> dict:
     confirmations: dict[bytes, set[str]] = {}
     for node_id in {node.node_id, *store.traced_nodes()}:
         for entry in node.trace.entries(node_id):
-            data = entry.data if isinstance(entry.data, dict) else {}
-            version = data.get("version")
-            if not isinstance(version, bytes):
-                continue
-            if entry.event in _CONFIRMING:
-                confirmations.setdefault(version, set()).add(node_id)
-            if node_id == node.node_id:
-                if entry.event == "wrote":
-                    wrote[version] = entry.hlc
-                elif entry.event == "consensus":
-                    reached.setdefault(version, entry.hlc)
+            for event, hlc, data in entry.events:
+                version = data.get("version") if isinstance(data, dict) else None
+                if not isinstance(version, bytes):
+                    continue
+                if event in _CONFIRMING:
+                    confirmations.setdefault(version, set()).add(node_id)
+                if node_id == node.node_id:
+                    if event == "wrote":
+                        wrote[version] = hlc
+                    elif event == "consensus":
+                        reached.setdefault(version, hlc)
     latencies = [float(wall_ms(reached[v]) - wall_ms(t)) for v, t in wrote.items() if v in reached]
     depth = [len(confirmations.get(c, ())) for _, _, c in with_consensus]
 

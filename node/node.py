@@ -383,9 +383,11 @@ class Node(Voting):
             self._tx_depth = 1
             try:
                 yield
+                self.trace.flush()
             except BaseException:
                 self._sends.clear()
                 self._events.clear()
+                self.trace.discard()
                 raise
             finally:
                 self._tx_depth = 0

@@ -61,6 +61,7 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
                " ON CONFLICT (region, key) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash),"
                " versions = versions + excluded.versions, rounds = rounds + excluded.rounds")
 # (Rows are updated in place, not replaced: a replaced row moves, so COMMIT writes its index page too.)
+_META_UPSERT = "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 _SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
                   " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
                   " mask = excluded.mask, hlc = excluded.hlc")
@@ -328,12 +329,16 @@ class Store:
         self._trace_heads: dict[str, tuple[int, bytes] | None] = {}
         self._pending_senders: dict[str, tuple[bytes, int, bytes, int]] = {}
         self._pending_sums: dict[tuple[str, str], list[int]] = {}
+        self._pending_meta: dict[str, int] = {}
 
     def _flush(self) -> None:
         """Write what the transaction kept for COMMIT."""
         if self._pending_senders:
             self.db.conn.executemany(_SENDER_UPSERT, [(n, *row) for n, row in self._pending_senders.items()])
             self._pending_senders = {}
+        if self._pending_meta:
+            self.db.conn.executemany(_META_UPSERT, list(self._pending_meta.items()))
+            self._pending_meta = {}
         self._flush_sums()
 
     def _flush_sums(self) -> None:
@@ -359,12 +364,19 @@ class Store:
     # -- own counters ----------------------------------------------------------------
 
     def meta(self, name: str, default: int = 0) -> int:
-        row = self._one("SELECT value FROM meta WHERE name = ?", [name])
-        return default if row is None else row[0]
+        with self._lock:
+            if self._tx and name in self._pending_meta:
+                return self._pending_meta[name]
+            row = self._one("SELECT value FROM meta WHERE name = ?", [name])
+            return default if row is None else row[0]
 
     def set_meta(self, name: str, value: int) -> None:
-        self._exec("INSERT INTO meta (name, value) VALUES (?, ?)"
-                   " ON CONFLICT (name) DO UPDATE SET value = excluded.value", [name, value])
+        """(In a transaction, written once at COMMIT: a batch of writes signs hundreds of messages.)"""
+        with self._lock:
+            if self._tx:
+                self._pending_meta[name] = value
+            else:
+                self._exec(_META_UPSERT, [name, value])
 
     def next_seq(self) -> int:
         with self.transaction():

@@ -2,7 +2,11 @@
 
 An entry is the canonical CBOR of [seq, prev, hlc, event, data]: seq counts from 1, prev is
 the hash of entry seq-1 (null for the first), the hash of an entry is BLAKE2b-256 of those
-bytes, and the node signs them. With each anti-entropy round a node pushes the entries it
+bytes, and the node signs them. What a node does in one transaction (a write and the vote
+it casts on it; a batch of received diffs, the votes on them and the consensus they reach)
+goes in one entry: the event `events`, whose data lists each as [event, hlc, data], up to
+EVENTS_PER_ENTRY of them (one signature, one row and one copy on each peer instead of one
+per event); an entry of one event is written as that event. With each anti-entropy round a node pushes the entries it
 recorded since the last round to every peer at once (`trace`, on its node topic), then
 publishes its head (seq, hash; `trace-head`); a peer that still holds less (it was away,
 or came late) asks for the missing range (`trace-req`) and gets it alone (`trace-resp`, on
@@ -19,7 +23,7 @@ entry as the new start of its copy (counted as `trace.anchored`): the entries in
 cannot be checked any more, anything from there on is. A response that leaves the asker
 short of the head it was announced is followed at once by the next request.
 
-Events: wrote, accepted, rejected, voted, merged, consensus, flagged.
+Events: wrote, accepted, rejected, voted, merged, consensus, flagged (and `events`, which holds some).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ MAX_RANGE = 500  # entries per trace-resp
 PUSH_RANGE = 100  # entries per push: the receiver handles one push at a time between live messages
 MAX_AUTHORS = 4096  # trace heads remembered (what each peer announced, to fetch up to it)
 MAX_SEQ = 2**63 - 1  # (the store's integers)
+EVENTS_PER_ENTRY = 64  # events of one transaction written in one entry at most
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,19 @@ class TraceEntry:
     data: Any
     hash: bytes
 
-    def to_json(self) -> dict:
-        return {"node": self.node_id, "seq": self.seq, "hash": self.hash.hex(),
-                "prev": self.prev.hex() if self.prev else None, "hlc": self.hlc, "event": self.event,
-                "data": self.data}
+    @property
+    def events(self) -> list[tuple[str, int, Any]]:
+        """(event, hlc, data) of what the entry records: its event, or those it holds."""
+        if self.event != "events":
+            return [(self.event, self.hlc, self.data)]
+        data = self.data if type(self.data) is list else []
+        return [tuple(e) for e in data if type(e) is list and len(e) == 3 and type(e[0]) is str and type(e[1]) is int]
+
+    def to_json(self) -> list[dict]:
+        """One line per event, with the entry it is in."""
+        return [{"node": self.node_id, "seq": self.seq, "hash": self.hash.hex(),
+                 "prev": self.prev.hex() if self.prev else None, "hlc": hlc, "event": event, "data": data}
+                for event, hlc, data in self.events]
 
 
 def entry_hash(raw: bytes) -> bytes:
@@ -83,17 +97,38 @@ class Trace:
         self._announced: dict[str, int] = {}  # the highest head each author announced
         head = self.store.trace_head(node.node_id)
         self._pushed = head[0] if head else 0  # own entries up to here went out (or were there at start)
+        self._pending: list[list] = []  # events of the node's open transaction, [event, hlc, data]
 
     # -- own entries -----------------------------------------------------------------
 
     def record(self, event: str, **data: Any) -> None:
-        """Append an entry to this node's trace (inside the caller's transaction)."""
+        """Record an event in this node's trace: in the entry the node's open transaction
+        writes as it commits (see flush), else in an entry of its own now."""
+        node = self.node
+        with self.store.transaction():  # (holds the store lock: an open node transaction is this thread's)
+            if node._tx_depth:
+                self._pending.append([event, node.clock.now(), data])
+            else:
+                self._append([[event, node.clock.now(), data]])
+
+    def flush(self) -> None:
+        """Write the events of the node's transaction, as it commits."""
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), EVENTS_PER_ENTRY):
+            self._append(pending[i:i + EVENTS_PER_ENTRY])
+
+    def discard(self) -> None:
+        """The node's transaction rolled back: what it did did not happen."""
+        self._pending = []
+
+    def _append(self, events: list[list]) -> None:
         node = self.node
         with self.store.transaction():
             head = self.store.trace_head(node.node_id)
             # (a restored node starts anew above its old entries, which its peers may hold)
             seq, prev = (head[0] + 1, head[1]) if head else (self.store.meta("trace_start") + 1, None)
-            raw = canonical([seq, prev, node.clock.now(), event, data])
+            (event, hlc, data), = events if len(events) == 1 else [["events", events[-1][1], events]]
+            raw = canonical([seq, prev, hlc, event, data])
             self.store.add_trace(node.node_id, seq, entry_hash(raw), prev, raw, node.identity.sign(raw))
 
     def entries(self, node_id: str, since: int = 0) -> list[TraceEntry]:

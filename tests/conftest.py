@@ -70,11 +70,11 @@ def region():
 
 @pytest.fixture
 def offline_pair(tmp_path):
-    """Nodes a and b that never connect (a test hands b what a sent); a has written three
-    frames of plant/a, so its trace holds a few entries."""
+    """Nodes a and b that never connect (a test hands b what a sent); a has written six
+    frames of plant/a, so its trace holds a few entries (one per write)."""
     a, b = (Node(Config(home=tmp_path / name, regions=["plant"], sync_interval=0)) for name in "ab")
     try:
-        for i in range(3):
+        for i in range(6):
             a.put("plant/a", f"k{i}", {"i": i})
         yield a, b
     finally:
