@@ -298,23 +298,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    try:
-        value = json.loads(args.value)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"value is not valid JSON: {e}") from None
     validate_region(args.region)
-    validate_key(args.key)
+    if args.batch is None:
+        if args.key is None or args.value is None:
+            raise ValueError("put needs a key and a JSON value (or --batch FILE)")
+        changes = [(args.key, _json_value(args.value, "value"))]
+    else:
+        if args.key is not None or args.value is not None:
+            raise ValueError("put takes a key and a value, or --batch FILE, not both")
+        changes = _batch_lines((sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8")).splitlines())
+    for key, _ in changes:
+        validate_key(key)
     node = Node(_load_config(args), client_tag="put")
     try:
         node.start()
-        version = node.put(args.region, args.key, value)
+        with node.batch():  # (all or none; one message for the lot)
+            versions = [node.put(args.region, key, value) for key, value in changes]
         if not node.wait_published(args.timeout):
             raise TransportError(f"the broker did not acknowledge within {args.timeout:.0f} s; "
-                                 "the change is stored and will be sent by the next run")
+                                 "the changes are stored and will be sent by the next run")
     finally:
         node.stop()
-    print(version)
+    for version in versions:
+        print(version)
     return 0
+
+
+def _json_value(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
+
+
+def _batch_lines(lines: list[str]) -> list[tuple[str, Any]]:
+    """[key, value] of each line {"key": ..., "value": {...}} (blank lines skipped)."""
+    changes = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        item = _json_value(line, f"line {n}")
+        if not isinstance(item, dict) or set(item) != {"key", "value"} or not isinstance(item["key"], str):
+            raise ValueError(f'line {n}: a change is {{"key": "...", "value": {{...}}}}')
+        changes.append((item["key"], item["value"]))
+    if not changes:
+        raise ValueError("the batch holds no change")
+    return changes
 
 
 @contextmanager
@@ -616,8 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("put", help="replace a frame's value (JSON) and publish the change")
     broker_opts(sp)
     sp.add_argument("region")
-    sp.add_argument("key")
-    sp.add_argument("value", help='a JSON object, e.g. \'{"speed": 1.2}\'')
+    sp.add_argument("key", nargs="?")
+    sp.add_argument("value", nargs="?", help='a JSON object, e.g. \'{"speed": 1.2}\'')
+    sp.add_argument("--batch", metavar="FILE", help='changes as JSON lines {"key": ..., "value": {...}} ("-": '
+                                                    "standard input), written together: one transaction and "
+                                                    "one signed message")
     sp.add_argument("--timeout", type=float, default=10.0)
     sp.set_defaults(func=cmd_put)
 

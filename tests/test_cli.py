@@ -18,9 +18,9 @@ TIMEOUT = 20.0
 EXE = [sys.executable, "-m", "edgeswarm.node.cli"]
 
 
-def cli(*args, home=None, timeout=TIMEOUT):
+def cli(*args, home=None, timeout=TIMEOUT, stdin=None):
     cmd = EXE + (["--home", str(home)] if home else []) + [str(a) for a in args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
 class Proc(subprocess.Popen):
@@ -120,6 +120,17 @@ def test_nodes_as_processes_end_to_end(tmp_path):
         assert seqs == list(range(1, len(seqs) + 1)) and [e["seq"] for e in trace] == sorted(e["seq"] for e in trace)
         history = cli("get", region, "pump", "--history", home=host_home)
         assert [json.loads(line)["version"] for line in history.stdout.splitlines()] == [version]
+
+        # several changes from a script, written together
+        lines = "".join(json.dumps({"key": f"tank-{i}", "value": {"level": i}}) + "\n" for i in range(3))
+        put = cli("put", region, "--batch", "-", home=writer_home, stdin=lines + "\n")
+        assert put.returncode == 0, put.stderr
+        versions = put.stdout.split()
+        assert len(versions) == 3
+        host.wait_line("stderr", versions[-1])
+        for i, v in enumerate(versions):
+            got = json.loads(cli("get", region, f"tank-{i}", home=host_home).stdout)
+            assert got == {"level": i}
     finally:
         if watch is not None and watch.poll() is None:
             stop(watch)
@@ -151,6 +162,10 @@ def test_errors_are_one_line(tmp_path):
     assert_one_line_error(cli("init", home=home), "already exists")
     assert_one_line_error(cli("get", "plant", "nothing", home=home), "no frame")
     assert_one_line_error(cli("put", "plant", "k", "{not json", home=home), "not valid JSON")
+    assert_one_line_error(cli("put", "plant", "k", home=home), "needs a key and a JSON value")
+    assert_one_line_error(cli("put", "plant", "--batch", "-", home=home, stdin='{"key": "k", "value": {}}\n[1]\n'),
+                          "line 2")
+    assert_one_line_error(cli("put", "plant", "--batch", tmp_path / "none.jsonl", home=home), "none.jsonl")
     assert_one_line_error(cli("put", "plant/+", "k", "{}", home=home), "forbidden character")
     assert_one_line_error(cli("put", "plant", "k", "{}", home=home), "cannot reach broker")
 
