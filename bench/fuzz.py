@@ -17,7 +17,9 @@ the store), without a broker in between. Each input is one of
     indefinite-length items, tags (shared and string references among them), duplicate map
     keys, nesting 100,000 deep, signed again;
   - a fresh, well-formed message of a hostile key (new frames, votes, traces, births...),
-    a replay of an honest one, or a message on a topic it does not belong to.
+    a replay of an honest one, or a message on a topic it does not belong to;
+  - a batch of such messages under one signature, whole, with bytes changed, or one of its
+    messages in its item form with its place, the batch's size or its path changed.
 A crash is an exception out of `receive_many` (decode may raise only EnvelopeError, which
 the node counts) or an increase of rejected.internal (a handler failed). At the end the
 consensus state of the honest frames must be what it was, the store must pass SQLite's
@@ -52,7 +54,8 @@ from edgeswarm.node import Config, Node
 from edgeswarm.node.trace import entry_hash
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import MAX_TIMESTAMP, pack
-from edgeswarm.shared.envelope import canonical
+from edgeswarm.shared.envelope import Envelope, canonical, encode_batch
+from edgeswarm.shared.merkle import root_and_paths
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic, region_topic
 
@@ -512,7 +515,9 @@ class Target:
             sender = t.sender or sender
             topic = t.topic(sender)
             roll = rng.random()
-            if roll < 0.30:
+            if rng.random() < 0.06:
+                yield self._batch(rng, sender, t, topic)
+            elif roll < 0.30:
                 i = rng.randrange(len(self.raws))
                 data, how = mutate_bytes(rng, self.raws[i], rng.choice(self.raws))
                 yield self.templates[i].topic(sender), data, how
@@ -529,6 +534,38 @@ class Target:
                     raw, "replay"
             else:
                 yield topic, self._sign(rng, sender, t, t.body, envelope_hook=True), "envelope-fields"
+
+    def _batch(self, rng: random.Random, sender: Sender, t: Template, topic: str) -> tuple[str, bytes, str]:
+        """A batch of 2 to 8 messages of one sender and kind (bodies mutated now and then),
+        as sent, with bytes changed, or one of them in its item form, intact or altered."""
+        envs = []
+        for _ in range(rng.randint(2, 8)):
+            body = mutate_value(rng, t.body, rng.choice(self.templates).body, self.region)[0] \
+                if rng.random() < 0.3 else t.body
+            try:
+                payload = cbor2.loads(sign_raw(sender, t.kind, t.region, body))[0]
+            except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError):
+                payload = cbor2.loads(sign_raw(sender, t.kind, t.region, t.body))[0]
+            envs.append(Envelope(t.kind, t.region, sender.identity.public_key, 0, 0, None, b"", payload))
+        raw = encode_batch(sender.identity, envs)
+        roll = rng.random()
+        if roll < 0.4:
+            return topic, raw, "batch"
+        if roll < 0.7:
+            return topic, mutate_bytes(rng, raw, rng.choice(self.raws))[0], "batch-bytes"
+        n, i = len(envs), rng.randrange(len(envs))
+        _, paths = root_and_paths([e.msg_id for e in envs])
+        item = [envs[i].payload, cbor2.loads(raw)[1], n, i, paths[i]]
+        if roll >= 0.8:
+            part = rng.randrange(3)
+            if part == 0:
+                item[3] = rng.choice((i + 1, i - 1, n, -1, 2**64, "0"))
+            elif part == 1:
+                item[2] = rng.choice((n + 1, n - 1, 1, 0, 1025, 2**63))
+            else:
+                item[4] = rng.choice((paths[i][:-1], paths[i] + [bytes(32)], [rng.randbytes(32)] * len(paths[i]),
+                                      [b"x"], [None], list(range(20))))
+        return topic, cbor2.dumps(item), "batch-item"
 
     def _sign(self, rng: random.Random, sender: Sender, t: Template, body: Any, hook: Callable | None = None,
               envelope_hook: bool = False) -> bytes:

@@ -23,7 +23,7 @@ from edgeswarm.node.sync import MAX_ROOTS
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import MAX_TIMESTAMP, pack
 from edgeswarm.shared.envelope import (MAX_DEPTH, EnvelopeError, MalformedError, canonical, check_plain, decode,
-                                       encode, strict_loads)
+                                       decode_many, encode, encode_batch, strict_loads)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import KINDS, node_topic, region_topic, validate_region
 
@@ -187,6 +187,20 @@ def test_a_bit_flipped_envelope_is_never_accepted(kind, region, body, bits):
         raw[bit // 8] ^= 1 << bit % 8
     with pytest.raises(EnvelopeError):
         decode(bytes(raw))
+
+
+@FUZZ
+@given(kinds, regions, st.lists(plain, min_size=2, max_size=6), st.lists(st.integers(0, 2**20), min_size=1, max_size=4))
+def test_a_bit_flipped_batch_or_item_is_never_accepted(kind, region, bodies, bits):
+    envs = [encode(ME, kind, region, 5 + i, NOW, body) for i, body in enumerate(bodies)]
+    batch = encode_batch(ME, envs)
+    items = [e.raw for e in decode_many(batch)]
+    assert [decode(raw).payload for raw in items] == [e.payload for e in envs]
+    for raw in (bytearray(batch), bytearray(items[bits[0] % len(items)])):
+        for bit in set(b % (8 * len(raw)) for b in bits):
+            raw[bit // 8] ^= 1 << bit % 8
+        with pytest.raises(EnvelopeError):
+            decode_many(bytes(raw))
 
 
 @pytest.mark.parametrize("item", [
