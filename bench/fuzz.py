@@ -542,10 +542,11 @@ class Target:
         for _ in range(rng.randint(2, 8)):
             body = mutate_value(rng, t.body, rng.choice(self.templates).body, self.region)[0] \
                 if rng.random() < 0.3 else t.body
+            seq = rng.randrange(1, 2**20)  # (drawn, not the sender's next: the bytes depend on the draws alone)
             try:
-                payload = cbor2.loads(sign_raw(sender, t.kind, t.region, body))[0]
+                payload = cbor2.loads(sign_raw(sender, t.kind, t.region, body, seq))[0]
             except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError):
-                payload = cbor2.loads(sign_raw(sender, t.kind, t.region, t.body))[0]
+                payload = cbor2.loads(sign_raw(sender, t.kind, t.region, t.body, seq))[0]
             envs.append(Envelope(t.kind, t.region, sender.identity.public_key, 0, 0, None, b"", payload))
         raw = encode_batch(sender.identity, envs)
         roll = rng.random()
