@@ -53,7 +53,7 @@ from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
 from .bodies import parse_diff, parse_vote, validate_key
-from .store import FrameVersion, Queued, Store, VersionMeta
+from .store import Frame, FrameVersion, Queued, Store, VersionMeta
 from .presence import Presence
 from .sync import Sync
 from .trace import Trace
@@ -116,6 +116,7 @@ class Node(Voting):
         self._sends: list[tuple[Queued, Envelope]] = []
         self._events: list[FrameVersion] = []
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
+        self._batched: dict[tuple[str, str], Frame] | None = None  # frames a batch wrote, as they were before it
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
         self._worker: threading.Thread | None = None
@@ -334,7 +335,8 @@ class Node(Voting):
         validate_key(key)
         self.admission.check_own(region)
         with self._transaction():
-            head = self.store.frame(region, key).head
+            frame = self.store.frame(region, key)
+            head = frame.head
             old = None if head is None else self.store.value(head)
             new = compute(old)
             ops = diff.make(old, new)
@@ -359,7 +361,11 @@ class Node(Voting):
             self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")
             self.trace.record("wrote", region=region, key=key, version=version)
             self.counters["sent"] += 1
-            self._reconsider(region, key)
+            if self._batched is None:
+                self._reconsider(region, key)
+            else:  # decided when the batch ends; what it writes next to this frame builds on this
+                self._batched.setdefault((region, key), frame)
+                self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
         return version.hex()
 
     def _meta(self, version: bytes | None) -> VersionMeta | None:
@@ -418,9 +424,21 @@ class Node(Voting):
         """Changes made inside are stored in one transaction (all of them, or none if the block
         raises) and, with node.batch, leave as one message per region under one signature
         (up to 1,024 changes in each, and no more than fits node.max_message_bytes), which is
-        how a node keeps up with a sensor writing hundreds of frames a second."""
+        how a node keeps up with a sensor writing hundreds of frames a second. Each frame
+        the batch changed is decided once, as it ends: a frame changed twice gets this node's
+        vote (and its subscribers' notice) for its last version only."""
         with self._transaction():
-            yield
+            if self._batched is not None:  # (a batch inside a batch joins it)
+                yield
+                return
+            self._batched = {}
+            try:
+                yield
+                written = self._batched
+            finally:
+                self._batched = None
+            for (region, key), was in written.items():
+                self._reconsider(region, key, was)
 
     def _publish_all(self, sends: list[tuple[Queued, Envelope]]) -> None:
         """What a committed transaction queued: with node.batch, the messages for one topic

@@ -207,11 +207,13 @@ class Voting:
                         and rows[i + 1][1] in authored and version in dag.ancestors(rows[i + 1][1])]
         return dropped
 
-    def _reconsider(self, region: str, key: str) -> None:
-        """Recompute head, own vote and consensus of a frame after any change to it."""
+    def _reconsider(self, region: str, key: str, was: Frame | None = None) -> None:
+        """Recompute head, own vote and consensus of a frame after any change to it (or to
+        several: `was` is the frame before the first, for the notices)."""
         self._catch_up(region, key)
-        before = self.store.frame(region, key)
-        d = self._decide(region, key, frame=before)
+        now = self.store.frame(region, key)
+        before = was or now
+        d = self._decide(region, key, frame=now)
         self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round, d.settled))
         dag = d.dag
         self.store.set_states({v: st for v, st in d.states.items()

@@ -80,13 +80,22 @@ def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_on
                 a.put(region, "abandoned", {"x": 1})
                 raise RuntimeError("the sensor read failed")
         assert a.get(region, "abandoned") is None and not a.store.unpublished()
+        heads = []
+        a.subscribe(lambda fv: fv.state == "shadow" and heads.append(fv.key), region)
         with a.batch():
             for i, k in enumerate(keys):
                 a.put(region, k, {"reading": i})
-        assert a.counters["batches-out"] == 2  # the 40 diffs, and a's 40 votes
-        assert b.wait_until(lambda: None not in consensus_map(b, region, keys).values(), TIMEOUT), b.stats()
+            for k in keys[:10]:  # changed again: decided once, when the batch ends
+                a.patch(region, k, set={"unit": "C"})
+                assert a.get(region, k) == {"reading": int(k[1:]), "unit": "C"}  # (read inside: its own writes)
+        assert a.counters["batches-out"] == 2  # the 50 diffs, and a's 40 votes (one per frame: its last version)
+        assert a.store.db.execute("SELECT COUNT(*) FROM votes WHERE voter = ?", [a.node_id]).fetchone()[0] == 40
+        assert sorted(heads) == sorted(keys)  # one notice per frame, for its last version
+        assert a.wait_until(lambda: None not in consensus_map(a, region, keys).values(), TIMEOUT), a.stats()
         expected = consensus_map(a, region, keys)
-        assert b.wait_until(lambda: consensus_map(b, region, keys) == expected, TIMEOUT)
+        assert expected == {k: a.head(region, k).version for k in keys}
+        assert b.wait_until(lambda: consensus_map(b, region, keys) == expected, TIMEOUT), \
+            {k: (v, expected[k]) for k, v in consensus_map(b, region, keys).items() if v != expected[k]}
         assert b.counters["rejected.replay"] == 0 and b.counters["batches-out"] >= 1
         a.stop()  # the late node can only pull from b, which holds a's diffs as item forms
 
