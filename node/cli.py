@@ -306,7 +306,8 @@ def cmd_put(args: argparse.Namespace) -> int:
     else:
         if args.key is not None or args.value is not None:
             raise ValueError("put takes a key and a value, or --batch FILE, not both")
-        changes = _batch_lines((sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8")).splitlines())
+        text = sys.stdin.read() if args.batch == "-" else Path(args.batch).read_text(encoding="utf-8")
+        changes = _batch_lines(text.splitlines())
     for key, _ in changes:
         validate_key(key)
     node = Node(_load_config(args), client_tag="put")

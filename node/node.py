@@ -63,6 +63,9 @@ from .voting import Voting
 log = logging.getLogger("edgeswarm.node")
 
 OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
+# Room a change leaves below node.max_message_bytes: a pull carries it inside a signed sync
+# response, and a receiver keeps one that came in a batch with its path (up to ~400 bytes).
+PULL_ROOM = 2048
 INBOX_SIZE = 10_000  # messages received and not yet handled; beyond, the network thread waits
 INBOX_BATCH = 500  # messages handled in one go by the worker
 _WAKE = ("", b"")  # in the inbox: acknowledgements to clear
@@ -110,7 +113,7 @@ class Node(Voting):
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
         self._activity = threading.Condition()
-        self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker (alone or in a batch), not yet acknowledged
+        self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker (alone or batched), not acked
         self._acked: list[bytes] = []  # acknowledged, still in the outbox table
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[tuple[Queued, Envelope]] = []
@@ -353,9 +356,9 @@ class Node(Voting):
             if parent_meta is not None and parent_meta.is_merge:
                 body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
             env = self._send("diff", region, body)
-            if len(env.raw) > self.config.max_message_bytes:
-                raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is "
-                                 f"{self.config.max_message_bytes} (node.max_message_bytes)")
+            if len(env.raw) > (limit := self.config.max_message_bytes - PULL_ROOM):
+                raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is {limit} "
+                                 f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
             gen = parent_meta.gen + 1 if parent_meta else 1
             self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, env.hlc, gen)
             self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")

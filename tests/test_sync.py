@@ -108,6 +108,41 @@ def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_on
             n.stop()
 
 
+def test_the_largest_change_a_node_takes_can_still_be_pulled(member_configs, region):
+    """A change must leave room for the sync response a pull wraps it in, and for the path
+    a receiver keeps with it when it came in a batch: the largest one still reaches a node
+    that was not there, from a peer that holds it in its item form."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0, max_message_bytes=8192)
+    a, b = (Node(cfg).start() for cfg in configs[:2])
+    late = Node(configs[2])
+    try:
+        with pytest.raises(ValueError, match="node.max_message_bytes"):
+            a.put(region, "huge", {"blob": "x" * 7000})
+        size = 6000
+        while True:  # the largest value that goes
+            try:
+                with a.batch():
+                    a.put(region, "big", {"blob": "x" * size})
+                    a.put(region, "small", {"n": 1})
+                break
+            except ValueError:
+                size -= 50
+        keys = ["big", "small"]
+        assert a.counters["batches-out"] == 2 and size > 5000
+        assert a.wait_until(lambda: None not in consensus_map(a, region, keys).values(), TIMEOUT)
+        expected = consensus_map(a, region, keys)
+        assert b.wait_until(lambda: consensus_map(b, region, keys) == expected, TIMEOUT)
+        a.stop()
+        late.start()
+        late.sync_now()
+        assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
+        assert late.get(region, "big") == {"blob": "x" * size}
+        assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
+    finally:
+        for n in (a, b, late):
+            n.stop()
+
+
 def test_a_node_that_pulls_a_frame_with_a_fork_decides_it_as_the_swarm_did(member_configs, region, tmp_path):
     """Three members write one frame at once before hearing each other: two new roots (one
     written by two nodes alike), a version on one of them and a merge; the members' first
