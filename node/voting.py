@@ -218,7 +218,8 @@ class Voting:
         dag = d.dag
         self.store.set_states({v: st for v, st in d.states.items()
                                if v not in dag.versions or dag.versions[v].state != st})
-        if d.head != before.head and d.head is not None:
+        notify = bool(self._subscribers)  # (a version is read back only for someone to tell)
+        if d.head != before.head and d.head is not None and notify:
             self._events.append(self.store.version(d.head))
         if d.consensus != before.consensus and d.consensus is not None:
             self.counters["consensus"] += 1
@@ -227,4 +228,5 @@ class Voting:
                 self.counters["fork-resolutions"] += 1
                 log.warning("%s/%s: consensus moves to another branch, %s -> %s", region, key,
                             before.consensus.hex()[:16] if before.consensus else None, d.consensus.hex()[:16])
-            self._events.append(self.store.version(d.consensus))
+            if notify:
+                self._events.append(self.store.version(d.consensus))
