@@ -61,6 +61,21 @@ def test_values_cross_the_broker_sealed(make_node, tmp_path, region, attacker):
     assert not b.store.has_version(version)
 
 
+def test_a_batch_in_a_sealed_region_is_opened_one_change_at_a_time(make_node, tmp_path, region):
+    key = key_file(tmp_path)
+    a = make_node("a", sealed={region: str(key)})
+    b = make_node("b", sealed={region: str(key)})
+    plain = make_node("plain")
+    with a.batch():
+        versions = [a.put(region, f"door{i}", {"code": f"{SECRET}-{i}"}) for i in range(3)]
+    assert a.counters["batches-out"] == 2  # the diffs, and a's votes
+    for i, v in enumerate(versions):
+        assert has_consensus(b, region, f"door{i}", v) and b.get(region, f"door{i}") == {"code": f"{SECRET}-{i}"}
+    # without the key: each sealed change of the batch counted, none stored
+    assert plain.wait_until(lambda: plain.counters["ignored.sealed"] >= 3, TIMEOUT)
+    assert plain.keys(region) == []
+
+
 def test_a_node_with_the_key_catches_up_through_anti_entropy(make_node, tmp_path, region):
     key = key_file(tmp_path)
     a = make_node("a", sealed={region: str(key)})

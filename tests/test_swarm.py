@@ -6,7 +6,10 @@ import asyncio
 import time
 
 import cbor2
+import pytest
 
+from edgeswarm.node import Config
+from edgeswarm.node.config import ConfigError
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import pack, wall_ms
 from edgeswarm.shared.envelope import canonical, decode, encode
@@ -69,6 +72,24 @@ def test_async_iterator_of_changes(make_node, region):
 
     version, fv = asyncio.run(main())
     assert (fv.version, fv.value, fv.author) == (version, {"x": 1}, a.node_id)
+
+
+def test_with_batches_off_a_node_sends_every_change_on_its_own(make_node, region):
+    """node.batch = false: what a swarm with nodes older than 0.2 needs, which read only
+    single messages."""
+    a, b = make_node(batch=False), make_node()
+    with a.batch():
+        versions = [a.put(region, f"k{i}", {"i": i}) for i in range(5)]
+    assert b.wait_until(lambda: all(same_head(b, region, f"k{i}", v) for i, v in enumerate(versions)), TIMEOUT)
+    assert a.counters["batches-out"] == 0 and b.counters["received"] >= 5
+
+
+def test_the_batch_setting_is_kept_and_checked(tmp_path):
+    Config(home=tmp_path, batch=False).save()
+    assert Config.load(tmp_path).batch is False
+    (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text().replace("batch = false", 'batch = "no"'))
+    with pytest.raises(ConfigError, match="node.batch"):
+        Config.load(tmp_path)
 
 
 def test_outbox_sends_what_was_written_before_start(make_node, region):
