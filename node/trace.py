@@ -6,11 +6,12 @@ bytes, and the node signs them. What a node does in one transaction (a write and
 it casts on it; a batch of received diffs, the votes on them and the consensus they reach)
 goes in one entry: the event `events`, whose data lists each as [event, hlc, data], up to
 EVENTS_PER_ENTRY of them (one signature, one row and one copy on each peer instead of one
-per event); an entry of one event is written as that event. With each anti-entropy round a node pushes the entries it
-recorded since the last round to every peer at once (`trace`, on its node topic), then
-publishes its head (seq, hash; `trace-head`); a peer that still holds less (it was away,
-or came late) asks for the missing range (`trace-req`) and gets it alone (`trace-resp`, on
-its own node topic). Either way the entries come in the node's own signed envelope, and
+per event); an entry of one event is written as that event.
+
+With each anti-entropy round a node pushes the entries it recorded since the last round
+to every peer at once (`trace`, on its node topic), then publishes its head (seq, hash;
+`trace-head`); a peer that still holds less (it was away, or came late) asks for the
+missing range (`trace-req`) and gets it alone (`trace-resp`, on its own node topic). Either way the entries come in the node's own signed envelope, and
 the receiver checks them as one chain: contiguous seqs, each prev matching, and the
 signature of the last entry, which covers every earlier one through the chain. Two
 different signed entries at one seq, or a head that contradicts a held entry, prove that
