@@ -790,11 +790,15 @@ class Store:
     # -- trace -----------------------------------------------------------------------
 
     def add_trace(self, node_id: str, seq: int, hash_: bytes, prev: bytes | None, entry: bytes, sig: bytes) -> None:
+        self.add_traces(node_id, [(seq, hash_, prev, entry, sig)])
+
+    def add_traces(self, node_id: str, rows: list[tuple[int, bytes, bytes | None, bytes, bytes]]) -> None:
+        """Entries of one node's trace, (seq, hash, prev, entry, signature) in seq order."""
         with self._lock:
-            self._exec("INSERT INTO trace (node_id, seq, hash, prev, entry, sig) VALUES (?, ?, ?, ?, ?, ?)",
-                       [node_id, seq, hash_, prev, entry, sig])
-            if node_id in self._trace_heads:
-                head = self._trace_heads[node_id]
+            self.db.conn.executemany("INSERT INTO trace (node_id, seq, hash, prev, entry, sig) VALUES (?, ?, ?, ?, ?, ?)",
+                                     [(node_id, *row) for row in rows])
+            if rows and node_id in self._trace_heads:
+                head, (seq, hash_) = self._trace_heads[node_id], rows[-1][:2]
                 if head is None or seq > head[0]:
                     self._trace_heads[node_id] = (seq, hash_)
 

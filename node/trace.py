@@ -281,8 +281,7 @@ class Trace:
                 self.node.counters["trace.anchored"] += 1
                 log.info("trace of %s: entries %d-%d were pruned by it; continuing from %d", author,
                          head[0] + 1 if head else 1, pruned, new[0][0].seq)
-            for entry, raw, sig in new:
-                self.store.add_trace(author, entry.seq, entry.hash, entry.prev, raw, sig)
+            self.store.add_traces(author, [(entry.seq, entry.hash, entry.prev, raw, sig) for entry, raw, sig in new])
             self.node.counters["trace.entries-fetched"] += len(new)
         self._request(author)  # more to fetch up to the head it announced: at once, not next round
 
