@@ -454,19 +454,25 @@ class Node(Voting):
         for send in sends:
             by_topic.setdefault(send[0].topic, []).append(send)
         for topic, group in by_topic.items():
-            chunk, size = [], 0
-            for send in group + [None]:
-                # (each payload costs its bytes and a few of framing; the signature and array ~80)
-                if chunk and (send is None or len(chunk) == MAX_LEAVES
-                              or 80 + size + len(send[1].payload) + 5 > self.config.max_message_bytes):
-                    if len(chunk) == 1:
-                        self._publish(chunk[0][0], chunk[0][1].kind)
-                    else:
-                        self._publish_batch(topic, chunk)
-                    chunk, size = [], 0
-                if send is not None:
-                    chunk.append(send)
-                    size += len(send[1].payload) + 5
+            for chunk in self._batches(group):
+                if len(chunk) == 1:
+                    self._publish(chunk[0][0], chunk[0][1].kind)
+                else:
+                    self._publish_batch(topic, chunk)
+
+    def _batches(self, sends: list[tuple[Queued, Envelope]]) -> Iterator[list[tuple[Queued, Envelope]]]:
+        """`sends` in order, as many at a time as one message holds (MAX_LEAVES at most)."""
+        # (each payload costs its bytes and a few of framing; the signature and arrays ~80)
+        chunk, size = [], 80
+        for send in sends:
+            cost = len(send[1].payload) + 5
+            if chunk and (len(chunk) == MAX_LEAVES or size + cost > self.config.max_message_bytes):
+                yield chunk
+                chunk, size = [], 80
+            chunk.append(send)
+            size += cost
+        if chunk:
+            yield chunk
 
     def _publish_batch(self, topic: str, sends: list[tuple[Queued, Envelope]]) -> None:
         raw = encode_batch(self.identity, [env for _, env in sends])

@@ -20,8 +20,9 @@ Tables
             nodes the swarm admin revoked, with the signed revocation.
   certificates  the admission certificates peers presented (swarm roster).
   outbox    this node's own envelopes until the broker acknowledges them.
-  senders   per-sender replay windows (highest sequence number and bitmap): one for live
-            traffic, one ("<node id>/round") for what rounds bring, handled later.
+  senders   replay windows (highest sequence number and bitmap): one per sender and topic
+            for live traffic ("<node id>/<kind>/<region>"), one per sender for what rounds
+            bring, handled later ("<node id>/round").
   meta      this node's own sequence counter and last clock.
 
 All writes go through `transaction()`, one BEGIN IMMEDIATE ... COMMIT, so a node and a

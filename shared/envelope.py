@@ -176,7 +176,12 @@ class Envelope:
 
     @property
     def msg_id(self) -> bytes:
-        return hashlib.blake2b(self.payload, digest_size=32).digest()
+        return message_id(self.payload)
+
+
+def message_id(payload: bytes) -> bytes:
+    """A message's id, and its leaf in a batch's Merkle tree: BLAKE2b-256 of its payload."""
+    return hashlib.blake2b(payload, digest_size=32).digest()
 
 
 def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int, body: Any) -> Envelope:
@@ -225,7 +230,7 @@ def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str |
     sender = opened[0][2]
     if any(m[2] != sender for m in opened):
         raise MalformedError("a batch holds the messages of one sender only")
-    leaves = [hashlib.blake2b(p, digest_size=32).digest() for p in payloads]
+    leaves = [message_id(p) for p in payloads]
     root, paths = root_and_paths(leaves)
     n = len(payloads)
     if not verify(sender, _statement(n, root), signature):
@@ -261,7 +266,7 @@ def _one(outer: list, data: bytes) -> Envelope:
         if (type(n) is not int or not 2 <= n <= MAX_LEAVES or type(index) is not int or type(path) is not list
                 or len(path) > _MAX_PATH or any(type(h) is not bytes or len(h) != 32 for h in path)):
             raise MalformedError("a payload of a batch travels as [payload, signature, n, index, path]")
-        root = root_from_path(hashlib.blake2b(payload, digest_size=32).digest(), index, n, path)
+        root = root_from_path(message_id(payload), index, n, path)
         if root is None:
             raise MalformedError("the path of a payload of a batch does not fit the batch")
         signed = _statement(n, root)
