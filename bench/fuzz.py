@@ -19,7 +19,9 @@ the store), without a broker in between. Each input is one of
   - a fresh, well-formed message of a hostile key (new frames, votes, traces, births...),
     a replay of an honest one, or a message on a topic it does not belong to;
   - a batch of such messages under one signature, whole, with bytes changed, or one of its
-    messages in its item form with its place, the batch's size or its path changed.
+    messages in its item form with its place, the batch's size or its path changed;
+  - a relay of such messages and honest ones (as an author passes votes on), on the
+    region's vote topic or the node's vote inbox, whole or with bytes changed.
 A crash is an exception out of `receive_many` (decode may raise only EnvelopeError, which
 the node counts) or an increase of rejected.internal (a handler failed). At the end the
 consensus state of the honest frames must be what it was, the store must pass SQLite's
@@ -54,7 +56,7 @@ from edgeswarm.node import Config, Node
 from edgeswarm.node.trace import entry_hash
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import MAX_TIMESTAMP, pack
-from edgeswarm.shared.envelope import Envelope, canonical, encode_batch
+from edgeswarm.shared.envelope import Envelope, canonical, encode_batch, encode_relay
 from edgeswarm.shared.merkle import root_and_paths
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic, region_topic
@@ -479,6 +481,7 @@ class Target:
             Template("vote", region, {"key": "conveyor", "version": heads[0], "round": 7}, on_region("vote")),
             Template("vote", region, {"key": "oven", "version": rng.randbytes(32), "round": 1,
                                       "merge": heads[1:]}, on_region("vote")),
+            Template("vote", region, {"key": "conveyor", "version": heads[0], "round": 8}, to_me("vote")),
             Template("digest", region, digest | {"hello": True}, on_region("digest")),
             Template("digest", None, {"region": sub, "hashes": rng.randbytes(128), "counts": [[1, 2]] * 16,
                                       "answer": True, "pulling": hashes}, to_me("digest")),
@@ -517,6 +520,8 @@ class Target:
             roll = rng.random()
             if rng.random() < 0.06:
                 yield self._batch(rng, sender, t, topic)
+            elif rng.random() < 0.04:
+                yield self._relay(rng, sender, t)
             elif roll < 0.30:
                 i = rng.randrange(len(self.raws))
                 data, how = mutate_bytes(rng, self.raws[i], rng.choice(self.raws))
@@ -567,6 +572,25 @@ class Target:
                 item[4] = rng.choice((paths[i][:-1], paths[i] + [bytes(32)], [rng.randbytes(32)] * len(paths[i]),
                                       [b"x"], [None], list(range(20))))
         return topic, cbor2.dumps(item), "batch-item"
+
+    def _relay(self, rng: random.Random, sender: Sender, t: Template) -> tuple[str, bytes, str]:
+        """A relay of 1 to 6 messages (honest ones, fresh ones of the template's kind, others
+        of any kind) on the region's vote topic or this node's vote inbox, as sent or with
+        bytes changed."""
+        raws = []
+        for _ in range(rng.randint(1, 6)):
+            roll = rng.random()
+            if roll < 0.3:
+                raws.append(rng.choice(self.honest)[1])
+            elif roll < 0.8:  # (a drawn seq, as in _batch)
+                raws.append(sign_raw(sender, t.kind, t.region, t.body, rng.randrange(1, 2**20)))
+            else:
+                raws.append(rng.choice(self.raws))
+        topic = rng.choice((region_topic("vote", self.region), node_topic(self.me.node_id, "vote")))
+        data = encode_relay(raws)
+        if rng.random() < 0.3:
+            return topic, mutate_bytes(rng, data, rng.choice(self.raws))[0], "relay-bytes"
+        return topic, data, "relay"
 
     def _sign(self, rng: random.Random, sender: Sender, t: Template, body: Any, hook: Callable | None = None,
               envelope_hook: bool = False) -> bytes:

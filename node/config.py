@@ -16,6 +16,9 @@
     batch = true                       # changes and votes made together leave as one message per
                                        # region under one signature; false for a swarm that still
                                        # has nodes older than 0.2, which read only single messages
+    relay_votes = true                 # votes go to the version's author, which passes them on to
+                                       # the region together once it has a quorum; false for a
+                                       # swarm that still has nodes older than 0.3
 
     [broker]
     host = "127.0.0.1"
@@ -125,6 +128,7 @@ class Config:
     max_clock_skew: float = 300.0
     trace_kept: int = 10000
     batch: bool = True
+    relay_votes: bool = True
     swarm_admin: str = ""
     certificate: str = ""
     sealed: dict[str, str] = field(default_factory=dict)
@@ -161,6 +165,8 @@ class Config:
             raise ConfigError("node.trace_kept is a number of trace entries, at least 100 (0: keep them all)")
         if not isinstance(self.batch, bool):
             raise ConfigError("node.batch must be true or false")
+        if not isinstance(self.relay_votes, bool):
+            raise ConfigError("node.relay_votes must be true or false")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -301,7 +307,8 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
-                      "snapshots_kept", "max_clock_skew", "trace_kept", "batch"}
+                      "snapshots_kept", "max_clock_skew", "trace_kept", "batch",
+                      "relay_votes"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", "auto", "auto_port", "auto_address",
                         *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker) \
@@ -326,7 +333,7 @@ class Config:
                    sync_interval=node.get("sync_interval", 30.0),
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
                    max_clock_skew=node.get("max_clock_skew", 300.0), trace_kept=node.get("trace_kept", 10000),
-                   batch=node.get("batch", True),
+                   batch=node.get("batch", True), relay_votes=node.get("relay_votes", True),
                    swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
                    sealed=swarm.get("sealed", {}), broker_auto=broker.get("auto", False),
                    auto_port=broker.get("auto_port", 1883), auto_address=broker.get("auto_address", ""),
@@ -347,7 +354,8 @@ class Config:
             f"max_message_bytes = {self.max_message_bytes}\n"
             f"max_clock_skew = {self.max_clock_skew:g}\n"
             f"trace_kept = {self.trace_kept}\n"
-            f"batch = {'true' if self.batch else 'false'}\n\n"
+            f"batch = {'true' if self.batch else 'false'}\n"
+            f"relay_votes = {'true' if self.relay_votes else 'false'}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"
             f"port = {self.broker_port}\n"

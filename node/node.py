@@ -39,7 +39,7 @@ from typing import Any
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
-from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode_many,
+from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode_many, is_relay,
                                        encode, encode_batch)
 from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity
@@ -55,6 +55,7 @@ from .config import Config, ConfigError
 from .bodies import parse_diff, parse_vote, validate_key
 from .store import Frame, FrameVersion, Queued, Store, VersionMeta
 from .presence import Presence
+from .relay import Relay
 from .sync import Sync
 from .trace import Trace
 from .transport import Transport, TransportError
@@ -118,6 +119,7 @@ class Node(Voting):
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[tuple[Queued, Envelope]] = []
         self._events: list[FrameVersion] = []
+        self._addressed: set[bytes] | frozenset[bytes] = frozenset()  # votes of this _take sent to this node
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
         self._batched: dict[tuple[str, str], Frame] | None = None  # frames a batch wrote, as they were before it
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
@@ -138,6 +140,7 @@ class Node(Voting):
         self.sync = Sync(self)
         self.trace = Trace(self)
         self.presence = Presence(self)
+        self.relay = Relay(self)
         self.handover = Handover(self)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -204,6 +207,7 @@ class Node(Voting):
 
     def stop(self) -> None:
         self.sync.stop()
+        self.relay.flush(force=True)  # (the votes held for others leave before the death)
         if self._announces:
             self.presence.leave()
         self._started = False
@@ -397,12 +401,14 @@ class Node(Voting):
                 self._sends.clear()
                 self._events.clear()
                 self.trace.discard()
+                self.relay.discard()
                 raise
             finally:
                 self._tx_depth = 0
             sends, self._sends = self._sends, []
             events, self._events = self._events, []
         self._publish_all(sends)
+        self.relay.committed()
         for fv in events:
             self._notify(fv)
 
@@ -413,11 +419,11 @@ class Node(Voting):
             self.store.set_meta("hlc", hlc)
         return encode(self.identity, kind, region, seq, hlc, body)
 
-    def _send(self, kind: str, region: str, body: Any) -> Envelope:
+    def _send(self, kind: str, region: str, body: Any, topic: str | None = None) -> Envelope:
         """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
-        caller's transaction)."""
+        caller's transaction), for the region's topic of its kind unless `topic` says."""
         env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body)
-        item = Queued(env.msg_id, region_topic(kind, region), env.raw)
+        item = Queued(env.msg_id, topic or region_topic(kind, region), env.raw)
         self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
         self._sends.append((item, env))
         return env
@@ -615,7 +621,7 @@ class Node(Voting):
             if later and (self._inbox.empty() or len(later) >= INBOX_SIZE):  # (this thread alone takes)
                 self._handled([later.popleft()])
                 continue
-            batch = [self._inbox.get()]
+            batch = [self._next()]
             while len(batch) < INBOX_BATCH and batch[-1] is not None:
                 try:
                     batch.append(self._inbox.get_nowait())
@@ -634,8 +640,19 @@ class Node(Voting):
             if later:
                 self._handled([later.popleft()])
 
+    def _next(self) -> tuple[str, bytes] | None:
+        """The next message of the inbox; meanwhile, the votes waiting to be passed on leave
+        when they are due."""
+        while (wait := self.relay.wait()) is not None:
+            try:
+                return self._inbox.get(timeout=wait)
+            except queue.Empty:
+                self.relay.flush()
+        return self._inbox.get()
+
     def _handled(self, messages: list[tuple[str, bytes]]) -> None:
         self.receive_many(messages)
+        self.relay.flush()
         self._clear_acked()
         self._handled_at = time.monotonic()
         with self._activity:
@@ -662,11 +679,13 @@ class Node(Voting):
         """Handle messages as they came from the broker, in order; consecutive diffs and
         votes are taken in one transaction. A bug met on the way is counted and logged
         (rejected.internal), never raised: the receive loop goes on."""
-        live: list[Envelope] = []
+        live: list[tuple[Envelope, str]] = []
         for topic, payload in messages:
-            for env in self._decode(topic, payload):
+            # votes sent to this node to pass on, or passed on by their version's author (relay.py)
+            via = "inbox" if topic == self.relay.inbox else "relay" if is_relay(payload) else ""
+            for env in self._decode(topic, payload, via):
                 if env.kind in ("diff", "vote"):
-                    live.append(env)
+                    live.append((env, via))
                     continue
                 if live:
                     self._take(live)
@@ -678,33 +697,52 @@ class Node(Voting):
         if live:
             self._take(live)
 
-    def _take(self, envs: list[Envelope]) -> None:
+    def _take(self, envs: list[tuple[Envelope, str]]) -> None:
+        """Diffs and votes in one transaction. Votes sent to this node or relayed (`via`
+        inbox or relay, see relay.py) skip the live replay window; those sent to it are
+        passed on."""
         try:
             with self._transaction():
-                self._handle([env for env in envs if self._accept(env)])
+                self._addressed = {env.msg_id for env, via in envs if via == "inbox"}
+                self._handle([env for env, via in envs if (self._admitted(env) if via else self._accept(env))])
         except Exception:
             if len(envs) == 1:
-                self._internal_error(region_topic(envs[0].kind, envs[0].region))
+                self._internal_error(region_topic(envs[0][0].kind, envs[0][0].region))
                 return
-            for env in envs:  # the batch was rolled back: each on its own, so one bad one costs only itself
-                self._take([env])
+            for one in envs:  # the batch was rolled back: each on its own, so one bad one costs only itself
+                self._take([one])
+        finally:
+            self._addressed = frozenset()
 
     def _internal_error(self, topic: str) -> None:
         self.counters["rejected.internal"] += 1
         log.exception("internal error while handling a message on %s", topic)
 
-    def _decode(self, topic: str, payload: bytes) -> list[Envelope]:
-        """The envelopes of a message (several when it is a batch), checked and opened."""
+    def _decode(self, topic: str, payload: bytes, via: str = "") -> list[Envelope]:
+        """The envelopes of a message (several when it is a batch or a relay), checked and
+        opened. Votes `via` this node's vote inbox may be for any region; a relay carries
+        votes only."""
         self.counters["received"] += 1
         if not payload and "/node/" in topic:
             self.counters["presence.cleared"] += 1  # a node clearing its retained birth or fingerprint
             return []
         try:
-            envs = decode_many(payload, max_bytes=self.config.max_message_bytes, topic=topic)
+            envs = decode_many(payload, max_bytes=self.config.max_message_bytes,
+                               topic=None if via == "inbox" else topic)
         except EnvelopeError as e:
             self._reject(e.reason, f"{topic}: {e}")
             return []
-        if envs[0].sender == self.identity.public_key:
+        if via:
+            if any(env.kind != "vote" or env.region is None for env in envs):
+                self._reject("topic-mismatch", f"{topic}: a relay or a vote inbox takes votes only")
+                return []
+            own = [env for env in envs if env.sender == self.identity.public_key]
+            if own:  # (a relay may pass on this node's own votes among others)
+                self.counters["own.relayed"] += len(own)
+                envs = [env for env in envs if env.sender != self.identity.public_key]
+                if not envs:
+                    return []
+        elif envs[0].sender == self.identity.public_key:
             self.counters["own"] += 1
             return []
         self.counters[f"bytes-in.{envs[0].kind}"] += len(payload)
@@ -774,7 +812,7 @@ class Node(Voting):
         the clock and the roster still judge them) in one transaction, deciding each frame
         they touch once at the end (a sync response may bring hundreds for a few frames)."""
         with self._transaction():
-            self._handle([env for env in envs if not self._too_far_ahead(env) and not self._refused(env)])
+            self._handle([env for env in envs if self._admitted(env)])
 
     def _handle(self, envs: list[Envelope]) -> None:
         self._deferred = {}
@@ -812,6 +850,11 @@ class Node(Voting):
         if reason is not None:
             self._reject(reason, f"a {env.kind} from {env.sender_id}" + (f" in {env.region}" if env.region else ""))
         return reason is not None
+
+    def _admitted(self, env: Envelope) -> bool:
+        """A clock not too far ahead and an admitted sender (a pulled or relayed message,
+        which skips the replay window)."""
+        return not self._too_far_ahead(env) and not self._refused(env)
 
     def _accept(self, env: Envelope) -> bool:
         """Replay window: each (sender, seq) is taken once; a clock not too far ahead; an
@@ -907,6 +950,8 @@ class Node(Voting):
             self.counters["votes.known"] += 1
             return
         self.counters["votes"] += 1
+        if env.msg_id in self._addressed and voter_id in self.members(env.region):
+            self.relay.take(env)
         frame = self.store.frame(env.region, key)
         if version == frame.head == frame.consensus:
             return  # one more vote for what is already head and consensus changes neither

@@ -52,7 +52,7 @@ class Presence:
         """After connecting: the birth, and a first fingerprint."""
         node = self.node
         birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE,
-                 **self._certificate()}
+                 **self._relays(), **self._certificate()}
         if (bus := node.handover.advertised()) is not None:
             birth["bus"] = bus  # where this node's broker would listen, were it elected (broker.auto)
         node.send_now(node_topic(node.node_id, "birth"), "birth", birth, retain=True)
@@ -79,7 +79,11 @@ class Presence:
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_diffs("pending"), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
-                "flagged": len(store.flagged()), **self._bus(), **self._certificate()}
+                "flagged": len(store.flagged()), **self._bus(), **self._relays(), **self._certificate()}
+
+    def _relays(self) -> dict:
+        """That this node passes on the votes sent to it (node/relay.py)."""
+        return {"relay": True} if self.node.relay.enabled else {}
 
     def _bus(self) -> dict:
         """The broker this node is on, and whether it hosts it (broker.auto): for `status`."""
@@ -102,6 +106,8 @@ class Presence:
         peer = self.store.peer(node_id)
         if env.kind == "birth":
             if peer and (session, env.hlc) <= (peer["session"], peer["birth_hlc"] or 0):  # (none before a birth)
+                if (session, env.hlc) == (peer["session"], peer["birth_hlc"]) and peer["alive"]:
+                    self.node.relay.on_presence(node_id, body.get("relay") is True)  # (known before a restart)
                 return
             regions = body.get("regions")
             if type(regions) is not list or not all(type(r) is str for r in regions):
@@ -110,14 +116,18 @@ class Presence:
             self.store.set_peer(node_id, session=session, birth_hlc=env.hlc, alive=1, regions=regions,
                                 software=str(body.get("software", "")))
             self.node.handover.on_birth(node_id, body.get("bus"))
+            self.node.relay.on_presence(node_id, body.get("relay") is True)
             log.info("node %s is up (session %d)", node_id, session)
         elif env.kind == "death":
             if peer is None or session < peer["session"] or not peer["alive"]:
                 return
             self.store.set_peer(node_id, alive=0, death_hlc=env.hlc)
+            self.node.relay.on_presence(node_id, False)
             log.info("node %s is gone (session %d)", node_id, session)
         else:
             if peer and env.hlc <= (peer.get("fingerprint_hlc") or 0):
+                if env.hlc == peer.get("fingerprint_hlc") and peer["alive"]:
+                    self.node.relay.on_presence(node_id, body.get("relay") is True)  # (known before a restart)
                 return
             self.node.admission.on_presence(env)
             fields: dict[str, Any] = {"fingerprint": {k: v for k, v in body.items() if k != "certificate"},
@@ -127,5 +137,7 @@ class Presence:
             if peer is None or session > peer["session"] \
                     or (session == peer["session"] and not peer["alive"] and env.hlc > (peer["death_hlc"] or 0)):
                 fields.update(session=session, alive=1)
+            if fields.get("alive", peer and peer["alive"]):
+                self.node.relay.on_presence(node_id, body.get("relay") is True)
             self.store.set_peer(node_id, **fields)
         self.node.counters[f"presence.{env.kind}"] += 1

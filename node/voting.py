@@ -145,7 +145,7 @@ class Voting:
             body = {"key": key, "version": head, "round": round_}
             if dag.versions[head].is_merge:
                 body["merge"] = list(dag.versions[head].parents)
-            env = self._send("vote", region, body)
+            env = self._send("vote", region, body, self.relay.vote_topic(region, dag.versions[head].author))
             self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
             self.trace.record("voted", region=region, key=key, version=head, round=round_)
             votes[self.node_id] = head
@@ -223,6 +223,7 @@ class Voting:
             self._events.append(self.store.version(d.head))
         if d.consensus != before.consensus and d.consensus is not None:
             self.counters["consensus"] += 1
+            self.relay.reached()
             self.trace.record("consensus", region=region, key=key, version=d.consensus, resolution=d.resolution)
             if d.resolution:
                 self.counters["fork-resolutions"] += 1

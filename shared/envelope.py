@@ -22,6 +22,12 @@ board pays most for per message):
 All three forms carry the same payloads and mean the same; `decode` reads a classic message
 or an item form, `decode_many` a batch as well.
 
+A node may pass on messages it received, each as it came and under its own signer's
+signature, in one unsigned container:
+  relay     = `{"relay": [message, ...]}`: 1 to merkle.MAX_LEAVES messages, each classic or
+              in item form (an author passes on the votes sent to it this way: see
+              node/relay.py). `decode_many` opens each as if it had come alone on the topic.
+
 Decoding is strict: size limit first, then shape and types, then the version, then the
 signature. Every failure is an `EnvelopeError` subclass whose `reason` names a counter;
 nothing else escapes `decode`.
@@ -55,6 +61,8 @@ _KEYS = frozenset("vkrsntb")
 _LEAVES = frozenset({str, bytes, float, bool, type(None)})  # always plain (ints are range-checked)
 BATCH_STATEMENT = b"edgeswarm batch\x00"  # what a batch signature signs: this, n (4 bytes) and the root
 _MAX_PATH = MAX_LEAVES.bit_length()
+RELAY_KEY = "relay"
+_RELAY_HEAD = b"\xa1"  # (CBOR: a map of one pair)
 
 
 class EnvelopeError(Exception):
@@ -204,6 +212,18 @@ def encode_batch(identity: Identity, envs: list[Envelope]) -> bytes:
     return cbor2.dumps([[e.payload for e in envs], identity.sign(_statement(len(envs), root))])
 
 
+def encode_relay(raws: list[bytes]) -> bytes:
+    """One message passing on 1 to MAX_LEAVES messages (classic or item form) as they came."""
+    if not 1 <= len(raws) <= MAX_LEAVES:
+        raise ValueError(f"a relay passes on 1 to {MAX_LEAVES} messages")
+    return cbor2.dumps({RELAY_KEY: raws})
+
+
+def is_relay(data: bytes) -> bool:
+    """Whether a message is a relay container (a map; every signed form is an array)."""
+    return data[:1] == _RELAY_HEAD
+
+
 def _statement(n: int, root: bytes) -> bytes:
     return BATCH_STATEMENT + n.to_bytes(4, "big") + root
 
@@ -220,6 +240,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None
 def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None) -> list[Envelope]:
     """Check and open a message that may be a batch: its envelopes, each in its item form
     (`raw`), in the order sent. Raises only EnvelopeError subclasses."""
+    if is_relay(data):
+        return _relayed(data, max_bytes, topic)
     outer = _outer(data, max_bytes)
     if type(outer[0]) is not list:
         return [_checked(_one(outer, data), topic)]
@@ -237,6 +259,16 @@ def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str |
         raise BadSignatureError(f"batch signature does not match the payloads from {node_id_of(sender)}")
     return [_checked(Envelope(*m, cbor2.dumps([p, signature, n, i, path]), p), topic)
             for i, (p, m, path) in enumerate(zip(payloads, opened, paths))]
+
+
+def _relayed(data: bytes, max_bytes: int, topic: str | None) -> list[Envelope]:
+    if len(data) > max_bytes:
+        raise OversizeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    outer = strict_loads(bytes(data))
+    raws = outer.get(RELAY_KEY) if type(outer) is dict and len(outer) == 1 else None
+    if type(raws) is not list or not 1 <= len(raws) <= MAX_LEAVES or any(type(r) is not bytes for r in raws):
+        raise MalformedError(f'a relay is {{"relay": [1 to {MAX_LEAVES} messages]}}')
+    return [decode(raw, max_bytes=max_bytes, topic=topic) for raw in raws]
 
 
 def _outer(data: bytes, max_bytes: int) -> list:

@@ -295,6 +295,9 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
         keys = [f"k{i:02d}" for i in range(20)]
         versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
         assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
+        # d's votes went to a, which passed them on: the swarm is quiet once they are back at d
+        # (b and c must come back to the same state, not one of them with the relay in flight)
+        assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
         b, c = Node(configs[1]), Node(configs[2])
         for n in (b, c):
             n.transport.persistent = False  # no broker session kept anything for them

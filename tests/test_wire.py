@@ -11,7 +11,7 @@ from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
                                        UnsupportedVersionError, accept_seq, canonical, decode, decode_many,
-                                       encode, encode_batch)
+                                       encode, encode_batch, encode_relay, is_relay)
 from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
 from edgeswarm.shared.topics import (TopicError, node_topic, parse_topic, region_filter, region_topic,
@@ -98,6 +98,35 @@ def test_a_tampered_batch_or_item_is_rejected(me):
                        (item[:4] + [["x"]], MalformedError)):
         with pytest.raises(error):
             decode(cbor2.dumps(bad))
+
+
+def test_a_relay_passes_on_messages_under_their_own_signatures(me):
+    topic, other = "es/v1/vote/plant/line1", Identity.generate()
+    classic = encode(other, "vote", "plant/line1", 1, 1000, {"key": "a"})
+    items = decode_many(encode_batch(me, [encode(me, "vote", "plant/line1", i + 1, 1000, {"key": f"k{i}"})
+                                          for i in range(3)]), topic=topic)
+    relay = encode_relay([classic.raw, *(e.raw for e in items)])
+    assert is_relay(relay) and not is_relay(classic.raw) and not is_relay(encode_batch(me, list(items)))
+    got = decode_many(relay, topic=topic)
+    assert [(e.sender, e.msg_id, e.raw) for e in got] == [(e.sender, e.msg_id, e.raw) for e in [classic, *items]]
+    with pytest.raises(MalformedError, match="not an envelope"):  # a relay is not one message
+        decode(relay)
+    with pytest.raises(TopicMismatchError):  # each is checked against the topic it arrives on
+        decode_many(relay, topic="es/v1/vote/plant/line2")
+    forged = cbor2.loads(classic.raw)
+    forged[0] = encode(other, "vote", "plant/line1", 1, 1000, {"key": "b"}).payload
+    with pytest.raises(BadSignatureError):  # one forged among honest ones spoils the message
+        decode_many(encode_relay([items[0].raw, cbor2.dumps([forged[0], classic.raw[-64:]])]), topic=topic)
+    for bad in ({"relay": []}, {"relay": [classic.raw], "x": 1}, {"relay": classic.raw}, {"relay": ["x"]},
+                {"relay": [classic.raw] * (MAX_LEAVES + 1)}, {"other": [classic.raw]}):
+        with pytest.raises(MalformedError):
+            decode_many(cbor2.dumps(bad), topic=topic)
+    with pytest.raises(MalformedError):  # a batch inside a relay: messages only, each alone
+        decode_many(encode_relay([encode_batch(me, list(items))]), topic=topic)
+    with pytest.raises(OversizeError):
+        decode_many(relay, max_bytes=len(relay) - 1, topic=topic)
+    with pytest.raises(ValueError):
+        encode_relay([])
 
 
 def test_envelope_round_trip(me):

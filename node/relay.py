@@ -1,0 +1,123 @@
+"""Votes through their version's author: the swarm's consensus traffic in O(N), not O(N²).
+
+Every member votes for every new version, and with each vote on the region's vote topic
+every node handles a message from every member for every change: at 20 nodes, 380
+deliveries per change, most of what the swarm spends on it. Instead a node sends its vote
+for a version to the version's author (es/v1/node/<author>/vote) when that author says it
+passes votes on (`relay` in its birth and fingerprints) and is alive. The author stores each
+such vote as any other and passes those new to it on to the region's vote topic in one
+relay message (shared/envelope.py: each vote as it came, under its voter's signature): at
+once when a frame reaches consensus here, else at most RELAY_HOLD after the first one
+waiting. A change then costs N deliveries to its author and N for each relay (the quorum's,
+then one or two with the late votes). The author's consensus comes as soon as before, every
+other node's one relay later.
+
+A vote for a merge (it has no author), for this node's own version, or for an author that is
+gone or does not relay goes on the region topic as before. If an author vanishes before
+passing votes on, they reach the others with the next anti-entropy round (the digests cover
+the votes held). A vote that comes relayed or addressed to this node skips the live replay
+window, as a pulled one does (the relay reorders a voter's messages; the store drops a vote
+it holds, and a replayed one is not passed on again).
+
+node.relay_votes = false (for a swarm with nodes older than 0.3, which cannot read a relay)
+sends every vote on the region topic and announces no relaying.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from edgeswarm.shared.envelope import MAX_LEAVES, Envelope, encode_relay
+from edgeswarm.shared.topics import node_topic, region_topic
+
+if TYPE_CHECKING:
+    from .node import Node
+
+RELAY_HOLD = 0.02  # seconds a vote waits for others to leave with it, when no consensus calls it out
+
+
+class Relay:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.enabled = node.config.relay_votes
+        self.inbox = node_topic(node.node_id, "vote")  # where votes for this node's versions come
+        self.authors: set[str] = set()  # alive peers that pass votes on
+        self._taken: list[tuple[str, bytes]] = []  # (region, vote) to pass on, once the transaction commits
+        self._waiting: dict[str, list[bytes]] = {}
+        self._due: float | None = None
+        self._now = False  # a frame reached consensus: what waits leaves at once
+        self._lock = threading.Lock()
+
+    # -- sending a vote ---------------------------------------------------------------
+
+    def vote_topic(self, region: str, author: str) -> str:
+        if self.enabled and author and author != self.node.node_id and author in self.authors:
+            return node_topic(author, "vote")
+        return region_topic("vote", region)
+
+    def on_presence(self, node_id: str, relays: bool) -> None:
+        """What a peer's birth, fingerprint (relays: whether it says so) or death (False) tells."""
+        if relays and self.enabled:
+            self.authors.add(node_id)
+        else:
+            self.authors.discard(node_id)
+
+    # -- passing votes on ---------------------------------------------------------------
+
+    def take(self, env: Envelope) -> None:
+        """A vote sent to this node, new here (inside the transaction storing it)."""
+        self._taken.append((env.region, env.raw))
+
+    def reached(self) -> None:
+        """A frame reached consensus in this transaction."""
+        self._now = self._now or bool(self._taken or self._waiting)
+
+    def discard(self) -> None:
+        """The transaction rolled back."""
+        self._taken.clear()
+        self._now = False
+
+    def committed(self) -> None:
+        """The transaction committed: what it took waits to leave (or leaves now)."""
+        if self._taken:
+            with self._lock:
+                for region, raw in self._taken:
+                    self._waiting.setdefault(region, []).append(raw)
+                if self._due is None:
+                    self._due = time.monotonic() + RELAY_HOLD
+            self._taken.clear()
+        if self._now:
+            self.flush(force=True)
+
+    def wait(self) -> float | None:
+        """Seconds until what waits is due to leave (None: nothing waits)."""
+        return None if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def flush(self, force: bool = False) -> None:
+        """Publish what waits, if it is due (or `force`)."""
+        with self._lock:
+            if self._due is None or not (force or time.monotonic() >= self._due):
+                return
+            waiting, self._waiting, self._due, self._now = self._waiting, {}, None, False
+        node = self.node
+        limit = node.config.max_message_bytes - 16
+        for region, raws in waiting.items():
+            chunk: list[bytes] = []
+            size = 0
+            for raw in raws:
+                if chunk and (len(chunk) == MAX_LEAVES or size + len(raw) + 5 > limit):
+                    self._publish(region, chunk)
+                    chunk, size = [], 0
+                chunk.append(raw)
+                size += len(raw) + 5
+            self._publish(region, chunk)
+
+    def _publish(self, region: str, raws: list[bytes]) -> None:
+        data = encode_relay(raws)
+        counters = self.node.counters
+        counters["relays-out"] += 1
+        counters["votes-relayed"] += len(raws)
+        counters["bytes-out.relay"] += len(data)
+        self.node.transport.publish(region_topic("vote", region), data)

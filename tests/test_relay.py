@@ -1,0 +1,130 @@
+"""Votes through their version's author (node/relay.py), on a real broker."""
+
+from __future__ import annotations
+
+import threading
+
+from edgeswarm.node import Node
+from edgeswarm.shared.envelope import decode_many, encode, encode_relay, is_relay
+from edgeswarm.shared.topics import node_topic, region_filter, region_topic
+
+from test_consensus import TIMEOUT, consensus_everywhere
+
+QUIET = 2.0  # seconds without a message on the vote topic once every node holds every vote
+
+
+def relaying(nodes, among=None):
+    """Wait until each node knows which of the others pass votes on."""
+    among = {n.node_id for n in (among or nodes)}
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.relay.authors == among - {n.node_id}, TIMEOUT), n.relay.authors
+
+
+class VoteTopic:
+    """What an ordinary MQTT client subscribed to a region's votes sees."""
+
+    def __init__(self, attacker, region):
+        self.messages: list[bytes] = []
+        self.arrived = threading.Event()
+        subscribed = threading.Event()
+        client = attacker.client
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.on_message = lambda c, u, m: (self.messages.append(m.payload), self.arrived.set())
+        client.subscribe(region_filter(region, "vote"), qos=1)
+        assert subscribed.wait(TIMEOUT)
+
+    def quiet(self) -> None:
+        while self.arrived.wait(QUIET):
+            self.arrived.clear()
+
+    def voters(self, region) -> tuple[list[str], list[str]]:
+        """Senders of the votes sent as themselves, and of those passed on in relays."""
+        direct, relayed = [], []
+        for data in self.messages:
+            for env in decode_many(data, topic=region_topic("vote", region)):
+                (relayed if is_relay(data) else direct).append(env.sender_id)
+        return direct, relayed
+
+
+def supported_everywhere(nodes, region, key, version):
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.status(region, key)["support"].get(version) == len(nodes), TIMEOUT), \
+            n.status(region, key)
+
+
+def test_votes_go_to_the_author_which_passes_them_on(make_swarm, region, attacker):
+    nodes, _ = make_swarm(4)
+    relaying(nodes)
+    seen = VoteTopic(attacker, region)
+    writer, others = nodes[0], nodes[1:]
+    version = writer.put(region, "line", {"speed": 1})
+    consensus_everywhere(nodes, region, "line", version)
+    supported_everywhere(nodes, region, "line", version)
+    assert writer.counters["votes-relayed"] == 3 and writer.counters["relays-out"] >= 1
+    assert all(n.counters["votes-relayed"] == 0 for n in others)
+    seen.quiet()
+    direct, relayed = seen.voters(region)
+    # On the region's vote topic: the writer's own vote, and the others' only as the writer passed them on.
+    assert direct == [writer.node_id]
+    assert sorted(relayed) == sorted(n.node_id for n in others)
+
+    # The next version is another node's: its votes go to it.
+    seen.messages.clear()
+    v2 = nodes[2].patch(region, "line", set={"speed": 2})
+    consensus_everywhere(nodes, region, "line", v2)
+    supported_everywhere(nodes, region, "line", v2)
+    seen.quiet()
+    direct, relayed = seen.voters(region)
+    assert direct == [nodes[2].node_id] and len(relayed) == 3 and nodes[2].counters["votes-relayed"] == 3
+
+
+def test_a_node_that_does_not_relay_gets_its_votes_on_the_region_topic(member_configs, region, attacker):
+    configs = member_configs(3)
+    configs[0].relay_votes = False  # (as a swarm with nodes older than 0.3 runs)
+    nodes = [Node(c).start() for c in configs]
+    try:
+        relaying(nodes[1:], among=nodes[1:])
+        assert not nodes[0].relay.authors
+        seen = VoteTopic(attacker, region)
+        version = nodes[0].put(region, "line", {"speed": 1})
+        consensus_everywhere(nodes, region, "line", version)
+        supported_everywhere(nodes, region, "line", version)
+        v2 = nodes[1].patch(region, "line", set={"speed": 2})  # node 0 sends its vote straight on too
+        consensus_everywhere(nodes, region, "line", v2)
+        supported_everywhere(nodes, region, "line", v2)
+        seen.quiet()
+        direct, relayed = seen.voters(region)
+        # all three votes on node 0's version; node 1's own and node 0's on node 1's, node 2's passed on
+        assert sorted(direct) == sorted([n.node_id for n in nodes] + [nodes[1].node_id, nodes[0].node_id])
+        assert relayed == [nodes[2].node_id]
+        assert nodes[0].counters["votes-relayed"] == 0 and nodes[1].counters["votes-relayed"] == 1
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_an_author_passes_on_member_votes_only_and_a_relay_carries_votes_only(make_swarm, make_node, region,
+                                                                             attacker):
+    nodes, _ = make_swarm(3)
+    relaying(nodes)
+    version = nodes[0].put(region, "line", {"speed": 1})
+    consensus_everywhere(nodes, region, "line", version)
+    supported_everywhere(nodes, region, "line", version)
+    outsider = make_node("outsider", start=False)
+    vote = encode(outsider.identity, "vote", region, 1, outsider.clock.now(),
+                  {"key": "line", "version": bytes.fromhex(version), "round": 1})
+    diff_ = encode(nodes[1].identity, "diff", region, 10**6, nodes[1].clock.now(), {"key": "x"})
+    before = [dict(n.counters) for n in nodes]
+    relayed = nodes[0].counters["votes-relayed"]
+    attacker.send(node_topic(nodes[0].node_id, "vote"), vote.raw)  # to the author, from a non-member
+    attacker.send(region_topic("vote", region), encode_relay([vote.raw]))
+    attacker.send(region_topic("vote", region), encode_relay([diff_.raw]))  # a relay of something else
+
+    def grew(n, i, name, by):
+        return n.counters[name] - before[i].get(name, 0) >= by
+    for i, n in enumerate(nodes):
+        assert n.wait_until(lambda n=n, i=i: grew(n, i, "rejected.topic-mismatch", 1) and (
+            grew(n, i, "votes", 1) and grew(n, i, "votes.known", 1) if i == 0 else grew(n, i, "votes", 1)),
+            TIMEOUT), n.counters
+        assert n.status(region, "line")["support"].get(version) == 3  # (an outsider's vote counts nowhere)
+    assert nodes[0].counters["votes-relayed"] == relayed  # stored, as any vote, but not passed on
