@@ -407,8 +407,8 @@ class Node(Voting):
                 self._tx_depth = 0
             sends, self._sends = self._sends, []
             events, self._events = self._events, []
-        self._publish_all(sends)
-        self.relay.committed()
+            relayed = self.relay.detach()
+        self._publish_all(self.relay.committed(relayed, sends))
         for fv in events:
             self._notify(fv)
 

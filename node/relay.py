@@ -12,8 +12,12 @@ waiting. A change then costs N deliveries to its author and N for each relay (th
 then one or two with the late votes). The author's consensus comes as soon as before, every
 other node's one relay later.
 
-A vote for a merge (it has no author), for this node's own version, or for an author that is
-gone or does not relay goes on the region topic as before. If an author vanishes before
+The author's own vote for a single write leaves in the same relay (it is in the outbox like
+any vote, and cleared when the broker has the relay; a node that loses power before passing
+it on sends it alone at its next start): every other node then takes the whole quorum in
+one message, and nothing on the way to it. The own votes of a batch of writes leave as
+their one batch message, at once. A vote for a merge (it has no author), or for an author
+that is gone or does not relay goes on the region topic as before. If an author vanishes before
 passing votes on, they reach the others with the next anti-entropy round (the digests cover
 the votes held). A vote that comes relayed or addressed to this node skips the live replay
 window, as a pulled one does (the relay reorders a voter's messages; the store drops a vote
@@ -27,15 +31,23 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from edgeswarm.shared.envelope import MAX_LEAVES, Envelope, encode_relay
 from edgeswarm.shared.topics import node_topic, region_topic
+
+from .store import Queued
 
 if TYPE_CHECKING:
     from .node import Node
 
 RELAY_HOLD = 0.02  # seconds a vote waits for others to leave with it, when no consensus calls it out
+
+
+class _Taken(NamedTuple):
+    votes: list[tuple[str, bytes]]  # (region, vote) sent to this node, new here
+    own: set[bytes]  # msg ids of own votes for own versions
+    consensus: bool  # a frame reached consensus
 
 
 class Relay:
@@ -45,9 +57,10 @@ class Relay:
         self.inbox = node_topic(node.node_id, "vote")  # where votes for this node's versions come
         self.authors: set[str] = set()  # alive peers that pass votes on
         self._taken: list[tuple[str, bytes]] = []  # (region, vote) to pass on, once the transaction commits
-        self._waiting: dict[str, list[bytes]] = {}
+        self._own: set[bytes] = set()  # msg ids of this transaction's own votes for own versions
+        self._waiting: dict[str, list[tuple[bytes, bytes | None]]] = {}  # region -> (vote, outbox id of an own one)
         self._due: float | None = None
-        self._now = False  # a frame reached consensus: what waits leaves at once
+        self._now = False  # a frame reached consensus in this transaction: what waits leaves at once
         self._lock = threading.Lock()
 
     # -- sending a vote ---------------------------------------------------------------
@@ -56,6 +69,11 @@ class Relay:
         if self.enabled and author and author != self.node.node_id and author in self.authors:
             return node_topic(author, "vote")
         return region_topic("vote", region)
+
+    def own_vote(self, msg_id: bytes) -> None:
+        """This node votes for its own version (inside the transaction): see committed()."""
+        if self.enabled:
+            self._own.add(msg_id)
 
     def on_presence(self, node_id: str, relays: bool) -> None:
         """What a peer's birth, fingerprint (relays: whether it says so) or death (False) tells."""
@@ -72,24 +90,41 @@ class Relay:
 
     def reached(self) -> None:
         """A frame reached consensus in this transaction."""
-        self._now = self._now or bool(self._taken or self._waiting)
+        self._now = True
 
     def discard(self) -> None:
         """The transaction rolled back."""
-        self._taken.clear()
-        self._now = False
+        self.detach()
 
-    def committed(self) -> None:
-        """The transaction committed: what it took waits to leave (or leaves now)."""
-        if self._taken:
+    def detach(self) -> _Taken:
+        """What the transaction took, as it commits (still holding the store)."""
+        taken = _Taken(self._taken, self._own, self._now)
+        self._taken, self._own, self._now = [], set(), False
+        return taken
+
+    def committed(self, taken: _Taken, sends: list[tuple[Queued, Envelope]]) -> list[tuple[Queued, Envelope]]:
+        """The transaction committed: what it took waits to leave (or leaves now, at a
+        consensus), with its own vote when it cast one for its own version alone. Returns
+        the rest of `sends`, to publish."""
+        own = [s for s in sends if s[0].msg_id in taken.own] if taken.own else []
+        if len(own) > 1:  # a batch of writes: their votes leave together under one signature
+            own = []
+        votes = [(region, raw, None) for region, raw in taken.votes]
+        if own:
+            item, env = own[0]
+            with self.node._acks:
+                self.node._inflight.add(item.msg_id)
+            votes.append((env.region, env.raw, item.msg_id))
+            sends = [s for s in sends if s is not own[0]]
+        if votes:
             with self._lock:
-                for region, raw in self._taken:
-                    self._waiting.setdefault(region, []).append(raw)
+                for region, raw, msg_id in votes:
+                    self._waiting.setdefault(region, []).append((raw, msg_id))
                 if self._due is None:
                     self._due = time.monotonic() + RELAY_HOLD
-            self._taken.clear()
-        if self._now:
+        if taken.consensus:
             self.flush(force=True)
+        return sends
 
     def wait(self) -> float | None:
         """Seconds until what waits is due to leave (None: nothing waits)."""
@@ -100,24 +135,30 @@ class Relay:
         with self._lock:
             if self._due is None or not (force or time.monotonic() >= self._due):
                 return
-            waiting, self._waiting, self._due, self._now = self._waiting, {}, None, False
-        node = self.node
-        limit = node.config.max_message_bytes - 16
-        for region, raws in waiting.items():
-            chunk: list[bytes] = []
+            waiting, self._waiting, self._due = self._waiting, {}, None
+        limit = self.node.config.max_message_bytes - 16
+        for region, votes in waiting.items():
+            chunk: list[tuple[bytes, bytes | None]] = []
             size = 0
-            for raw in raws:
-                if chunk and (len(chunk) == MAX_LEAVES or size + len(raw) + 5 > limit):
+            for vote in votes:
+                if chunk and (len(chunk) == MAX_LEAVES or size + len(vote[0]) + 5 > limit):
                     self._publish(region, chunk)
                     chunk, size = [], 0
-                chunk.append(raw)
-                size += len(raw) + 5
+                chunk.append(vote)
+                size += len(vote[0]) + 5
             self._publish(region, chunk)
 
-    def _publish(self, region: str, raws: list[bytes]) -> None:
+    def _publish(self, region: str, votes: list[tuple[bytes, bytes | None]]) -> None:
+        """One relay; the outbox ids of this node's own votes in it are cleared once the
+        broker has it."""
+        node = self.node
+        raws = [raw for raw, _ in votes]
+        own = [msg_id for _, msg_id in votes if msg_id is not None]
         data = encode_relay(raws)
-        counters = self.node.counters
-        counters["relays-out"] += 1
-        counters["votes-relayed"] += len(raws)
-        counters["bytes-out.relay"] += len(data)
-        self.node.transport.publish(region_topic("vote", region), data)
+        node.counters["relays-out"] += 1
+        node.counters["votes-relayed"] += len(raws) - len(own)
+        node.counters["bytes-out.relay"] += len(data)
+        token = tuple(own) or None
+        if node.transport.publish(region_topic("vote", region), data, token=token) is None and token:
+            with node._acks:  # not started: they stay in the outbox until start()
+                node._inflight.difference_update(token)

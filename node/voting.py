@@ -145,7 +145,10 @@ class Voting:
             body = {"key": key, "version": head, "round": round_}
             if dag.versions[head].is_merge:
                 body["merge"] = list(dag.versions[head].parents)
-            env = self._send("vote", region, body, self.relay.vote_topic(region, dag.versions[head].author))
+            author = dag.versions[head].author
+            env = self._send("vote", region, body, self.relay.vote_topic(region, author))
+            if author == self.node_id:
+                self.relay.own_vote(env.msg_id)
             self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
             self.trace.record("voted", region=region, key=key, version=head, round=round_)
             votes[self.node_id] = head

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from edgeswarm.node import Node
+from edgeswarm.node import Config, Node
 from edgeswarm.shared.envelope import decode_many, encode, encode_relay, is_relay
 from edgeswarm.shared.topics import node_topic, region_filter, region_topic
 
@@ -64,9 +64,9 @@ def test_votes_go_to_the_author_which_passes_them_on(make_swarm, region, attacke
     assert all(n.counters["votes-relayed"] == 0 for n in others)
     seen.quiet()
     direct, relayed = seen.voters(region)
-    # On the region's vote topic: the writer's own vote, and the others' only as the writer passed them on.
-    assert direct == [writer.node_id]
-    assert sorted(relayed) == sorted(n.node_id for n in others)
+    # On the region's vote topic: every vote as the writer passed it on, its own among them.
+    assert direct == []
+    assert sorted(relayed) == sorted(n.node_id for n in nodes)
 
     # The next version is another node's: its votes go to it.
     seen.messages.clear()
@@ -75,7 +75,8 @@ def test_votes_go_to_the_author_which_passes_them_on(make_swarm, region, attacke
     supported_everywhere(nodes, region, "line", v2)
     seen.quiet()
     direct, relayed = seen.voters(region)
-    assert direct == [nodes[2].node_id] and len(relayed) == 3 and nodes[2].counters["votes-relayed"] == 3
+    assert direct == [] and len(relayed) == 4 and nodes[2].counters["votes-relayed"] == 3
+    assert all(n.wait_published(TIMEOUT) and not n.store.unpublished() for n in nodes)  # own votes cleared too
 
 
 def test_a_node_that_does_not_relay_gets_its_votes_on_the_region_topic(member_configs, region, attacker):
@@ -94,9 +95,9 @@ def test_a_node_that_does_not_relay_gets_its_votes_on_the_region_topic(member_co
         supported_everywhere(nodes, region, "line", v2)
         seen.quiet()
         direct, relayed = seen.voters(region)
-        # all three votes on node 0's version; node 1's own and node 0's on node 1's, node 2's passed on
-        assert sorted(direct) == sorted([n.node_id for n in nodes] + [nodes[1].node_id, nodes[0].node_id])
-        assert relayed == [nodes[2].node_id]
+        # all three votes on node 0's version; node 0's on node 1's, and node 1's own and node 2's passed on
+        assert sorted(direct) == sorted([n.node_id for n in nodes] + [nodes[0].node_id])
+        assert sorted(relayed) == sorted([nodes[1].node_id, nodes[2].node_id])
         assert nodes[0].counters["votes-relayed"] == 0 and nodes[1].counters["votes-relayed"] == 1
     finally:
         for n in nodes:
@@ -128,3 +129,17 @@ def test_an_author_passes_on_member_votes_only_and_a_relay_carries_votes_only(ma
             TIMEOUT), n.counters
         assert n.status(region, "line")["support"].get(version) == 3  # (an outsider's vote counts nowhere)
     assert nodes[0].counters["votes-relayed"] == relayed  # stored, as any vote, but not passed on
+
+
+def test_an_own_vote_waiting_to_be_passed_on_is_kept_in_the_outbox(tmp_path):
+    """Until the broker has the relay carrying it: a node that loses power first sends it
+    alone (on the region topic) at its next start, as any message of its outbox."""
+    node = Node(Config(home=tmp_path / "n", regions=["plant"], sync_interval=0))
+    try:
+        version = node.put("plant/a", "k", {"a": 1})
+        assert node.consensus("plant/a", "k").version == version  # (a swarm of one)
+        held = node.store.unpublished()
+        assert sorted(item.topic for item in held) == [region_topic("diff", "plant/a"), region_topic("vote", "plant/a")]
+        assert node.counters["relays-out"] == 1  # (tried: this node is not connected)
+    finally:
+        node.stop()
