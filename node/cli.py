@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeswarm.broker.embedded import BrokerError, EmbeddedBroker
-from edgeswarm.shared.envelope import EnvelopeError, decode
+from edgeswarm.shared.envelope import Envelope, EnvelopeError, decode_many
 from edgeswarm.shared import roster
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of, write_secret
 from edgeswarm.shared.roster import RosterError, parse_admin_key
@@ -456,12 +456,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
     seals = Seals({args.region: args.sealed_key.read_bytes()} if args.sealed_key else config.sealed_keys())
 
     def on_message(topic: str, payload: bytes) -> None:
-        nonlocal seen
-        try:
-            env = decode(payload, topic=topic, **({"max_bytes": max_bytes} if max_bytes else {}))
+        try:  # (a batch, or an author's relay of votes, holds several)
+            envs = decode_many(payload, topic=topic, **({"max_bytes": max_bytes} if max_bytes else {}))
         except EnvelopeError as e:
             _print_json({"topic": topic, "rejected": e.reason, "detail": str(e)}, sys.stderr)
             return
+        for env in envs:
+            if not done.is_set():
+                show(topic, env)
+
+    def show(topic: str, env: Envelope) -> None:
+        nonlocal seen
         body = env.body
         if env.region is not None and is_sealed(body) and seals.box(env.region) is not None:
             try:

@@ -11,7 +11,8 @@ signed envelope in one transaction with the vote it causes (both stay in the out
 the broker acknowledges them), publish. Receive path: decode (size, shape, signature,
 topic), replay window, then for a diff: parent lookup (missing: kept pending), apply,
 version hash, coherence, store; for a vote: equivocation check, store. Either way the
-voter then recomputes the frame's head and consensus and this node votes for its new head.
+voter then recomputes the frame's head and consensus and this node votes for its new head
+(sent to the head's author, which passes the votes on: relay.py).
 A message that fails any step is counted by reason and never raises out of the receive loop.
 
 Messages are taken off the network thread into an inbox and handled by one worker thread,
@@ -409,6 +410,7 @@ class Node(Voting):
             events, self._events = self._events, []
             relayed = self.relay.detach()
         self._publish_all(self.relay.committed(relayed, sends))
+        self.relay.flush(force=relayed.consensus)
         for fv in events:
             self._notify(fv)
 

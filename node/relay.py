@@ -103,9 +103,9 @@ class Relay:
         return taken
 
     def committed(self, taken: _Taken, sends: list[tuple[Queued, Envelope]]) -> list[tuple[Queued, Envelope]]:
-        """The transaction committed: what it took waits to leave (or leaves now, at a
-        consensus), with its own vote when it cast one for its own version alone. Returns
-        the rest of `sends`, to publish."""
+        """The transaction committed: what it took waits to leave (flush(), at once if the
+        transaction reached a consensus), with its own vote when it cast one for its own
+        version alone. Returns the rest of `sends`, to publish first."""
         own = [s for s in sends if s[0].msg_id in taken.own] if taken.own else []
         if len(own) > 1:  # a batch of writes: their votes leave together under one signature
             own = []
@@ -122,8 +122,6 @@ class Relay:
                     self._waiting.setdefault(region, []).append((raw, msg_id))
                 if self._due is None:
                     self._due = time.monotonic() + RELAY_HOLD
-        if taken.consensus:
-            self.flush(force=True)
         return sends
 
     def wait(self) -> float | None:

@@ -94,7 +94,7 @@ def test_nodes_as_processes_end_to_end(tmp_path):
     watch = None
     try:
         host.wait_line("stdout", "running")
-        watch = spawn("watch", region, "--count", 1, "--timeout", TIMEOUT, home=writer_home)
+        watch = spawn("watch", region, "--count", 3, "--timeout", TIMEOUT, home=writer_home)
         watch.wait_line("stderr", "watching")
         put = cli("put", region, "pump", '{"rpm": 1500, "on": true}', home=writer_home)
         assert put.returncode == 0, put.stderr
@@ -103,12 +103,16 @@ def test_nodes_as_processes_end_to_end(tmp_path):
 
         out = watch.rest("stdout")
         assert watch.returncode == 0, watch.rest("stderr")
-        msg = json.loads(out.strip().splitlines()[0])
+        msgs = [json.loads(line) for line in out.strip().splitlines()]
         writer_id = cli("get", region, home=writer_home)  # the writer's own store has it too
         assert json.loads(writer_id.stdout)["version"] == version
-        assert msg["kind"] == "diff" and msg["region"] == region
-        assert msg["sender"] == json.loads(writer_id.stdout)["author"]
+        author = json.loads(writer_id.stdout)["author"]
+        msg = msgs[0]  # the change, then the votes on it (the writer's in its relay, the host's)
+        assert msg["kind"] == "diff" and msg["region"] == region and msg["sender"] == author
         assert msg["body"]["version"] == version and msg["body"]["key"] == "pump"
+        votes = msgs[1:]
+        assert [m["kind"] for m in votes] == ["vote", "vote"] and author in {m["sender"] for m in votes}
+        assert len({m["sender"] for m in votes}) == 2 and all(m["body"]["version"] == version for m in votes)
 
         host.wait_line("stderr", version)  # the hosting node stored it
         got = cli("get", region, "pump", home=host_home)
