@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import ADMIN_USERNAME, RosterError, admin_password, check_broker_login
-from edgeswarm.shared.topics import NODE, PREFIX
+from edgeswarm.shared.topics import ADDRESSED, NODE, PREFIX
 
 from .embedded import BrokerError, free_port, is_listening
 
@@ -41,7 +41,8 @@ def site_settings(directory: Path, logins: dict[str, str], admin: Identity) -> l
     """Write `passwords` and `acl` in `directory` for the nodes whose broker logins (node id ->
     password, as `edgeswarm id --broker-password` prints them) are given, and the admin's
     tools; returns the settings that use them. Each node may write in its certificate's
-    region trees and on its own node topic, and read those and every node topic. A login
+    region trees, on its own node topic and, on other nodes' topics, what it addresses to
+    them (topics.ADDRESSED); and read those and every node topic. A login
     that is not valid for this admin key is a RosterError naming the node."""
     entries, acl = [f"{ADMIN_USERNAME}:{password_hash(admin_password(admin))}"], \
         [f"user {ADMIN_USERNAME}", f"topic readwrite {PREFIX}/#", ""]
@@ -52,7 +53,8 @@ def site_settings(directory: Path, logins: dict[str, str], admin: Identity) -> l
             raise RosterError(f"node {node_id}: {e}") from None
         entries.append(f"{node_id}:{password_hash(password)}")
         acl += [f"user {node_id}", *(f"topic readwrite {PREFIX}/+/{r}/#" for r in cert.regions),
-                f"topic readwrite {PREFIX}/{NODE}/{node_id}/#", f"topic read {PREFIX}/{NODE}/+/+", ""]
+                f"topic readwrite {PREFIX}/{NODE}/{node_id}/#", f"topic read {PREFIX}/{NODE}/+/+",
+                *(f"topic write {PREFIX}/{NODE}/+/{kind}" for kind in sorted(ADDRESSED)), ""]
     directory.mkdir(parents=True, exist_ok=True)
     for name, lines in (("passwords", entries), ("acl", acl)):
         path = directory / name

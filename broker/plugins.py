@@ -12,7 +12,7 @@ from amqtt.session import Session
 
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS
 from edgeswarm.shared.roster import Certificate, RosterError, check_broker_login, parse_admin_key
-from edgeswarm.shared.topics import NODE, PREFIX
+from edgeswarm.shared.topics import ADDRESSED, NODE, PREFIX
 
 log = logging.getLogger("edgeswarm.broker")
 
@@ -33,8 +33,9 @@ class OpenAccessPlugin(BaseAuthPlugin):
 
 class RosterPlugin(BaseAuthPlugin, BaseTopicPlugin):
     """For a swarm with a roster (shared/roster.py): only admitted nodes (and the admin's
-    tools) may connect; a node publishes only in the region trees of its certificate and on
-    its own node topic, and subscribes to and receives only those trees and node topics."""
+    tools) may connect; a node publishes only in the region trees of its certificate, on its
+    own node topic, and on another node's topic what it addresses to it (topics.ADDRESSED),
+    and subscribes to and receives only those trees and node topics."""
 
     @dataclass
     class Config:
@@ -86,12 +87,14 @@ def _revoked_by(topic: str) -> str | None:
 
 
 def allowed(cert: Certificate, topic: str, action: Action | None) -> bool:
-    """A node's topic rights: its own node topic and its certificate's region trees (also
-    reading other nodes' topics: births, trace heads...)."""
+    """A node's topic rights: its own node topic, what it addresses to another node on that
+    node's topic, and its certificate's region trees (also reading other nodes' topics:
+    births, trace heads...)."""
     parts = topic.split("/", 3)
     if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != PREFIX:
         return False
     if parts[2] == NODE:
-        return action != Action.PUBLISH or parts[3].split("/")[0] == cert.node_id
+        node_id, _, kind = parts[3].partition("/")
+        return action != Action.PUBLISH or node_id == cert.node_id or kind in ADDRESSED
     region = parts[3].removesuffix("/#")
     return "+" not in region and "#" not in region and cert.covers(region)

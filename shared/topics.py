@@ -3,6 +3,10 @@
 Region traffic:   es/v1/<kind>/<region levels...>      e.g. es/v1/diff/plant/line1/vision
 Per-node traffic: es/v1/node/<node-id>/<kind>          e.g. es/v1/node/k3x.../birth
 
+On its own node topic a node says who it is and how it is (birth, death, fingerprint,
+trace, trace-head); on another node's topic, only what it addresses to that node
+(ADDRESSED: a vote for the node's version, digests, sync and trace exchanges).
+
 A region is a topic subtree, so `es/v1/+/plant/line1/#` is one subscription for every kind
 of message in the region `plant/line1` and all regions below it.
 
@@ -23,6 +27,7 @@ _FORBIDDEN = frozenset("+#$\x00")
 KINDS = frozenset({"diff", "vote", "trace", "trace-head", "trace-req", "trace-resp", "digest",
                    "sync-req", "sync-resp", "birth", "death", "fingerprint", "admit", "revoke",
                    "snapshot"})  # (a snapshot is a signed file, never published)
+ADDRESSED = frozenset({"vote", "digest", "sync-req", "sync-resp", "trace-req", "trace-resp"})
 
 
 class TopicError(ValueError):

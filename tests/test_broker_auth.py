@@ -136,6 +136,21 @@ def test_admitted_nodes_work_and_each_is_kept_to_its_regions(nodes, roster_broke
         watcher.close()
 
 
+def test_admitted_nodes_vote_and_sync_through_the_roster_broker(nodes, roster_broker, region):
+    """The broker lets a node send what is addressed to another node (its votes to a version's
+    author, sync and trace exchanges) on that node's topic, and nothing else there."""
+    a, b = nodes("a"), nodes("b")
+    assert a.wait_until(lambda: b.node_id in a.relay.authors, TIMEOUT)
+    assert b.wait_until(lambda: a.node_id in b.relay.authors, TIMEOUT)
+    v = a.put(region, "valve", {"open": True})  # b's vote goes to a, which passes it on
+    for n in (a, b):
+        assert n.wait_until(lambda n=n: (f := n.consensus(region, "valve")) is not None and f.version == v, TIMEOUT)
+    late = nodes("late")  # pulls what it missed from a peer (sync-req and sync-resp on node topics)
+    assert late.wait_until(lambda: (f := late.consensus(region, "valve")) is not None and f.version == v, TIMEOUT), \
+        late.counters
+    assert late.counters["sync.pulls"] + late.counters["sync.deferred"] >= 1
+
+
 def test_the_admin_revokes_through_the_roster_broker(nodes, roster_broker, admin_dir, region):
     a, r = nodes("a"), nodes("r")
     assert a.wait_until(lambda: r.node_id in a.members(region), TIMEOUT)
@@ -188,8 +203,12 @@ def test_broker_config_makes_mosquitto_enforce_the_roster(tmp_path, admin, admin
         assert Client(broker).refused  # no anonymous clients
         a, b = (Node(c).start() for c in configs)
         try:
-            v = a.put(region, "valve", {"open": True})
-            assert b.wait_until(lambda: (f := b.consensus(region, "valve")) is not None and f.version == v, TIMEOUT)
+            assert a.wait_until(lambda: b.node_id in a.relay.authors, TIMEOUT)
+            assert b.wait_until(lambda: a.node_id in b.relay.authors, TIMEOUT)
+            v = a.put(region, "valve", {"open": True})  # b's vote goes to a (on a's topic), which passes it on
+            for n in (a, b):
+                assert n.wait_until(lambda n=n: (f := n.consensus(region, "valve")) is not None and f.version == v,
+                                    TIMEOUT)
             # a node admitted elsewhere, with its right password, may not write here
             elsewhere = f"{region}-elsewhere"
             d_key = Identity.generate()
