@@ -79,6 +79,19 @@ def test_votes_go_to_the_author_which_passes_them_on(make_swarm, region, attacke
     assert all(n.wait_published(TIMEOUT) and not n.store.unpublished() for n in nodes)  # own votes cleared too
 
 
+def test_votes_an_author_could_not_pass_on_reach_the_others_with_anti_entropy(make_swarm, region):
+    nodes, _ = make_swarm(3, sync_interval=1.0)
+    relaying(nodes)
+    author, others = nodes[0], nodes[1:]
+    author.relay.flush = lambda force=False: None  # it holds what it took, as if it lost power then
+    version = author.put(region, "line", {"speed": 1})
+    for n in others:  # each holds its own vote alone, until a round brings the others' from their voters
+        assert n.wait_until(lambda n=n: n.store.has_version(bytes.fromhex(version)), TIMEOUT)
+    consensus_everywhere(others, region, "line", version)
+    supported_everywhere(nodes, region, "line", version)
+    assert author.counters["relays-out"] == 0 and all(n.counters["sync.envelopes"] for n in others)
+
+
 def test_a_node_that_does_not_relay_gets_its_votes_on_the_region_topic(member_configs, region, attacker):
     configs = member_configs(3)
     configs[0].relay_votes = False  # (as a swarm with nodes older than 0.3 runs)
