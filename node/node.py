@@ -70,7 +70,7 @@ OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
 PULL_ROOM = 2048
 INBOX_SIZE = 10_000  # messages received and not yet handled; beyond, the network thread waits
 INBOX_BATCH = 500  # messages handled in one go by the worker
-_WAKE = ("", b"")  # in the inbox: acknowledgements to clear
+_WAKE = ("", b"")  # in the inbox: acknowledgements to clear, or votes to time (see wake)
 # Handled when no live message waits (see _work): what anti-entropy rounds bring.
 _LATER = frozenset({"digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp"})
 _ROUND_WINDOW = "round"  # the replay window of a sender's kinds in _LATER: "<node id>/round"
@@ -513,10 +513,14 @@ class Node(Voting):
             self._acked.extend(ids)
             self._acks.notify_all()
         if wake:
-            try:
-                self._inbox.put_nowait(_WAKE)
-            except queue.Full:  # the worker is busy: it clears acknowledgements after each batch
-                pass
+            self.wake()
+
+    def wake(self) -> None:
+        """Have the inbox worker look up (acknowledgements to clear, votes due to leave)."""
+        try:
+            self._inbox.put_nowait(_WAKE)
+        except queue.Full:  # the worker is busy: it looks up after each batch anyway
+            pass
 
     def _clear_acked(self) -> None:
         """Until none is left (those acknowledged meanwhile did not wake the worker again)."""

@@ -120,8 +120,11 @@ class Relay:
             with self._lock:
                 for region, raw, msg_id in votes:
                     self._waiting.setdefault(region, []).append((raw, msg_id))
-                if self._due is None:
+                wake = self._due is None
+                if wake:
                     self._due = time.monotonic() + RELAY_HOLD
+            if wake:
+                self.node.wake()  # (the worker times the flush; it may be waiting for a message)
         return sends
 
     def wait(self) -> float | None:
