@@ -41,8 +41,7 @@ from typing import Any
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode_many, is_relay,
-                                       encode, encode_batch)
-from edgeswarm.shared.merkle import MAX_LEAVES
+                                       encode, encode_batch, fitting)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
@@ -462,55 +461,41 @@ class Node(Voting):
         for send in sends:
             by_topic.setdefault(send[0].topic, []).append(send)
         for topic, group in by_topic.items():
-            for chunk in self._batches(group):
+            # (the signature and arrays of a batch take ~80 bytes)
+            for chunk in fitting(group, lambda send: len(send[1].payload), self.config.max_message_bytes, 80):
                 if len(chunk) == 1:
                     self._publish(chunk[0][0], chunk[0][1].kind)
                 else:
-                    self._publish_batch(topic, chunk)
-
-    def _batches(self, sends: list[tuple[Queued, Envelope]]) -> Iterator[list[tuple[Queued, Envelope]]]:
-        """`sends` in order, as many at a time as one message holds (MAX_LEAVES at most)."""
-        # (each payload costs its bytes and a few of framing; the signature and arrays ~80)
-        chunk, size = [], 80
-        for send in sends:
-            cost = len(send[1].payload) + 5
-            if chunk and (len(chunk) == MAX_LEAVES or size + cost > self.config.max_message_bytes):
-                yield chunk
-                chunk, size = [], 80
-            chunk.append(send)
-            size += cost
-        if chunk:
-            yield chunk
-
-    def _publish_batch(self, topic: str, sends: list[tuple[Queued, Envelope]]) -> None:
-        raw = encode_batch(self.identity, [env for _, env in sends])
-        ids = tuple(item.msg_id for item, _ in sends)
-        with self._acks:
-            self._inflight.update(ids)
-        self.counters[f"bytes-out.{sends[0][1].kind}"] += len(raw)
-        self.counters["batches-out"] += 1
-        if self.transport.publish(topic, raw, token=ids) is None:
-            with self._acks:  # not started: the envelopes stay in the outbox until start()
-                self._inflight.difference_update(ids)
+                    self.counters["batches-out"] += 1
+                    self.publish_tracked(topic, encode_batch(self.identity, [env for _, env in chunk]),
+                                         chunk[0][1].kind, tuple(item.msg_id for item, _ in chunk))
 
     def _publish(self, item: Queued, kind: str) -> None:
-        with self._acks:
-            self._inflight.add(item.msg_id)
-        self.counters[f"bytes-out.{kind}"] += len(item.envelope)
-        if self.transport.publish(item.topic, item.envelope, token=item.msg_id) is None:
-            with self._acks:  # not started: the envelope stays in the outbox until start()
-                self._inflight.discard(item.msg_id)
+        self.publish_tracked(item.topic, item.envelope, kind, (item.msg_id,))
 
-    def _on_ack(self, token: bytes | tuple[bytes, ...]) -> None:
-        """The broker has it (a message, or a batch of them). The outbox rows go in the inbox
-        worker's next transaction, with the others acknowledged meanwhile: one COMMIT for
-        many, and none in the network thread. (A crash before then sends them again:
-        receivers drop duplicates.)"""
-        ids = token if type(token) is tuple else (token,)
+    def track(self, ids: tuple[bytes, ...]) -> None:
+        """Outbox messages on their way to the broker (wait_published waits for them)."""
         with self._acks:
-            self._inflight.difference_update(ids)
+            self._inflight.update(ids)
+
+    def publish_tracked(self, topic: str, raw: bytes, kind: str, ids: tuple[bytes, ...]) -> None:
+        """Publish a message carrying the outbox messages `ids` (perhaps none): they leave the
+        outbox once the broker acknowledges it."""
+        self.track(ids)
+        self.counters[f"bytes-out.{kind}"] += len(raw)
+        if self.transport.publish(topic, raw, token=ids or None) is None and ids:
+            with self._acks:  # not started: they stay in the outbox until start()
+                self._inflight.difference_update(ids)
+
+    def _on_ack(self, token: tuple[bytes, ...]) -> None:
+        """The broker has a message carrying outbox messages (their ids: publish_tracked). The
+        outbox rows go in the inbox worker's next transaction, with the others acknowledged
+        meanwhile: one COMMIT for many, and none in the network thread. (A crash before then
+        sends them again: receivers drop duplicates.)"""
+        with self._acks:
+            self._inflight.difference_update(token)
             wake = not self._acked
-            self._acked.extend(ids)
+            self._acked.extend(token)
             self._acks.notify_all()
         if wake:
             self.wake()

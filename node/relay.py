@@ -33,7 +33,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from edgeswarm.shared.envelope import MAX_LEAVES, Envelope, encode_relay
+from edgeswarm.shared.envelope import Envelope, encode_relay, fitting
 from edgeswarm.shared.topics import node_topic, region_topic
 
 from .store import Queued
@@ -112,8 +112,7 @@ class Relay:
         votes = [(region, raw, None) for region, raw in taken.votes]
         if own:
             item, env = own[0]
-            with self.node._acks:
-                self.node._inflight.add(item.msg_id)
+            self.node.track((item.msg_id,))
             votes.append((env.region, env.raw, item.msg_id))
             sends = [s for s in sends if s is not own[0]]
         if votes:
@@ -137,29 +136,15 @@ class Relay:
             if self._due is None or not (force or time.monotonic() >= self._due):
                 return
             waiting, self._waiting, self._due = self._waiting, {}, None
-        limit = self.node.config.max_message_bytes - 16
         for region, votes in waiting.items():
-            chunk: list[tuple[bytes, bytes | None]] = []
-            size = 0
-            for vote in votes:
-                if chunk and (len(chunk) == MAX_LEAVES or size + len(vote[0]) + 5 > limit):
-                    self._publish(region, chunk)
-                    chunk, size = [], 0
-                chunk.append(vote)
-                size += len(vote[0]) + 5
-            self._publish(region, chunk)
+            for chunk in fitting(votes, lambda vote: len(vote[0]), self.node.config.max_message_bytes, 16):
+                self._publish(region, chunk)
 
     def _publish(self, region: str, votes: list[tuple[bytes, bytes | None]]) -> None:
         """One relay; the outbox ids of this node's own votes in it are cleared once the
         broker has it."""
         node = self.node
-        raws = [raw for raw, _ in votes]
-        own = [msg_id for _, msg_id in votes if msg_id is not None]
-        data = encode_relay(raws)
+        own = tuple(msg_id for _, msg_id in votes if msg_id is not None)
         node.counters["relays-out"] += 1
-        node.counters["votes-relayed"] += len(raws) - len(own)
-        node.counters["bytes-out.relay"] += len(data)
-        token = tuple(own) or None
-        if node.transport.publish(region_topic("vote", region), data, token=token) is None and token:
-            with node._acks:  # not started: they stay in the outbox until start()
-                node._inflight.difference_update(token)
+        node.counters["votes-relayed"] += len(votes) - len(own)
+        node.publish_tracked(region_topic("vote", region), encode_relay([raw for raw, _ in votes]), "relay", own)

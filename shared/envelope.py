@@ -42,7 +42,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import cbor2
 
@@ -63,6 +63,7 @@ BATCH_STATEMENT = b"edgeswarm batch\x00"  # what a batch signature signs: this, 
 _MAX_PATH = MAX_LEAVES.bit_length()
 RELAY_KEY = "relay"
 _RELAY_HEAD = b"\xa1"  # (CBOR: a map of one pair)
+T = TypeVar("T")
 
 
 class EnvelopeError(Exception):
@@ -219,6 +220,23 @@ def encode_relay(raws: list[bytes]) -> bytes:
     return cbor2.dumps({RELAY_KEY: raws})
 
 
+def fitting(items: list[T], size_of: Callable[[T], int], limit: int, overhead: int = 0) -> Iterator[list[T]]:
+    """`items` in order, as many at a time as one message of at most `limit` bytes holds
+    (MAX_LEAVES at most): each costs its size_of() and 5 bytes of framing, the message
+    `overhead` (its signature and arrays, say)."""
+    chunk: list[T] = []
+    size = overhead
+    for item in items:
+        cost = size_of(item) + 5
+        if chunk and (len(chunk) == MAX_LEAVES or size + cost > limit):
+            yield chunk
+            chunk, size = [], overhead
+        chunk.append(item)
+        size += cost
+    if chunk:
+        yield chunk
+
+
 def is_relay(data: bytes) -> bool:
     """Whether a message is a relay container (a map; every signed form is an array)."""
     return data[:1] == _RELAY_HEAD
@@ -262,22 +280,25 @@ def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str |
 
 
 def _relayed(data: bytes, max_bytes: int, topic: str | None) -> list[Envelope]:
-    if len(data) > max_bytes:
-        raise OversizeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    outer = strict_loads(bytes(data))
+    outer = _loaded(data, max_bytes)
     raws = outer.get(RELAY_KEY) if type(outer) is dict and len(outer) == 1 else None
     if type(raws) is not list or not 1 <= len(raws) <= MAX_LEAVES or any(type(r) is not bytes for r in raws):
         raise MalformedError(f'a relay is {{"relay": [1 to {MAX_LEAVES} messages]}}')
     return [decode(raw, max_bytes=max_bytes, topic=topic) for raw in raws]
 
 
-def _outer(data: bytes, max_bytes: int) -> list:
+def _loaded(data: bytes, max_bytes: int) -> Any:
+    """The CBOR item of a message within the size limit."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedError("message is not bytes")
     data = bytes(data)
     if len(data) > max_bytes:
         raise OversizeError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    outer = strict_loads(data)
+    return strict_loads(data)
+
+
+def _outer(data: bytes, max_bytes: int) -> list:
+    outer = _loaded(data, max_bytes)
     if (type(outer) is not list or len(outer) not in (2, 5) or type(outer[0]) not in (bytes, list)
             or type(outer[1]) is not bytes or len(outer[1]) != SIGNATURE_BYTES
             or (type(outer[0]) is list and len(outer) != 2)):
