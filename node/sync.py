@@ -300,10 +300,16 @@ class Sync:
         if timer is not None:
             timer.cancel()
 
-    def _schedule(self, root: str, delay: float, waited: bool = False) -> None:
+    def _schedule(self, root: str, delay: float, waited: bool = False, sooner: bool = False) -> None:
+        """Decide on a pull of `root` in `delay` seconds, unless a decision is already due
+        (`sooner`: in place of it)."""
         with self._lock:
-            if root in self._deciding or self._stopped:
+            if self._stopped:
                 return
+            if root in self._deciding:
+                if not sooner:
+                    return
+                self._deciding.pop(root).cancel()
             timer = self._deciding[root] = threading.Timer(delay, self._decide, (root, waited))
         timer.daemon = True
         timer.start()
@@ -323,17 +329,17 @@ class Sync:
             level1, counts = tree.children(0, 0), tree.counts()
             mine = pack(level1)
             fresh = time.monotonic() - EXCHANGE_TIMEOUT
-            ahead = []  # (peer, its level-1 hashes)
+            ahead = []  # (what it holds where it differs, peer, its level-1 hashes)
             for peer, their in seen:
                 differing = _differing(level1, unpack(their.hashes, FANOUT))
                 if differing and not _only_behind(counts, their.counts, differing):
-                    ahead.append((peer, their.hashes))
+                    ahead.append((_held(their.counts, differing), peer, their.hashes))
             with self._lock:
                 deferred = self._deferred.pop(root, None)
             if not ahead and deferred is not None and self._synced.get(root, 0.0) < deferred[0]:
                 # Followed a peer, and nothing came: the peers that were ahead then still are,
                 # as far as this node knows (their digests since may only look older).
-                ahead = [(p, their.hashes) for p, their in seen if p in deferred[1]]
+                ahead = [(0, p, their.hashes) for p, their in seen if p in deferred[1]]
             if not ahead:
                 return
             if not waited:
@@ -341,11 +347,15 @@ class Sync:
                 if leader is not None:
                     self.node.counters["sync.deferred"] += 1
                     with self._lock:
-                        self._deferred[root] = (time.monotonic(), {p for p, _ in ahead})
+                        self._deferred[root] = (time.monotonic(), {p for _, p, _ in ahead})
                     self._send(leader, "sync-req", {"region": root, "follow": True})
                     self._schedule(root, EXCHANGE_TIMEOUT, waited=True)
                     return
-            peer, hashes = random.choice(ahead)
+            # The peer that holds the most where this node differs (one pull is then most
+            # likely to be enough: a node waits out an exchange timeout before the next),
+            # any of them when several hold as much.
+            most = max(held for held, _, _ in ahead)
+            _, peer, hashes = random.choice([a for a in ahead if a[0] == most])
             self._pull(root, peer, tree, hashes)
         except Exception:
             log.exception("deciding on a pull of %s failed", root)
@@ -533,6 +543,13 @@ class Sync:
                     self._keep_forward(root, kept, digest, followers)
             for follower in followers:
                 self._forward_chunk(root, follower, [e.raw for e in taken], digest)
+            if last:
+                # The pull this node followed ended: what it still lacks (the leader was in
+                # its state, or took other changes since) it pulls a moment later, not after
+                # the exchange timeout it would wait for a forward that never comes.
+                with self._lock:
+                    self._deferred.pop(root, None)
+                self._schedule(root, SETTLE, waited=True, sooner=True)
             return
         if "envelopes" in body:
             return
@@ -724,6 +741,11 @@ def _leader(seen: list[tuple[str, _Seen]], mine: bytes, me: str, fresh: float) -
         return min(pulling)
     first = min([p for p, t in recent if t.welcome or t.hashes == mine] + [me])
     return None if first == me else first
+
+
+def _held(counts: list[list[int]], differing: list[int]) -> int:
+    """How much a peer holds in the level-1 nodes that differ (versions and vote rounds)."""
+    return sum(counts[j][0] + counts[j][1] for j in differing)
 
 
 def _only_behind(mine: list[list[int]], theirs: list[list[int]], differing: list[int]) -> bool:
