@@ -16,9 +16,10 @@ voter then recomputes the frame's head and consensus and this node votes for its
 A message that fails any step is counted by reason and never raises out of the receive loop.
 
 Messages are taken off the network thread into an inbox and handled by one worker thread,
-consecutive diffs and votes in one transaction: the network thread only acknowledges and
+consecutive diffs and votes in one transaction: the network thread acknowledges and
 queues, so a long sync response never holds back acknowledgements (amqtt drops a QoS 1
-delivery it waited 5 s for) or keepalives. The worker takes the swarm's live traffic
+delivery it waited 5 s for) or keepalives. (A lone small diff that finds the inbox empty
+and the worker idle is handled in the network thread at once: see _on_message.) The worker takes the swarm's live traffic
 (diffs, votes, presence) first and the bulk that rounds bring (digests, sync exchanges,
 trace copies) one message at a time when nothing live waits: a write never queues behind
 a round's worth of trace entries from every peer.
@@ -45,8 +46,8 @@ from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, 
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
-from edgeswarm.shared.topics import (TopicError, node_filter, parse_topic, region_covers, region_filter,
-                                     region_topic, validate_region)
+from edgeswarm.shared.topics import (PREFIX, TopicError, node_filter, parse_topic, region_covers,
+                                     region_filter, region_topic, validate_region)
 
 from .admission import Admission
 from .handover import Handover
@@ -72,6 +73,8 @@ INBOX_BATCH = 500  # messages handled in one go by the worker
 _WAKE = ("", b"")  # in the inbox: acknowledgements to clear, or votes to time (see wake)
 # Handled when no live message waits (see _work): what anti-entropy rounds bring.
 _LATER = frozenset({"digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp"})
+_DIFFS = f"{PREFIX}/diff/"  # (the topics of live diffs)
+INLINE_BYTES = 4096  # a diff up to this size may be handled in the network thread (see _on_message)
 _ROUND_WINDOW = "round"  # the replay window of a sender's kinds in _LATER: "<node id>/round"
 
 
@@ -124,6 +127,9 @@ class Node(Voting):
         self._batched: dict[tuple[str, str], Frame] | None = None  # frames a batch wrote, as they were before it
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
+        self._working = threading.Lock()  # held while messages are handled (by the worker, or inline)
+        self._queue_lock = threading.Lock()
+        self._queued = 0  # live messages in the inbox or the worker's hands (a diff behind them waits its turn)
         self._worker: threading.Thread | None = None
         self._handled_at = time.monotonic()  # when the inbox worker last finished a batch
         client_id = f"es-{self.node_id}" + (f"-{client_tag}" if client_tag else "")
@@ -489,9 +495,9 @@ class Node(Voting):
 
     def _on_ack(self, token: tuple[bytes, ...]) -> None:
         """The broker has a message carrying outbox messages (their ids: publish_tracked). The
-        outbox rows go in the inbox worker's next transaction, with the others acknowledged
-        meanwhile: one COMMIT for many, and none in the network thread. (A crash before then
-        sends them again: receivers drop duplicates.)"""
+        outbox rows go after the next messages handled (the worker is woken for it), with the
+        others acknowledged meanwhile: one COMMIT for many, and none in paho's callback. (A
+        crash before then sends them again: receivers drop duplicates.)"""
         with self._acks:
             self._inflight.difference_update(token)
             wake = not self._acked
@@ -555,7 +561,9 @@ class Node(Voting):
     def subscribe(self, callback: Callback, region: str | None = None) -> Callable[[], None]:
         """Call `callback(FrameVersion)` when a frame in `region` (and below, or anywhere when
         None) gets a new head (state "shadow") or a new consensus (state "consensus").
-        Callbacks run in the network thread: keep them short. Returns an unsubscribe function."""
+        Callbacks run in the thread that handles messages (the inbox worker, or the network
+        thread for a lone diff): keep them short, and never wait in them for the swarm.
+        Returns an unsubscribe function."""
         if region is not None:
             validate_region(region)
         entry = (region, callback)
@@ -600,6 +608,28 @@ class Node(Voting):
                     "rejected message (%s, %d so far): %s", reason, n, detail)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        """A message from the broker, in the network thread. A lone diff up to INLINE_BYTES
+        is handled right here when no earlier message waits and the worker is idle: the vote
+        it brings leaves with this thread's next write, with no hand-over to the worker and
+        back, each a wait for the scheduler on a busy board (bench_consensus, 20 nodes on 2
+        cores: the writer's p50 ~36 -> ~31 ms, ~15 % less CPU per node). Anything else goes
+        to the inbox, in order (batches there keep their pipelining, and votes their one
+        transaction for all that wait)."""
+        live = not _later(topic)
+        if live and topic.startswith(_DIFFS) and len(payload) <= INLINE_BYTES:
+            with self._queue_lock:
+                inline = self._queued == 0 and self._working.acquire(blocking=False)
+                if not inline:
+                    self._queued += 1
+            if inline:
+                try:
+                    self._handled([(topic, payload)])
+                finally:
+                    self._working.release()
+                return
+        elif live:
+            with self._queue_lock:
+                self._queued += 1
         self._inbox.put((topic, payload))
 
     def _work(self) -> None:
@@ -610,7 +640,7 @@ class Node(Voting):
         later: deque[tuple[str, bytes]] = deque()
         while True:
             if later and (self._inbox.empty() or len(later) >= INBOX_SIZE):  # (this thread alone takes)
-                self._handled([later.popleft()])
+                self._in_turn([later.popleft()])
                 continue
             batch = [self._next()]
             while len(batch) < INBOX_BATCH and batch[-1] is not None:
@@ -623,13 +653,24 @@ class Node(Voting):
             for m in batch:
                 if m is not None and m is not _WAKE:
                     (later if _later(m[0]) else now).append(m)
-            self._handled(now)
+            self._in_turn(now, live=True)
             if stop:
                 while later:  # (what came is handled before the store closes)
-                    self._handled([later.popleft()])
+                    self._in_turn([later.popleft()])
                 return
             if later:
-                self._handled([later.popleft()])
+                self._in_turn([later.popleft()])
+
+    def _in_turn(self, messages: list[tuple[str, bytes]], live: bool = False) -> None:
+        """Handle messages from the inbox (never while one is handled inline); `live`: they
+        were counted in _queued."""
+        try:
+            with self._working:
+                self._handled(messages)
+        finally:
+            if live and messages:
+                with self._queue_lock:
+                    self._queued -= len(messages)
 
     def _next(self) -> tuple[str, bytes] | None:
         """The next message of the inbox; meanwhile, the votes waiting to be passed on leave
@@ -638,7 +679,8 @@ class Node(Voting):
             try:
                 return self._inbox.get(timeout=wait)
             except queue.Empty:
-                self.relay.flush()
+                with self._working:
+                    self.relay.flush()
         return self._inbox.get()
 
     def _handled(self, messages: list[tuple[str, bytes]]) -> None:
@@ -941,9 +983,9 @@ class Node(Voting):
             self.counters["votes.known"] += 1
             return
         self.counters["votes"] += 1
-        if env.msg_id in self._addressed and voter_id in self.members(env.region):
-            self.relay.take(env)
         frame = self.store.frame(env.region, key)
+        if env.msg_id in self._addressed and voter_id in self.members(env.region):
+            self.relay.take(env, late=version == frame.consensus)
         if version == frame.head == frame.consensus:
             return  # one more vote for what is already head and consensus changes neither
         self._touch(env.region, key)

@@ -120,7 +120,7 @@ def test_node_crashing_mid_vote_restarts_into_the_same_state(make_swarm, region)
         for n in nodes[:4]:
             assert n.wait_until(lambda n=n: n.status(region, "pump")["votes"].get(e.node_id) == v1, TIMEOUT)
         assert {n.status(region, "pump")["support"][v1] for n in nodes[:4]} == {5}
-        assert restarted.status(region, "pump")["support"][v1] == 5
+        assert restarted.wait_until(lambda: restarted.status(region, "pump")["support"].get(v1) == 5, TIMEOUT)
     finally:
         restarted.stop()
 
