@@ -10,12 +10,20 @@ Two layouts, each against the embedded broker and then against a private Mosquit
 Writes are sequential: each waits for the previous one's consensus everywhere. Prints
 p50, p99 and max in milliseconds. On a 2-core machine the nodes and the broker compete
 for the same cores.
+
+Next to them, the floor of one quorum round on this machine and broker: as many plain
+paho processes, one publishing a signed 300-byte message and each other checking its
+Ed25519 signature and answering with a signed reply (what a vote needs at the least);
+the time until the quorum's replies (a majority, the sender's own included) and all of
+them have come back. What edgeswarm spends above it is each node's handling (store,
+voter, trace, outbox) and the hand-overs between its threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
@@ -145,6 +153,94 @@ def run_processes(name: str, host: str, port: int, protocol: str, n_nodes: int, 
     _print(f"{name}, processes", n_nodes, writes, latencies, writer_latencies)
 
 
+def echo_peer(host: str, port: int, protocol: str, index: int, sender: str) -> None:
+    """A child process of the floor: check each request's signature, answer it signed."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from nacl.signing import SigningKey, VerifyKey
+
+    me, theirs = SigningKey.generate(), VerifyKey(bytes.fromhex(sender))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if protocol == "3.1.1" else mqtt.MQTTv5)
+    ready = threading.Event()
+
+    def on_message(c, userdata, message) -> None:
+        body = theirs.verify(message.payload)
+        c.publish(f"floor/reply/{index}", me.sign(body[:32]), qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: ready.set()
+    client.on_connect = lambda c, *a: c.subscribe("floor/request", qos=1)
+    client.connect(host, port)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (as a node's connection)
+    client.loop_start()
+    ready.wait(10)
+    print("ready", flush=True)
+    sys.stdin.read()
+    client.disconnect()
+    client.loop_stop()
+
+
+def floor(name: str, host: str, port: int, protocol: str, n_nodes: int, rounds: int, warmup: int) -> None:
+    """The floor of one quorum round (see the module's text), printed as one line."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from nacl.signing import SigningKey
+
+    me = SigningKey.generate()
+    children = []
+    try:
+        for i in range(n_nodes - 1):
+            child = subprocess.Popen([sys.executable, __file__, "--echo", str(i), "--host", host, "--port", str(port),
+                                      "--protocol", protocol, "--members", me.verify_key.encode().hex()],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            children.append(child)
+            if child.stdout.readline().strip() != "ready":
+                raise SystemExit(f"{name}: a floor process failed to start")
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if protocol == "3.1.1" else mqtt.MQTTv5)
+        lock, replies = threading.Lock(), []
+        quorum_in, all_in, subscribed = threading.Event(), threading.Event(), threading.Event()
+        quorum = n_nodes // 2  # replies: with the sender's own, a majority
+
+        def on_message(c, userdata, message) -> None:
+            with lock:
+                replies.append(time.perf_counter())
+                if len(replies) == quorum:
+                    quorum_in.set()
+                if len(replies) == n_nodes - 1:
+                    all_in.set()
+
+        client.on_message = on_message
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.on_connect = lambda c, *a: c.subscribe("floor/reply/+", qos=1)
+        client.connect(host, port)
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.loop_start()
+        if not subscribed.wait(10):
+            raise SystemExit(f"{name}: the floor's client could not subscribe")
+        to_quorum, to_all = [], []
+        for i in range(warmup + rounds):
+            with lock:
+                replies.clear()
+                quorum_in.clear()
+                all_in.clear()
+            t0 = time.perf_counter()
+            client.publish("floor/request", me.sign(i.to_bytes(8, "big") * 37 + b"xxxx"), qos=1)
+            if not (quorum_in.wait(30) and all_in.wait(30)):
+                raise SystemExit(f"{name}: floor replies missing")
+            if i >= warmup:
+                to_quorum.append((replies[quorum - 1] - t0) * 1000)
+                to_all.append((replies[-1] - t0) * 1000)
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait(10)
+    print(f"{name:<21} floor, {n_nodes} paho processes, {rounds} rounds: quorum of replies p50 "
+          f"{percentile(to_quorum, 50):.1f} ms, p99 {percentile(to_quorum, 99):.1f} ms; all replies p50 "
+          f"{percentile(to_all, 50):.1f} ms, p99 {percentile(to_all, 99):.1f} ms")
+
+
 def _print(name: str, n_nodes: int, writes: int, latencies: list[float], writer_latencies: list[float]) -> None:
     print(f"{name:<21} {n_nodes} nodes, {writes} writes: write -> consensus on all nodes "
           f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
@@ -161,6 +257,7 @@ def main() -> None:
     p.add_argument("--broker", metavar="HOST:PORT", help="measure this broker instead (e.g. a Mosquitto with "
                                                          "set_tcp_nodelay true)")
     p.add_argument("--peer", help=argparse.SUPPRESS)  # child mode: the node's home
+    p.add_argument("--echo", type=int, help=argparse.SUPPRESS)  # child mode: a floor process
     p.add_argument("--host", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--protocol", help=argparse.SUPPRESS)
@@ -169,19 +266,21 @@ def main() -> None:
     args = p.parse_args()
     if args.peer:
         return peer(args.peer, args.host, args.port, args.protocol, args.region, args.members.split(","))
+    if args.echo is not None:
+        return echo_peer(args.host, args.port, args.protocol, args.echo, args.members)
     if args.broker:
         host, _, port = args.broker.rpartition(":")
-        for runner in (run_processes, run):
+        for runner in (run_processes, run, floor):
             runner(args.broker, host, int(port), "auto", args.nodes, args.writes, args.warmup)
         return
-    for runner in (run_processes, run):
+    for runner in (run_processes, run, floor):
         with EmbeddedBroker() as broker:
             runner("embedded", broker.host, broker.port, "3.1.1", args.nodes, args.writes, args.warmup)
     if find_mosquitto() is None:
         print("mosquitto skipped: not installed (or measure one with --broker HOST:PORT)")
         return
     with tempfile.TemporaryDirectory() as tmp, MosquittoProcess(Path(tmp)) as mosquitto:  # (set_tcp_nodelay)
-        for runner in (run_processes, run):
+        for runner in (run_processes, run, floor):
             runner("mosquitto", mosquitto.host, mosquitto.port, "auto", args.nodes, args.writes, args.warmup)
 
 
