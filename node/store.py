@@ -280,6 +280,14 @@ class Store:
 
     # -- transactions ----------------------------------------------------------------
 
+    def busy(self) -> bool:
+        """Whether another thread holds the store now (for a thread that would rather not
+        wait for it, such as the network thread)."""
+        if not self._lock.acquire(blocking=False):
+            return True
+        self._lock.release()
+        return False
+
     @contextmanager
     def transaction(self) -> Iterator[Store]:
         """One atomic write; nested calls join the outer transaction."""
