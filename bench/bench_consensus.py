@@ -153,27 +153,35 @@ def run_processes(name: str, host: str, port: int, protocol: str, n_nodes: int, 
     _print(f"{name}, processes", n_nodes, writes, latencies, writer_latencies)
 
 
-def echo_peer(host: str, port: int, protocol: str, index: int, sender: str) -> None:
-    """A child process of the floor: check each request's signature, answer it signed."""
+def _subscribed(host: str, port: int, protocol: str, topic: str, on_message):
+    """A plain paho client of the floor, connected as a node's connection is (TCP_NODELAY),
+    subscribed to `topic` and handing its messages to `on_message(client, message)`."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if protocol == "3.1.1" else mqtt.MQTTv5)
+    subscribed = threading.Event()
+    client.on_message = lambda c, userdata, message: on_message(c, message)
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+    client.connect(host, port)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise SystemExit(f"the floor's client could not subscribe to {topic}")
+    return client
+
+
+def echo_peer(host: str, port: int, protocol: str, index: int, sender: str) -> None:
+    """A child process of the floor: check each request's signature, answer it signed."""
     from nacl.signing import SigningKey, VerifyKey
 
     me, theirs = SigningKey.generate(), VerifyKey(bytes.fromhex(sender))
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if protocol == "3.1.1" else mqtt.MQTTv5)
-    ready = threading.Event()
 
-    def on_message(c, userdata, message) -> None:
-        body = theirs.verify(message.payload)
-        c.publish(f"floor/reply/{index}", me.sign(body[:32]), qos=1)
+    def answer(c, message) -> None:
+        c.publish(f"floor/reply/{index}", me.sign(theirs.verify(message.payload)[:32]), qos=1)
 
-    client.on_message = on_message
-    client.on_subscribe = lambda *a: ready.set()
-    client.on_connect = lambda c, *a: c.subscribe("floor/request", qos=1)
-    client.connect(host, port)
-    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (as a node's connection)
-    client.loop_start()
-    ready.wait(10)
+    client = _subscribed(host, port, protocol, "floor/request", answer)
     print("ready", flush=True)
     sys.stdin.read()
     client.disconnect()
@@ -182,8 +190,6 @@ def echo_peer(host: str, port: int, protocol: str, index: int, sender: str) -> N
 
 def floor(name: str, host: str, port: int, protocol: str, n_nodes: int, rounds: int, warmup: int) -> None:
     """The floor of one quorum round (see the module's text), printed as one line."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
     from nacl.signing import SigningKey
 
     me = SigningKey.generate()
@@ -196,12 +202,11 @@ def floor(name: str, host: str, port: int, protocol: str, n_nodes: int, rounds: 
             children.append(child)
             if child.stdout.readline().strip() != "ready":
                 raise SystemExit(f"{name}: a floor process failed to start")
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311 if protocol == "3.1.1" else mqtt.MQTTv5)
         lock, replies = threading.Lock(), []
-        quorum_in, all_in, subscribed = threading.Event(), threading.Event(), threading.Event()
+        quorum_in, all_in = threading.Event(), threading.Event()
         quorum = n_nodes // 2  # replies: with the sender's own, a majority
 
-        def on_message(c, userdata, message) -> None:
+        def count(c, message) -> None:
             with lock:
                 replies.append(time.perf_counter())
                 if len(replies) == quorum:
@@ -209,14 +214,7 @@ def floor(name: str, host: str, port: int, protocol: str, n_nodes: int, rounds: 
                 if len(replies) == n_nodes - 1:
                     all_in.set()
 
-        client.on_message = on_message
-        client.on_subscribe = lambda *a: subscribed.set()
-        client.on_connect = lambda c, *a: c.subscribe("floor/reply/+", qos=1)
-        client.connect(host, port)
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.loop_start()
-        if not subscribed.wait(10):
-            raise SystemExit(f"{name}: the floor's client could not subscribe")
+        client = _subscribed(host, port, protocol, "floor/reply/+", count)
         to_quorum, to_all = [], []
         for i in range(warmup + rounds):
             with lock:
