@@ -164,6 +164,7 @@ class Node(Voting):
             self.presence.prepare()
             # After a reconnect paho made by itself (or a first connection made late), say that we are here.
             self.transport.on_connected = lambda: self._connected() if self._started else None
+            self.transport.on_disconnected = lambda: self.presence.prepare() if self._started else None
         try:
             self.transport.connect()
         except TransportError as e:

@@ -1,8 +1,9 @@
 """Birth, death and fingerprints: which nodes are alive, and how they are doing.
 
-On every start a node counts a new session and
-- leaves a signed `death` {session} with the broker as its MQTT will, so that the broker
-  announces it if the node vanishes (power cut, crash, network loss);
+On every connection (a start, and each reconnect) a node counts a new session and
+- leaves a signed `death` {session} with the broker as its retained MQTT will, so that the
+  broker announces it if the node vanishes (power cut, crash, network loss), to the nodes
+  there and to those that come later;
 - publishes a signed, retained `birth` {session, regions, software, and its admission
   certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
@@ -12,7 +13,12 @@ fingerprint, so that a long-lived broker does not keep announcing nodes that lef
 go on the node's own topic (es/v1/node/<id>/<kind>), the retained ones so that a newcomer
 learns the swarm at once, and are only accepted from the node they name. A death counts
 when its session is not older than the last birth's (as Sparkplug's bdSeq); older
-messages are ignored, so retained copies delivered again change nothing.
+messages are ignored, so retained copies delivered again change nothing. As the session
+changes with every connection, a newcomer that gets a retained birth and a retained death
+of one node, in either order, tells which is the later: the death of the session born, or
+of one before it. (Nodes older than 0.4 keep one session across reconnects and do not
+retain their will: their births and fingerprints say nothing of it, and a birth or
+fingerprint of theirs after a death in the same session still counts as a rebirth.)
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ log = logging.getLogger("edgeswarm.presence")
 
 SOFTWARE = f"edgeswarm {version('edgeswarm')}"  # the installed package's version (pyproject.toml)
 MAX_SESSION = 2**63 - 1  # (the store's integers)
+PER_CONNECTION = {"sessions": "per-connection"}  # in births and fingerprints (see the module's text)
 
 
 class Presence:
@@ -40,19 +47,20 @@ class Presence:
         self.session = 0
 
     def prepare(self) -> None:
-        """Before connecting: a new session and the death the broker will hold for us."""
+        """Before each connection: a new session and the death the broker will hold for us
+        (also called by the transport as a connection drops, before paho reconnects)."""
         node = self.node
         with self.store.transaction():
             self.session = self.store.meta("session") + 1
             self.store.set_meta("session", self.session)
             env = node.sign("death", None, {"session": self.session})
-        node.transport.will = (node_topic(node.node_id, "death"), env.raw)
+        node.transport.set_will(node_topic(node.node_id, "death"), env.raw)
 
     def announce(self) -> None:
         """After connecting: the birth, and a first fingerprint."""
         node = self.node
         birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE,
-                 **self._relays(), **self._certificate()}
+                 **PER_CONNECTION, **self._relays(), **self._certificate()}
         if (bus := node.handover.advertised()) is not None:
             birth["bus"] = bus  # where this node's broker would listen, were it elected (broker.auto)
         node.send_now(node_topic(node.node_id, "birth"), "birth", birth, retain=True)
@@ -63,7 +71,9 @@ class Presence:
         node = self.node
         if node.transport.connected:
             node.send_now(node_topic(node.node_id, "death"), "death", {"session": self.session})
-            for kind in ("birth", "fingerprint"):  # an empty retained message clears the broker's copy
+            # An empty retained message clears the broker's copy (of the death: the will of an
+            # earlier session that ended without a goodbye).
+            for kind in ("birth", "fingerprint", "death"):
                 node.transport.publish(node_topic(node.node_id, kind), b"", retain=True, wait=2.0)
 
     def _certificate(self) -> dict:
@@ -79,7 +89,8 @@ class Presence:
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_diffs("pending"), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
-                "flagged": len(store.flagged()), **self._bus(), **self._relays(), **self._certificate()}
+                "flagged": len(store.flagged()), **PER_CONNECTION, **self._bus(), **self._relays(),
+                **self._certificate()}
 
     def _relays(self) -> dict:
         """That this node passes on the votes sent to it (node/relay.py)."""
@@ -104,10 +115,15 @@ class Presence:
             raise MalformedError(f"a {env.kind} names the session")
         node_id, session = env.sender_id, body["session"]
         peer = self.store.peer(node_id)
+        # A node whose session changes with every connection: a death ends its session for good.
+        ended = peer is not None and not peer["alive"] and peer["death_hlc"] is not None \
+            and session <= peer["session"] and body.get("sessions") == PER_CONNECTION["sessions"]
         if env.kind == "birth":
             if peer and (session, env.hlc) <= (peer["session"], peer["birth_hlc"] or 0):  # (none before a birth)
                 if (session, env.hlc) == (peer["session"], peer["birth_hlc"]) and peer["alive"]:
                     self.node.relay.on_presence(node_id, body.get("relay") is True)  # (known before a restart)
+                return
+            if ended:  # a retained birth of a session whose retained death came first
                 return
             regions = body.get("regions")
             if type(regions) is not list or not all(type(r) is str for r in regions):
@@ -119,9 +135,11 @@ class Presence:
             self.node.relay.on_presence(node_id, body.get("relay") is True)
             log.info("node %s is up (session %d)", node_id, session)
         elif env.kind == "death":
-            if peer is None or session < peer["session"] or not peer["alive"]:
+            if peer is not None and (session < peer["session"] or (not peer["alive"] and session == peer["session"])):
                 return
-            self.store.set_peer(node_id, alive=0, death_hlc=env.hlc)
+            # (a death of a node not heard of yet, or of a session newer than its last birth:
+            # a retained will, which a birth of that session coming later does not undo)
+            self.store.set_peer(node_id, session=session, alive=0, death_hlc=env.hlc)
             self.node.relay.on_presence(node_id, False)
             log.info("node %s is gone (session %d)", node_id, session)
         else:
@@ -134,8 +152,8 @@ class Presence:
                                       "fingerprint_hlc": env.hlc}
             # A fingerprint says the node runs: all a newcomer hears of it where the broker keeps
             # no retained birth for a wildcard subscription (RabbitMQ), until its next birth.
-            if peer is None or session > peer["session"] \
-                    or (session == peer["session"] and not peer["alive"] and env.hlc > (peer["death_hlc"] or 0)):
+            if peer is None or session > peer["session"] or (session == peer["session"] and not peer["alive"]
+                                                             and not ended and env.hlc > (peer["death_hlc"] or 0)):
                 fields.update(session=session, alive=1)
             if fields.get("alive", peer and peer["alive"]):
                 self.node.relay.on_presence(node_id, body.get("relay") is True)

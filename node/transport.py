@@ -126,6 +126,7 @@ class Transport:
         self.on_ack: Callable[[object], None] | None = None  # called with a publish's token once the broker has it
         self.on_connected: Callable[[], None] | None = None
         self.will: tuple[str, bytes] | None = None  # (topic, payload) the broker publishes, retained, if we vanish
+        self.on_disconnected: Callable[[], None] | None = None  # (before paho reconnects: to re-arm the will)
         self._filters: set[str] = set()
         self._solicited: dict[str, bool] = {}  # topic -> whether a filter matches it (a swarm has few topics)
         self.unsolicited = 0  # messages on topics this client did not subscribe to, dropped
@@ -286,7 +287,7 @@ class Transport:
         if self.credentials is not None:
             c.username_pw_set(*self.credentials)
         if self.will is not None:
-            c.will_set(self.will[0], self.will[1], qos=1)
+            c.will_set(self.will[0], self.will[1], qos=1, retain=True)
         if self.endpoints[self._at][2]:
             self._tls_set(c)
         self._client = c
@@ -346,9 +347,21 @@ class Transport:
             self._refused = "connection closed during the handshake; unsupported protocol version?"
             self._answered.set()
 
+    def set_will(self, topic: str, payload: bytes) -> None:
+        """The will for the next connection (paho's own reconnects included)."""
+        self.will = (topic, payload)
+        c = self._client
+        if c is not None:
+            c.will_set(topic, payload, qos=1, retain=True)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         self._changed()
+        if self.on_disconnected is not None:
+            try:
+                self.on_disconnected()
+            except Exception:  # (the next connection then keeps the will it had)
+                log.exception("re-arming the will failed")
         if not self._answered.is_set():
             # Closed before any CONNACK: an MQTT 3.1.1-only broker may just drop an MQTT 5 CONNECT.
             self._refused = f"connection closed ({reason_code}); unsupported protocol version?"

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+from edgeswarm.node import Config
+from edgeswarm.node.harness import NodeProcess
 from edgeswarm.shared.topics import node_topic
 
 TIMEOUT = 15.0
@@ -34,12 +36,19 @@ def test_births_deaths_and_fingerprints(make_node, region):
     assert f"{a.transport.host}:{a.transport.port}" in row and " yes " in row, status.stdout
 
     # The link drops without a goodbye: the broker publishes the will; paho reconnects and
-    # the node is born again in the same session.
-    session = peer(b, a)["session"]
+    # the node is born again, in a new session (its will re-armed for it).
+    # (b's counters include what the broker retained of nodes of earlier tests)
+    session, deaths, births = peer(b, a)["session"], b.counters["presence.death"], b.counters["presence.birth"]
     a.transport._client.socket().shutdown(socket.SHUT_RDWR)
-    assert b.wait_until(lambda: b.counters["presence.death"] == 1, TIMEOUT)
-    assert b.wait_until(lambda: peer(b, a).get("alive") == 1 and b.counters["presence.birth"] >= 2, TIMEOUT)
-    assert peer(b, a)["session"] == session
+    assert b.wait_until(lambda: b.counters["presence.death"] > deaths, TIMEOUT)
+    assert b.wait_until(lambda: peer(b, a).get("alive") == 1 and b.counters["presence.birth"] > births, TIMEOUT)
+    assert peer(b, a)["session"] == a.presence.session > session
+    # A node that comes now gets a's retained death of the old session and birth of the new
+    # one: alive.
+    c = make_node()
+    a.sync_now()  # a fingerprint, delivered to c after what the broker retained
+    assert c.wait_until(lambda: (peer(c, a).get("fingerprint") or {}).get("session") == a.presence.session, TIMEOUT)
+    assert peer(c, a)["alive"] == 1 and a.node_id in c.relay.authors
 
     a.stop()  # a clean stop says goodbye
     assert b.wait_until(lambda: peer(b, a).get("alive") == 0, TIMEOUT)
@@ -59,3 +68,25 @@ def test_a_fingerprint_tells_a_newcomer_that_missed_the_birth(make_node, region)
     assert peer(b, a)["session"] == a.presence.session
     a.stop()  # and its death still counts
     assert b.wait_until(lambda: peer(b, a).get("alive") == 0, TIMEOUT)
+
+
+def test_a_node_killed_without_a_goodbye_is_dead_to_a_node_that_comes_later(make_node, tmp_path, broker, region):
+    """Its retained birth and fingerprint stay on the broker; so does its will."""
+    a = make_node()
+    victim = NodeProcess(Config(home=tmp_path / "victim", regions=[region], broker_host=broker.host,
+                                broker_port=broker.port, protocol=broker.protocol)).start()
+    try:
+        assert a.wait_until(lambda: (a.store.peer(victim.node_id) or {}).get("alive") == 1, TIMEOUT)
+        victim.sync_now()  # its fingerprint (retained)
+        assert a.wait_until(lambda: (a.store.peer(victim.node_id) or {}).get("fingerprint") is not None, TIMEOUT)
+    finally:
+        victim.kill()  # a power cut
+    assert a.wait_until(lambda: a.store.peer(victim.node_id)["alive"] == 0, TIMEOUT)
+    assert victim.node_id not in a.relay.authors
+    b = make_node()  # comes later: the broker holds the victim's birth, fingerprint and death
+    a.sync_now()  # a's fingerprint, delivered to b after what the broker retained
+    assert b.wait_until(lambda: peer(b, a).get("fingerprint") is not None, TIMEOUT)
+    seen = b.store.peer(victim.node_id)
+    assert seen is not None and seen["alive"] == 0 and seen["death_hlc"] is not None
+    assert victim.node_id not in b.relay.authors
+    assert b.counters["rejected.internal"] == 0

@@ -62,7 +62,7 @@ def test_births_wills_and_a_returning_node_on_rabbitmq(tmp_path, rabbit, region)
 
         missed = a.put(region, "while-away", {"v": 1})  # queued in b's persistent session, or pulled later
         b = Node(b_config).start()
-        assert b.presence.session == session + 1
+        assert b.presence.session > session  # (each connection is a new session)
         assert b.wait_until(lambda: b.store.has_version(bytes.fromhex(missed)), TIMEOUT), b.stats()
         assert a.wait_until(lambda: (a.store.peer(b.node_id) or {}).get("alive") == 1, TIMEOUT)
     finally:
