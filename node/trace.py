@@ -13,8 +13,8 @@ to every peer at once (`trace`, on its node topic), then publishes its head (seq
 `trace-head`); a peer that still holds less (it was away, or came late) asks for the
 missing range (`trace-req`) and gets it alone (`trace-resp`, on its own node topic).
 Either way the entries come in the node's own signed envelope, and the receiver checks
-them as one chain: contiguous seqs, each prev matching, and the
-signature of the last entry, which covers every earlier one through the chain. Two
+them as one chain: contiguous seqs, each prev matching, and the signature of the last
+entry, which covers every earlier one through the chain. Two
 different signed entries at one seq, or a head that contradicts a held entry, prove that
 the node rewrote its history: it is flagged with both as evidence.
 

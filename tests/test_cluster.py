@@ -113,17 +113,13 @@ def test_concurrent_writes_from_every_server_converge(cluster, tmp_path, region)
     with ExitStack() as stack:
         trio = start_all(stack, [node_config(h, region, [url], members, sync_interval=2.0)
                                  for h, url in zip(homes, cluster.mqtt_urls)])
-        _concurrent_writes_converge(trio, region)
-
-
-def _concurrent_writes_converge(trio, region):
-    writes = in_parallel([lambda n=n, name=name: n.put_many(region, [[f"{name}{i}", {"from": name, "i": i}]
-                                                                     for i in range(20)])
-                          for n, name in zip(trio, "abc")])
-    expected = {f"{name}{i}": v for name, versions in zip("abc", writes) for i, v in enumerate(versions)}
-    assert len(expected) == 60
-    assert_consensus(trio, region, expected)
-    assert same_digest(trio, region, TIMEOUT)
+        writes = in_parallel([lambda n=n, name=name: n.put_many(region, [[f"{name}{i}", {"from": name, "i": i}]
+                                                                         for i in range(20)])
+                              for n, name in zip(trio, "abc")])
+        expected = {f"{name}{i}": v for name, versions in zip("abc", writes) for i, v in enumerate(versions)}
+        assert len(expected) == 60
+        assert_consensus(trio, region, expected)
+        assert same_digest(trio, region, TIMEOUT)
 
 
 def test_node_fails_over_to_another_server_of_the_cluster(tmp_path, region):
