@@ -12,7 +12,10 @@ round. Printed, measured in this one run:
   - the receiving node's CPU per change, messages handled one at a time (a quiet swarm:
     each in its own transaction) and as they come in bursts (one transaction per change's
     messages), with its share spent deciding (fork choice and consensus);
-  - what the rounds' compaction of the vote history drops, and its CPU.
+  - what the rounds' compaction of the vote history drops, and its CPU;
+  - a lone node's put latency (`--puts` writes, wall clock), with SQLite checkpointing its
+    write-ahead log in whichever COMMIT crosses 1,000 pages, and in a thread of its own (as
+    a running node does: Store.checkpoint_in_background).
 """
 
 from __future__ import annotations
@@ -93,6 +96,22 @@ def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, byte
     return node, cpu, deciding[0], compacting, sizes
 
 
+def put_latency(home: Path, puts: int, apart: bool) -> list[float]:
+    """Seconds each of `puts` puts took on a node with no broker, sorted."""
+    node = Node(Config(home=home, regions=[REGION], sync_interval=0))
+    if apart:
+        node.store.checkpoint_in_background()
+    took = []
+    try:
+        for n in range(puts):
+            t0 = time.perf_counter()
+            node.put(REGION, f"k{n % 200}", {"n": n, "reading": n * 0.25, "unit": "C", "note": "x" * 100})
+            took.append(time.perf_counter() - t0)
+    finally:
+        node.store.close()
+    return sorted(took)
+
+
 def table_bytes(path: Path) -> dict[str, int]:
     """Bytes by table (indexes with their table), and free pages."""
     groups: dict[str, int] = {}
@@ -111,6 +130,7 @@ def main() -> None:
     p.add_argument("--changes", type=int, default=500)
     p.add_argument("--keys", type=int, default=10, help="frames the changes are spread over")
     p.add_argument("--round-every", type=int, default=50, help="changes between two scheduled rounds")
+    p.add_argument("--puts", type=int, default=6000, help="puts timed for the checkpoint comparison")
     args = p.parse_args()
     if args.members < 2:
         p.error("--members is at least 2")
@@ -141,6 +161,13 @@ def main() -> None:
               f" {sum(grown.values()) / second:,.0f} B per change, by table (with indexes):")
         for table, size in sorted(grown.items(), key=lambda i: -i[1]):
             print(f"    {table:<11}{size / second:>7,.0f} B per change")
+        print(f"a lone node's put, {args.puts:,} puts over 200 frames, wall clock (ms):")
+        for label, apart in (("log checkpointed in COMMIT", False), ("in a thread of its own", True)):
+            took = put_latency(Path(tmp) / f"puts-{apart}", args.puts, apart)
+            q = {name: took[min(len(took) - 1, int(len(took) * f))] * 1000
+                 for name, f in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))}
+            print(f"  {label:<27} mean {sum(took) / len(took) * 1000:.2f}, p50 {q['p50']:.2f}, "
+                  f"p99 {q['p99']:.2f}, p99.9 {q['p99.9']:.2f}, max {took[-1] * 1000:.1f}")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ class Node(Voting):
 
     def start(self) -> Node:
         """Connect to the broker, follow the configured regions, send what the outbox holds."""
+        self.store.checkpoint_in_background()
         if self._worker is None or not self._worker.is_alive():  # (started again after a lost connection: one)
             self._worker = threading.Thread(target=self._work, daemon=True, name=f"edgeswarm-inbox-{self.node_id}")
             self._worker.start()

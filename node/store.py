@@ -33,10 +33,18 @@ nodes, frame rows, latest votes, voters, trace heads, frames with nothing waitin
 writes replay windows and sums once, at COMMIT. The cache outlives the transaction only
 while no other connection commits (PRAGMA data_version) and is dropped on ROLLBACK; reads
 outside a transaction always go to the file.
+
+A running node copies the write-ahead log back into the file from a thread of its own
+(`checkpoint_in_background`, every CHECKPOINT_EVERY seconds) rather than in whichever COMMIT
+crosses SQLite's 1,000-page mark: that checkpoint syncs the files to disk while the write
+waits (bench_store: a lone node's put p99 6.4 ms with it, 0.9 ms without; slower on an SD
+card). The log is synced at each checkpoint, so a power cut loses at most about the last
+second of commits (synchronous=NORMAL); a crashed process loses none.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +62,7 @@ from edgeswarm.shared.envelope import canonical, strict_loads
 from .digest import position, version_item, vote_item
 
 T = TypeVar("T")
+log = logging.getLogger("edgeswarm.node")
 
 SCHEMA_VERSION = 4
 CACHED_FRAMES = 4096  # frames (and senders) whose rows are kept between transactions
@@ -66,6 +75,7 @@ _META_UPSERT = "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) 
 _SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
                   " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
                   " mask = excluded.mask, hlc = excluded.hlc")
+CHECKPOINT_EVERY = 1.0  # seconds between a running node's write-ahead log checkpoints
 COMPACT_QUEUE = 65536  # frames decided since their votes were compacted (more wait for their next decision)
 
 
@@ -148,6 +158,7 @@ class Store:
         self._to_compact: dict[tuple[str, str], None] = {}
         self._tx = False  # a transaction is open: the cache may be read
         self._data_version = -1
+        self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
         self._forget()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -356,8 +367,49 @@ class Store:
             self._pending_sums = {}
 
     def close(self) -> None:
+        self.stop_checkpoints()
         with self._lock:
             self.db.conn.close()
+
+    def checkpoint_in_background(self, every: float = CHECKPOINT_EVERY) -> None:
+        """From now on, checkpoint the write-ahead log every `every` seconds from a thread with
+        a connection of its own, and never in a COMMIT (see the module's notes)."""
+        if self._checkpointer is not None:
+            return
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._checkpoints, args=(conn, stop, every), daemon=True,
+                                  name=f"edgeswarm-checkpoint-{self.path.parent.name}")
+        with self._lock:
+            self.db.conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = thread, stop
+        thread.start()
+
+    def stop_checkpoints(self) -> None:
+        """Back to checkpoints in COMMIT, after a last one from the thread."""
+        if self._checkpointer is None:
+            return
+        thread, stop = self._checkpointer
+        self._checkpointer = None
+        stop.set()
+        thread.join()
+        with self._lock:
+            self.db.conn.execute("PRAGMA wal_autocheckpoint=1000")
+
+    @staticmethod
+    def _checkpoints(conn: sqlite3.Connection, stop: threading.Event, every: float) -> None:
+        try:
+            while True:
+                stopping = stop.wait(every)
+                try:
+                    # PASSIVE: copies what no reader still needs, never waits for a writer
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as e:
+                    log.warning("write-ahead log checkpoint failed: %s", e)
+                if stopping:
+                    return
+        finally:
+            conn.close()
 
     def _exec(self, sql: str, params: list | tuple = ()) -> list[tuple]:
         """Run one statement under the store lock and return all its rows. The connection is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 
 import pytest
 
@@ -134,3 +135,34 @@ def test_a_second_vote_in_a_superseded_round_flags_the_voter(tmp_path):
         assert node.store.db.execute("SELECT evidence_a, evidence_b FROM flagged").fetchone() == (first, second)
     finally:
         node.stop()
+
+
+def test_a_running_node_checkpoints_in_a_thread_of_its_own_not_in_commit(tmp_path):
+    """With background checkpoints no COMMIT copies the log into the file (the 1,000-page
+    mark is passed and the file alone holds none of it); the thread's checkpoint does."""
+    path = tmp_path / "store.db"
+    store = Store(path)
+    store.checkpoint_in_background(every=3600)  # (its first checkpoint comes only as it stops)
+
+    def rows_in_the_file_alone() -> int:
+        copy = tmp_path / "file-alone.db"
+        copy.write_bytes(path.read_bytes())  # without the -wal file beside it
+        conn = sqlite3.connect(copy)
+        try:
+            return conn.execute("SELECT count(*) FROM versions").fetchone()[0]
+        except sqlite3.OperationalError:  # (not even the schema there yet)
+            return 0
+        finally:
+            conn.close()
+            copy.unlink()
+
+    for i in range(300):  # ~5 pages each: 1,500 pages through the log
+        with store.transaction():
+            store.add_version("r", f"k{i}", hashlib.sha256(b"%d" % i).digest(), (), {"blob": "x" * 16000},
+                              "n", i + 1, 1)
+    assert (tmp_path / "store.db-wal").stat().st_size > 1200 * 4096
+    assert rows_in_the_file_alone() == 0
+    store.stop_checkpoints()
+    assert rows_in_the_file_alone() == 300
+    assert store.version_info(hashlib.sha256(b"7").digest())[:2] == ("r", "k7")
+    store.close()
