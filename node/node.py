@@ -50,6 +50,7 @@ from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
 from edgeswarm.shared.topics import (PREFIX, TopicError, node_filter, parse_topic, region_covers,
                                      region_filter, region_topic, validate_region)
 
+from . import restart
 from .admission import Admission
 from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
@@ -104,8 +105,11 @@ class Node(Voting):
         self.identity = identity or Identity.load_or_create(config.key_path)
         self.node_id = self.identity.node_id
         self.store = Store(config.store_path)
+        if restart.after_boot(self.store, self.node_id):
+            log.warning("first start in this boot: numbering messages, trace entries and vote rounds anew, "
+                        "above what commits lost to a power cut can have used")
         self.clock = HybridClock(self.store.meta("hlc"))
-        self.round_floor = self.store.meta("round_floor")  # own vote rounds start above it (see snapshot.restore)
+        self.round_floor = self.store.meta("round_floor")  # own vote rounds start above it (restart.py)
         self.coherence = Coherence(config.rules)
         self.counters: Counter[str] = Counter()
         self._static_members = frozenset(config.members) if config.members else None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import EnvelopeError, decode
 
+from . import restart
 from .config import Config
 from .store import Frame, Store
 
@@ -113,17 +114,11 @@ def restore(config: Config, path: Path, trusted: set[str] | None = None) -> dict
                 store.add_version(region, key, version, parents, value, author, hlc, gen)
                 store.set_frame(region, key, Frame(version, version, 0, settled=True))
             store.set_states({row[2]: "consensus" for row in rows})
-            # A restored board may have sent messages before with this key: its peers'
-            # replay windows remember its old sequence numbers, which a fresh store would
-            # count again from 1. Restart above anything plausible: the snapshot's clock.
-            store.set_meta("seq", max(store.meta("seq"), env.hlc))
+            # A restored board may have sent messages, trace entries and votes before with
+            # this key, which its peers remember (restart.py): it numbers them from above
+            # anything plausible, the snapshot's clock and a round floor from the time.
+            restart.start_anew(store, env.hlc, env.hlc, round_floor())
             store.set_meta("hlc", max(store.meta("hlc"), env.hlc))
-            # Likewise its trace and its votes: peers hold its old trace entries and votes,
-            # and an entry or a vote different from those at the same place would look like a
-            # rewritten history. Its trace goes on from a new start (peers take that as a
-            # pruned trace) and its vote rounds from a floor above what it can have used.
-            store.set_meta("trace_start", max(store.meta("trace_start"), env.hlc))
-            store.set_meta("round_floor", max(store.meta("round_floor"), round_floor()))
     finally:
         store.close()
     return {"frames": len(rows), "signer": env.sender_id, "moved_aside": str(moved) if moved else None}

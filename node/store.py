@@ -366,6 +366,19 @@ class Store:
             self.db.conn.executemany(_SUM_UPSERT, [(r, k, *sums) for (r, k), sums in self._pending_sums.items()])
             self._pending_sums = {}
 
+    @contextmanager
+    def durable(self) -> Iterator[Store]:
+        """A transaction synced to disk as it commits (synchronous=FULL for it alone)."""
+        with self._lock:
+            if self.db.conn.in_transaction:
+                raise RuntimeError("a durable transaction cannot join another")
+            self.db.conn.execute("PRAGMA synchronous=FULL")
+            try:
+                with self.transaction():
+                    yield self
+            finally:
+                self.db.conn.execute("PRAGMA synchronous=NORMAL")
+
     def close(self) -> None:
         self.stop_checkpoints()
         with self._lock:
@@ -438,6 +451,10 @@ class Store:
                 self._pending_meta[name] = value
             else:
                 self._exec(_META_UPSERT, [name, value])
+
+    def highest_round(self) -> int:
+        """This node's highest vote round on any frame."""
+        return self._one("SELECT MAX(round) FROM frames", [])[0] or 0
 
     def next_seq(self) -> int:
         with self.transaction():
@@ -886,10 +903,17 @@ class Store:
         row = self._one("SELECT MIN(seq) FROM trace WHERE node_id = ?", [node_id])
         return row[0] if row else None
 
-    def prune_trace(self, node_id: str, upto: int) -> int:
-        """Drop a node's trace entries up to seq `upto`; how many went."""
+    def trace_top(self, node_id: str, upto: int) -> int | None:
+        """The highest seq held of a node's trace up to `upto`."""
+        return self._one("SELECT MAX(seq) FROM trace WHERE node_id = ? AND seq <= ?", [node_id, upto])[0]
+
+    def prune_trace(self, node_id: str, kept: int) -> int:
+        """Drop all but the last `kept` entries held of a node's trace (counted, not by seq: a
+        trace started anew has a gap); how many went."""
         with self.transaction():
-            return self.db.conn.execute("DELETE FROM trace WHERE node_id = ? AND seq <= ?", [node_id, upto]).rowcount
+            return self.db.conn.execute(
+                "DELETE FROM trace WHERE node_id = ? AND seq < (SELECT seq FROM trace WHERE node_id = ?"
+                " ORDER BY seq DESC LIMIT 1 OFFSET ?)", [node_id, node_id, kept - 1]).rowcount
 
     def traced_nodes(self) -> list[str]:
         return [r[0] for r in self._exec("SELECT DISTINCT node_id FROM trace ORDER BY node_id")]

@@ -23,7 +23,11 @@ older ones at each anti-entropy round. Asked for a range it no longer holds, it 
 from its oldest entry and says how far it pruned (`pruned`); the asker then takes that
 entry as the new start of its copy (counted as `trace.anchored`): the entries in between
 cannot be checked any more, anything from there on is. A response that leaves the asker
-short of the head it was announced is followed at once by the next request.
+short of the head it was announced is followed at once by the next request. A node whose
+store may have lost its last entries (restored, or opened after a power cut: restart.py)
+goes on from a new start far above them, with no link back; asked for what lies between,
+it answers as a pruned trace does, so a peer keeps the entries the node lost and anchors
+its copy at the new start.
 
 Events: wrote, accepted, rejected, voted, merged, consensus, flagged (and `events`, which holds some).
 """
@@ -127,8 +131,10 @@ class Trace:
         node = self.node
         with self.store.transaction():
             head = self.store.trace_head(node.node_id)
-            # (a restored node starts anew above its old entries, which its peers may hold)
-            seq, prev = (head[0] + 1, head[1]) if head else (self.store.meta("trace_start") + 1, None)
+            # (a restored or rebooted node starts anew above its old entries, which its peers
+            # may hold: restart.py)
+            start = self.store.meta("trace_start")
+            seq, prev = (head[0] + 1, head[1]) if head and head[0] > start else (start + 1, None)
             (event, hlc, data), = events if len(events) == 1 else [["events", events[-1][1], events]]
             raw = canonical([seq, prev, hlc, event, data])
             self.store.add_trace(node.node_id, seq, entry_hash(raw), prev, raw, node.identity.sign(raw))
@@ -143,9 +149,7 @@ class Trace:
         kept, dropped = self.node.config.trace_kept, 0
         if kept:
             for node_id in self.store.traced_nodes():
-                head = self.store.trace_head(node_id)
-                if head is not None and head[0] > kept:
-                    dropped += self.store.prune_trace(node_id, head[0] - kept)
+                dropped += self.store.prune_trace(node_id, kept)
         self.node.counters["trace.pruned"] += dropped
         return dropped
 
@@ -154,10 +158,14 @@ class Trace:
         node = self.node
         head = self.store.trace_head(node.node_id)
         start = max(self._pushed + 1, self.store.trace_base(node.node_id) or 1)
+        if head is not None and start <= self.store.meta("trace_start") < head[0]:
+            start = self.store.meta("trace_start") + 1  # (started anew: nothing in between)
         while head is not None and start <= head[0]:
             entries = self._entries(start, min(head[0], start + PUSH_RANGE - 1))
+            if not entries:
+                break
             node.send_now(node_topic(node.node_id, "trace"), "trace", {"entries": entries})
-            start += len(entries)
+            start = parse(node.node_id, entries[-1][0]).seq + 1
         self._pushed = max(self._pushed, head[0] if head else 0)
 
     def _entries(self, start: int, end: int) -> list[list[bytes]]:
@@ -212,9 +220,18 @@ class Trace:
         if type(start) is not int or type(end) is not int or not 1 <= start <= min(end, MAX_SEQ):
             raise MalformedError("a trace request is {from, to}")
         body = {}
-        base = self.store.trace_base(self.node.node_id)
+        me = self.node.node_id
+        base = self.store.trace_base(me)
         if base is not None and start < base:  # pruned: what is left, from the oldest entry kept
             start, end, body["pruned"] = base, max(end, base), base - 1
+        # Started anew (restart.py): the old entries up to the last one held, then, as for a
+        # pruned trace, from the new start; nothing was ever held in between.
+        new_start = self.store.meta("trace_start")
+        old_top = self.store.trace_top(me, new_start)
+        if start <= new_start and old_top is not None and start <= old_top:
+            end = min(end, old_top)
+        elif start <= new_start:
+            start, end, body["pruned"] = new_start + 1, max(end, new_start + 1), new_start
         entries = self._entries(start, end)  # (the asker asks again for what did not fit)
         if entries:
             self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries, **body})

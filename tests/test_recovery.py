@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from edgeswarm.node import Config, Node
+from edgeswarm.node.store import Store
 
 TIMEOUT = 30.0
 
@@ -57,3 +60,62 @@ def test_kill_9_during_writes_loses_no_acknowledged_frame(tmp_path, broker, regi
         if proc.poll() is None:
             proc.kill()
         reader.stop()
+
+
+def test_a_power_cut_that_loses_the_last_commits_costs_the_node_nothing_with_its_peers(member_configs, region):
+    """A power cut loses the commits made since the store's last sync, while what they sent
+    is with the peers. Opened in a new boot, the node numbers its messages, trace entries
+    and vote rounds anew: its next writes are taken (not dropped as replays), no peer takes
+    it for a node rewriting its history, and a peer keeps the entries the node lost and
+    goes on with its copy from the new start."""
+    a_config, b_config = member_configs(2, sync_interval=0, snapshot_interval=0)
+    a, b = Node(a_config).start(), Node(b_config).start()
+    saved = a_config.store_path.with_name("as-synced.db")
+
+    def writes(a: Node, tag: str) -> list[str]:
+        versions = [a.put(region, f"k{i}", {"i": i, tag: True}) for i in range(3)]
+        assert b.wait_until(lambda: all(b.store.has_version(bytes.fromhex(v)) for v in versions), TIMEOUT), \
+            b.counters
+        return versions
+
+    def copied(a: Node) -> tuple[int, bytes]:
+        """b holds a's whole trace (a records on as votes come in: pushed until it holds still)."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            head = a.store.trace_head(a.node_id)
+            a.trace.push()
+            if b.wait_until(lambda: b.store.trace_head(a.node_id) == head, 2.0) and \
+                    a.store.trace_head(a.node_id) == head:
+                return head
+        raise AssertionError(f"b did not copy a's trace: {b.counters}")
+
+    try:
+        writes(a, "first")
+        a.stop()  # (a clean stop leaves the whole store in the file)
+        shutil.copy(a_config.store_path, saved)
+        a = Node(a_config).start()
+        lost = writes(a, "lost")
+        lost_head = copied(a)
+        a.stop()
+
+        # The power cut: the card holds the store as it was before the last three writes,
+        # last opened in another boot than the one the board comes back in.
+        shutil.copy(saved, a_config.store_path)
+        store = Store(a_config.store_path)
+        store.set_meta("boot", store.meta("boot") ^ 1)
+        store.close()
+        a = Node(a_config).start()
+        writes(a, "after the cut")
+        assert copied(a)[0] > lost_head[0]
+        assert not b.store.flagged() and not b.counters["equivocations"], b.counters
+        assert not b.counters["rejected.duplicate"] and not b.counters["rejected.replay"]
+        copy = b.trace.entries(a.node_id)
+        assert lost_head[1] in {e.hash for e in copy}  # what the node itself no longer holds
+        assert b.counters["trace.anchored"] == 1 and not b.counters["rejected.trace-chain"]
+        # and what the lost writes sent comes back to the node by anti-entropy
+        a.sync_now()
+        assert a.wait_until(lambda: all(a.store.has_version(bytes.fromhex(v)) for v in lost), TIMEOUT), a.counters
+        assert not a.counters["rejected.duplicate"] and not a.counters["rejected.replay"]
+    finally:
+        a.stop()
+        b.stop()
