@@ -91,8 +91,8 @@ def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, byte
             t0 = time.process_time()
             node.compact_votes()
             compacting += time.process_time() - t0
-            if n // 2 in (changes // 2, changes):
-                sizes.append(table_bytes(node.store.path))
+        if n % 2 == 0 and n // 2 in (changes // 2, changes):
+            sizes.append(table_bytes(node.store.path))
     return node, cpu, deciding[0], compacting, sizes
 
 
