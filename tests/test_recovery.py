@@ -119,3 +119,31 @@ def test_a_power_cut_that_loses_the_last_commits_costs_the_node_nothing_with_its
     finally:
         a.stop()
         b.stop()
+
+
+def test_numbers_start_anew_only_in_another_boot_and_only_once(tmp_path, region):
+    """A new store has nothing to forget; a store last opened in this boot keeps its numbers;
+    one last opened in another boot moves them all past what a lost second can have used,
+    once (the next start in the same boot keeps them)."""
+    config = Config(home=tmp_path / "n", regions=[region], sync_interval=0)
+    node = Node(config)
+    assert node.store.meta("seq") == 0 and node.store.meta("trace_start") == 0
+    node.put(region, "k", {"i": 1})
+    seq, head = node.store.meta("seq"), node.store.trace_head(node.node_id)
+    round_ = node.store.frame(region, "k").round
+    node.stop()
+    node = Node(config)  # same boot: nothing moves
+    assert node.store.meta("seq") == seq and node.store.meta("trace_start") == 0
+    node.store.set_meta("boot", node.store.meta("boot") ^ 1)
+    node.stop()
+    node = Node(config)  # another boot
+    assert node.store.meta("seq") >= seq + 2**20 and node.store.meta("trace_start") >= head[0] + 2**20
+    assert node.round_floor >= round_ + 2**16
+    moved = node.store.meta("seq"), node.store.meta("trace_start"), node.round_floor
+    node.put(region, "k", {"i": 2})
+    assert node.store.trace_head(node.node_id)[0] == moved[1] + 1  # the trace goes on from the new start
+    assert node.store.frame(region, "k").round == moved[2] + 1
+    node.stop()
+    node = Node(config)  # and once only
+    assert (node.store.meta("trace_start"), node.round_floor) == moved[1:]
+    node.stop()
