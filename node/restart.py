@@ -2,8 +2,9 @@
 
 What a node sends carries numbers its peers remember: the sequence number of each message
 (their replay windows take each once), the seq of each trace entry (two different entries
-at one seq prove a rewritten history) and its vote round on each frame (two votes in one
-round are an equivocation). Numbers the store forgot would be used again for something
+at one seq prove a rewritten history), its vote round on each frame (two votes in one
+round are an equivocation) and the session of each connection (a death ends its session:
+a birth of that session again is not believed, presence.py). Numbers the store forgot would be used again for something
 else, and the peers would drop the node's messages as replays, or flag it for good.
 
 A store forgets in two ways. Restored from a snapshot (snapshot.restore), it knows none of
@@ -44,9 +45,11 @@ def boot_id() -> int | None:
 
 
 def start_anew(store: Store, seq: int, trace: int, round_: int) -> None:
-    """From now on, number messages above `seq`, own trace entries above `trace` and own
-    vote rounds above `round_` (inside the caller's transaction; never lower than before)."""
+    """From now on, number messages and sessions above `seq` (a session signs its death
+    first: there are fewer), own trace entries above `trace` and own vote rounds above
+    `round_` (inside the caller's transaction; never lower than before)."""
     store.set_meta("seq", max(store.meta("seq"), seq))
+    store.set_meta("session", max(store.meta("session"), seq))
     store.set_meta("trace_start", max(store.meta("trace_start"), trace))
     store.set_meta("round_floor", max(store.meta("round_floor"), round_))
 

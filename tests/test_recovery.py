@@ -64,10 +64,10 @@ def test_kill_9_during_writes_loses_no_acknowledged_frame(tmp_path, broker, regi
 
 def test_a_power_cut_that_loses_the_last_commits_costs_the_node_nothing_with_its_peers(member_configs, region):
     """A power cut loses the commits made since the store's last sync, while what they sent
-    is with the peers. Opened in a new boot, the node numbers its messages, trace entries
-    and vote rounds anew: its next writes are taken (not dropped as replays), no peer takes
-    it for a node rewriting its history, and a peer keeps the entries the node lost and
-    goes on with its copy from the new start."""
+    is with the peers. Opened in a new boot, the node numbers its messages, trace entries,
+    vote rounds and sessions anew: its next writes are taken (not dropped as replays), no
+    peer takes it for a node rewriting its history or for one still dead, and a peer keeps
+    the entries the node lost and goes on with its copy from the new start."""
     a_config, b_config = member_configs(2, sync_interval=0, snapshot_interval=0)
     a, b = Node(a_config).start(), Node(b_config).start()
     saved = a_config.store_path.with_name("as-synced.db")
@@ -107,6 +107,7 @@ def test_a_power_cut_that_loses_the_last_commits_costs_the_node_nothing_with_its
         a = Node(a_config).start()
         writes(a, "after the cut")
         assert copied(a)[0] > lost_head[0]
+        assert b.wait_until(lambda: b.swarm().get(a.node_id, {}).get("alive"), TIMEOUT), b.swarm().get(a.node_id)
         assert not b.store.flagged() and not b.counters["equivocations"], b.counters
         assert not b.counters["rejected.duplicate"] and not b.counters["rejected.replay"]
         copy = b.trace.entries(a.node_id)
@@ -138,6 +139,7 @@ def test_numbers_start_anew_only_in_another_boot_and_only_once(tmp_path, region)
     node.stop()
     node = Node(config)  # another boot
     assert node.store.meta("seq") >= seq + 2**20 and node.store.meta("trace_start") >= head[0] + 2**20
+    assert node.store.meta("session") >= seq + 2**20
     assert node.round_floor >= round_ + 2**16
     moved = node.store.meta("seq"), node.store.meta("trace_start"), node.round_floor
     node.put(region, "k", {"i": 2})
