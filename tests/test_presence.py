@@ -90,3 +90,16 @@ def test_a_node_killed_without_a_goodbye_is_dead_to_a_node_that_comes_later(make
     assert seen is not None and seen["alive"] == 0 and seen["death_hlc"] is not None
     assert victim.node_id not in b.relay.authors
     assert b.counters["rejected.internal"] == 0
+
+
+def test_a_clean_stop_whose_clearing_never_reaches_the_broker_still_ends_the_node(make_node, region):
+    """The goodbye is a retained death, sent before the retained messages are cleared: should
+    the clearing be lost as the connection closes, a newcomer finds the node's session ended
+    rather than its birth alone."""
+    a = make_node()
+    publish = a.transport.publish
+    a.transport.publish = lambda topic, payload, **kw: None if payload == b"" else publish(topic, payload, **kw)
+    a.stop()
+    b = make_node()
+    assert b.wait_until(lambda: peer(b, a).get("death_hlc") is not None, TIMEOUT), peer(b, a)
+    assert peer(b, a)["alive"] == 0 and a.node_id not in b.relay.authors

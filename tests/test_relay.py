@@ -19,7 +19,8 @@ def relaying(nodes, among=None):
     down: its will is retained too)."""
     among = {n.node_id for n in (among or nodes)}
     for n in nodes:
-        assert n.wait_until(lambda n=n: n.relay.authors == among - {n.node_id}, TIMEOUT), n.relay.authors
+        assert n.wait_until(lambda n=n: n.relay.authors == among - {n.node_id}, TIMEOUT), \
+            {a: n.store.peer(a) for a in n.relay.authors ^ (among - {n.node_id})}  # (who, from which test's region)
 
 
 class VoteTopic:
