@@ -8,8 +8,9 @@ On every connection (a start, and each reconnect) a node counts a new session an
   certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
 consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions.
-On a clean stop it publishes its death itself and clears its retained birth and
-fingerprint, so that a long-lived broker does not keep announcing nodes that left. All
+On a clean stop it publishes its death itself (retained, in case what follows is lost)
+and clears its retained birth, fingerprint and death, so that a long-lived broker does not
+keep announcing nodes that left. All
 go on the node's own topic (es/v1/node/<id>/<kind>), the retained ones so that a newcomer
 learns the swarm at once, and are only accepted from the node they name. A death counts
 when its session is not older than the last birth's (as Sparkplug's bdSeq); older
