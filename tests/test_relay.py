@@ -21,11 +21,11 @@ def relaying(nodes, among=None):
     among = {n.node_id for n in (among or nodes)}
 
     def authors(n) -> set[str]:
-        return {a for a in n.relay.authors
+        return {a for a in n.relay.authors.copy()  # (a copy: the network thread changes it)
                 if set(n.config.regions) & set((n.store.peer(a) or {}).get("regions") or ())}
     for n in nodes:
         assert n.wait_until(lambda n=n: authors(n) == among - {n.node_id}, TIMEOUT), \
-            {a: n.store.peer(a) for a in n.relay.authors ^ (among - {n.node_id})}
+            {a: n.store.peer(a) for a in n.relay.authors.copy() ^ (among - {n.node_id})}
 
 
 class VoteTopic:
