@@ -62,6 +62,8 @@ def after_boot(store: Store, node_id: str) -> bool:
     if boot is not None and store.meta("boot") == boot:
         return False
     with store.durable():
+        if boot is not None and store.meta("boot") == boot:  # (another process on this store came first)
+            return False
         head = store.trace_head(node_id)
         if not store.meta("seq") and head is None:  # (a new store: nothing sent, nothing to forget)
             store.set_meta("boot", boot or 0)
