@@ -103,6 +103,8 @@ class Trace:
         self._announced: dict[str, int] = {}  # the highest head each author announced
         head = self.store.trace_head(node.node_id)
         self._pushed = head[0] if head else 0  # own entries up to here went out (or were there at start)
+        # Where own entries start anew (restart.py; set before the node is made, never after)
+        self._start = self.store.meta("trace_start")
         self._pending: list[list] = []  # events of the node's open transaction, [event, hlc, data]
 
     # -- own entries -----------------------------------------------------------------
@@ -133,8 +135,7 @@ class Trace:
             head = self.store.trace_head(node.node_id)
             # (a restored or rebooted node starts anew above its old entries, which its peers
             # may hold: restart.py)
-            start = self.store.meta("trace_start")
-            seq, prev = (head[0] + 1, head[1]) if head and head[0] > start else (start + 1, None)
+            seq, prev = (head[0] + 1, head[1]) if head and head[0] > self._start else (self._start + 1, None)
             (event, hlc, data), = events if len(events) == 1 else [["events", events[-1][1], events]]
             raw = canonical([seq, prev, hlc, event, data])
             self.store.add_trace(node.node_id, seq, entry_hash(raw), prev, raw, node.identity.sign(raw))
@@ -158,8 +159,8 @@ class Trace:
         node = self.node
         head = self.store.trace_head(node.node_id)
         start = max(self._pushed + 1, self.store.trace_base(node.node_id) or 1)
-        if head is not None and start <= self.store.meta("trace_start") < head[0]:
-            start = self.store.meta("trace_start") + 1  # (started anew: nothing in between)
+        if head is not None and start <= self._start < head[0]:
+            start = self._start + 1  # (started anew: nothing in between)
         while head is not None and start <= head[0]:
             entries = self._entries(start, min(head[0], start + PUSH_RANGE - 1))
             if not entries:
@@ -226,12 +227,12 @@ class Trace:
             start, end, body["pruned"] = base, max(end, base), base - 1
         # Started anew (restart.py): the old entries up to the last one held, then, as for a
         # pruned trace, from the new start; nothing was ever held in between.
-        new_start = self.store.meta("trace_start")
-        old_top = self.store.trace_top(me, new_start)
-        if start <= new_start and old_top is not None and start <= old_top:
-            end = min(end, old_top)
-        elif start <= new_start:
-            start, end, body["pruned"] = new_start + 1, max(end, new_start + 1), new_start
+        if start <= self._start:
+            old_top = self.store.trace_top(me, self._start)
+            if old_top is not None and start <= old_top:
+                end = min(end, old_top)
+            else:
+                start, end, body["pruned"] = self._start + 1, max(end, self._start + 1), self._start
         entries = self._entries(start, end)  # (the asker asks again for what did not fit)
         if entries:
             self.node.send_now(node_topic(env.sender_id, "trace-resp"), "trace-resp", {"entries": entries, **body})

@@ -287,7 +287,7 @@ class Transport:
         if self.credentials is not None:
             c.username_pw_set(*self.credentials)
         if self.will is not None:
-            c.will_set(self.will[0], self.will[1], qos=1, retain=True)
+            self._arm_will(c)
         if self.endpoints[self._at][2]:
             self._tls_set(c)
         self._client = c
@@ -350,9 +350,11 @@ class Transport:
     def set_will(self, topic: str, payload: bytes) -> None:
         """The will for the next connection (paho's own reconnects included)."""
         self.will = (topic, payload)
-        c = self._client
-        if c is not None:
-            c.will_set(topic, payload, qos=1, retain=True)
+        if self._client is not None:
+            self._arm_will(self._client)
+
+    def _arm_will(self, c: mqtt.Client) -> None:
+        c.will_set(*self.will, qos=1, retain=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
