@@ -831,7 +831,10 @@ class Node(Voting):
             if self._too_far_ahead(env):
                 return
             try:
-                self.presence.on_message(env)
+                # One transaction: whoever sees the certificate it brings (Node.members) finds
+                # the peer record it updates too; a refused certificate undoes the record.
+                with self._transaction():
+                    self.presence.on_message(env)
             except RosterError as e:
                 self._reject("bad-certificate", f"{env.kind} of {env.sender_id}: {e}")
             except (MalformedError, ValueError) as e:

@@ -131,9 +131,9 @@ class Presence:
             regions = body.get("regions")
             if type(regions) is not list or not all(type(r) is str for r in regions):
                 raise MalformedError("a birth lists the node's regions")
-            self.node.admission.on_presence(env)
             self.store.set_peer(node_id, session=session, birth_hlc=env.hlc, alive=1, regions=regions,
                                 software=str(body.get("software", "")))
+            self.node.admission.on_presence(env)  # (after the record: see Node._dispatch)
             self.node.handover.on_birth(node_id, body.get("bus"))
             self.node.relay.on_presence(node_id, body.get("relay") is True)
             log.info("node %s is up (session %d)", node_id, session)
@@ -150,7 +150,6 @@ class Presence:
                 if env.hlc == peer.get("fingerprint_hlc") and peer["alive"]:
                     self.node.relay.on_presence(node_id, body.get("relay") is True)  # (known before a restart)
                 return
-            self.node.admission.on_presence(env)
             fields: dict[str, Any] = {"fingerprint": {k: v for k, v in body.items() if k != "certificate"},
                                       "fingerprint_hlc": env.hlc}
             # A fingerprint says the node runs: all a newcomer hears of it where the broker keeps
@@ -158,7 +157,8 @@ class Presence:
             if peer is None or session > peer["session"] or (session == peer["session"] and not peer["alive"]
                                                              and not ended and env.hlc > (peer["death_hlc"] or 0)):
                 fields.update(session=session, alive=1)
+            self.store.set_peer(node_id, **fields)
+            self.node.admission.on_presence(env)  # (after the record: see Node._dispatch)
             if fields.get("alive", peer and peer["alive"]):
                 self.node.relay.on_presence(node_id, body.get("relay") is True)
-            self.store.set_peer(node_id, **fields)
         self.node.counters[f"presence.{env.kind}"] += 1

@@ -149,6 +149,18 @@ def test_a_certificate_also_travels_in_fingerprints(admitted, region, attacker):
     b = admitted("b")
     # as on a broker that keeps no retained birth: b's is gone, its retained fingerprint is there
     attacker.client.publish(node_topic(b.node_id, "birth"), b"", qos=1, retain=True).wait_for_publish(5)
-    c = admitted("c")
+    c = admitted("c", start=False)
+    # A thread that sees b among the members finds b's record too: the certificate counts
+    # once the record is stored, in one transaction (it did before the record: a race).
+    member_before_record = []
+    set_peer = c.store.set_peer
+
+    def recording(node_id: str, **fields) -> None:
+        if node_id == b.node_id:
+            member_before_record.append(b.node_id in c.members(region))
+        set_peer(node_id, **fields)
+    c.store.set_peer = recording
+    c.start()
     assert c.wait_until(lambda: b.node_id in c.members(region), TIMEOUT)
     assert c.store.peer(b.node_id)["fingerprint"]["frames"] == 0  # (the certificate is not kept twice)
+    assert member_before_record and not any(member_before_record)
