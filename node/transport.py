@@ -30,6 +30,11 @@ from edgeswarm.shared.envelope import CONTENT_TYPE
 
 log = logging.getLogger("edgeswarm.transport")
 
+# The properties of every MQTT 5 publish (the content type, for ordinary MQTT tools): made
+# once, as paho packs them anew for each message.
+_PUBLISH_PROPS = Properties(PacketTypes.PUBLISH)
+_PUBLISH_PROPS.ContentType = CONTENT_TYPE
+
 FAILOVER_AFTER = 5.0  # seconds without the broker before trying the next one
 PROBE_TIMEOUT = 2.0  # seconds to wait for an answer to an MQTT 5 CONNECT in "auto" mode
 SESSION_EXPIRY = 7 * 24 * 3600  # seconds a broker keeps a persistent session of an absent node
@@ -486,11 +491,8 @@ class Transport:
         many seconds)."""
         if self._client is None:
             return None
-        props = None
-        if self._version == mqtt.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = CONTENT_TYPE
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain,
+                                    properties=_PUBLISH_PROPS if self._version == mqtt.MQTTv5 else None)
         if qos > 0:
             with self._pub_lock:
                 acked = self._pubs.sent(info.mid, token)
