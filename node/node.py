@@ -56,7 +56,7 @@ from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
 from .bodies import parse_diff, parse_vote, validate_key
-from .store import Frame, FrameVersion, Queued, Store, VersionMeta
+from .store import Frame, FrameVersion, Queued, Store
 from .presence import Presence
 from .relay import Relay
 from .sync import Sync
@@ -357,7 +357,7 @@ class Node(Voting):
         with self._transaction():
             frame = self.store.frame(region, key)
             head = frame.head
-            old = None if head is None else self.store.value(head)
+            old, parent_meta = (None, None) if head is None else self.store.value_meta(head)
             new = compute(old)
             ops = diff.make(old, new)
             if not ops:
@@ -369,7 +369,6 @@ class Node(Voting):
                 raise CoherenceError(f"{region}/{key}: {reason}")
             version = diff.version_hash(region, key, head, new)
             body = {"key": key, "parent": head, "version": version, "ops": ops}
-            parent_meta = self._meta(head)
             if parent_meta is not None and parent_meta.is_merge:
                 body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
             env = self._send("diff", region, body)
@@ -387,9 +386,6 @@ class Node(Voting):
                 self._batched.setdefault((region, key), frame)
                 self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
         return version.hex()
-
-    def _meta(self, version: bytes | None) -> VersionMeta | None:
-        return None if version is None else self.store.version_meta(version)
 
     # -- transactions, outbox and publishing -----------------------------------------
 

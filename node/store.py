@@ -72,6 +72,9 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
                " versions = versions + excluded.versions, rounds = rounds + excluded.rounds")
 # (Rows are updated in place, not replaced: a replaced row moves, so COMMIT writes its index page too.)
 _META_UPSERT = "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+_FRAME_UPSERT = ("INSERT INTO frames (region, key, head, consensus, round, settled) VALUES (?, ?, ?, ?, ?, ?)"
+                 " ON CONFLICT (region, key) DO UPDATE SET head = excluded.head, consensus = excluded.consensus,"
+                 " round = excluded.round, settled = excluded.settled")
 _SENDER_UPSERT = ("INSERT INTO senders (node_id, public_key, top, mask, hlc) VALUES (?, ?, ?, ?, ?)"
                   " ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, top = excluded.top,"
                   " mask = excluded.mask, hlc = excluded.hlc")
@@ -333,7 +336,7 @@ class Store:
     def _begin(self) -> None:
         """Keep the cache only if no other connection committed since it was filled."""
         version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version or max(len(self._frames), len(self._latest), len(self._idle),
+        if version != self._data_version or max(len(self._frames), len(self._gens), len(self._latest), len(self._idle),
                                                  len(self._senders), len(self._trace_heads)) > CACHED_FRAMES:
             self._forget()
             self._data_version = version
@@ -343,6 +346,7 @@ class Store:
         self._senders: dict[str, tuple[int, int]] = {}
         self._flagged: frozenset[str] | None = None
         self._frames: dict[tuple[str, str], Frame | None] = {}
+        self._gens: dict[bytes, int] = {}  # version -> generation, of versions held
         self._latest: dict[tuple[str, str], dict[str, tuple[int, bytes]]] = {}
         self._voters: dict[str, set[str]] = {}
         self._idle: set[tuple[str, str]] = set()  # frames with no pending diff and no voted merge lacking
@@ -350,9 +354,11 @@ class Store:
         self._pending_senders: dict[str, tuple[bytes, int, bytes, int]] = {}
         self._pending_sums: dict[tuple[str, str], list[int]] = {}
         self._pending_meta: dict[str, int] = {}
+        self._pending_frames: dict[tuple[str, str], Frame] = {}
 
     def _flush(self) -> None:
         """Write what the transaction kept for COMMIT."""
+        self._flush_frames()
         if self._pending_senders:
             self.db.conn.executemany(_SENDER_UPSERT, [(n, *row) for n, row in self._pending_senders.items()])
             self._pending_senders = {}
@@ -360,6 +366,14 @@ class Store:
             self.db.conn.executemany(_META_UPSERT, list(self._pending_meta.items()))
             self._pending_meta = {}
         self._flush_sums()
+
+    def _flush_frames(self) -> None:
+        """(Under the lock.) Write the frames the transaction changed: at COMMIT, and before a
+        query reads the table (a batch changes a frame several times: written once)."""
+        if self._pending_frames:
+            self.db.conn.executemany(_FRAME_UPSERT, [(r, k, f.head, f.consensus, f.round, int(f.settled))
+                                                     for (r, k), f in self._pending_frames.items()])
+            self._pending_frames = {}
 
     def _flush_sums(self) -> None:
         if self._pending_sums:
@@ -454,7 +468,9 @@ class Store:
 
     def highest_round(self) -> int:
         """This node's highest vote round on any frame."""
-        return self._one("SELECT MAX(round) FROM frames", [])[0] or 0
+        with self._lock:
+            self._flush_frames()
+            return self._one("SELECT MAX(round) FROM frames", [])[0] or 0
 
     def next_seq(self) -> int:
         with self.transaction():
@@ -496,7 +512,19 @@ class Store:
     # -- versions --------------------------------------------------------------------
 
     def has_version(self, version: bytes) -> bool:
-        return self._one("SELECT 1 FROM versions WHERE version = ?", [version]) is not None
+        with self._lock:
+            if self._tx and version in self._gens:
+                return True
+            return self._one("SELECT 1 FROM versions WHERE version = ?", [version]) is not None
+
+    def _gen(self, version: bytes) -> int | None:
+        """(Under the lock, in a transaction.) The generation of a version held."""
+        gen = self._gens.get(version)
+        if gen is None:
+            row = self._one("SELECT gen FROM versions WHERE version = ?", [version])
+            if row is not None:
+                gen = self._gens[version] = row[0]
+        return gen
 
     def version_info(self, version: bytes) -> tuple[str, str, dict | None, int] | None:
         """(region, key, value, generation) of a stored version, or None."""
@@ -505,6 +533,11 @@ class Store:
 
     def value(self, version: bytes) -> dict | None:
         return strict_loads(self._one("SELECT value FROM versions WHERE version = ?", [version])[0])
+
+    def value_meta(self, version: bytes) -> tuple[dict | None, VersionMeta]:
+        """The value and the metadata of a version held, in one read."""
+        row = self._one(f"SELECT value, {self._META_COLS} FROM versions WHERE version = ?", [version])
+        return strict_loads(row[0]), self._version_meta(row[1:])
 
     def add_version(self, region: str, key: str, version: bytes, parents: tuple[bytes, ...],
                     value: dict | None, author: str, hlc: int, gen: int,
@@ -524,10 +557,13 @@ class Store:
             # A version older than the consensus does not descend from it: the frame's
             # history below the consensus is no longer all settled.
             frame = self._frames.get((region, key), True) if self._tx else True
-            if frame is not None and (frame is True or frame.settled):
+            if frame is True:
                 self._exec("UPDATE frames SET settled = 0 WHERE region = ? AND key = ? AND settled = 1"
                            " AND (SELECT gen FROM versions WHERE version = frames.consensus) > ?", [region, key, gen])
-                self._frames.pop((region, key), None)
+                self._frames.pop((region, key), None)  # (not cached: nothing waits to be written)
+            elif frame is not None and frame.settled and (self._gen(frame.consensus) or 0) > gen:
+                self.set_frame(region, key, Frame(frame.head, frame.consensus, frame.round, False))
+            self._gens[version] = gen
             return True
 
     def merge_of(self, parents: tuple[bytes, ...]) -> bytes | None:
@@ -584,8 +620,10 @@ class Store:
 
     def consensus_versions(self) -> list[tuple]:
         """(region, key, version, parents, value, author, gen, hlc) of every frame's consensus."""
-        rows = self._exec("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author, v.gen, v.hlc"
-                          " FROM frames f JOIN versions v ON v.version = f.consensus ORDER BY v.region, v.key")
+        with self._lock:
+            self._flush_frames()
+            rows = self._exec("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author, v.gen,"
+                              " v.hlc FROM frames f JOIN versions v ON v.version = f.consensus ORDER BY v.region, v.key")
         return [(r, k, v, _parents(p, m), strict_loads(val), a, g, h) for r, k, v, p, m, val, a, g, h in rows]
 
     def rejection_reason(self, version: bytes) -> str | None:
@@ -607,27 +645,33 @@ class Store:
 
     def set_frame(self, region: str, key: str, frame: Frame) -> None:
         with self._lock:
-            if self._tx and self._frames.get((region, key)) == frame:
-                return
-            self._exec("INSERT INTO frames (region, key, head, consensus, round, settled) VALUES (?, ?, ?, ?, ?, ?)"
-                       " ON CONFLICT (region, key) DO UPDATE SET head = excluded.head, consensus = excluded.consensus,"
-                       " round = excluded.round, settled = excluded.settled",
-                       [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
+            if self._tx:
+                if self._frames.get((region, key)) == frame:
+                    return
+                self._pending_frames[(region, key)] = frame  # (written at COMMIT: _flush_frames)
+            else:
+                self._exec(_FRAME_UPSERT, [region, key, frame.head, frame.consensus, frame.round, int(frame.settled)])
             self._frames[(region, key)] = frame
             if len(self._to_compact) < COMPACT_QUEUE:
                 self._to_compact[(region, key)] = None
 
     def regions(self) -> list[str]:
-        return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
+        with self._lock:
+            self._flush_frames()
+            return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
 
     def keys(self, region: str) -> list[str]:
-        return [r[0] for r in self._exec("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
+        with self._lock:
+            self._flush_frames()
+            return [r[0] for r in self._exec("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
 
     def frame_heads(self) -> list[tuple[str, str, str | None, str | None]]:
         """(region, key, head hex, consensus hex) of every frame; None where it has none (a
         frame whose only versions are not eligible, such as those of non-members)."""
-        return [(r, k, h.hex() if h else None, c.hex() if c else None) for r, k, h, c in
-                self._exec("SELECT region, key, head, consensus FROM frames ORDER BY region, key")]
+        with self._lock:
+            self._flush_frames()
+            rows = self._exec("SELECT region, key, head, consensus FROM frames ORDER BY region, key")
+        return [(r, k, h.hex() if h else None, c.hex() if c else None) for r, k, h, c in rows]
 
     # -- diffs -----------------------------------------------------------------------
 
@@ -855,8 +899,10 @@ class Store:
                        [*values.values(), node_id])
 
     def frame_counts(self) -> dict[str, int]:
-        frames, shadows = self._one("SELECT count(*), coalesce(sum(consensus IS NULL OR head != consensus), 0)"
-                                    " FROM frames", [])
+        with self._lock:
+            self._flush_frames()
+            frames, shadows = self._one("SELECT count(*), coalesce(sum(consensus IS NULL OR head != consensus), 0)"
+                                        " FROM frames", [])
         return {"frames": frames, "shadows": shadows}
 
     def frames_with_forks(self) -> int:

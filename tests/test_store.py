@@ -59,6 +59,33 @@ def test_rollback_forgets_what_the_transaction_read_and_wrote(stores):
     assert read_all(a)[:5] == ((1, 1), Frame(None, None, 0), {"n2": h(1)}, ["n2"], frozenset())
 
 
+def test_frames_changed_in_a_transaction_are_written_once_and_read_back_by_queries(stores):
+    a, b = stores
+    with a.transaction():
+        for n in range(1, 4):  # (a batch changing one frame three times)
+            a.set_frame("r", "k", Frame(h(n), h(1), 1))
+        a.set_frame("r", "j", Frame(h(9), None, 0))
+        # the table's own queries see what the transaction changed so far
+        assert a.keys("r") == ["j", "k"] and a.regions() == ["r"]
+        assert a.frame_counts() == {"frames": 2, "shadows": 2} and a.highest_round() == 1
+    assert b.frame("r", "k") == Frame(h(3), h(1), 1) and b.frame_heads() == [
+        ("r", "j", h(9).hex(), None), ("r", "k", h(3).hex(), h(1).hex())]
+
+
+def test_a_version_older_than_a_settled_consensus_unsettles_its_frame(stores):
+    a, b = stores
+    a.add_version("r", "k", h(1), (), {"n": 1}, "n1", 1, 1)
+    a.add_version("r", "k", h(2), (h(1),), {"n": 2}, "n1", 2, 2)
+    a.set_frame("r", "k", Frame(h(2), h(2), 1, True))
+    with a.transaction():
+        assert a.frame("r", "k").settled  # (cached for the transaction)
+        a.add_version("r", "k", h(3), (h(1),), {"n": 3}, "n2", 3, 2)  # as old as the consensus: still settled
+        assert a.frame("r", "k").settled
+        a.add_version("r", "k", h(4), (), {"n": 4}, "n3", 4, 1)  # older: a fork from further back
+        assert not a.frame("r", "k").settled
+    assert b.frame("r", "k") == Frame(h(2), h(2), 1, False)
+
+
 def test_repeated_vote_returns_the_one_held(stores):
     a, _ = stores
     assert a.add_vote("r", "k", "n1", 1, h(1), b"first") is None
