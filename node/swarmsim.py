@@ -257,10 +257,12 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
     reached = [{v: t for v, t in reversed(m.events["consensus"])} for m in members]  # first time each
 
     writer_ms, node_ms, everywhere_ms = [], [], []
+    by_writer: dict[int, list[float]] = {}
     for v, t in written.items():
-        here = reached[members.index(writer_of[v])]
-        if v in here:
-            writer_ms.append((here[v] - t) / 1e6)
+        i = members.index(writer_of[v])
+        if v in reached[i]:
+            writer_ms.append((reached[i][v] - t) / 1e6)
+            by_writer.setdefault(i, []).append(writer_ms[-1])
         times = [r[v] for m, r in zip(members, reached) if v in r and m.up_between(t, r[v])]
         node_ms.extend((x - t) / 1e6 for x in times)
         # (every node that stayed up since the write reached it)
@@ -297,6 +299,7 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
         "conflict_rate": sum(conflict) / len(conflict) if conflict else None,
         "trace_depth": sum(depth) / len(depth) if depth else None,
         "writer_ms": (percentile(writer_ms, 50), percentile(writer_ms, 99), len(writer_ms)),
+        "by_writer_ms": [(percentile(ms, 50), percentile(ms, 99), len(ms)) for _, ms in sorted(by_writer.items())],
         "node_ms": (percentile(node_ms, 50), percentile(node_ms, 99), len(node_ms)),
         "everywhere_ms": (percentile(everywhere_ms, 50), percentile(everywhere_ms, 99), len(everywhere_ms)),
         "offered_per_s": len(written) / load_s,
@@ -326,6 +329,8 @@ def report(w: Workload, f: dict, broker: str) -> str:
         f"  conflicts: {conflict}",
         f"  write -> consensus: on the writer {_ms(f['writer_ms'])}; on each node {_ms(f['node_ms'])}; "
         f"on every node up since the write {_ms(f['everywhere_ms'])}",
+        "  on the writer, each writer's p50 / p99: " + ", ".join(f"{p50:,.0f} / {p99:,.0f} ms"
+                                                              for p50, p99, _ in f["by_writer_ms"]),
         f"  trace depth {f['trace_depth'] or 0:.1f} (nodes whose trace confirms a consensus version"
         + (", every trace copied everywhere)" if f.get("traces_mirrored") else "; traces NOT all copied)"),
         f"  throughput {f['offered_per_s']:.1f} writes/s; per frame {f['bytes_out_per_frame']:,.0f} B published, "
