@@ -19,6 +19,20 @@ from collections.abc import Iterable
 log = logging.getLogger("edgeswarm.broker")
 
 
+class _DroppedDeliveryTrace(logging.Filter):
+    """amqtt waits 5 s for a subscriber's PUBACK, then drops the delivery: it says so in one
+    line (its handler's warning, with the packet id) and again as a traceback from its
+    broadcast loop. A node losing power does this for every message on its way to it; the
+    second telling, a traceback per message, is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, TimeoutError) and "PUBACK" in str(exc))
+
+
+_DROPPED = _DroppedDeliveryTrace()
+
+
 class BrokerError(Exception):
     """The embedded broker could not start (port taken, bad address, ...)."""
 
@@ -70,6 +84,7 @@ class EmbeddedBroker:
         if self._thread is not None:
             return self
         self._check_port_free()
+        logging.getLogger("amqtt.broker").addFilter(_DROPPED)  # (once: a filter is added once)  # (once: a filter is added once)
         started = threading.Event()
         failure: list[BaseException] = []
 

@@ -1,0 +1,71 @@
+"""The embedded broker as its users see it (its access control: test_broker_auth.py)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeswarm.broker.embedded import EmbeddedBroker
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    assert len(body) < 128  # (one byte of remaining length)
+    return bytes([kind, len(body)]) + body
+
+
+def _text(s: str) -> bytes:
+    return len(s).to_bytes(2, "big") + s.encode()
+
+
+def silent_subscriber(host: str, port: int, topic: str) -> socket.socket:
+    """An MQTT 3.1.1 client that subscribes at QoS 1 and never acknowledges a message (as a
+    board that lost power looks to the broker until its keepalive runs out)."""
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(_packet(0x10, _text("MQTT") + bytes([4, 0x02, 0, 60]) + _text("silent")))
+    assert s.recv(4)[:1] == b"\x20"  # CONNACK
+    s.sendall(_packet(0x82, b"\x00\x01" + _text(topic) + b"\x01"))
+    assert s.recv(5)[:1] == b"\x90"  # SUBACK
+    return s
+
+
+class _Seen(logging.Handler):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_delivery_nobody_acknowledges_is_told_in_one_line_not_a_traceback(caplog):
+    caplog.set_level(logging.WARNING)
+    gave_up = _Seen("Timeout waiting for PUBACK")
+    logging.getLogger().addHandler(gave_up)
+    with EmbeddedBroker() as broker:
+        silent = silent_subscriber(broker.host, broker.port, "es/v1/test/silent")
+        subscribed, got = threading.Event(), threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.on_message = lambda *a: got.set()
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        try:
+            c.subscribe("es/v1/test/after", qos=1)
+            assert subscribed.wait(10)
+            c.publish("es/v1/test/silent", b"x", qos=1).wait_for_publish(5)
+            assert gave_up.event.wait(15), "the broker never gave up on the delivery"  # (amqtt: after 5 s)
+            # the broker tells of the failed delivery again as it handles the next message
+            c.publish("es/v1/test/after", b"y", qos=1)
+            assert got.wait(10)
+        finally:
+            logging.getLogger().removeHandler(gave_up)
+            c.loop_stop()
+            c.disconnect()
+            silent.close()
+    told = [r for r in caplog.records if "PUBACK" in r.getMessage() or (r.exc_info and "PUBACK" in str(r.exc_info[1]))]
+    assert len(told) == 1 and told[0].exc_info is None, [r.getMessage() for r in told]
