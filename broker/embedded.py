@@ -84,7 +84,7 @@ class EmbeddedBroker:
         if self._thread is not None:
             return self
         self._check_port_free()
-        logging.getLogger("amqtt.broker").addFilter(_DROPPED)  # (once: a filter is added once)  # (once: a filter is added once)
+        logging.getLogger("amqtt.broker").addFilter(_DROPPED)  # (a filter is added once)
         started = threading.Event()
         failure: list[BaseException] = []
 

@@ -336,8 +336,9 @@ class Store:
     def _begin(self) -> None:
         """Keep the cache only if no other connection committed since it was filled."""
         version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version or max(len(self._frames), len(self._gens), len(self._latest), len(self._idle),
-                                                 len(self._senders), len(self._trace_heads)) > CACHED_FRAMES:
+        if version != self._data_version or max(len(self._frames), len(self._gens), len(self._latest),
+                                                 len(self._idle), len(self._senders),
+                                                 len(self._trace_heads)) > CACHED_FRAMES:
             self._forget()
             self._data_version = version
         self._tx = True
@@ -622,8 +623,9 @@ class Store:
         """(region, key, version, parents, value, author, gen, hlc) of every frame's consensus."""
         with self._lock:
             self._flush_frames()
-            rows = self._exec("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author, v.gen,"
-                              " v.hlc FROM frames f JOIN versions v ON v.version = f.consensus ORDER BY v.region, v.key")
+            rows = self._exec("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author,"
+                              " v.gen, v.hlc FROM frames f JOIN versions v ON v.version = f.consensus"
+                              " ORDER BY v.region, v.key")
         return [(r, k, v, _parents(p, m), strict_loads(val), a, g, h) for r, k, v, p, m, val, a, g, h in rows]
 
     def rejection_reason(self, version: bytes) -> str | None:
