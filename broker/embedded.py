@@ -23,7 +23,8 @@ class _DroppedDeliveryTrace(logging.Filter):
     """amqtt waits 5 s for a subscriber's PUBACK, then drops the delivery: it says so in one
     line (its handler's warning, with the packet id) and again as a traceback from its
     broadcast loop. A node losing power does this for every message on its way to it; the
-    second telling, a traceback per message, is left out."""
+    second telling, a traceback per message, is left out (what a program embedding the
+    broker logs, and `edgeswarm -vv`: below that the CLI keeps amqtt quiet)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
