@@ -3,6 +3,7 @@ certificates' lifetime, change the swarm; a revocation is enforced, kept and ret
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -145,10 +146,23 @@ def test_admin_commands_make_a_node_that_joins_the_roster(tmp_path, capsys, monk
                  str(tmp_path / "other")]) == 1
 
 
+def clear_retained_birth(attacker, node_id: str) -> None:
+    """Clear a node's retained birth once the broker holds it (the node publishes it as it
+    starts: a clear that came first would leave it there)."""
+    topic = node_topic(node_id, "birth")
+    birth, cleared = threading.Event(), threading.Event()
+    attacker.client.on_message = lambda c, u, m: (birth if m.payload else cleared).set() if m.topic == topic else None
+    attacker.client.subscribe(topic, qos=1)
+    assert birth.wait(TIMEOUT)
+    attacker.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+    assert cleared.wait(TIMEOUT)  # (the broker took the clear after the birth)
+    attacker.client.unsubscribe(topic)
+
+
 def test_a_certificate_also_travels_in_fingerprints(admitted, region, attacker):
     b = admitted("b")
     # as on a broker that keeps no retained birth: b's is gone, its retained fingerprint is there
-    attacker.client.publish(node_topic(b.node_id, "birth"), b"", qos=1, retain=True).wait_for_publish(5)
+    clear_retained_birth(attacker, b.node_id)
     c = admitted("c", start=False)
     # A thread that sees b among the members finds b's record too: the certificate counts
     # once the record is stored, in one transaction (it did before the record: a race).
