@@ -159,6 +159,7 @@ def table(columns: dict[str, dict], frames: int, batch: int, w: Workload) -> Non
         ("  frames lost", lambda c: f"{c['sim']['lost']} of {c['sim']['writes']}"),
         ("  frames with a kept fork", lambda c: f"{(c['sim']['conflict_rate'] or 0) * 100:.1f} %"),
         ("  write -> consensus on writer p50 / p99 ms", lambda c: "{:.0f} / {:.0f}".format(*c["sim"]["writer_ms"][:2])),
+        ("  each writer's p99 ms", lambda c: " / ".join(f"{p99:.0f}" for _, p99, _ in c["sim"]["by_writer_ms"])),
         ("  write -> consensus everywhere p50 / p99 ms",
          lambda c: "{:.0f} / {:.0f}".format(*c["sim"]["everywhere_ms"][:2])),
         ("  writes/s", lambda c: f"{c['sim']['offered_per_s']:.1f}"),
