@@ -202,12 +202,14 @@ class Node(Voting):
         if self.config.sync_interval > 0:
             self.sync.publish_digests(hello=True)
 
-    def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False) -> None:
+    def send_now(self, topic: str, kind: str, body: dict, region: str | None = None, retain: bool = False,
+                 wait: float | None = None) -> None:
         """Sign and publish a message that is not kept in the outbox: sync, trace and
-        presence messages, which the next round repeats if they are lost."""
+        presence messages, which the next round repeats if they are lost (`wait`: up to that
+        many seconds for the broker to have it)."""
         raw = self.sign(kind, region, body).raw
         self.counters[f"bytes-out.{kind}"] += len(raw)
-        self.transport.publish(topic, raw, retain=retain)
+        self.transport.publish(topic, raw, retain=retain, wait=wait)
 
     def snapshot(self) -> Path:
         """Write a signed snapshot of the consensus state to <home>/recovery now."""

@@ -71,9 +71,11 @@ class Presence:
         """A clean stop: say so rather than leave it to the will."""
         node = self.node
         if node.transport.connected:
-            # Retained first: should the clearing below not reach the broker before the
-            # connection closes, a newcomer still finds the session ended, not a birth alone.
-            node.send_now(node_topic(node.node_id, "death"), "death", {"session": self.session}, retain=True)
+            # Retained first, and in the broker's hands before anything else goes: should the
+            # clearing below not reach it before the connection closes, a newcomer still finds
+            # the session ended, not a birth alone (a clean disconnect sends no will).
+            node.send_now(node_topic(node.node_id, "death"), "death", {"session": self.session}, retain=True,
+                          wait=2.0)
             # An empty retained message clears the broker's copy (of the death: this one, or
             # the will of an earlier session that ended without a goodbye).
             for kind in ("birth", "fingerprint", "death"):
