@@ -787,6 +787,7 @@ class Node(Voting):
                     return []
         elif envs[0].sender == self.identity.public_key:
             self.counters["own"] += 1
+            self.presence.on_own(envs[0])
             return []
         self.counters[f"bytes-in.{envs[0].kind}"] += len(payload)
         return [env for env in map(self.unseal, envs) if env is not None]

@@ -25,6 +25,7 @@ fingerprint of theirs after a death in the same session still counts as a rebirt
 from __future__ import annotations
 
 import logging
+import threading
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class Presence:
         self.node = node
         self.store = node.store
         self.session = 0
+        self._goodbye_back = threading.Event()  # this session's death came back from the broker (MQTT 3.1.1)
 
     def prepare(self) -> None:
         """Before each connection: a new session and the death the broker will hold for us
@@ -74,12 +76,24 @@ class Presence:
             # Retained first, and in the broker's hands before anything else goes: should the
             # clearing below not reach it before the connection closes, a newcomer still finds
             # the session ended, not a birth alone (a clean disconnect sends no will).
+            self._goodbye_back.clear()
             node.send_now(node_topic(node.node_id, "death"), "death", {"session": self.session}, retain=True,
                           wait=2.0)
+            if node.transport.mqtt_version == "3.1.1":
+                # (amqtt acknowledges a message as it takes it, and drops what it has not yet
+                # handled when the client disconnects right after: the death coming back to this
+                # node, subscribed to its own topics, says the broker has handled it. MQTT 5
+                # subscriptions here are no-local: nothing comes back, and Mosquitto keeps it.)
+                self._goodbye_back.wait(2.0)
             # An empty retained message clears the broker's copy (of the death: this one, or
             # the will of an earlier session that ended without a goodbye).
             for kind in ("birth", "fingerprint", "death"):
                 node.transport.publish(node_topic(node.node_id, kind), b"", retain=True, wait=2.0)
+
+    def on_own(self, env: Any) -> None:
+        """A message of this node's own, back from the broker."""
+        if env.kind == "death" and type(env.body) is dict and env.body.get("session") == self.session:
+            self._goodbye_back.set()
 
     def _certificate(self) -> dict:
         """This node's admission certificate, in births and (for brokers that keep no
