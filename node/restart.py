@@ -4,8 +4,9 @@ What a node sends carries numbers its peers remember: the sequence number of eac
 (their replay windows take each once), the seq of each trace entry (two different entries
 at one seq prove a rewritten history), its vote round on each frame (two votes in one
 round are an equivocation) and the session of each connection (a death ends its session:
-a birth of that session again is not believed, presence.py). Numbers the store forgot would be used again for something
-else, and the peers would drop the node's messages as replays, or flag it for good.
+a birth of that session again is not believed, presence.py). Numbers the store forgot
+would be used again for something else, and the peers would drop the node's messages as
+replays, or flag it for good.
 
 A store forgets in two ways. Restored from a snapshot (snapshot.restore), it knows none of
 its old numbers. After a power cut, it loses the commits made since its last sync (the

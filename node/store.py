@@ -376,6 +376,13 @@ class Store:
                                                      for (r, k), f in self._pending_frames.items()])
             self._pending_frames = {}
 
+    def _frames_query(self, sql: str, params: list | tuple = ()) -> list[tuple]:
+        """All rows of a query that reads the frames table, the frames the open transaction
+        changed written first."""
+        with self._lock:
+            self._flush_frames()
+            return self._exec(sql, params)
+
     def _flush_sums(self) -> None:
         if self._pending_sums:
             self.db.conn.executemany(_SUM_UPSERT, [(r, k, *sums) for (r, k), sums in self._pending_sums.items()])
@@ -469,9 +476,7 @@ class Store:
 
     def highest_round(self) -> int:
         """This node's highest vote round on any frame."""
-        with self._lock:
-            self._flush_frames()
-            return self._one("SELECT MAX(round) FROM frames", [])[0] or 0
+        return self._frames_query("SELECT MAX(round) FROM frames")[0][0] or 0
 
     def next_seq(self) -> int:
         with self.transaction():
@@ -621,11 +626,9 @@ class Store:
 
     def consensus_versions(self) -> list[tuple]:
         """(region, key, version, parents, value, author, gen, hlc) of every frame's consensus."""
-        with self._lock:
-            self._flush_frames()
-            rows = self._exec("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author,"
-                              " v.gen, v.hlc FROM frames f JOIN versions v ON v.version = f.consensus"
-                              " ORDER BY v.region, v.key")
+        rows = self._frames_query("SELECT v.region, v.key, v.version, v.parent, v.merge_of, v.value, v.author,"
+                                  " v.gen, v.hlc FROM frames f JOIN versions v ON v.version = f.consensus"
+                                  " ORDER BY v.region, v.key")
         return [(r, k, v, _parents(p, m), strict_loads(val), a, g, h) for r, k, v, p, m, val, a, g, h in rows]
 
     def rejection_reason(self, version: bytes) -> str | None:
@@ -658,21 +661,15 @@ class Store:
                 self._to_compact[(region, key)] = None
 
     def regions(self) -> list[str]:
-        with self._lock:
-            self._flush_frames()
-            return [r[0] for r in self._exec("SELECT DISTINCT region FROM frames ORDER BY region")]
+        return [r[0] for r in self._frames_query("SELECT DISTINCT region FROM frames ORDER BY region")]
 
     def keys(self, region: str) -> list[str]:
-        with self._lock:
-            self._flush_frames()
-            return [r[0] for r in self._exec("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
+        return [r[0] for r in self._frames_query("SELECT key FROM frames WHERE region = ? ORDER BY key", [region])]
 
     def frame_heads(self) -> list[tuple[str, str, str | None, str | None]]:
         """(region, key, head hex, consensus hex) of every frame; None where it has none (a
         frame whose only versions are not eligible, such as those of non-members)."""
-        with self._lock:
-            self._flush_frames()
-            rows = self._exec("SELECT region, key, head, consensus FROM frames ORDER BY region, key")
+        rows = self._frames_query("SELECT region, key, head, consensus FROM frames ORDER BY region, key")
         return [(r, k, h.hex() if h else None, c.hex() if c else None) for r, k, h, c in rows]
 
     # -- diffs -----------------------------------------------------------------------
@@ -901,10 +898,8 @@ class Store:
                        [*values.values(), node_id])
 
     def frame_counts(self) -> dict[str, int]:
-        with self._lock:
-            self._flush_frames()
-            frames, shadows = self._one("SELECT count(*), coalesce(sum(consensus IS NULL OR head != consensus), 0)"
-                                        " FROM frames", [])
+        (frames, shadows), = self._frames_query(
+            "SELECT count(*), coalesce(sum(consensus IS NULL OR head != consensus), 0) FROM frames")
         return {"frames": frames, "shadows": shadows}
 
     def frames_with_forks(self) -> int:
