@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgeswarm.node import Node
+from edgeswarm.node.harness import COMMANDS
 from edgeswarm.shared import roster
 from edgeswarm.shared.identity import Identity
 
@@ -17,12 +18,17 @@ DAY_MS = 86_400_000
 
 
 def same_digest(nodes: list, region: str, timeout: float) -> bool:
-    """Every node's digest equal to the first's. Each wait is on that node's own events;
-    the first may still change while the others catch up, so its digest is read again."""
+    """Every node's digest equal to the first's (node processes, or nodes in this process).
+    Each wait is on that node's own events; the first may still change while the others
+    catch up, so its digest is read again."""
+    def call(n, name: str, *args):
+        return COMMANDS[name](n, *args) if isinstance(n, Node) else getattr(n, name)(*args)
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        target = nodes[0].digest(region)
-        if all(n.wait_digest(region, target, 2.0) for n in nodes[1:]) and nodes[0].digest(region) == target:
+        target = call(nodes[0], "digest", region)
+        if all(call(n, "wait_digest", region, target, 2.0) for n in nodes[1:]) \
+                and call(nodes[0], "digest", region) == target:
             return True
     return False
 

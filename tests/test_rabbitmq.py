@@ -3,13 +3,12 @@ retained messages, wills and persistent sessions, which is all the swarm asks of
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from edgeswarm.node import Config, Node
 from edgeswarm.shared.identity import Identity
 
+from helpers import same_digest
 from rabbitmq import RabbitMQ, find_rabbitmq
 
 pytestmark = pytest.mark.skipif(find_rabbitmq() is None, reason="RabbitMQ with its MQTT plugin is not installed "
@@ -31,20 +30,6 @@ def _configs(tmp_path, rabbit, region, n, **overrides):
                    **overrides) for h in homes]
 
 
-def same_digests(nodes: list[Node], region: str) -> bool:
-    """Every node's digest equal to the first's. Each waits on its own events (one node's
-    wait is not woken by another's last vote); the first is read again."""
-    def digest(n: Node) -> bytes:
-        return n.sync.digest(region)["hashes"]
-
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        target = digest(nodes[0])
-        if all(n.wait_until(lambda n=n: digest(n) == target, 2.0) for n in nodes[1:]) and digest(nodes[0]) == target:
-            return True
-    return False
-
-
 def test_a_swarm_on_rabbitmq_converges_on_concurrent_writes(tmp_path, rabbit, region):
     nodes = [Node(c).start() for c in _configs(tmp_path, rabbit, region, 3, sync_interval=0)]
     try:
@@ -57,7 +42,7 @@ def test_a_swarm_on_rabbitmq_converges_on_concurrent_writes(tmp_path, rabbit, re
         for n in nodes:
             assert n.wait_until(lambda n=n: all(n.consensus(region, k) for k in keys), TIMEOUT), n.stats()
         assert len({tuple(n.consensus(region, k).version for k in keys) for n in nodes}) == 1
-        assert same_digests(nodes, region)
+        assert same_digest(nodes, region, TIMEOUT)
     finally:
         for n in nodes:
             n.stop()
