@@ -65,11 +65,14 @@ def seed_store(path: Path, identities: list[Identity], frames: int) -> tuple[dic
             version = diff.version_hash(REGION, key, None, value)
             seqs[author.node_id] += 1
             t = clock.now()
-            env = encode(author, "diff", REGION, seqs[author.node_id], t,
-                         {"key": key, "parent": None, "version": version, "ops": diff.make(None, value)})
+            env = encode(author, "diff", REGION, seqs[author.node_id], t,  # (its author's vote too)
+                         {"key": key, "parent": None, "version": version, "ops": diff.make(None, value), "round": 1})
             store.add_version(REGION, key, version, (), value, author.node_id, t, 1)
             store.add_diff(env.msg_id, author.node_id, env.seq, REGION, key, version, None, env.raw, "applied")
+            store.add_vote(REGION, key, author.node_id, 1, version, env.raw)
             for voter in identities:
+                if voter is author:
+                    continue
                 seqs[voter.node_id] += 1
                 vote = encode(voter, "vote", REGION, seqs[voter.node_id], clock.now(),
                               {"key": key, "version": version, "round": 1})
@@ -128,10 +131,10 @@ def lacking(stores: list[Store], keys: list[str]) -> tuple[int, int]:
     every = {item: raw for have, _ in held for item, raw in have.items()}
     total = diffs = 0
     for have, latest in held:
-        for item, raw in every.items():
-            if item not in have and (item[0] == "diff" or item[3] > latest.get(item[1:3], 0)):
-                total += len(raw)
-                diffs += len(raw) if item[0] == "diff" else 0
+        lacked = {raw for item, raw in every.items()
+                  if item not in have and (item[0] == "diff" or item[3] > latest.get(item[1:3], 0))}
+        total += sum(map(len, lacked))  # (a diff that is its author's vote too counts once)
+        diffs += sum(len(raw) for item, raw in every.items() if item[0] == "diff" and item not in have)
     return total, diffs
 
 

@@ -34,17 +34,22 @@ def _merge_parents(body: dict) -> list[bytes] | None:
     return [_hash(h, "a merge parent") for h in merge]
 
 
-def parse_diff(body: Any) -> tuple[str, bytes | None, bytes, list, list[bytes] | None]:
+def parse_diff(body: Any) -> tuple[str, bytes | None, bytes, list, list[bytes] | None, int | None]:
+    """(key, parent, version, ops, merge parents, round): a diff with a round is also its
+    author's vote for its version in that round (node.votes_in_diffs)."""
     if type(body) is not dict or not {"key", "parent", "version", "ops"} <= body.keys() <= {
-            "key", "parent", "version", "ops", "merge"}:
-        raise MalformedError("a diff body is a map of key, parent, version, ops (and merge)")
+            "key", "parent", "version", "ops", "merge", "round"}:
+        raise MalformedError("a diff body is a map of key, parent, version, ops (and merge, round)")
     key, parent, version, ops = body["key"], body["parent"], body["version"], body["ops"]
     validate_key(key)
     if parent is not None:
         _hash(parent, "parent")
     _hash(version, "version")
     diff.check_ops(ops)
-    return key, parent, version, ops, _merge_parents(body)
+    round_ = body.get("round")
+    if round_ is not None:
+        _round(round_)
+    return key, parent, version, ops, _merge_parents(body), round_
 
 
 def parse_vote(body: Any) -> tuple[str, bytes, int, list[bytes] | None]:
@@ -53,6 +58,10 @@ def parse_vote(body: Any) -> tuple[str, bytes, int, list[bytes] | None]:
     key, version, round_ = body["key"], body["version"], body["round"]
     validate_key(key)
     _hash(version, "version")
+    _round(round_)
+    return key, version, round_, _merge_parents(body)
+
+
+def _round(round_: Any) -> None:
     if type(round_) is not int or not 1 <= round_ <= MAX_ROUND:
         raise MalformedError("a vote round is a positive integer")
-    return key, version, round_, _merge_parents(body)

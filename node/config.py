@@ -19,6 +19,9 @@
     relay_votes = true                 # votes go to the version's author, which passes them on to
                                        # the region together once it has a quorum; false for a
                                        # swarm that still has nodes older than 0.3
+    votes_in_diffs = true              # a write's diff is also its author's vote (a round in its
+                                       # body) and no vote of its own follows; false for a swarm
+                                       # that still has nodes older than 0.5
 
     [broker]
     host = "127.0.0.1"
@@ -129,6 +132,7 @@ class Config:
     trace_kept: int = 10000
     batch: bool = True
     relay_votes: bool = True
+    votes_in_diffs: bool = True
     swarm_admin: str = ""
     certificate: str = ""
     sealed: dict[str, str] = field(default_factory=dict)
@@ -167,6 +171,8 @@ class Config:
             raise ConfigError("node.batch must be true or false")
         if not isinstance(self.relay_votes, bool):
             raise ConfigError("node.relay_votes must be true or false")
+        if not isinstance(self.votes_in_diffs, bool):
+            raise ConfigError("node.votes_in_diffs must be true or false")
         if self.members and self.quorum > len(self.members):
             raise ConfigError(f"node.quorum {self.quorum} is more than the {len(self.members)} members")
         for r in self.regions:
@@ -308,7 +314,7 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
         known_node = {"regions", "max_message_bytes", "members", "quorum", "sync_interval", "snapshot_interval",
                       "snapshots_kept", "max_clock_skew", "trace_kept", "batch",
-                      "relay_votes"}
+                      "relay_votes", "votes_in_diffs"}
         known_broker = {"host", "port", "protocol", "embedded", "urls", "auto", "auto_port", "auto_address",
                         *TLS_KEYS}
         unknown = (set(node) - known_node) | (set(broker) - known_broker) \
@@ -334,6 +340,7 @@ class Config:
                    snapshot_interval=node.get("snapshot_interval", 3600.0), snapshots_kept=node.get("snapshots_kept", 5),
                    max_clock_skew=node.get("max_clock_skew", 300.0), trace_kept=node.get("trace_kept", 10000),
                    batch=node.get("batch", True), relay_votes=node.get("relay_votes", True),
+                   votes_in_diffs=node.get("votes_in_diffs", True),
                    swarm_admin=swarm.get("admin", ""), certificate=swarm.get("certificate", ""),
                    sealed=swarm.get("sealed", {}), broker_auto=broker.get("auto", False),
                    auto_port=broker.get("auto_port", 1883), auto_address=broker.get("auto_address", ""),
@@ -355,7 +362,8 @@ class Config:
             f"max_clock_skew = {self.max_clock_skew:g}\n"
             f"trace_kept = {self.trace_kept}\n"
             f"batch = {'true' if self.batch else 'false'}\n"
-            f"relay_votes = {'true' if self.relay_votes else 'false'}\n\n"
+            f"relay_votes = {'true' if self.relay_votes else 'false'}\n"
+            f"votes_in_diffs = {'true' if self.votes_in_diffs else 'false'}\n\n"
             "[broker]\n"
             f"host = {json.dumps(self.broker_host)}\n"
             f"port = {self.broker_port}\n"

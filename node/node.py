@@ -373,6 +373,13 @@ class Node(Voting):
             body = {"key": key, "parent": head, "version": version, "ops": ops}
             if parent_meta is not None and parent_meta.is_merge:
                 body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
+            # The diff is this node's vote for it too; a frame a batch changes again gets its
+            # vote for the last version as the batch ends (a round per change would spend the
+            # 32 bits of rounds in months on a frame rewritten hundreds of times a second).
+            again = self._batched is not None and (region, key) in self._batched
+            round_ = None if again else self._own_round(region, frame)
+            if round_ is not None:
+                body["round"] = round_
             env = self._send("diff", region, body)
             if len(env.raw) > (limit := self.config.max_message_bytes - PULL_ROOM):
                 raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is {limit} "
@@ -381,12 +388,16 @@ class Node(Voting):
             self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, env.hlc, gen)
             self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")
             self.trace.record("wrote", region=region, key=key, version=version)
+            if round_ is not None:
+                self.store.add_vote(region, key, self.node_id, round_, version, env.raw)
+                self.trace.record("voted", region=region, key=key, version=version, round=round_)
             self.counters["sent"] += 1
+            # (what a batch writes next to this frame builds on this, and is decided as it ends)
+            self.store.set_frame(region, key, Frame(version, frame.consensus, round_ or frame.round, frame.settled))
             if self._batched is None:
-                self._reconsider(region, key)
-            else:  # decided when the batch ends; what it writes next to this frame builds on this
+                self._reconsider(region, key, frame)
+            else:
                 self._batched.setdefault((region, key), frame)
-                self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
         return version.hex()
 
     # -- transactions, outbox and publishing -----------------------------------------
@@ -446,8 +457,9 @@ class Node(Voting):
         raises) and, with node.batch, leave as one message per region under one signature
         (up to 1,024 changes in each, and no more than fits node.max_message_bytes), which is
         how a node keeps up with a sensor writing hundreds of frames a second. Each frame
-        the batch changed is decided once, as it ends: a frame changed twice gets this node's
-        vote (and its subscribers' notice) for its last version only."""
+        the batch changed is decided once, as it ends: its subscribers hear of its last
+        version only, and this node's vote is in its first change's diff (node.votes_in_diffs)
+        and, if the batch changed it again, in a vote for the last one."""
         with self._transaction():
             if self._batched is not None:  # (a batch inside a batch joins it)
                 yield
@@ -930,10 +942,12 @@ class Node(Voting):
     def _receive_diff(self, env: Envelope) -> None:
         sender = env.sender_id
         try:
-            key, parent, version, ops, merge = parse_diff(env.body)
+            key, parent, version, ops, merge, round_ = parse_diff(env.body)
         except (MalformedError, ValueError) as e:
             self._reject("bad-diff", f"from {sender}: {e}")
             return
+        if round_ is not None:  # its author's vote for it, taken whatever becomes of the diff
+            self._take_vote(env, key, version, round_, None)
         if self.store.has_version(version):
             self.store.add_diff(env.msg_id, sender, env.seq, env.region, key, version, parent, env.raw, "applied")
             self.counters["known"] += 1
@@ -980,12 +994,16 @@ class Node(Voting):
         return True
 
     def _receive_vote(self, env: Envelope) -> None:
-        voter_id = env.sender_id
         try:
             key, version, round_, merge = parse_vote(env.body)
         except (MalformedError, ValueError) as e:
-            self._reject("bad-vote", f"from {voter_id}: {e}")
+            self._reject("bad-vote", f"from {env.sender_id}: {e}")
             return
+        self._take_vote(env, key, version, round_, merge)
+
+    def _take_vote(self, env: Envelope, key: str, version: bytes, round_: int, merge: list[bytes] | None) -> None:
+        """A vote, or the vote a diff carries (its envelope is then the diff's)."""
+        voter_id = env.sender_id
         if voter_id in self.store.flagged():
             self.counters["ignored.flagged-vote"] += 1
             return

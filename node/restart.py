@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # What one second of lost commits can have used at most, with a wide margin: messages and
-# trace entries (a few thousand a second at most), own votes on one frame (one per batch).
+# trace entries (a few thousand a second at most), own votes on one frame (one per write or batch).
 SEQ_MARGIN = 1 << 20
 ROUND_MARGIN = 1 << 16  # (rounds stop at 2**32: room for 65,536 such starts)
 

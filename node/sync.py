@@ -672,8 +672,11 @@ class Sync:
             if frame is None:
                 continue
             versions, votes = self.store.frame_items(*frame)
-            yield from (raw for v, raw in versions if raw is not None and short(version_item(v)) not in held)
-            yield from (raw for voter, r, raw in votes if wire_round(r) > rounds.get(voter_tag(voter), 0))
+            diffs = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
+            yield from diffs  # (in generation order: parents first)
+            sent = set(diffs)  # (a diff that is its author's vote too goes once)
+            yield from (raw for voter, r, raw in votes if wire_round(r) > rounds.get(voter_tag(voter), 0)
+                        and raw not in sent)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ records head, consensus and version states, all inside the caller's transaction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import decode
@@ -38,7 +39,7 @@ class Voting:
                 if env is None:  # (a key file changed since)
                     self.store.set_diff_status(msg_id, "rejected")
                     continue
-                key_, parent, version, ops, merge = parse_diff(env.body)
+                key_, parent, version, ops, merge, _ = parse_diff(env.body)  # (its vote was taken on arrival)
                 held = self.store.has_version(version)
                 if held or self._parent_ready(region, key, parent, merge):
                     ok = held or self._apply(env, key_, parent, version, ops)
@@ -139,8 +140,7 @@ class Voting:
             self._store_merge(dag, region, key, parents, head, cache[parents][1])
             eligible.add(head)
         round_ = max(frame.round, self.round_floor)  # (the floor: above a restored node's old rounds)
-        if head is not None and votes.get(self.node_id) != head and counts(self.node_id) \
-                and self.node_id in self.members(region):
+        if head is not None and votes.get(self.node_id) != head and self._votes_here(region, counts):
             round_ += 1
             body = {"key": key, "version": head, "round": round_}
             if dag.versions[head].is_merge:
@@ -160,6 +160,18 @@ class Voting:
             c_gen = dag.versions[c].gen
             decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
         return decision
+
+    def _votes_here(self, region: str, counts: Callable[[str], bool] | None = None) -> bool:
+        """Whether this node's votes count in a region (a member, not flagged)."""
+        counts = counts or self._counts(self.store.flagged())
+        return counts(self.node_id) and self.node_id in self.members(region)
+
+    def _own_round(self, region: str, frame: Frame) -> int | None:
+        """The round of the vote a write of this node casts for its new version (carried in
+        its diff: node.votes_in_diffs), or None when it casts none there."""
+        if not self.config.votes_in_diffs or not self._votes_here(region):
+            return None
+        return max(frame.round, self.round_floor) + 1
 
     def compact_votes(self, limit: int = COMPACT_PER_ROUND, batch: int = 256) -> int:
         """Drop the votes no decision reads again from the frames decided since the last

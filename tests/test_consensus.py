@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from helpers import same_digest
 
 from edgeswarm.node import Node
 from edgeswarm.node.coherence import CoherenceError, Rule
 from edgeswarm.shared import diff
-from edgeswarm.shared.envelope import encode
+from edgeswarm.shared.envelope import decode, encode
 from edgeswarm.shared.topics import region_topic
 
 TIMEOUT = 15.0
@@ -163,6 +164,73 @@ def test_equivocating_member_is_flagged_and_ignored(make_swarm, region, attacker
     for n in nodes:
         assert n.wait_until(lambda n=n: n.counters["ignored.flagged-vote"] == 1, TIMEOUT)
         assert n.status(region, "door")["consensus"] == v0
+
+
+def _diffs_and_votes(node, region, key, voter):
+    """The bodies of a frame's diffs this node holds, and `voter`'s vote envelopes on it."""
+    versions, votes = node.store.frame_items(region, key)
+    return [decode(raw).body for _, raw in versions], [raw for v, _, raw in votes if v == voter]
+
+
+def test_a_write_is_also_its_authors_vote(make_swarm, region):
+    """A diff carries its writer's vote (a round in its body): no vote of the writer's own
+    follows, and every node counts the one in the diff. With every member in the quorum, no
+    node reaches consensus without it."""
+    nodes, _ = make_swarm(3, quorum=3)
+    a = nodes[0]
+    v1 = a.put(region, "valve", {"open": True})
+    consensus_everywhere(nodes, region, "valve", v1)
+    v2 = a.patch(region, "valve", set={"open": False})
+    consensus_everywhere(nodes, region, "valve", v2)
+    for n in nodes:
+        bodies, own = _diffs_and_votes(n, region, "valve", a.node_id)
+        assert [b["round"] for b in bodies] == [1, 2] and n.status(region, "valve")["votes"][a.node_id] == v2
+        assert decode(own[-1]).kind == "diff" and decode(own[-1]).body["version"].hex() == v2
+    assert a.counters["bytes-out.vote"] == 0
+
+
+def test_votes_apart_from_diffs_for_older_nodes(member_configs, region):
+    """node.votes_in_diffs = false (for a swarm that still has nodes older than 0.5, which
+    reject a diff with a round): that node's diffs carry no round and its votes go apart; a
+    swarm of both kinds agrees, on every frame and digest."""
+    configs = member_configs(3, sync_interval=0)
+    configs[0].votes_in_diffs = False
+    nodes = []
+    try:
+        nodes = [Node(c).start() for c in configs]
+        apart, inside = nodes[0], nodes[1]
+        va = apart.put(region, "a", {"n": 1})
+        vb = inside.put(region, "b", {"n": 2})
+        consensus_everywhere(nodes, region, "a", va)
+        consensus_everywhere(nodes, region, "b", vb)
+        for n in nodes:
+            bodies, own = _diffs_and_votes(n, region, "a", apart.node_id)
+            assert "round" not in bodies[0] and decode(own[-1]).kind == "vote"
+            bodies, own = _diffs_and_votes(n, region, "b", inside.node_id)
+            assert bodies[0]["round"] == 1 and decode(own[-1]).kind == "diff"
+        assert same_digest(nodes, region, TIMEOUT)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_a_diff_and_a_vote_in_one_round_are_equivocation(make_swarm, region, attacker):
+    """A member whose diff carries its vote for one version in a round, and who then votes
+    for another in the same round, is flagged: the diff is one of the two signed pieces."""
+    nodes, (mallory,) = make_swarm(3, extra_members=1)
+    v0 = nodes[0].put(region, "door", {"locked": True})
+    consensus_everywhere(nodes, region, "door", v0)
+    parent = bytes.fromhex(v0)
+    vm = diff.version_hash(region, "door", parent, {"locked": False})
+    attacker.send(region_topic("diff", region), encode(mallory, "diff", region, 1, 1, {
+        "key": "door", "parent": parent, "version": vm, "ops": [["set", ["locked"], False]], "round": 1}).raw)
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.status(region, "door")["votes"].get(mallory.node_id) == vm.hex(), TIMEOUT)
+    attacker.send(region_topic("vote", region), encode(mallory, "vote", region, 2, 2,
+                                                       {"key": "door", "version": parent, "round": 1}).raw)
+    for n in nodes:
+        assert n.wait_until(lambda n=n: n.counters["equivocations"] == 1, TIMEOUT)
+        assert n.status(region, "door")["flagged"] == [mallory.node_id]
 
 
 def test_incoherent_version_never_becomes_consensus(make_swarm, region, attacker):

@@ -13,11 +13,14 @@ from test_consensus import TIMEOUT, consensus_everywhere
 
 
 def handled_in(node, region):
-    """The names of the threads that tell this node's subscribers of new heads."""
-    names, seen = [], threading.Event()
+    """The names of the threads that tell this node's subscribers of new heads (a version's
+    first notice: a shadow, or at once consensus when the writer's vote in the diff and this
+    node's make the quorum)."""
+    names, seen, told = [], threading.Event(), set()
 
     def on_change(fv) -> None:
-        if fv.state == "shadow":
+        if fv.version not in told:
+            told.add(fv.version)
             names.append(threading.current_thread().name)
             seen.set()
     node.subscribe(on_change, region)
