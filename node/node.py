@@ -377,7 +377,7 @@ class Node(Voting):
             # vote for the last version as the batch ends (a round per change would spend the
             # 32 bits of rounds in months on a frame rewritten hundreds of times a second).
             again = self._batched is not None and (region, key) in self._batched
-            round_ = None if again else self._own_round(region, frame)
+            round_ = None if again else self._own_round(region, key, frame)
             if round_ is not None:
                 body["round"] = round_
             env = self._send("diff", region, body)

@@ -802,6 +802,12 @@ class Store:
         with self._lock:
             return {voter: version for voter, (_, version) in self._latest_rounds(region, key).items()}
 
+    def latest_round(self, region: str, key: str, voter: str) -> int:
+        """The round of a voter's highest-round vote on this frame (0: none)."""
+        with self._lock:
+            latest = self._latest_rounds(region, key).get(voter)
+            return latest[0] if latest else 0
+
     def read_sums(self, root: str, take: Callable[[Iterable[tuple[int, int, int, int]]], T]) -> tuple[int, T]:
         """`take` applied to (position, frame hash, authored versions, sum of latest rounds)
         of every frame in the region tree `root`, in position order, streamed (a store may

@@ -139,7 +139,7 @@ class Voting:
             parents = next(p for p, r in cache.items() if r and r[0] == head)
             self._store_merge(dag, region, key, parents, head, cache[parents][1])
             eligible.add(head)
-        round_ = max(frame.round, self.round_floor)  # (the floor: above a restored node's old rounds)
+        round_ = self._round_now(region, key, frame)
         if head is not None and votes.get(self.node_id) != head and self._votes_here(region, counts):
             round_ += 1
             body = {"key": key, "version": head, "round": round_}
@@ -166,12 +166,19 @@ class Voting:
         counts = counts or self._counts(self.store.flagged())
         return counts(self.node_id) and self.node_id in self.members(region)
 
-    def _own_round(self, region: str, frame: Frame) -> int | None:
+    def _own_round(self, region: str, key: str, frame: Frame) -> int | None:
         """The round of the vote a write of this node casts for its new version (carried in
         its diff: node.votes_in_diffs), or None when it casts none there."""
         if not self.config.votes_in_diffs or not self._votes_here(region):
             return None
-        return max(frame.round, self.round_floor) + 1
+        return self._round_now(region, key, frame) + 1
+
+    def _round_now(self, region: str, key: str, frame: Frame) -> int:
+        """The round of this node's latest vote on a frame, as far as it knows: its frame's,
+        the floor (above a restored node's old rounds: restart.py), or that of an own vote
+        that came back (a restored node learns its old votes back by anti-entropy, and a
+        frame changed more than four times a second outruns the floor's clock)."""
+        return max(frame.round, self.round_floor, self.store.latest_round(region, key, self.node_id))
 
     def compact_votes(self, limit: int = COMPACT_PER_ROUND, batch: int = 256) -> int:
         """Drop the votes no decision reads again from the frames decided since the last
