@@ -48,7 +48,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -160,6 +160,8 @@ class Store:
         # first; at most COMPACT_QUEUE of them.
         self._to_compact: dict[tuple[str, str], None] = {}
         self._tx = False  # a transaction is open: the cache may be read
+        self._tx_thread: int | None = None  # the thread that holds it
+        self._joined = nullcontext(self)
         self._data_version = -1
         self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
         self._forget()
@@ -302,9 +304,15 @@ class Store:
         self._lock.release()
         return False
 
+    def transaction(self) -> AbstractContextManager[Store]:
+        """One atomic write; nested calls join the outer transaction. (The thread that holds
+        it joins for nothing: a write and what it sends nest a dozen of them.)"""
+        if self._tx_thread == threading.get_ident():  # (no other thread ever reads its own id here)
+            return self._joined
+        return self._transaction()
+
     @contextmanager
-    def transaction(self) -> Iterator[Store]:
-        """One atomic write; nested calls join the outer transaction."""
+    def _transaction(self) -> Iterator[Store]:
         with self._lock:
             conn = self.db.conn
             if conn.in_transaction:
@@ -313,15 +321,16 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._begin()
+                self._tx_thread = threading.get_ident()
                 yield self
                 self._flush()
             except BaseException:
-                self._tx = False
+                self._tx, self._tx_thread = False, None
                 self._forget()
                 conn.execute("ROLLBACK")
                 self._sum_changes = []
                 raise
-            self._tx = False
+            self._tx, self._tx_thread = False, None
             try:
                 conn.execute("COMMIT")
             except BaseException:
