@@ -15,7 +15,7 @@ from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import decode
 
 from . import voter
-from .bodies import parse_diff
+from .bodies import MAX_ROUND, parse_diff
 from .store import Frame, VersionMeta
 
 log = logging.getLogger("edgeswarm.node")
@@ -140,7 +140,8 @@ class Voting:
             self._store_merge(dag, region, key, parents, head, cache[parents][1])
             eligible.add(head)
         round_ = self._round_now(region, key, frame)
-        if head is not None and votes.get(self.node_id) != head and self._votes_here(region, counts):
+        if head is not None and votes.get(self.node_id) != head and self._votes_here(region, counts) \
+                and self._round_left(round_):
             round_ += 1
             body = {"key": key, "version": head, "round": round_}
             if dag.versions[head].is_merge:
@@ -171,7 +172,17 @@ class Voting:
         its diff: node.votes_in_diffs), or None when it casts none there."""
         if not self.config.votes_in_diffs or not self._votes_here(region):
             return None
-        return self._round_now(region, key, frame) + 1
+        round_ = self._round_now(region, key, frame)
+        return round_ + 1 if self._round_left(round_) else None
+
+    def _round_left(self, round_: int) -> bool:
+        """Whether a vote can follow one in `round_`. A node's rounds on a frame end at
+        MAX_ROUND (a frame written a hundred times a second for sixteen months): its writes
+        of it still go out, with no vote of its own (the other members' decide), counted."""
+        if round_ < MAX_ROUND:
+            return True
+        self.counters["votes.rounds-spent"] += 1
+        return False
 
     def _round_now(self, region: str, key: str, frame: Frame) -> int:
         """The round of this node's latest vote on a frame, as far as it knows: its frame's,

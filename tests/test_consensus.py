@@ -259,3 +259,23 @@ def test_incoherent_version_never_becomes_consensus(make_swarm, region, attacker
         assert fv is not None and fv.state == "rejected"
         assert "'rpm' must be int" in n.store.rejection_reason(bad)
         assert n.status(region, "pump")["consensus"] == v0 and n.get(region, "pump") == {"rpm": 100}
+
+
+def test_a_node_whose_rounds_on_a_frame_are_spent_still_writes_it(make_swarm, region):
+    """A node's vote rounds on a frame end at MAX_ROUND: its next write of the frame goes out
+    with no vote in it (a round beyond would have every peer refuse the diff), and the other
+    members bring it to consensus."""
+    from edgeswarm.node.bodies import MAX_ROUND
+    from edgeswarm.node.store import Frame
+    nodes, _ = make_swarm(3)
+    a = nodes[0]
+    v1 = a.put(region, "hot", {"n": 1})
+    consensus_everywhere(nodes, region, "hot", v1)
+    with a.store.transaction():
+        f = a.store.frame(region, "hot")
+        a.store.set_frame(region, "hot", Frame(f.head, f.consensus, MAX_ROUND, f.settled))
+    v2 = a.put(region, "hot", {"n": 2})
+    consensus_everywhere(nodes, region, "hot", v2)
+    assert "round" not in _diffs_and_votes(a, region, "hot", a.node_id)[0][-1]
+    assert a.counters["votes.rounds-spent"] >= 1
+    assert not any(n.counters["rejected.bad-diff"] for n in nodes)
