@@ -306,7 +306,7 @@ class Store:
 
     def transaction(self) -> AbstractContextManager[Store]:
         """One atomic write; nested calls join the outer transaction. (The thread that holds
-        it joins for nothing: a write and what it sends nest a dozen of them.)"""
+        it joins for nothing: a write and what it signs and stores nest about sixteen.)"""
         if self._tx_thread == threading.get_ident():  # (no other thread ever reads its own id here)
             return self._joined
         return self._transaction()

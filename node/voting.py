@@ -178,7 +178,7 @@ class Voting:
     def _round_left(self, round_: int) -> bool:
         """Whether a vote can follow one in `round_`. A node's rounds on a frame end at
         MAX_ROUND (a frame written a hundred times a second for sixteen months): its writes
-        of it still go out, with no vote of its own (the other members' decide), counted."""
+        of it still go out, with no vote of its own (the other members decide), counted."""
         if round_ < MAX_ROUND:
             return True
         self.counters["votes.rounds-spent"] += 1
