@@ -389,8 +389,7 @@ class Node(Voting):
             self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")
             self.trace.record("wrote", region=region, key=key, version=version)
             if round_ is not None:
-                self.store.add_vote(region, key, self.node_id, round_, version, env.raw)
-                self.trace.record("voted", region=region, key=key, version=version, round=round_)
+                self._voted(region, key, round_, version, env.raw)
             self.counters["sent"] += 1
             # (what a batch writes next to this frame builds on this, and is decided as it ends)
             self.store.set_frame(region, key, Frame(version, frame.consensus, round_ or frame.round, frame.settled))

@@ -150,8 +150,7 @@ class Voting:
             env = self._send("vote", region, body, self.relay.vote_topic(region, author))
             if author == self.node_id:
                 self.relay.own_vote(env.msg_id)
-            self.store.add_vote(region, key, self.node_id, round_, head, env.raw, body.get("merge"))
-            self.trace.record("voted", region=region, key=key, version=head, round=round_)
+            self._voted(region, key, round_, head, env.raw, body.get("merge"))
             votes[self.node_id] = head
         decision = voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
         decision.round = round_
@@ -161,6 +160,12 @@ class Voting:
             c_gen = dag.versions[c].gen
             decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
         return decision
+
+    def _voted(self, region: str, key: str, round_: int, version: bytes, envelope: bytes,
+               merge: list[bytes] | None = None) -> None:
+        """Store and trace this node's vote (a vote message, or the diff of its write)."""
+        self.store.add_vote(region, key, self.node_id, round_, version, envelope, merge)
+        self.trace.record("voted", region=region, key=key, version=version, round=round_)
 
     def _votes_here(self, region: str, counts: Callable[[str], bool] | None = None) -> bool:
         """Whether this node's votes count in a region (a member, not flagged)."""

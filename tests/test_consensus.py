@@ -6,7 +6,9 @@ import pytest
 from helpers import same_digest
 
 from edgeswarm.node import Node
+from edgeswarm.node.bodies import MAX_ROUND
 from edgeswarm.node.coherence import CoherenceError, Rule
+from edgeswarm.node.store import Frame
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import decode, encode
 from edgeswarm.shared.topics import region_topic
@@ -265,8 +267,6 @@ def test_a_node_whose_rounds_on_a_frame_are_spent_still_writes_it(make_swarm, re
     """A node's vote rounds on a frame end at MAX_ROUND: its next write of the frame goes out
     with no vote in it (a round beyond would have every peer refuse the diff), and the other
     members bring it to consensus."""
-    from edgeswarm.node.bodies import MAX_ROUND
-    from edgeswarm.node.store import Frame
     nodes, _ = make_swarm(3)
     a = nodes[0]
     v1 = a.put(region, "hot", {"n": 1})
