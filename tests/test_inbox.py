@@ -49,6 +49,9 @@ def test_a_lone_diff_is_handled_in_the_network_thread(make_swarm, region):
         version = a.put(region, "valve", {"open": i})
         assert seen.wait(TIMEOUT)
         consensus_everywhere([a, b], region, "valve", version)
+        # (b's consensus comes with the diff, which holds a's vote; a then passes b's vote on
+        # to the region, and that relay must not meet the next diff in b's inbox)
+        assert b.wait_until(lambda i=i: b.counters["own.relayed"] > i, TIMEOUT), b.counters
     assert len(names) == 3 and not all(n.startswith("edgeswarm-inbox") for n in names), names
 
 
