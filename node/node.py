@@ -38,12 +38,12 @@ from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
-from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, decode_many, is_relay,
-                                       encode, encode_batch, fitting)
+from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, canonical, decode_many,
+                                       encode, encode_batch, fitting, is_relay, signed_size)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
@@ -55,7 +55,7 @@ from .admission import Admission
 from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
-from .bodies import parse_diff, parse_vote, validate_key
+from .bodies import MAX_ROUND, parse_diff, parse_vote, validate_key
 from .store import Frame, FrameVersion, Queued, Store
 from .presence import Presence
 from .relay import Relay
@@ -90,6 +90,16 @@ def _later(topic: str) -> bool:
 
 KeyPath = tuple[str, ...] | list[str] | str
 Callback = Callable[[FrameVersion], None]
+
+
+class _Change(NamedTuple):
+    """A change this node made, to sign (at once, or as its batch ends)."""
+    region: str
+    key: str
+    body: dict
+    parent: bytes | None
+    version: bytes
+    hlc: int
 
 
 def _path(p: KeyPath) -> list[str]:
@@ -130,6 +140,7 @@ class Node(Voting):
         self._addressed: set[bytes] | frozenset[bytes] = frozenset()  # votes of this _take sent to this node
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
         self._batched: dict[tuple[str, str], Frame] | None = None  # frames a batch wrote, as they were before it
+        self._changes: list[_Change] = []  # the batch's changes, to sign as it ends
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
         self._working = threading.Lock()  # held while messages are handled (by the worker, or inline)
@@ -373,31 +384,44 @@ class Node(Voting):
             body = {"key": key, "parent": head, "version": version, "ops": ops}
             if parent_meta is not None and parent_meta.is_merge:
                 body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
-            # The diff is this node's vote for it too; a frame a batch changes again gets its
-            # vote for the last version as the batch ends (a round per change would spend the
-            # 32 bits of rounds in months on a frame rewritten hundreds of times a second).
-            again = self._batched is not None and (region, key) in self._batched
-            round_ = None if again else self._own_round(region, key, frame)
-            if round_ is not None:
-                body["round"] = round_
-            env = self._send("diff", region, body)
-            if len(env.raw) > (limit := self.config.max_message_bytes - PULL_ROOM):
-                raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is {limit} "
-                                 f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
+            self._check_size(region, body)
+            hlc = self.clock.now()
+            self.store.set_meta("hlc", hlc)
             gen = parent_meta.gen + 1 if parent_meta else 1
-            self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, env.hlc, gen)
-            self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, head, env.raw, "applied")
-            self.trace.record("wrote", region=region, key=key, version=version)
-            if round_ is not None:
-                self._voted(region, key, round_, version, env.raw)
-            self.counters["sent"] += 1
-            # (what a batch writes next to this frame builds on this, and is decided as it ends)
-            self.store.set_frame(region, key, Frame(version, frame.consensus, round_ or frame.round, frame.settled))
+            self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, hlc, gen)
+            change = _Change(region, key, body, head, version, hlc)
             if self._batched is None:
+                round_ = self._own_round(region, key, frame)  # (the diff is this node's vote too)
+                self._sign_change(change, round_)
+                self.store.set_frame(region, key, Frame(version, frame.consensus, round_ or frame.round,
+                                                        frame.settled))
                 self._reconsider(region, key, frame)
-            else:
+            else:  # (what the batch writes next to this frame builds on this; signed as the batch ends)
+                self._changes.append(change)
+                self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
                 self._batched.setdefault((region, key), frame)
         return version.hex()
+
+    def _check_size(self, region: str, body: dict) -> None:
+        """Refuse a change too big to send: its diff signed, with a vote's round, sealed where
+        its region is, must leave room for what a pull wraps it in."""
+        plain = len(canonical({**body, "round": MAX_ROUND}))
+        size = signed_size("diff", region, self.seals.sealed_bytes(region, plain))
+        if size > (limit := self.config.max_message_bytes - PULL_ROOM):
+            raise ValueError(f"this change is up to {size} bytes once signed; the limit is {limit} "
+                             f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
+
+    def _sign_change(self, change: _Change, round_: int | None) -> None:
+        """Sign, store and queue this node's diff for a change, with its vote in `round_` (or none)."""
+        region, key, body, parent, version, hlc = change
+        if round_ is not None:
+            body = {**body, "round": round_}
+        env = self._send("diff", region, body, hlc=hlc)
+        self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, parent, env.raw, "applied")
+        self.trace.record("wrote", region=region, key=key, version=version)
+        if round_ is not None:
+            self._voted(region, key, round_, version, env.raw)
+        self.counters["sent"] += 1
 
     # -- transactions, outbox and publishing -----------------------------------------
 
@@ -434,17 +458,20 @@ class Node(Voting):
         for fv in events:
             self._notify(fv)
 
-    def sign(self, kind: str, region: str | None, body: Any) -> Envelope:
-        """An envelope from this node with its next sequence number and clock."""
+    def sign(self, kind: str, region: str | None, body: Any, hlc: int | None = None) -> Envelope:
+        """An envelope from this node with its next sequence number and its clock now (or
+        `hlc`, a time the clock gave before, as stored)."""
         with self.store.transaction():
-            seq, hlc = self.store.next_seq(), self.clock.now()
-            self.store.set_meta("hlc", hlc)
+            seq = self.store.next_seq()
+            if hlc is None:
+                hlc = self.clock.now()
+                self.store.set_meta("hlc", hlc)
         return encode(self.identity, kind, region, seq, hlc, body)
 
-    def _send(self, kind: str, region: str, body: Any, topic: str | None = None) -> Envelope:
+    def _send(self, kind: str, region: str, body: Any, topic: str | None = None, hlc: int | None = None) -> Envelope:
         """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
         caller's transaction), for the region's topic of its kind unless `topic` says."""
-        env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body)
+        env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body, hlc)
         item = Queued(env.msg_id, topic or region_topic(kind, region), env.raw)
         self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
         self._sends.append((item, env))
@@ -457,18 +484,27 @@ class Node(Voting):
         (up to 1,024 changes in each, and no more than fits node.max_message_bytes), which is
         how a node keeps up with a sensor writing hundreds of frames a second. Each frame
         the batch changed is decided once, as it ends: its subscribers hear of its last
-        version only, and this node's vote is in its first change's diff (node.votes_in_diffs)
-        and, if the batch changed it again, in a vote for the last one."""
+        version only, and this node's vote is in the diff of its last change
+        (node.votes_in_diffs): one round per frame and batch, however often it changed."""
         with self._transaction():
             if self._batched is not None:  # (a batch inside a batch joins it)
                 yield
                 return
-            self._batched = {}
+            self._batched, self._changes = {}, []
             try:
                 yield
-                written = self._batched
+                written, changes = self._batched, self._changes
             finally:
-                self._batched = None
+                self._batched, self._changes = None, []
+            last = {(c.region, c.key): c for c in changes}
+            for change in changes:  # (in the order made: a parent's diff before its child's)
+                round_ = None
+                if last[change.region, change.key] is change:
+                    frame = self.store.frame(change.region, change.key)
+                    round_ = self._own_round(change.region, change.key, frame)
+                    if round_ is not None:
+                        self.store.set_frame(change.region, change.key, replace(frame, round=round_))
+                self._sign_change(change, round_)
             for (region, key), was in written.items():
                 self._reconsider(region, key, was)
 

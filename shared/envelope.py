@@ -204,6 +204,21 @@ def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int
     return Envelope(kind, region, identity.public_key, seq, hlc, body, raw, payload)
 
 
+def signed_size(kind: str, region: str | None, body_bytes: int) -> int:
+    """The most bytes a message of this kind and region takes once signed, whatever its
+    sequence number and clock, when its body encodes to `body_bytes`."""
+    fixed = canonical({"v": FORMAT_VERSION, "k": kind, "r": region, "s": bytes(PUBLIC_KEY_BYTES), "n": _INT_MAX,
+                       "t": _INT_MAX, "b": None})
+    payload = len(fixed) - 1 + body_bytes  # (null: one byte)
+    # [payload, signature]: the array's head, and each byte string's head and bytes
+    return 1 + _head(payload) + payload + _head(SIGNATURE_BYTES) + SIGNATURE_BYTES
+
+
+def _head(length: int) -> int:
+    """Bytes of the CBOR head of a byte string of this length."""
+    return 1 if length < 24 else 2 if length < 2**8 else 3 if length < 2**16 else 5 if length < 2**32 else 9
+
+
 def encode_batch(identity: Identity, envs: list[Envelope]) -> bytes:
     """One message carrying the payloads of `envs` (this identity's, 2 to MAX_LEAVES of
     them) under one signature."""

@@ -191,6 +191,30 @@ def test_a_write_is_also_its_authors_vote(make_swarm, region):
     assert a.counters["bytes-out.vote"] == 0
 
 
+def test_a_batch_votes_in_the_diff_of_each_frames_last_change(make_swarm, region):
+    """A frame a batch changes three times: only the diff of its last change carries the
+    writer's vote, in one round after the frame's last (none spent on the versions between,
+    no vote apart), and every node counts it. With every member in the quorum, no node
+    reaches consensus without it."""
+    nodes, _ = make_swarm(3, quorum=3)
+    a = nodes[0]
+    v0 = a.put(region, "valve", {"n": 0})
+    consensus_everywhere(nodes, region, "valve", v0)
+    with a.batch():
+        v1, v2, v3 = (a.put(region, "valve", {"n": n}) for n in (1, 2, 3))
+        other = a.put(region, "pump", {"on": True})
+    assert a.counters["batches-out"] == 1
+    consensus_everywhere(nodes, region, "valve", v3)
+    consensus_everywhere(nodes, region, "pump", other)
+    for n in nodes:
+        bodies, own = _diffs_and_votes(n, region, "valve", a.node_id)
+        rounds = {b["version"].hex(): b.get("round") for b in bodies}
+        assert rounds == {v0: 1, v1: None, v2: None, v3: 2}
+        assert decode(own[-1]).kind == "diff" and n.status(region, "valve")["votes"][a.node_id] == v3
+        assert _diffs_and_votes(n, region, "pump", a.node_id)[0][0]["round"] == 1
+    assert a.counters["bytes-out.vote"] == 0
+
+
 def test_votes_apart_from_diffs_for_older_nodes(member_configs, region):
     """node.votes_in_diffs = false (for a swarm that still has nodes older than 0.5, which
     reject a diff with a round): that node's diffs carry no round and its votes go apart; a

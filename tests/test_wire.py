@@ -11,9 +11,10 @@ from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
                                        UnsupportedVersionError, accept_seq, canonical, decode, decode_many,
-                                       encode, encode_batch, encode_relay, is_relay)
+                                       encode, encode_batch, encode_relay, is_relay, signed_size)
 from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
+from edgeswarm.shared.sealing import Seals, new_key
 from edgeswarm.shared.topics import (TopicError, node_topic, parse_topic, region_filter, region_topic,
                                      validate_region)
 
@@ -192,6 +193,19 @@ def test_size_limit(me):
     assert decode(env.raw, max_bytes=len(env.raw)).seq == 1
     with pytest.raises(OversizeError):
         decode(env.raw, max_bytes=len(env.raw) - 1)
+
+
+@pytest.mark.parametrize("blob", [0, 10, 200, 5000, 70_000])
+def test_signed_size_bounds_a_message_for_any_seq_and_clock(me, blob):
+    """What a node checks a change against before it signs it (in a batch, as the batch
+    ends): reached with the widest numbers, never exceeded; in a sealed region too."""
+    body = {"key": "k", "blob": b"x" * blob, "round": 2**32 - 1}
+    seals = Seals({"sealed": new_key()})
+    for region in ("plain", "sealed/a"):
+        sealed = seals.seal(region, body)
+        bound = signed_size("diff", region, seals.sealed_bytes(region, len(canonical(body))))
+        assert len(encode(me, "diff", region, 2**64 - 1, 2**64 - 1, sealed).raw) == bound
+        assert len(encode(me, "diff", region, 1, 1, sealed).raw) < bound
 
 
 def test_envelope_must_arrive_on_its_own_topic(me):
