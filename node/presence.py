@@ -106,7 +106,7 @@ class Presence:
         frames = store.frame_counts()
         rejected = sum(v for k, v in self.node.counters.items() if k.startswith("rejected."))
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
-                "forks": store.fork_count(), "pending": store.count_diffs("pending"), "rejected": rejected,
+                "forks": store.fork_count(), "pending": store.count_pending(), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
                 "flagged": len(store.flagged()), **PER_CONNECTION, **self._bus(), **self._relays(),
                 **self._certificate()}

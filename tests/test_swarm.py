@@ -165,11 +165,11 @@ def test_diff_with_missing_parent_waits_then_applies(make_node, region, attacker
     topic = region_topic("diff", region)
     attacker.send(topic, second.raw)  # the child arrives first
     assert b.wait_until(lambda: b.counters["pending"] == 1, TIMEOUT)
-    assert b.get(region, "k") is None and b.store.count_diffs("pending") == 1
+    assert b.get(region, "k") is None and b.store.count_pending() == 1
     attacker.send(topic, first.raw)
     assert b.wait_until(lambda: same_head(b, region, "k", v2.hex()), TIMEOUT)
     assert b.get(region, "k") == v2_value
-    assert b.store.count_diffs("pending") == 0
+    assert b.store.count_pending() == 0
 
 
 def test_acknowledgement_bookkeeping_empties_once_the_broker_has_everything(make_node, region):

@@ -268,6 +268,42 @@ def test_store_of_schema_3_is_rebuilt_with_its_votes(tmp_path):
         reopened.stop()
 
 
+def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_path, region):
+    """Schema 5 indexes only the rows looked up by their index (merges, diffs waiting for a
+    parent), so a COMMIT writes fewer pages; a schema 4 store gets them on open, and the
+    lookups still use an index."""
+    from edgeswarm.node.store import SCHEMA_VERSION, Store
+
+    home = tmp_path / "n"
+    node = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
+    node.put(region, "k", {"i": 1})
+    node.stop()
+    old = Store(home / "store.db")
+    with old.transaction():  # the indexes as schema 4 made them
+        for statement in ("DROP INDEX idx_versions_merges", "DROP INDEX idx_diffs_pending",
+                          "CREATE INDEX idx_versions_merge_of ON versions (merge_of)",
+                          "CREATE INDEX idx_diffs_status_region_key ON diffs (status, region, key)",
+                          "PRAGMA user_version=4"):
+            old.db.execute(statement)
+    old.close()
+
+    store = Store(home / "store.db")
+    try:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        indexes = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"idx_versions_merges", "idx_diffs_pending"} <= indexes
+        assert not {"idx_versions_merge_of", "idx_diffs_status_region_key"} & indexes
+
+        def plan(sql, params):
+            return " ".join(r[-1] for r in store.db.execute("EXPLAIN QUERY PLAN " + sql, params))
+        assert "idx_diffs_pending" in plan("SELECT msg_id, envelope FROM diffs WHERE status = 'pending'"
+                                           " AND region = ? AND key = ? ORDER BY seq", [region, "k"])
+        assert "idx_versions_merges" in plan("SELECT version FROM versions WHERE merge_of = ?", [b"x"])
+        assert store.count_pending() == 0 and store.merge_of((b"a" * 32, b"b" * 32)) is None
+    finally:
+        store.close()
+
+
 def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, region):
     """With a small message size limit an exchange is cut short (descent and envelopes
     per step are bounded); the late node pulls again at once until nothing differs."""
