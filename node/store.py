@@ -208,6 +208,7 @@ class Store:
                     self._rebuild_votes()
                 if version <= 4:
                     self._partial_indexes()
+                    self._rebuild_outbox()
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
         db = self.db
@@ -232,8 +233,7 @@ class Store:
                                pk="node_id")
             db["flagged"].create({"node_id": str, "reason": str, "evidence_a": bytes, "evidence_b": bytes},
                                  pk="node_id")
-            db["outbox"].create({"msg_id": bytes, "topic": str, "envelope": bytes, "seq": int}, pk="msg_id")
-            db["outbox"].create_index(["seq"])
+            self._create_outbox()
             db["senders"].create({"node_id": str, "public_key": bytes, "top": int, "mask": bytes,
                                   "hlc": int}, pk="node_id")
             db["meta"].create({"name": str, "value": int}, pk="name")
@@ -250,6 +250,21 @@ class Store:
         self._exec("DROP INDEX IF EXISTS idx_diffs_status_region_key")
         self._exec("CREATE INDEX IF NOT EXISTS idx_versions_merges ON versions (merge_of) WHERE merge_of IS NOT NULL")
         self._exec("CREATE INDEX IF NOT EXISTS idx_diffs_pending ON diffs (region, key) WHERE status = 'pending'")
+
+    def _create_outbox(self) -> None:
+        # Rows in sequence order (an insert writes the last page, and acknowledged rows go
+        # from the first ones), found by message id through its index: two trees, not three.
+        self._exec("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, msg_id BLOB NOT NULL UNIQUE, topic TEXT NOT NULL,"
+                   " envelope BLOB NOT NULL)")
+
+    def _rebuild_outbox(self) -> None:
+        """(schema 5) The outbox in sequence order, with what it holds."""
+        self._exec("ALTER TABLE outbox RENAME TO outbox_4")
+        self._exec("DROP INDEX IF EXISTS idx_outbox_seq")
+        self._create_outbox()
+        self._exec("INSERT OR IGNORE INTO outbox (seq, msg_id, topic, envelope)"
+                   " SELECT seq, msg_id, topic, envelope FROM outbox_4")
+        self._exec("DROP TABLE outbox_4")
 
     def rebuild_sums(self) -> None:
         """(Re)create the sums table from what the store holds: empty for a new store,

@@ -205,8 +205,11 @@ def test_store_of_the_previous_schema_is_brought_up_to_date_on_open(tmp_path):
     unsent = old.unpublished()
     assert len(unsent) == 6  # (no broker: every write, with its vote in it, is still waiting)
     with old.transaction():  # the store as schema 1 left it
-        for statement in ("DROP TABLE sums", "DROP INDEX idx_diffs_version", "DROP INDEX idx_outbox_seq",
-                          "ALTER TABLE outbox ADD COLUMN acked INTEGER NOT NULL DEFAULT 0",
+        for statement in ("DROP TABLE sums", "DROP INDEX idx_diffs_version", "ALTER TABLE outbox RENAME TO outbox_5",
+                          "CREATE TABLE outbox (msg_id BLOB PRIMARY KEY, topic TEXT, envelope BLOB, seq INTEGER,"
+                          " acked INTEGER NOT NULL DEFAULT 0)",
+                          "INSERT INTO outbox (msg_id, topic, envelope, seq) SELECT msg_id, topic, envelope, seq"
+                          " FROM outbox_5", "DROP TABLE outbox_5",
                           "CREATE INDEX idx_outbox_acked_seq ON outbox (acked, seq)",
                           "INSERT INTO outbox (msg_id, topic, envelope, seq, acked) VALUES (x'00', 't', x'00', 0, 1)",
                           "PRAGMA user_version=1"):
@@ -270,19 +273,27 @@ def test_store_of_schema_3_is_rebuilt_with_its_votes(tmp_path):
 
 def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_path, region):
     """Schema 5 indexes only the rows looked up by their index (merges, diffs waiting for a
-    parent), so a COMMIT writes fewer pages; a schema 4 store gets them on open, and the
-    lookups still use an index."""
+    parent) and keeps the outbox in sequence order, so a COMMIT writes fewer pages; a
+    schema 4 store gets them on open, with what its outbox held, and the lookups still use
+    an index."""
     from edgeswarm.node.store import SCHEMA_VERSION, Store
 
     home = tmp_path / "n"
     node = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
     node.put(region, "k", {"i": 1})
+    node.put(region, "k", {"i": 2})
     node.stop()
     old = Store(home / "store.db")
-    with old.transaction():  # the indexes as schema 4 made them
+    unsent = old.unpublished()
+    assert len(unsent) == 2  # (no broker)
+    with old.transaction():  # the indexes and outbox as schema 4 made them
         for statement in ("DROP INDEX idx_versions_merges", "DROP INDEX idx_diffs_pending",
                           "CREATE INDEX idx_versions_merge_of ON versions (merge_of)",
                           "CREATE INDEX idx_diffs_status_region_key ON diffs (status, region, key)",
+                          "ALTER TABLE outbox RENAME TO outbox_5",
+                          "CREATE TABLE outbox (msg_id BLOB PRIMARY KEY, topic TEXT, envelope BLOB, seq INTEGER)",
+                          "CREATE INDEX idx_outbox_seq ON outbox (seq)",
+                          "INSERT INTO outbox SELECT msg_id, topic, envelope, seq FROM outbox_5", "DROP TABLE outbox_5",
                           "PRAGMA user_version=4"):
             old.db.execute(statement)
     old.close()
@@ -299,6 +310,10 @@ def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_pat
         assert "idx_diffs_pending" in plan("SELECT msg_id, envelope FROM diffs WHERE status = 'pending'"
                                            " AND region = ? AND key = ? ORDER BY seq", [region, "k"])
         assert "idx_versions_merges" in plan("SELECT version FROM versions WHERE merge_of = ?", [b"x"])
+        assert store.unpublished() == unsent and "idx_outbox_seq" not in indexes
+        assert store.db["outbox"].pks == ["seq"]
+        store.mark_published([unsent[0].msg_id])
+        assert store.unpublished() == unsent[1:]
         assert store.count_pending() == 0 and store.merge_of((b"a" * 32, b"b" * 32)) is None
     finally:
         store.close()
