@@ -13,6 +13,9 @@ round. Printed, measured in this one run:
     each in its own transaction) and as they come in bursts (one transaction per change's
     messages), with its share spent deciding (fork choice and consensus);
   - what the rounds' compaction of the vote history drops, and its CPU;
+  - what a change costs the card: SQL statements and pages appended to the write-ahead log
+    per change (a third receiver, in bursts, counting; SQLite's own checkpoints off for it,
+    so the log keeps every page its COMMITs wrote);
   - a lone node's put latency (`--puts` writes, wall clock), with SQLite checkpointing its
     write-ahead log in whichever COMMIT crosses 1,000 pages, and in a thread of its own (as
     a running node does: Store.checkpoint_in_background).
@@ -96,6 +99,45 @@ def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, byte
     return node, cpu, deciding[0], compacting, sizes
 
 
+class _Counting:
+    """A store connection that counts the statements run through it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.statements = conn, 0
+
+    def execute(self, *args):
+        self.statements += 1
+        return self.conn.execute(*args)
+
+    def executemany(self, *args):
+        self.statements += 1
+        return self.conn.executemany(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+
+def card_cost(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]]) -> tuple[float, float, int]:
+    """(SQL statements, pages appended to the write-ahead log) per change for a fresh
+    receiver taking the messages in bursts, and the page size."""
+    node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
+                identity=ids[1])
+    try:
+        conn = node.store.db.conn
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        counting = node.store.db.conn = _Counting(conn)
+        for group in messages:
+            node.receive_many(group)
+            node.store.mark_published([item.msg_id for item in node.store.unpublished()])
+        wal = Path(f"{node.store.path}-wal").stat().st_size
+        changes = len(messages) // 2
+        return counting.statements / changes, (wal - 32) / (page + 24) / changes, page  # (its header; a frame's)
+    finally:
+        node.stop()
+
+
 def put_latency(home: Path, puts: int, apart: bool) -> list[float]:
     """Seconds each of `puts` puts took on a node with no broker, sorted."""
     node = Node(Config(home=home, regions=[REGION], sync_interval=0))
@@ -153,6 +195,9 @@ def main() -> None:
             print(f"  CPU per change, messages {label}: {cpu / n * 1000:.2f} ms"
                   f" ({deciding / cpu * 100:.0f} % deciding)")
         _, _, _, compacted, compacting, (half, end) = results["in bursts"]
+        statements, pages, page = card_cost(Path(tmp) / "counted", ids, messages)
+        print(f"  the card: {statements:.1f} SQL statements and {pages:.1f} pages ({pages * page / 1024:.0f} KiB)"
+              f" appended to the write-ahead log per change (taken in bursts, acknowledged as they go)")
         print(f"  the rounds' compaction dropped {compacted:,} of {n * args.members:,} votes"
               f" ({compacting / n * 1000:.3f} ms CPU per change)")
         grown = {t: end.get(t, 0) - half.get(t, 0) for t in end}
