@@ -15,7 +15,10 @@ round. Printed, measured in this one run:
   - what the rounds' compaction of the vote history drops, and its CPU;
   - what a change costs the card: SQL statements and pages appended to the write-ahead log
     per change (a third receiver, in bursts, counting; SQLite's own checkpoints off for it,
-    so the log keeps every page its COMMITs wrote);
+    so the log keeps every page its COMMITs wrote), and the bytes a receiver running as a
+    node does (checkpoints in a thread, once a second; messages at ~100 changes a second)
+    has the kernel write to storage per change (/proc/self/io write_bytes: the log, and the
+    checkpoints' pages in the file);
   - a lone node's put latency (`--puts` writes, wall clock), with SQLite checkpointing its
     write-ahead log in whichever COMMIT crosses 1,000 pages, and in a thread of its own (as
     a running node does: Store.checkpoint_in_background).
@@ -24,6 +27,7 @@ round. Printed, measured in this one run:
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import tempfile
 import time
@@ -138,6 +142,29 @@ def card_cost(home: Path, ids: list[Identity], messages: list[list[tuple[str, by
         node.stop()
 
 
+def storage_bytes(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]]) -> float | None:
+    """Bytes written to storage per change by a receiver that checkpoints as a running node
+    does (None where /proc/self/io is not there)."""
+    io = Path("/proc/self/io")
+    if not io.exists():
+        return None
+
+    def written() -> int:
+        return next(int(line.split()[1]) for line in io.read_text().splitlines() if line.startswith("write_bytes"))
+    node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
+                identity=ids[1])
+    node.store.checkpoint_in_background()
+    os.sync()
+    before = written()
+    for group in messages:
+        node.receive_many(group)
+        node.store.mark_published([item.msg_id for item in node.store.unpublished()])
+        time.sleep(0.005)  # (a swarm's pace, so that checkpoints fall between changes as they do)
+    node.stop()  # (its last checkpoint)
+    os.sync()
+    return (written() - before) / (len(messages) // 2)
+
+
 def put_latency(home: Path, puts: int, apart: bool) -> list[float]:
     """Seconds each of `puts` puts took on a node with no broker, sorted."""
     node = Node(Config(home=home, regions=[REGION], sync_interval=0))
@@ -196,8 +223,13 @@ def main() -> None:
                   f" ({deciding / cpu * 100:.0f} % deciding)")
         _, _, _, compacted, compacting, (half, end) = results["in bursts"]
         statements, pages, page = card_cost(Path(tmp) / "counted", ids, messages)
-        print(f"  the card: {statements:.1f} SQL statements and {pages:.1f} pages ({pages * page / 1024:.0f} KiB)"
-              f" appended to the write-ahead log per change (taken in bursts, acknowledged as they go)")
+        print(f"  the card: {statements:.1f} SQL statements and {pages:.1f} pages of {page:,} B"
+              f" ({pages * page / 1024:.0f} KiB) appended to the write-ahead log per change (taken in bursts,"
+              f" acknowledged as they go)")
+        stored = storage_bytes(Path(tmp) / "checkpointed", ids, messages)
+        if stored is not None:
+            print(f"  written to storage per change by a receiver checkpointing as a node does:"
+                  f" {stored / 1024:.0f} KiB")
         print(f"  the rounds' compaction dropped {compacted:,} of {n * args.members:,} votes"
               f" ({compacting / n * 1000:.3f} ms CPU per change)")
         grown = {t: end.get(t, 0) - half.get(t, 0) for t in end}

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from edgeswarm.node.store import Frame, Store
+from edgeswarm.node.store import PAGE_SIZE, Frame, Store
 
 KEY = bytes(32)
 
@@ -193,3 +193,24 @@ def test_a_running_node_checkpoints_in_a_thread_of_its_own_not_in_commit(tmp_pat
     assert rows_in_the_file_alone() == 300
     assert store.version_info(hashlib.sha256(b"7").digest())[:2] == ("r", "k7")
     store.close()
+
+
+def test_a_new_store_has_small_pages_and_an_old_one_keeps_its_own(tmp_path):
+    """Small pages write fewer bytes per COMMIT (PAGE_SIZE); a store made with 4,096-byte
+    pages before keeps them (SQLite cannot change them in WAL mode) and works as before."""
+    new = Store(tmp_path / "new.db")
+    assert new.db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 2048
+    new.close()
+    old_path = tmp_path / "old.db"
+    with sqlite3.connect(old_path) as conn:  # (as earlier releases made it)
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+    old = Store(old_path)
+    try:
+        assert old.db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        with old.transaction():
+            old.add_version("r", "k", b"v" * 32, (), {"x": 1}, "author", 1, 1)
+            old.set_frame("r", "k", Frame(b"v" * 32, None, 0))
+        assert old.frame("r", "k").head == b"v" * 32 and old.value(b"v" * 32) == {"x": 1}
+    finally:
+        old.close()
