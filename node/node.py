@@ -385,20 +385,17 @@ class Node(Voting):
             if parent_meta is not None and parent_meta.is_merge:
                 body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
             self._check_size(region, body)
-            hlc = self.clock.now()
-            self.store.set_meta("hlc", hlc)
+            hlc = self._stamp()
             gen = parent_meta.gen + 1 if parent_meta else 1
             self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, hlc, gen)
+            # (what a batch writes next to this frame builds on this)
+            self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
             change = _Change(region, key, body, head, version, hlc)
             if self._batched is None:
-                round_ = self._own_round(region, key, frame)  # (the diff is this node's vote too)
-                self._sign_change(change, round_)
-                self.store.set_frame(region, key, Frame(version, frame.consensus, round_ or frame.round,
-                                                        frame.settled))
+                self._sign_change(change, vote=True)
                 self._reconsider(region, key, frame)
-            else:  # (what the batch writes next to this frame builds on this; signed as the batch ends)
+            else:  # (signed as the batch ends)
                 self._changes.append(change)
-                self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
                 self._batched.setdefault((region, key), frame)
         return version.hex()
 
@@ -411,11 +408,17 @@ class Node(Voting):
             raise ValueError(f"this change is up to {size} bytes once signed; the limit is {limit} "
                              f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
 
-    def _sign_change(self, change: _Change, round_: int | None) -> None:
-        """Sign, store and queue this node's diff for a change, with its vote in `round_` (or none)."""
+    def _sign_change(self, change: _Change, vote: bool) -> None:
+        """Sign, store and queue this node's diff for a change; with `vote`, the diff is this
+        node's vote for its version too (node.votes_in_diffs), in the frame's next round."""
         region, key, body, parent, version, hlc = change
-        if round_ is not None:
-            body = {**body, "round": round_}
+        round_ = None
+        if vote:
+            frame = self.store.frame(region, key)
+            round_ = self._own_round(region, key, frame)
+            if round_ is not None:
+                body = {**body, "round": round_}
+                self.store.set_frame(region, key, replace(frame, round=round_))
         env = self._send("diff", region, body, hlc=hlc)
         self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, parent, env.raw, "applied")
         self.trace.record("wrote", region=region, key=key, version=version)
@@ -464,9 +467,14 @@ class Node(Voting):
         with self.store.transaction():
             seq = self.store.next_seq()
             if hlc is None:
-                hlc = self.clock.now()
-                self.store.set_meta("hlc", hlc)
+                hlc = self._stamp()
         return encode(self.identity, kind, region, seq, hlc, body)
+
+    def _stamp(self) -> int:
+        """The clock now, stored (a restarted node's clock goes on from it)."""
+        hlc = self.clock.now()
+        self.store.set_meta("hlc", hlc)
+        return hlc
 
     def _send(self, kind: str, region: str, body: Any, topic: str | None = None, hlc: int | None = None) -> Envelope:
         """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
@@ -498,13 +506,7 @@ class Node(Voting):
                 self._batched, self._changes = None, []
             last = {(c.region, c.key): c for c in changes}
             for change in changes:  # (in the order made: a parent's diff before its child's)
-                round_ = None
-                if last[change.region, change.key] is change:
-                    frame = self.store.frame(change.region, change.key)
-                    round_ = self._own_round(change.region, change.key, frame)
-                    if round_ is not None:
-                        self.store.set_frame(change.region, change.key, replace(frame, round=round_))
-                self._sign_change(change, round_)
+                self._sign_change(change, vote=last[change.region, change.key] is change)
             for (region, key), was in written.items():
                 self._reconsider(region, key, was)
 

@@ -207,11 +207,16 @@ def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int
 def signed_size(kind: str, region: str | None, body_bytes: int) -> int:
     """The most bytes a message of this kind and region takes once signed, whatever its
     sequence number and clock, when its body encodes to `body_bytes`."""
-    fixed = canonical({"v": FORMAT_VERSION, "k": kind, "r": region, "s": bytes(PUBLIC_KEY_BYTES), "n": _INT_MAX,
-                       "t": _INT_MAX, "b": None})
-    payload = len(fixed) - 1 + body_bytes  # (null: one byte)
+    payload = _fixed_bytes(kind, region) + body_bytes
     # [payload, signature]: the array's head, and each byte string's head and bytes
     return 1 + _head(payload) + payload + _head(SIGNATURE_BYTES) + SIGNATURE_BYTES
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_bytes(kind: str, region: str | None) -> int:
+    """Bytes of a payload but its body, with the widest sequence number and clock."""
+    return len(canonical({"v": FORMAT_VERSION, "k": kind, "r": region, "s": bytes(PUBLIC_KEY_BYTES), "n": _INT_MAX,
+                          "t": _INT_MAX, "b": None})) - 1  # (null: one byte)
 
 
 def _head(length: int) -> int:
