@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, canonical, decode_many,
-                                       encode, encode_batch, fitting, is_relay, signed_size)
+                                       decode_relay, encode, encode_batch, fitting, is_relay, signed_size)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
@@ -818,9 +818,13 @@ class Node(Voting):
         if not payload and "/node/" in topic:
             self.counters["presence.cleared"] += 1  # a node clearing its retained birth or fingerprint
             return []
+        me = self.identity.public_key
         try:
-            envs = decode_many(payload, max_bytes=self.config.max_message_bytes,
-                               topic=None if via == "inbox" else topic)
+            if via == "relay":  # (it passes on this node's own votes among others: left unchecked)
+                envs, own = decode_relay(payload, max_bytes=self.config.max_message_bytes, topic=topic, skip=me)
+            else:
+                envs, own = decode_many(payload, max_bytes=self.config.max_message_bytes,
+                                        topic=None if via == "inbox" else topic), 0
         except EnvelopeError as e:
             self._reject(e.reason, f"{topic}: {e}")
             return []
@@ -828,13 +832,13 @@ class Node(Voting):
             if any(env.kind != "vote" or env.region is None for env in envs):
                 self._reject("topic-mismatch", f"{topic}: a relay or a vote inbox takes votes only")
                 return []
-            own = [env for env in envs if env.sender == self.identity.public_key]
-            if own:  # (a relay may pass on this node's own votes among others)
-                self.counters["own.relayed"] += len(own)
-                envs = [env for env in envs if env.sender != self.identity.public_key]
+            own += sum(env.sender == me for env in envs)
+            if own:
+                self.counters["own.relayed"] += own
+                envs = [env for env in envs if env.sender != me]
                 if not envs:
                     return []
-        elif envs[0].sender == self.identity.public_key:
+        elif envs[0].sender == me:
             self.counters["own"] += 1
             self.presence.on_own(envs[0])
             return []

@@ -29,7 +29,7 @@ signature, in one unsigned container:
               node/relay.py). `decode_many` opens each as if it had come alone on the topic.
 
 Decoding is strict: size limit first, then shape and types, then the version, then the
-signature. Every failure is an `EnvelopeError` subclass whose `reason` names a counter;
+topic it came on, then the signature. Every failure is an `EnvelopeError` subclass whose `reason` names a counter;
 nothing else escapes `decode`.
 
 Values are limited to a plain data model that encodes one way only: maps with text keys,
@@ -269,20 +269,24 @@ def _statement(n: int, root: bytes) -> bytes:
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None) -> Envelope:
     """Check and open one message (classic, or one payload of a batch in its item form).
     Raises only EnvelopeError subclasses."""
+    return _single(data, max_bytes, topic)
+
+
+def _single(data: bytes, max_bytes: int, topic: str | None, skip: bytes | None = None) -> Envelope | None:
     outer = _outer(data, max_bytes)
     if type(outer[0]) is list:
         raise MalformedError("a batch of messages where one message was expected")
-    return _checked(_one(outer, data), topic)
+    return _one(outer, data, skip, topic)
 
 
 def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None) -> list[Envelope]:
     """Check and open a message that may be a batch: its envelopes, each in its item form
     (`raw`), in the order sent. Raises only EnvelopeError subclasses."""
     if is_relay(data):
-        return _relayed(data, max_bytes, topic)
+        return decode_relay(data, max_bytes=max_bytes, topic=topic)[0]
     outer = _outer(data, max_bytes)
     if type(outer[0]) is not list:
-        return [_checked(_one(outer, data), topic)]
+        return [_one(outer, data, topic=topic)]
     payloads, signature = outer
     if not 2 <= len(payloads) <= MAX_LEAVES or any(type(p) is not bytes for p in payloads):
         raise MalformedError(f"a batch holds 2 to {MAX_LEAVES} payloads")
@@ -299,12 +303,17 @@ def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str |
             for i, (p, m, path) in enumerate(zip(payloads, opened, paths))]
 
 
-def _relayed(data: bytes, max_bytes: int, topic: str | None) -> list[Envelope]:
+def decode_relay(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None,
+                 skip: bytes | None = None) -> tuple[list[Envelope], int]:
+    """Check and open the messages a relay passes on, but those of sender `skip`, left out
+    unchecked (a node's own, coming back: the signature check is what a message costs);
+    and how many were left out. Raises only EnvelopeError subclasses."""
     outer = _loaded(data, max_bytes)
     raws = outer.get(RELAY_KEY) if type(outer) is dict and len(outer) == 1 else None
     if type(raws) is not list or not 1 <= len(raws) <= MAX_LEAVES or any(type(r) is not bytes for r in raws):
         raise MalformedError(f'a relay is {{"relay": [1 to {MAX_LEAVES} messages]}}')
-    return [decode(raw, max_bytes=max_bytes, topic=topic) for raw in raws]
+    envs = [env for raw in raws if (env := _single(raw, max_bytes, topic, skip)) is not None]
+    return envs, len(raws) - len(envs)
 
 
 def _loaded(data: bytes, max_bytes: int) -> Any:
@@ -327,11 +336,16 @@ def _outer(data: bytes, max_bytes: int) -> list:
     return outer
 
 
-def _one(outer: list, data: bytes) -> Envelope:
-    """A classic message, or a payload of a batch in its item form: opened and its signature checked."""
+def _one(outer: list, data: bytes, skip: bytes | None = None, topic: str | None = None) -> Envelope | None:
+    """A classic message, or a payload of a batch in its item form: opened, its topic and
+    signature checked (None, its signature unchecked, when its sender is `skip`)."""
     payload, signature = outer[0], outer[1]
     fields = _open(payload)
     sender = fields[2]
+    if topic is not None:
+        _checked(Envelope(*fields, data, payload), topic)
+    if sender == skip:
+        return None
     if len(outer) == 2:
         signed = payload
     else:

@@ -11,7 +11,8 @@ from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
                                        UnsupportedVersionError, accept_seq, canonical, decode, decode_many,
-                                       encode, encode_batch, encode_relay, is_relay, signed_size)
+                                       decode_relay, encode, encode_batch, encode_relay, is_relay,
+                                       signed_size)
 from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
 from edgeswarm.shared.sealing import Seals, new_key
@@ -128,6 +129,25 @@ def test_a_relay_passes_on_messages_under_their_own_signatures(me):
         decode_many(relay, max_bytes=len(relay) - 1, topic=topic)
     with pytest.raises(ValueError):
         encode_relay([])
+
+
+def test_a_relay_leaves_out_its_readers_own_messages_unchecked(me):
+    """A node's own votes come back in the relays of their authors: neither opened as news
+    nor paid for with a signature check; everyone else's are checked as ever."""
+    topic, other = "es/v1/vote/plant/line1", Identity.generate()
+    mine = [encode(me, "vote", "plant/line1", i + 1, 1000, {"key": f"k{i}"}) for i in range(2)]
+    theirs = encode(other, "vote", "plant/line1", 1, 1000, {"key": "a"})
+    spoilt = cbor2.loads(mine[1].raw)
+    spoilt[1] = bytes(64)  # (what a check would refuse: proof that none was made)
+    relay = encode_relay([mine[0].raw, theirs.raw, cbor2.dumps(spoilt)])
+    got, skipped = decode_relay(relay, topic=topic, skip=me.public_key)
+    assert [e.raw for e in got] == [theirs.raw] and skipped == 2
+    with pytest.raises(BadSignatureError):
+        decode_relay(relay, topic=topic)
+    with pytest.raises(BadSignatureError):  # another's message is checked whoever reads it
+        decode_relay(relay, topic=topic, skip=other.public_key)
+    with pytest.raises(MalformedError):  # the shape is checked all the same
+        decode_relay(encode_relay([mine[0].raw, b"\xa0"]), topic=topic, skip=me.public_key)
 
 
 def test_envelope_round_trip(me):
