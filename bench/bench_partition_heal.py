@@ -13,10 +13,11 @@ the same.
 
 Printed, measured in this one run:
   - heal time;
-  - anti-entropy bytes (digest, sync-req, sync-resp payloads delivered to nodes);
+  - anti-entropy bytes (digest, sync-req, sync-resp payloads delivered to nodes; a pull's
+    envelopes travel packed: shared/packing.py);
   - the minimal bytes: for each node, the signed envelopes it lacked when the split healed
     (the other side's diffs and the votes on them), each counted once — and the diffs
-    alone, which is the lower figure the goal names;
+    alone, which is the lower figure the goal names, as signed and as a pull would pack them;
   - consensus traffic after the heal (the votes nodes cast on what they received), apart.
 
 The frames' starting state is built directly in one SQLite store through the store's API
@@ -41,7 +42,7 @@ from edgeswarm.broker.mosquitto import MosquittoProcess
 from edgeswarm.node import Config, Node
 from edgeswarm.node.harness import COMMANDS, NodeProcess
 from edgeswarm.node.store import Frame, Store
-from edgeswarm.shared import diff
+from edgeswarm.shared import diff, packing
 from edgeswarm.shared.clock import HybridClock
 from edgeswarm.shared.envelope import encode
 from edgeswarm.shared.identity import Identity
@@ -113,9 +114,10 @@ def same_digest(nodes: list) -> bool:
     return False
 
 
-def lacking(stores: list[Store], keys: list[str]) -> tuple[int, int]:
+def lacking(stores: list[Store], keys: list[str]) -> tuple[int, int, int]:
     """(bytes of the envelopes each node lacks of what any node holds, bytes of the diffs
-    among them), summed over nodes: what a perfect exchange would have to move. Of a
+    among them, and of those diffs packed as a pull packs them), summed over nodes: what a
+    perfect exchange would have to move. Of a
     voter's votes, those above the latest round the node holds of it (anti-entropy sends
     each voter's latest and the votes it moved away from, which fork choice reads)."""
     held = []
@@ -129,13 +131,15 @@ def lacking(stores: list[Store], keys: list[str]) -> tuple[int, int]:
             latest.update({(k, voter): round_ for voter, round_, _ in votes})  # (in round order)
         held.append((have, latest))
     every = {item: raw for have, _ in held for item, raw in have.items()}
-    total = diffs = 0
+    total = diffs = packed = 0
     for have, latest in held:
         lacked = {raw for item, raw in every.items()
                   if item not in have and (item[0] == "diff" or item[3] > latest.get(item[1:3], 0))}
         total += sum(map(len, lacked))  # (a diff that is its author's vote too counts once)
-        diffs += sum(len(raw) for item, raw in every.items() if item[0] == "diff" and item not in have)
-    return total, diffs
+        lacked_diffs = [raw for item, raw in every.items() if item[0] == "diff" and item not in have]
+        diffs += sum(map(len, lacked_diffs))
+        packed += len(packing.pack(lacked_diffs)) if lacked_diffs else 0
+    return total, diffs, packed
 
 
 def main() -> None:
@@ -195,7 +199,7 @@ def main() -> None:
         for side in (nodes[:big], nodes[big:]):  # each side in step within itself (all its votes in)
             assert same_digest(side), "a side did not settle"
         stores = [Store(h / "store.db") for h in homes]  # (read alongside the nodes)
-        minimal, minimal_diffs = lacking(stores, keys)
+        minimal, minimal_diffs, packed_diffs = lacking(stores, keys)
         for store in stores:
             store.close()
 
@@ -230,7 +234,8 @@ def main() -> None:
           f"sync-resp {moved['bytes-in.sync-resp']:,}); pulls {moved['sync.pulls']}, "
           f"envelopes taken {moved['sync.envelopes']} ({moved['sync.already-held']} of them also came live)")
     print(f"  minimal: the envelopes each node lacked {minimal:,} bytes -> ratio {sync_bytes / minimal:.3f}; "
-          f"the differing diffs alone {minimal_diffs:,} bytes -> ratio {sync_bytes / minimal_diffs:.2f}")
+          f"the differing diffs alone {minimal_diffs:,} bytes -> ratio {sync_bytes / minimal_diffs:.2f} "
+          f"(those diffs packed as a pull packs them: {packed_diffs:,} bytes -> ratio {sync_bytes / packed_diffs:.2f})")
     print(f"  consensus traffic after the heal (votes cast on what arrived), apart: {live:,} bytes")
 
 

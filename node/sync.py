@@ -31,9 +31,10 @@ the tree where it differs, one level per message:
     envelope of a frame I does not hold; given items, R sends the versions I lacks and the
     votes newer than I's latest of their voter (each voter's latest, and the ones it moved
     away from that fork choice reads: Voting._compactable).
-R's envelopes are the original signed diffs and votes (`envelopes`, chunked under the
-message size limit); I runs them through the normal receive path minus the live replay
-window. R's reply that continues nothing is marked `last` and carries R's digest; when a step was
+R's envelopes are the original signed diffs and votes, chunked under the message size
+limit: packed (`packed`, shared/packing.py: about a third of the bytes) for a peer whose
+sync-reqs say it reads packs (`packed`), else as a list (`envelopes`); I runs them through
+the normal receive path minus the live replay window. R's reply that continues nothing is marked `last` and carries R's digest; when a step was
 cut short to stay under the size limits (`cut`), I pulls again at once from that digest.
 Merges are never sent: every node rebuilds them.
 """
@@ -48,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
@@ -115,6 +117,7 @@ class Sync:
         # root -> (when, envelopes, digest, peers sent to) of what this node forwarded last
         self._forwarded: dict[str, tuple[float, list[bytes], dict | None, set[str]]] = {}
         self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
+        self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
         # the store's committed changes to its sums (reading 100k sums for every exchange
@@ -348,7 +351,7 @@ class Sync:
                     self.node.counters["sync.deferred"] += 1
                     with self._lock:
                         self._deferred[root] = (time.monotonic(), {p for _, p, _ in ahead})
-                    self._send(leader, "sync-req", {"region": root, "follow": True})
+                    self._request(leader, {"region": root, "follow": True})
                     self._schedule(root, EXCHANGE_TIMEOUT, waited=True)
                     return
             # The peer that holds the most where this node differs (one pull is then most
@@ -376,7 +379,7 @@ class Sync:
         self.node.counters["sync.pulls"] += 1
         nodes, frames, cut = self._compare_nodes(tree, [[0, 0, hashes]])
         pull.cut |= cut
-        self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames})
+        self._request(peer, {"region": root, "nodes": nodes, "frames": frames})
 
     def _forward(self, root: str, pull: _Pull) -> None:
         """At the end of a pull: send what it brought to the peers that wait for it (they
@@ -412,7 +415,7 @@ class Sync:
 
     def _forward_chunk(self, root: str, peer: str, envelopes: list[bytes], digest: dict | None) -> None:
         """One sync-resp of forwarded envelopes; the last carries the forwarder's digest."""
-        body = {"region": root, "envelopes": envelopes}
+        body = {"region": root} | self._carrying(peer, envelopes)
         self._send(peer, "sync-resp", body | {"digest": digest} if digest else body)
 
     def _relay(self, root: str, envelopes: list[bytes], last: bool) -> tuple[list[str], list[bytes] | None]:
@@ -461,6 +464,13 @@ class Sync:
         if not self._follows(root):
             self.node.counters["ignored.sync-region"] += 1
             return
+        with self._lock:
+            if body.get("packed") is True:
+                if len(self._packs) >= MAX_PEERS and env.sender_id not in self._packs:
+                    self._packs.pop()  # (it is then sent lists, as a node before packs)
+                self._packs.add(env.sender_id)
+            else:
+                self._packs.discard(env.sender_id)
         if body.get("follow"):
             self._on_follow(root, env.sender_id)
             return
@@ -485,7 +495,7 @@ class Sync:
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(envelopes):
-            self._send(env.sender_id, "sync-resp", {"region": root, "envelopes": chunk})
+            self._send(env.sender_id, "sync-resp", {"region": root} | self._carrying(env.sender_id, chunk))
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
         if not (nodes or frames or differ):
             reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
@@ -502,7 +512,9 @@ class Sync:
             self.node.counters["ignored.sync-region"] += 1
             return
         peer = env.sender_id
-        raws = _list(body, "envelopes")
+        carries = "packed" in body or "envelopes" in body
+        raws = packing.unpack(body["packed"], self.node.config.max_message_bytes) if "packed" in body \
+            else _list(body, "envelopes")
         taken = []
         for raw in raws:
             if type(raw) is not bytes:
@@ -524,7 +536,7 @@ class Sync:
             pull = self._pulls.get(root)
             ours = pull is not None and pull.peer == peer
             if not ours:  # forwarded: kept to relay only by a node that follows a peer for this tree
-                if "envelopes" not in body or root not in self._deferred:
+                if not carries or root not in self._deferred:
                     self.node.counters["sync.stray"] += 1
                     return
                 followers, kept = self._relay(root, [e.raw for e in taken], "digest" in body)
@@ -551,7 +563,7 @@ class Sync:
                     self._deferred.pop(root, None)
                 self._schedule(root, SETTLE, waited=True, sooner=True)
             return
-        if "envelopes" in body:
+        if carries:
             return
         pull.cut |= bool(body.get("cut"))
         if body.get("last"):
@@ -581,7 +593,7 @@ class Sync:
             self._forward(root, pull)
             return
         pull.extend()
-        self._send(peer, "sync-req", {"region": root, "nodes": nodes, "frames": frames, "items": items})
+        self._request(peer, {"region": root, "nodes": nodes, "frames": frames, "items": items})
 
     def _end(self, root: str, pull: _Pull) -> None:
         with self._lock:
@@ -700,6 +712,19 @@ class Sync:
 
     def _send(self, peer: str, kind: str, body: dict) -> None:
         self.node.send_now(node_topic(peer, kind), kind, body)
+
+    def _request(self, peer: str, body: dict) -> None:
+        """A sync-req, saying that this node reads packed envelopes."""
+        self._send(peer, "sync-req", body | {"packed": True})
+
+    def _carrying(self, peer: str, envelopes: list[bytes]) -> dict:
+        """The part of a sync-resp that carries envelopes to a peer: packed if it reads packs
+        (and packing makes them smaller: never larger than a list, as a pull allows for)."""
+        with self._lock:
+            packs = peer in self._packs
+        if packs and len(packed := packing.pack(envelopes)) < sum(map(len, envelopes)):
+            return {"packed": packed}
+        return {"envelopes": envelopes}
 
     def _chunks(self, envelopes: list[bytes]) -> list[list[bytes]]:
         limit = self.node.config.max_message_bytes // 2

@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 
 from edgeswarm.node import Config, Node
+from edgeswarm.shared import packing
+from edgeswarm.shared.envelope import decode
 from helpers import Network
 
 TIMEOUT = 20.0
@@ -77,6 +79,49 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(member_configs, region):
         for n in (a, b, c, late):
             n.stop()
 
+
+
+def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(member_configs, region, attacker):
+    """What a pull brings travels packed (shared/packing.py) to a node that says in its
+    sync-reqs it reads packs, in well under the bytes of the envelopes; a node that does
+    not say so (one before packs) is sent lists, and both catch up alike."""
+    configs = member_configs(5, sync_interval=0, snapshot_interval=0)
+    a, b, c = (Node(cfg).start() for cfg in configs[:3])
+    late, old = Node(configs[3]), Node(configs[4])
+    old.sync._request = lambda peer, body: old.sync._send(peer, "sync-req", body)  # (as a node before packs)
+    seen: dict[str, list[dict]] = {late.node_id: [], old.node_id: []}
+    subscribed = threading.Event()
+    attacker.client.on_subscribe = lambda *a_: subscribed.set()
+    attacker.client.on_message = lambda c, u, m: seen.setdefault(m.topic.split("/")[3], []).append(
+        decode(m.payload).body)
+    attacker.client.subscribe("es/v1/node/+/sync-resp", qos=1)
+    assert subscribed.wait(TIMEOUT)
+    try:
+        keys = [f"sensor-{i}" for i in range(40)]
+        with a.batch():
+            for i, k in enumerate(keys):
+                a.put(region, k, {"reading": i, "unit": "C", "place": "line 1, cabinet 4"})
+        assert a.wait_until(lambda: None not in consensus_map(a, region, keys).values(), TIMEOUT)
+        expected = consensus_map(a, region, keys)
+        for n in (b, c):
+            assert n.wait_until(lambda n=n: consensus_map(n, region, keys) == expected, TIMEOUT)
+        for n in (late, old):
+            n.start()
+            n.sync_now()
+            assert n.wait_until(lambda n=n: consensus_map(n, region, keys) == expected, TIMEOUT), n.stats()
+            assert not any(k.startswith("rejected.") for k in n.counters), n.stats()
+        assert late.wait_until(lambda: len([r for r in seen[late.node_id] if "last" in r]) >= 1, TIMEOUT)
+        carried = [r for r in seen[late.node_id] if "packed" in r or "envelopes" in r]
+        assert carried and all("packed" in r and "envelopes" not in r for r in carried), carried
+        raws = [raw for r in carried for raw in packing.unpack(r["packed"], 1 << 20)]
+        assert len(raws) == late.counters["sync.envelopes"] >= len(keys)
+        assert sum(len(r["packed"]) for r in carried) < sum(map(len, raws)) / 2
+        assert old.wait_until(lambda: len([r for r in seen[old.node_id] if "last" in r]) >= 1, TIMEOUT)
+        carried = [r for r in seen[old.node_id] if "packed" in r or "envelopes" in r]
+        assert carried and all("envelopes" in r and "packed" not in r for r in carried), carried
+    finally:
+        for n in (a, b, c, late, old):
+            n.stop()
 
 def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_one(member_configs, region):
     """A batch of writes leaves as one signed message (and the votes on it as one per

@@ -2,11 +2,12 @@
 
 import os
 import stat
+import zlib
 
 import cbor2
 import pytest
 
-from edgeswarm.shared import diff
+from edgeswarm.shared import diff, packing
 from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
@@ -321,3 +322,22 @@ def test_hybrid_clock_is_monotonic_and_follows_remote():
     assert b > a and wall_ms(b) == 1_000_000
     clock.observe(b + 10_000_000)
     assert clock.now() > b + 10_000_000
+
+
+def test_a_pack_carries_signed_messages_deflated_and_never_unfolds_beyond_its_limit(me):
+    messages = [encode(me, "vote", "plant/line1", i + 1, 1000 + i, {"key": "k", "version": bytes(32), "round": i})
+                .raw for i in range(200)]
+    packed = packing.pack(messages)
+    assert packing.unpack(packed, 1 << 20) == messages
+    assert len(packed) < sum(map(len, messages)) / 2  # (what they share goes once)
+    size = len(canonical(messages))
+    assert packing.unpack(packed, size) == messages
+    with pytest.raises(MalformedError, match="beyond"):
+        packing.unpack(packed, size - 1)
+    bomb = zlib.compress(canonical([bytes(10**6)]))  # ~1 KB that would inflate to 1 MB
+    with pytest.raises(MalformedError, match="beyond"):
+        packing.unpack(bomb, 256 * 1024)
+    for bad in (b"", b"not deflate", packed[:-3], packed + b"x", "text", zlib.compress(canonical({"a": 1})),
+                zlib.compress(canonical([b"x", 1])), zlib.compress(b"\xff")):
+        with pytest.raises(MalformedError):
+            packing.unpack(bad, 1 << 20)

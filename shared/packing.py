@@ -1,0 +1,47 @@
+"""Signed messages packed together and compressed: what anti-entropy moves in bulk.
+
+A sync response carries the diffs and votes a peer lacks, each as it was signed. Most of
+their bytes they share — the region, the key and version a frame's votes name, each
+voter's public key, the field names — and what is their own is mostly the 64 bytes of
+their signature: deflated together they take about a third of the bytes. A pack is made
+of messages already signed and opened before any is checked, so each message is checked
+exactly as if it had come alone, and a pack needs no signature of its own beyond that of
+the message carrying it.
+
+    pack = zlib (RFC 1950) of the canonical CBOR array of the messages' bytes
+
+A pack never inflates to more than the limit its reader gives (a message's size limit),
+so a small message cannot unfold into a large one.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from .envelope import MalformedError, canonical, strict_loads
+
+LEVEL = 6  # (level 9 saves ~1 % more for ~30 % more time)
+
+
+def pack(messages: list[bytes]) -> bytes:
+    return zlib.compress(canonical(messages), LEVEL)
+
+
+def unpack(data: object, max_bytes: int) -> list[bytes]:
+    """The messages in a pack; MalformedError when it is not one or would inflate beyond
+    `max_bytes`."""
+    if type(data) is not bytes:
+        raise MalformedError("a pack of messages is bytes")
+    inflate = zlib.decompressobj()
+    try:
+        plain = inflate.decompress(data, max_bytes + 1)
+    except zlib.error as e:
+        raise MalformedError(f"a pack of messages does not inflate: {e}") from None
+    if len(plain) > max_bytes:
+        raise MalformedError(f"a pack of messages inflates beyond {max_bytes} bytes")
+    if not inflate.eof or inflate.unused_data:
+        raise MalformedError("a pack of messages is cut short or followed by other bytes")
+    messages = strict_loads(plain)
+    if type(messages) is not list or any(type(m) is not bytes for m in messages):
+        raise MalformedError("a pack holds a list of messages")
+    return messages
