@@ -123,6 +123,7 @@ def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(mem
         for n in (a, b, c, late, old):
             n.stop()
 
+
 def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_one(member_configs, region):
     """A batch of writes leaves as one signed message (and the votes on it as one per
     node); a peer keeps each change with its path to the batch's signature, so a node that
@@ -231,6 +232,7 @@ def test_a_node_that_pulls_a_frame_with_a_fork_decides_it_as_the_swarm_did(membe
         for n in nodes + [observer]:
             n.stop()
 
+
 def test_store_of_the_previous_schema_is_brought_up_to_date_on_open(tmp_path):
     """A board updated in the field keeps its store: the sums anti-entropy compares are
     computed once from what the old store holds, and the outbox lets go of the envelopes
@@ -316,6 +318,50 @@ def test_store_of_schema_3_is_rebuilt_with_its_votes(tmp_path):
         reopened.stop()
 
 
+
+def test_store_of_schema_5_gets_its_votes_by_round(tmp_path):
+    """Schema 6 keeps a frame's votes in round order (a change's votes land side by side);
+    a schema 5 store, voter first, is rebuilt on open with every vote and the same digest."""
+    from edgeswarm.node.store import SCHEMA_VERSION, Store
+
+    def key_columns(store):
+        index = next(name for _, name, _, origin, _ in store.db.execute("PRAGMA index_list(votes)") if origin == "pk")
+        return [row[2] for row in store.db.execute(f"PRAGMA index_info({index})")]
+
+    home = tmp_path / "n"
+    node = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
+    for i in range(3):
+        node.patch("plant/a", "k", set={"i": i})
+    node.put("plant/a", "other", {"j": 1})
+    assert key_columns(node.store) == ["region", "key", "round", "voter"]
+    history, items = node.store.votes_in_order("plant/a", "k"), node.store.frame_items("plant/a", "k")[1]
+    digest, status = node.sync.digest("plant"), node.status("plant/a", "k")
+    node.stop()
+    old = Store(home / "store.db")
+    with old.transaction():  # the vote table as schema 5 made it
+        for statement in (
+                "ALTER TABLE votes RENAME TO votes_6", "DROP INDEX idx_votes_merges",
+                "CREATE TABLE votes (region TEXT NOT NULL, key TEXT NOT NULL, voter TEXT NOT NULL,"
+                " round INTEGER NOT NULL, version BLOB NOT NULL, merge_of BLOB, envelope BLOB,"
+                " PRIMARY KEY (region, key, voter, round)) WITHOUT ROWID",
+                "CREATE INDEX idx_votes_merges ON votes (region, key) WHERE merge_of IS NOT NULL",
+                "INSERT INTO votes SELECT * FROM votes_6", "DROP TABLE votes_6", "PRAGMA user_version=5"):
+            old.db.execute(statement)
+    assert key_columns(old) == ["region", "key", "voter", "round"]
+    old.close()
+    reopened = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
+    try:
+        store = reopened.store
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert key_columns(store) == ["region", "key", "round", "voter"]
+        assert store.votes_in_order("plant/a", "k") == history and len(history[reopened.node_id]) == 3
+        assert store.frame_items("plant/a", "k")[1] == items
+        assert reopened.sync.digest("plant") == digest and reopened.status("plant/a", "k") == status
+        reopened.patch("plant/a", "k", set={"i": 9})
+        assert [len(ws) for ws in store.votes_in_order("plant/a", "k").values()] == [4]
+    finally:
+        reopened.stop()
+
 def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_path, region):
     """Schema 5 indexes only the rows looked up by their index (merges, diffs waiting for a
     parent) and keeps the outbox in sequence order, so a COMMIT writes fewer pages; a
@@ -345,7 +391,7 @@ def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_pat
 
     store = Store(home / "store.db")
     try:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"idx_versions_merges", "idx_diffs_pending"} <= indexes
         assert not {"idx_versions_merge_of", "idx_diffs_status_region_key"} & indexes
