@@ -167,10 +167,11 @@ def table(columns: dict[str, dict], frames: int, batch: int, w: Workload) -> Non
          lambda c: f"{c['sim']['bytes_out_per_frame']:,.0f} / {c['sim']['bytes_in_per_frame']:,.0f}"),
         ("  node CPU per write (all nodes), ms", lambda c: f"{c['sim']['cpu_ms_per_write']:,.1f}"),
     ]
+    width = max(18, *(len(cell(columns[n])) + 2 for _, cell in rows for n in names))
     print()
-    print(f"{'':<46}" + "".join(f"{n:>18}" for n in names))
+    print(f"{'':<46}" + "".join(f"{n:>{width}}" for n in names))
     for label, cell in rows:
-        print(f"{label:<46}" + "".join(f"{cell(columns[n]):>18}" for n in names))
+        print(f"{label:<46}" + "".join(f"{cell(columns[n]):>{width}}" for n in names))
 
 
 if __name__ == "__main__":

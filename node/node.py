@@ -67,6 +67,9 @@ from .voting import Voting
 log = logging.getLogger("edgeswarm.node")
 
 OUTBOX_WINDOW = 500  # backlog envelopes in flight at once
+# Seconds acknowledged outbox rows wait for the next transaction to delete them along with
+# what it writes, before one of their own does (see _on_ack).
+ACK_CLEAR_AFTER = 1.0
 # Room a change leaves below node.max_message_bytes: a pull carries it inside a signed sync
 # response, and a receiver keeps one that came in a batch with its path (up to ~400 bytes).
 PULL_ROOM = 2048
@@ -134,6 +137,7 @@ class Node(Voting):
         self._activity = threading.Condition()
         self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker (alone or batched), not acked
         self._acked: list[bytes] = []  # acknowledged, still in the outbox table
+        self._ack_due = 0.0  # monotonic time by which the acknowledged rows are deleted
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[tuple[Queued, Envelope]] = []
         self._events: list[FrameVersion] = []
@@ -245,6 +249,7 @@ class Node(Voting):
             self._inbox.put(None)
             self._worker.join(30)
             self._worker = None
+        self._clear_acked()
         self.store.close()
 
     def __enter__(self) -> Node:
@@ -444,6 +449,7 @@ class Node(Voting):
             self._tx_depth = 1
             try:
                 yield
+                cleared = self._take_acked()
                 self.trace.flush()
             except BaseException:
                 self._sends.clear()
@@ -456,6 +462,8 @@ class Node(Voting):
             sends, self._sends = self._sends, []
             events, self._events = self._events, []
             relayed = self.relay.detach()
+        if cleared:
+            self._cleared(cleared)
         self._publish_all(self.relay.committed(relayed, sends))
         self.relay.flush(force=relayed.consensus)
         for fv in events:
@@ -548,13 +556,18 @@ class Node(Voting):
                 self._inflight.difference_update(ids)
 
     def _on_ack(self, token: tuple[bytes, ...]) -> None:
-        """The broker has a message carrying outbox messages (their ids: publish_tracked). The
-        outbox rows go after the next messages handled (the worker is woken for it), with the
-        others acknowledged meanwhile: one COMMIT for many, and none in paho's callback. (A
-        crash before then sends them again: receivers drop duplicates.)"""
+        """The broker has a message carrying outbox messages (their ids: publish_tracked). Their
+        outbox rows go in the next transaction, with what it writes (the outbox pages a new
+        vote or write appends to are the ones they leave: written once), or at the latest
+        ACK_CLEAR_AFTER later in one of their own (the worker is woken to time it); never in
+        paho's callback. (A crash before then sends them again: receivers drop duplicates.)
+        A member of a busy swarm thus commits once less per change than when each
+        acknowledgement had its own transaction."""
         with self._acks:
             self._inflight.difference_update(token)
             wake = not self._acked
+            if wake:
+                self._ack_due = time.monotonic() + ACK_CLEAR_AFTER
             self._acked.extend(token)
             self._acks.notify_all()
         if wake:
@@ -567,20 +580,32 @@ class Node(Voting):
         except queue.Full:  # the worker is busy: it looks up after each batch anyway
             pass
 
-    def _clear_acked(self) -> None:
-        """Until none is left (those acknowledged meanwhile did not wake the worker again)."""
-        while True:
-            with self._acks:
-                acked = list(self._acked)
-            if not acked:
+    def _clear_acked(self, due: bool = False) -> None:
+        """Delete the acknowledged outbox rows in a transaction of their own (with `due`, only
+        once they have waited ACK_CLEAR_AFTER for another one)."""
+        with self._acks:
+            if not self._acked or due and time.monotonic() < self._ack_due:
                 return
-            try:
-                self.store.mark_published(acked)
-            except Exception:  # left in the outbox: sent again at the next start, and dropped as known
-                log.warning("could not clear %d acknowledged messages from the outbox", len(acked), exc_info=True)
-            with self._acks:  # (only now: wait_published means the outbox table is clear too)
-                del self._acked[:len(acked)]
-                self._acks.notify_all()
+        try:
+            with self._transaction():
+                pass  # (the outermost transaction takes them: _take_acked)
+        except Exception:  # left in the outbox: sent again at the next start, and dropped as known
+            log.warning("could not clear acknowledged messages from the outbox", exc_info=True)
+
+    def _take_acked(self) -> int:
+        """(In the outermost transaction, before COMMIT.) Delete the acknowledged outbox rows;
+        how many, for _cleared once committed."""
+        with self._acks:
+            acked = list(self._acked)
+        if acked:
+            self.store.mark_published(acked)
+        return len(acked)
+
+    def _cleared(self, count: int) -> None:
+        with self._acks:  # (only now: wait_published means the outbox table is clear too)
+            del self._acked[:count]
+            self._ack_due = time.monotonic() + ACK_CLEAR_AFTER
+            self._acks.notify_all()
 
     def _drain(self, until_seq: int) -> None:
         """Send the outbox backlog (envelopes stored before start() and not acknowledged) a
@@ -605,7 +630,11 @@ class Node(Voting):
                 self._acks.notify_all()
 
     def wait_published(self, timeout: float = 10.0) -> bool:
-        """Wait until the broker has acknowledged everything this node sent."""
+        """Wait until the broker has acknowledged everything this node sent (and the outbox
+        let it go)."""
+        with self._acks:
+            self._ack_due = 0.0  # (no waiting for a transaction to take them along)
+        self.wake()
         with self._acks:
             return self._acks.wait_for(lambda: not self._inflight and not self._draining and not self._acked,
                                        timeout)
@@ -734,18 +763,28 @@ class Node(Voting):
     def _next(self) -> tuple[str, bytes] | None:
         """The next message of the inbox; meanwhile, the votes waiting to be passed on leave
         when they are due."""
-        while (wait := self.relay.wait()) is not None:
+        while (wait := self._wait()) is not None:
             try:
                 return self._inbox.get(timeout=wait)
             except queue.Empty:
                 with self._working:
                     self.relay.flush()
+                    self._clear_acked(due=True)
         return self._inbox.get()
+
+    def _wait(self) -> float | None:
+        """Seconds until the worker has something to do of its own (None: nothing)."""
+        wait = self.relay.wait()
+        with self._acks:
+            if self._acked:
+                due = max(0.0, self._ack_due - time.monotonic())
+                wait = due if wait is None else min(wait, due)
+        return wait
 
     def _handled(self, messages: list[tuple[str, bytes]]) -> None:
         self.receive_many(messages)
         self.relay.flush()
-        self._clear_acked()
+        self._clear_acked(due=True)
         self._handled_at = time.monotonic()
         with self._activity:
             self._activity.notify_all()
