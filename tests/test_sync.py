@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from dataclasses import replace
 
 import pytest
 
 from edgeswarm.node import Config, Node
 from edgeswarm.shared import packing
-from edgeswarm.shared.envelope import decode
+from edgeswarm.shared.envelope import canonical, decode, encode
+from edgeswarm.shared.topics import node_topic
 from helpers import Network
 
 TIMEOUT = 20.0
@@ -119,6 +121,12 @@ def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(mem
         assert old.wait_until(lambda: len([r for r in seen[old.node_id] if "last" in r]) >= 1, TIMEOUT)
         carried = [r for r in seen[old.node_id] if "packed" in r or "envelopes" in r]
         assert carried and all("envelopes" in r and "packed" not in r for r in carried), carried
+
+        # A member's pack that would unfold beyond a message's limit is refused, counted.
+        bomb = zlib.compress(canonical([bytes(4 * late.config.max_message_bytes)]))
+        attacker.send(node_topic(late.node_id, "sync-resp"), encode(
+            c.identity, "sync-resp", None, 10**6, c.clock.now(), {"region": region, "packed": bomb}).raw)
+        assert late.wait_until(lambda: late.counters["rejected.bad-sync"] == 1, TIMEOUT), late.stats()
     finally:
         for n in (a, b, c, late, old):
             n.stop()
