@@ -603,8 +603,8 @@ class Node(Voting):
 
     def _cleared(self, count: int) -> None:
         with self._acks:  # (only now: wait_published means the outbox table is clear too)
-            del self._acked[:count]
-            self._ack_due = time.monotonic() + ACK_CLEAR_AFTER
+            del self._acked[:count]  # (those acknowledged since: due no later than these were)
+            self._ack_due = min(self._ack_due, time.monotonic() + ACK_CLEAR_AFTER)
             self._acks.notify_all()
 
     def _drain(self, until_seq: int) -> None:

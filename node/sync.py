@@ -32,10 +32,11 @@ the tree where it differs, one level per message:
     votes newer than I's latest of their voter (each voter's latest, and the ones it moved
     away from that fork choice reads: Voting._compactable).
 R's envelopes are the original signed diffs and votes, chunked under the message size
-limit: packed (`packed`, shared/packing.py: about a third of the bytes) for a peer whose
+limit: packed (`packed`, shared/packing.py: a third to a half of the bytes) for a peer whose
 sync-reqs say it reads packs (`packed`), else as a list (`envelopes`); I runs them through
-the normal receive path minus the live replay window. R's reply that continues nothing is marked `last` and carries R's digest; when a step was
-cut short to stay under the size limits (`cut`), I pulls again at once from that digest.
+the normal receive path minus the live replay window. R's reply that continues nothing is
+marked `last` and carries R's digest; when a step was cut short to stay under the size
+limits (`cut`), I pulls again at once from that digest.
 Merges are never sent: every node rebuilds them.
 """
 

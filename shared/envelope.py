@@ -29,8 +29,8 @@ signature, in one unsigned container:
               node/relay.py). `decode_many` opens each as if it had come alone on the topic.
 
 Decoding is strict: size limit first, then shape and types, then the version, then the
-topic it came on, then the signature. Every failure is an `EnvelopeError` subclass whose `reason` names a counter;
-nothing else escapes `decode`.
+topic it came on, then the signature. Every failure is an `EnvelopeError` subclass whose
+`reason` names a counter; nothing else escapes `decode`.
 
 Values are limited to a plain data model that encodes one way only: maps with text keys,
 arrays, text, bytes, integers within 64 bits, floats, booleans and null. No tags.
