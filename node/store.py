@@ -8,7 +8,7 @@ Tables
             vote round. Derived from versions and votes, kept for O(1) reads.
   diffs     every diff envelope sent or received, raw, with its status
             (applied / pending while a parent is missing / rejected).
-  votes     the votes: (region, key, voter, round) -> version, with the signed envelope
+  votes     the votes: (region, key, round, voter) -> version, with the signed envelope
             (what anti-entropy sends); those no decision reads again go at each scheduled
             round (Voting.compact_votes);
   latest    and each voter's highest round per frame.
