@@ -591,14 +591,25 @@ class Node(Voting):
                 pass  # (the outermost transaction takes them: _take_acked)
         except Exception:  # left in the outbox: sent again at the next start, and dropped as known
             log.warning("could not clear acknowledged messages from the outbox", exc_info=True)
+            with self._acks:  # (not tried again and again)
+                self._acked.clear()
+                self._acks.notify_all()
 
     def _take_acked(self) -> int:
         """(In the outermost transaction, before COMMIT.) Delete the acknowledged outbox rows;
-        how many, for _cleared once committed."""
+        how many, for _cleared once committed. A DELETE that fails costs the transaction
+        nothing else: only that statement is undone (unless the store gave up the whole
+        transaction, which then fails as it would have anyway), and the rows stay in the
+        outbox, sent again at the next start and dropped there as known."""
         with self._acks:
             acked = list(self._acked)
         if acked:
-            self.store.mark_published(acked)
+            try:
+                self.store.mark_published(acked)
+            except Exception:
+                if not self.store.db.conn.in_transaction:
+                    raise
+                log.warning("could not clear %d acknowledged messages from the outbox", len(acked), exc_info=True)
         return len(acked)
 
     def _cleared(self, count: int) -> None:
