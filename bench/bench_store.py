@@ -68,6 +68,12 @@ def swarm_messages(home: Path, ids: list[Identity], changes: int, keys: int) -> 
     return out
 
 
+def receiver(home: Path, ids: list[Identity]) -> Node:
+    """A fresh member, ids[1], that receives what swarm_messages made (no broker)."""
+    return Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
+                identity=ids[1])
+
+
 def acknowledge(node: Node) -> None:
     """The broker acknowledges what the node sent, as the node takes it: the outbox rows go
     with its next transaction."""
@@ -79,8 +85,7 @@ def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, byte
     """A fresh receiver takes the messages, with a scheduled round's compaction of the vote
     history every `round_every` changes; (node, CPU seconds taking messages, of which
     deciding, CPU seconds compacting, the store's bytes by table at half way and at the end)."""
-    node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
-                identity=ids[1])
+    node = receiver(home, ids)
     deciding, compacting, sizes = [0.0], 0.0, []
     decide = node._reconsider
 
@@ -130,8 +135,7 @@ class _Counting:
 def card_cost(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]]) -> tuple[float, float, int]:
     """(SQL statements, pages appended to the write-ahead log) per change for a fresh
     receiver taking the messages in bursts, and the page size."""
-    node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
-                identity=ids[1])
+    node = receiver(home, ids)
     try:
         conn = node.store.db.conn
         conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -157,8 +161,7 @@ def storage_bytes(home: Path, ids: list[Identity], messages: list[list[tuple[str
 
     def written() -> int:
         return next(int(line.split()[1]) for line in io.read_text().splitlines() if line.startswith("write_bytes"))
-    node = Node(Config(home=home, regions=[REGION], members=[i.node_id for i in ids], sync_interval=0),
-                identity=ids[1])
+    node = receiver(home, ids)
     node.store.checkpoint_in_background()
     os.sync()
     before = written()
