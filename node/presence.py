@@ -4,8 +4,9 @@ On every connection (a start, and each reconnect) a node counts a new session an
 - leaves a signed `death` {session} with the broker as its retained MQTT will, so that the
   broker announces it if the node vanishes (power cut, crash, network loss), to the nodes
   there and to those that come later;
-- publishes a signed, retained `birth` {session, regions, software, and its admission
-  certificate in a swarm with a roster};
+- publishes a signed, retained `birth` {session, regions, software, what it does — `relay`:
+  it passes votes on (relay.py), `packs`: it reads trace entries packed (trace.py) — and its
+  admission certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
 consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions.
 On a clean stop it publishes its death itself (retained, in case what follows is lost)
@@ -63,7 +64,7 @@ class Presence:
         """After connecting: the birth, and a first fingerprint."""
         node = self.node
         birth = {"session": self.session, "regions": list(node.config.regions), "software": SOFTWARE,
-                 **PER_CONNECTION, **self._relays(), **self._certificate()}
+                 **PER_CONNECTION, **self._abilities(), **self._certificate()}
         if (bus := node.handover.advertised()) is not None:
             birth["bus"] = bus  # where this node's broker would listen, were it elected (broker.auto)
         node.send_now(node_topic(node.node_id, "birth"), "birth", birth, retain=True)
@@ -108,12 +109,18 @@ class Presence:
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_pending(), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
-                "flagged": len(store.flagged()), **PER_CONNECTION, **self._bus(), **self._relays(),
+                "flagged": len(store.flagged()), **PER_CONNECTION, **self._bus(), **self._abilities(),
                 **self._certificate()}
 
-    def _relays(self) -> dict:
-        """That this node passes on the votes sent to it (node/relay.py)."""
-        return {"relay": True} if self.node.relay.enabled else {}
+    def _abilities(self) -> dict:
+        """That this node passes on the votes sent to it (node/relay.py), and reads trace
+        entries packed (node/trace.py)."""
+        return {"packs": True, **({"relay": True} if self.node.relay.enabled else {})}
+
+    def _heard(self, node_id: str, body: dict | None) -> None:
+        """What a live peer's birth or fingerprint says it does (None: the peer is gone)."""
+        self.node.relay.on_presence(node_id, body is not None and body.get("relay") is True)
+        self.node.trace.on_presence(node_id, None if body is None else body.get("packs") is True)
 
     def _bus(self) -> dict:
         """The broker this node is on, and whether it hosts it (broker.auto): for `status`."""
@@ -140,7 +147,7 @@ class Presence:
         if env.kind == "birth":
             if peer and (session, env.hlc) <= (peer["session"], peer["birth_hlc"] or 0):  # (none before a birth)
                 if (session, env.hlc) == (peer["session"], peer["birth_hlc"]) and peer["alive"]:
-                    self.node.relay.on_presence(node_id, body.get("relay") is True)  # (known before a restart)
+                    self._heard(node_id, body)  # (known before a restart)
                 return
             if ended:  # a retained birth of a session whose retained death came first
                 return
@@ -151,7 +158,7 @@ class Presence:
                                 software=str(body.get("software", "")))
             self.node.admission.on_presence(env)  # (after the record: see Node._dispatch)
             self.node.handover.on_birth(node_id, body.get("bus"))
-            self.node.relay.on_presence(node_id, body.get("relay") is True)
+            self._heard(node_id, body)
             log.info("node %s is up (session %d)", node_id, session)
         elif env.kind == "death":
             if peer is not None and (session < peer["session"] or (not peer["alive"] and session == peer["session"])):
@@ -159,12 +166,12 @@ class Presence:
             # (a death of a node not heard of yet, or of a session newer than its last birth:
             # a retained will, which a birth of that session coming later does not undo)
             self.store.set_peer(node_id, session=session, alive=0, death_hlc=env.hlc)
-            self.node.relay.on_presence(node_id, False)
+            self._heard(node_id, None)
             log.info("node %s is gone (session %d)", node_id, session)
         else:
             if peer and env.hlc <= (peer.get("fingerprint_hlc") or 0):
                 if env.hlc == peer.get("fingerprint_hlc") and peer["alive"]:
-                    self.node.relay.on_presence(node_id, body.get("relay") is True)  # (known before a restart)
+                    self._heard(node_id, body)  # (known before a restart)
                 return
             fields: dict[str, Any] = {"fingerprint": {k: v for k, v in body.items() if k != "certificate"},
                                       "fingerprint_hlc": env.hlc}
@@ -176,5 +183,5 @@ class Presence:
             self.store.set_peer(node_id, **fields)
             self.node.admission.on_presence(env)  # (after the record: see Node._dispatch)
             if fields.get("alive", peer and peer["alive"]):
-                self.node.relay.on_presence(node_id, body.get("relay") is True)
+                self._heard(node_id, body)
         self.node.counters[f"presence.{env.kind}"] += 1

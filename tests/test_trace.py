@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgeswarm.node import Node
 from edgeswarm.node.trace import entry_hash, verify_chain
+from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.topics import node_topic, region_topic
 
@@ -63,17 +64,20 @@ def test_new_entries_are_pushed_to_every_peer_and_a_late_one_fetches_the_rest(me
     a, b = Node(configs[0]).start(), Node(configs[1]).start()
     late = Node(configs[2])
     try:
-        a.put(region, "k0", {"i": 0})
-        assert a.wait_until(lambda: a.status(region, "k0")["support"].get(a.status(region, "k0")["head"]) == 2,
-                            TIMEOUT)
+        for i in range(20):
+            a.put(region, f"k{i}", {"i": i})
+        assert a.wait_until(lambda: all(a.status(region, f"k{i}")["support"].get(a.status(region, f"k{i}")["head"])
+                                        == 2 for i in range(20)), TIMEOUT)
         a.trace.push()  # entries only, no head: b learns them from the push alone
         head = a.store.trace_head(a.node_id)
         assert b.wait_until(lambda: b.store.trace_head(a.node_id) == head, TIMEOUT), b.counters
         assert not b.counters["trace.requests-sent"] and b.counters["trace.entries-fetched"] == head[0]
+        # both read packs (their births say so): the push came packed, in fewer bytes than its entries
+        assert b.counters["bytes-in.trace"] < sum(len(r) + len(s) for r, s in a.store.trace_range(a.node_id, 1, None))
 
         late.start()
-        a.put(region, "k1", {"i": 1})
-        assert a.wait_until(lambda: a.status(region, "k1")["support"].get(a.status(region, "k1")["head"]) == 3,
+        a.put(region, "m1", {"i": 1})
+        assert a.wait_until(lambda: a.status(region, "m1")["support"].get(a.status(region, "m1")["head"]) == 3,
                             TIMEOUT)
         a.trace.push()  # only what came since the first push: late fetches the beginning first
         head = a.store.trace_head(a.node_id)
@@ -82,6 +86,9 @@ def test_new_entries_are_pushed_to_every_peer_and_a_late_one_fetches_the_rest(me
             assert [e.hash for e in n.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)]
         assert not b.counters["trace.requests-sent"]
         assert late.counters["trace.requests-sent"] >= 1 and not late.counters["rejected.trace-chain"]
+        # late asked for packs: the responses came packed too
+        fetched = sum(len(r) + len(s) for r, s in late.store.trace_range(a.node_id, 1, None))
+        assert 0 < late.counters["bytes-in.trace-resp"] + late.counters["bytes-in.trace"] < fetched
     finally:
         for n in (late, b, a):
             n.stop()
@@ -188,3 +195,41 @@ def test_a_push_handled_after_its_senders_live_traffic_is_no_replay(offline_pair
     assert b.store.trace_head(a.node_id) == a.store.trace_head(a.node_id)
     b.receive(node_topic(a.node_id, "trace"), push)
     assert b.counters["rejected.duplicate"] == 1
+
+
+def test_entries_travel_packed_to_nodes_that_read_packs(offline_pair):
+    """A push goes packed while every live peer's birth or fingerprint says it reads packs,
+    a response when its request says so; packed or not, the copy is the same, and a pack
+    that is not one is refused with nothing stored."""
+    a, b = offline_pair
+    rows = [list(r) for r in a.store.trace_range(a.node_id, 1, None)]
+    plain = sum(len(raw) + len(sig) for raw, sig in rows)
+    packed = a.trace._carrying(rows, True)
+    assert list(packed) == ["packed"] and len(packed["packed"]) < plain * 0.8
+    assert a.trace._carrying(rows, False) == {"entries": rows}
+
+    # what a push carries follows what the live peers say of themselves
+    def presence(who, kind: str, seq: int, body: dict) -> None:
+        a.receive(node_topic(who.node_id, kind), encode(who.identity, kind, None, seq, seq, body).raw)
+
+    presence(b, "birth", 1, {"session": 1, "regions": ["plant"]})  # (an older release: no "packs")
+    assert a.trace._plain == {b.node_id}
+    presence(b, "fingerprint", 2, {"session": 1, "packs": True})
+    assert not a.trace._plain
+    presence(b, "fingerprint", 3, {"session": 1})
+    assert a.trace._plain == {b.node_id}
+    presence(b, "death", 4, {"session": 1})
+    assert not a.trace._plain
+
+    topic = node_topic(b.node_id, "trace-resp")
+
+    def respond(seq: int, body: dict) -> None:
+        b.receive(topic, encode(a.identity, "trace-resp", None, seq, seq, body).raw)
+
+    respond(1, {"packed": packing.pack([x for pair in rows for x in pair][:-1])})  # a signature short
+    respond(2, {"packed": packing.pack([bytes(a.config.max_message_bytes)] * 2)})  # inflates beyond the limit
+    respond(3, {"packed": b"\x78\x9c not deflate"})
+    assert b.counters["rejected.bad-sync"] == 3 and b.store.trace_head(a.node_id) is None
+    respond(4, packed)
+    assert [e.hash for e in b.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)]
+    assert b.counters["trace.entries-fetched"] == len(rows)
