@@ -378,13 +378,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _local_node(args) as node:
         if args.region is None:
             print(f"{'node':<18}{'alive':<7}{'session':>8}{'frames':>8}{'shadows':>9}{'forks':>7}{'pending':>9}"
-                  f"{'rejected':>10}  {'broker (* hosts it)':<22}  regions")
+                  f"{'rejected':>10}{'disk free':>11}  {'broker (* hosts it)':<22}  regions")
             for node_id, peer in node.swarm().items():
                 fp = peer.get("fingerprint") or {}
                 mark = "*" if peer.get("self") else " "
                 print(f"{node_id + mark:<18}{'yes' if peer['alive'] else 'no':<7}{peer['session'] or 0:>8}"
                       + "".join(f"{fp.get(k, '-'):>{w}}" for k, w in (("frames", 8), ("shadows", 9), ("forks", 7),
                                                                       ("pending", 9), ("rejected", 10)))
+                      + f"{_bytes(fp.get('disk_free')):>11}"
                       + f"  {str(fp.get('broker', '-')) + ('*' if fp.get('hosting') else ''):<22}"
                       + f"  {', '.join(peer.get('regions') or [])}")
             return 0
@@ -397,6 +398,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                 status = {k: status[k] for k in ("key", "head", "consensus", "state", "forks")}
             _print_json(status)
     return 0
+
+
+def _bytes(n: object) -> str:
+    """A byte count as `status` shows it (1.5G, 820M, 12K); '-' when unknown."""
+    if type(n) is not int or n < 0:
+        return "-"
+    for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n // size}{unit}"
+    return f"{n}B"
 
 
 def cmd_forks(args: argparse.Namespace) -> int:

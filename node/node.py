@@ -56,7 +56,7 @@ from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
 from .bodies import MAX_ROUND, parse_diff, parse_vote, validate_key
-from .store import Frame, FrameVersion, Queued, Store
+from .store import Frame, FrameVersion, Queued, Store, StoreFullError
 from .presence import Presence
 from .relay import Relay
 from .sync import Sync
@@ -834,6 +834,8 @@ class Node(Voting):
                     live = []
                 try:
                     self._dispatch(topic, env)
+                except StoreFullError as e:
+                    self._reject("disk-full", f"a {env.kind} not taken: {e}")
                 except Exception:
                     self._internal_error(topic)
         if live:
@@ -847,6 +849,9 @@ class Node(Voting):
             with self._transaction():
                 self._addressed = {env.msg_id for env, via in envs if via == "inbox"}
                 self._handle([env for env, via in envs if (self._admitted(env) if via else self._accept(env))])
+        except StoreFullError as e:  # (each alone would not fit either; anti-entropy brings them later)
+            self.counters["rejected.disk-full"] += len(envs) - 1
+            self._reject("disk-full", f"{len(envs)} diffs and votes not taken: {e}")
         except Exception:
             if len(envs) == 1:
                 self._internal_error(region_topic(envs[0][0].kind, envs[0][0].region))

@@ -8,7 +8,8 @@ On every connection (a start, and each reconnect) a node counts a new session an
   it passes votes on (relay.py), `packs`: it reads trace entries packed (trace.py) — and its
   admission certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
-consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions.
+consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions, and
+the bytes free on the store's disk (logged as a warning too when below LOW_DISK).
 On a clean stop it publishes its death itself (retained, in case what follows is lost)
 and clears its retained birth, fingerprint and death, so that a long-lived broker does not
 keep announcing nodes that left. All
@@ -41,6 +42,7 @@ log = logging.getLogger("edgeswarm.presence")
 SOFTWARE = f"edgeswarm {version('edgeswarm')}"  # the installed package's version (pyproject.toml)
 MAX_SESSION = 2**63 - 1  # (the store's integers)
 PER_CONNECTION = {"sessions": "per-connection"}  # in births and fingerprints (see the module's text)
+LOW_DISK = 64 * 2**20  # bytes free on the store's disk below which each fingerprint round warns
 
 
 class Presence:
@@ -109,8 +111,8 @@ class Presence:
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_pending(), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),
-                "flagged": len(store.flagged()), **PER_CONNECTION, **self._bus(), **self._abilities(),
-                **self._certificate()}
+                "flagged": len(store.flagged()), "disk_free": store.free_bytes(), **PER_CONNECTION, **self._bus(),
+                **self._abilities(), **self._certificate()}
 
     def _abilities(self) -> dict:
         """That this node passes on the votes sent to it (node/relay.py), and reads trace
@@ -131,7 +133,11 @@ class Presence:
 
     def publish_fingerprint(self) -> None:
         node = self.node
-        node.send_now(node_topic(node.node_id, "fingerprint"), "fingerprint", self.fingerprint(), retain=True)
+        fingerprint = self.fingerprint()
+        if 0 <= fingerprint["disk_free"] < LOW_DISK:
+            log.warning("the disk of the store %s has %s bytes free: writes fail once it is full (frame history "
+                        "grows with every change: firmware-notes)", self.store.path, f"{fingerprint['disk_free']:,}")
+        node.send_now(node_topic(node.node_id, "fingerprint"), "fingerprint", fingerprint, retain=True)
 
     # -- peers -----------------------------------------------------------------------
 

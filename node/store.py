@@ -48,6 +48,7 @@ second of commits (synchronous=NORMAL); a crashed process loses none.
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -98,6 +99,10 @@ class StoreError(Exception):
     """The store file cannot be opened or used (corrupt, wrong schema, locked)."""
 
 
+class StoreFullError(StoreError):
+    """A write found no room on the store's disk: nothing of it was written."""
+
+
 @dataclass(frozen=True)
 class FrameVersion:
     region: str
@@ -146,6 +151,18 @@ class Frame:
     # Every version older (by generation) than the consensus is one of its ancestors, so
     # decisions need only the consensus and what descends from it.
     settled: bool = False
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An SQLite error that says the disk (or the database's page limit) is full."""
+    return isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
 
 
 def split_hashes(blob: bytes | None) -> tuple[bytes, ...]:
@@ -370,23 +387,44 @@ class Store:
                 self._tx_thread = threading.get_ident()
                 yield self
                 self._flush()
-            except BaseException:
+            except BaseException as e:
                 self._tx, self._tx_thread = False, None
                 self._forget()
-                conn.execute("ROLLBACK")
+                self._roll_back()
                 self._sum_changes = []
+                if _disk_full(e):
+                    raise self._full() from e
                 raise
             self._tx, self._tx_thread = False, None
             try:
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
                 self._forget()
+                self._roll_back()  # (else the next transaction would join this one, never to commit)
+                self._sum_changes = []
+                if _disk_full(e):
+                    raise self._full() from e
                 raise
             changes, self._sum_changes = self._sum_changes, []
             if changes != []:
                 self.sums_gen += 1
                 for listener in self.sum_listeners:
                     listener(self.sums_gen, changes)
+
+    def _roll_back(self) -> None:
+        """(Under the lock.) Undo the open transaction, if SQLite has not already: it does
+        itself on some errors — a full disk, an I/O error — and ROLLBACK then fails."""
+        if self.db.conn.in_transaction:
+            self.db.conn.execute("ROLLBACK")
+
+    def _full(self) -> StoreFullError:
+        free = _free_bytes(self.path.parent)
+        return StoreFullError(f"the disk of store {self.path} is full ({free:,} bytes free): nothing of this "
+                              "change was written; free space there (firmware-notes: sizing the card)")
+
+    def free_bytes(self) -> int:
+        """Bytes free to this node on the filesystem that holds the store (-1: unknown)."""
+        return _free_bytes(self.path.parent)
 
     def _begin(self) -> None:
         """Keep the cache only if no other connection committed since it was filled."""

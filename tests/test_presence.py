@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from edgeswarm.node import Config
+from edgeswarm.node.cli import _bytes
 from edgeswarm.node.harness import NodeProcess
 from edgeswarm.shared.topics import node_topic
 
@@ -34,6 +35,8 @@ def test_births_deaths_and_fingerprints(make_node, region):
                             capture_output=True, text=True, timeout=TIMEOUT)
     row = next((line for line in status.stdout.splitlines() if line.startswith(a.node_id)), status.stderr)
     assert f"{a.transport.host}:{a.transport.port}" in row and " yes " in row, status.stdout
+    free = peer(b, a)["fingerprint"]["disk_free"]  # (the bytes free on the disk of a's store)
+    assert free > 0 and f" {_bytes(free)} " in row, status.stdout
 
     # The link drops without a goodbye: the broker publishes the will; paho reconnects and
     # the node is born again, in a new session (its will re-armed for it).

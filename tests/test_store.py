@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from edgeswarm.node.store import PAGE_SIZE, Frame, Store
+from edgeswarm.node.store import PAGE_SIZE, Frame, Store, StoreFullError
 
 KEY = bytes(32)
 
@@ -214,3 +214,32 @@ def test_a_new_store_has_small_pages_and_an_old_one_keeps_its_own(tmp_path):
         assert old.frame("r", "k").head == b"v" * 32 and old.value(b"v" * 32) == {"x": 1}
     finally:
         old.close()
+
+
+def test_a_full_disk_is_a_clear_error_that_loses_nothing(offline_pair):
+    """A store whose disk is full (here: SQLite's page limit, which fails a write the same
+    way) refuses a write with a clear error and counts what it could not take; what it held
+    stays, and once there is room again the same messages are taken."""
+    a, b = offline_pair
+    sent = [(item.topic, item.envelope) for item in a.store.unpublished()]
+    assert len(sent) == 6  # a's six diffs
+    for message in sent[:3]:
+        b.receive(*message)
+    held = {f"k{i}": b.get("plant/a", f"k{i}") for i in range(3)}
+    assert held == {f"k{i}": {"i": i} for i in range(3)}
+
+    conn = b.store.db.conn
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(StoreFullError, match="is full"):
+        b.put("plant/b", "big", {"blob": "x" * 20_000})
+    b.receive(*sent[3])
+    assert b.counters["rejected.disk-full"] == 1 and not b.counters["rejected.internal"]
+    assert b.head("plant/a", "k3") is None and b.head("plant/b", "big") is None
+    assert not conn.in_transaction
+    assert {k: b.get("plant/a", k) for k in held} == held
+
+    conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+    b.receive(*sent[3])  # (its sequence number was not taken: no replay)
+    assert b.get("plant/a", "k3") == {"i": 3} and not b.counters["rejected.replay"]
+    b.put("plant/b", "big", {"blob": "x" * 20_000})
+    assert b.get("plant/b", "big") == {"blob": "x" * 20_000}
