@@ -48,11 +48,15 @@ def write(node: Node, keep: int = 5) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"snapshot-{env.hlc:020d}.cbor"
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(env.raw)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(env.raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk: a part written is space lost, and the next one would leave another)
+        tmp.unlink(missing_ok=True)
+        raise
     for old in sorted(folder.glob("snapshot-*.cbor"))[:-keep]:
         old.unlink()
     node.counters["snapshots"] += 1

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import subprocess
 
 import pytest
 
+from edgeswarm.node import Config, Node
 from edgeswarm.node.store import PAGE_SIZE, Frame, Store, StoreFullError
 
 KEY = bytes(32)
@@ -243,3 +246,39 @@ def test_a_full_disk_is_a_clear_error_that_loses_nothing(offline_pair):
     assert b.get("plant/a", "k3") == {"i": 3} and not b.counters["rejected.replay"]
     b.put("plant/b", "big", {"blob": "x" * 20_000})
     assert b.get("plant/b", "big") == {"blob": "x" * 20_000}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB filesystem of its own (tmpfs; mounting one needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_node_whose_disk_fills_keeps_what_it_held_and_says_so(small_disk):
+    node = Node(Config(home=small_disk / "node", regions=["plant"], sync_interval=0))
+    try:
+        written = {}
+        with pytest.raises(StoreFullError, match="is full"):
+            for i in range(1000):
+                value = {"blob": os.urandom(4000).hex()}
+                node.put("plant/a", f"k{i}", value)
+                written[f"k{i}"] = value
+        assert 5 < len(written) < 1000 and {k: node.get("plant/a", k) for k in written} == written
+        with pytest.raises(OSError):
+            node.snapshot()  # (the state does not fit either)
+        assert not list((small_disk / "node" / "recovery").glob("*"))  # no part left taking space
+    finally:
+        node.stop()
+    reopened = Store(small_disk / "node" / "store.db")
+    try:
+        assert len(reopened.keys("plant/a")) == len(written)
+    finally:
+        reopened.close()
