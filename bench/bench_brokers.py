@@ -179,6 +179,7 @@ def table(columns: dict[str, dict], frames: int, batch: int, w: Workload) -> Non
         ("  bytes published / delivered per frame",
          lambda c: f"{c['sim']['bytes_out_per_frame']:,.0f} / {c['sim']['bytes_in_per_frame']:,.0f}"),
         ("  node CPU per write (all nodes), ms", lambda c: f"{c['sim']['cpu_ms_per_write']:,.1f}"),
+        ("  node CPU while the load ran, cores", lambda c: f"{c['sim']['load_cores']:.2f} of {c['sim']['cores']}"),
     ]
     width = max(18, *(len(cell(columns[n])) + 2 for _, cell in rows for n in names))
     labels = max(len(label) for label, _ in rows)

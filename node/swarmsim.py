@@ -28,6 +28,7 @@ Printed, measured in this one run:
 from __future__ import annotations
 
 import math
+import os
 import random
 import tempfile
 import threading
@@ -227,13 +228,15 @@ def _drive(w: Workload, members: list[_Member], root: str, regions: list[str], r
     for t in threads:
         t.join()  # the writers stop at `stop`; the last outage may end a little later
     quiet = time.monotonic()
+    load_cpu = sum(m.cpu + m.call("cpu") - m.cpu_base for m in members)  # (every node is up again)
     settled = _settle(members, root, SETTLE_TIMEOUT)
     settle_s = time.monotonic() - quiet
     mirrored = _mirror_traces(members, SETTLE_TIMEOUT)
     for m in members:
         m.collect()
         m.cpu += m.call("cpu") - m.cpu_base
-    return _figures(w, members, regions, settled, settle_s, stop - start, errors) | {"traces_mirrored": mirrored}
+    return _figures(w, members, regions, settled, settle_s, stop - start, errors) | {
+        "traces_mirrored": mirrored, "load_cores": load_cpu / (quiet - start), "cores": os.cpu_count()}
 
 
 def _mirror_traces(members: list[_Member], timeout: float) -> bool:
@@ -335,6 +338,8 @@ def report(w: Workload, f: dict, broker: str) -> str:
         + (", every trace copied everywhere)" if f.get("traces_mirrored") else "; traces NOT all copied)"),
         f"  throughput {f['offered_per_s']:.1f} writes/s; per frame {f['bytes_out_per_frame']:,.0f} B published, "
         f"{f['bytes_in_per_frame']:,.0f} B delivered; {f['cpu_ms_per_write']:,.1f} ms of node CPU (all nodes)",
+        f"  node CPU while the load ran: {f['load_cores']:.2f} of this machine's {f['cores']} cores (the broker and "
+        "this driver share them: near the cores, writes queue behind each other and the tail grows)",
         "  delivered per frame by kind: " + ", ".join(
             f"{kind} {n:,.0f} B" for kind, n in sorted(f["bytes_in_by_kind"].items(), key=lambda kv: -kv[1]) if n >= 1),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -177,3 +178,5 @@ def test_swarm_sim_converges_with_conflicts_and_power_cuts(broker):
     assert "convergence 100.0 %" in out.stdout and "frames lost: 0 of" in out.stdout, out.stdout
     written = int(out.stdout.split("frames lost: 0 of ")[1].split()[0])
     assert written >= 20, out.stdout  # 2 writers x 4/s x 3 s, and the conflicting pairs
+    cores = float(out.stdout.split("node CPU while the load ran: ")[1].split()[0])
+    assert 0 < cores <= (os.cpu_count() or 1), out.stdout
