@@ -250,6 +250,10 @@ class Node(Voting):
             self._worker.join(30)
             self._worker = None
         self._clear_acked()
+        try:
+            self.trace.settle()
+        except Exception:
+            log.warning("could not write the trace's lingering events as the node stops", exc_info=True)
         self.store.close()
 
     def __enter__(self) -> Node:
@@ -779,13 +783,25 @@ class Node(Voting):
                 return self._inbox.get(timeout=wait)
             except queue.Empty:
                 with self._working:
-                    self.relay.flush()
-                    self._clear_acked(due=True)
+                    self._due()
+                with self._activity:
+                    self._activity.notify_all()
         return self._inbox.get()
+
+    def _due(self) -> None:
+        """What the worker does of its own once it is due: votes to pass on, acknowledged
+        outbox rows to clear, trace events to write (trace.py: Trace.flush)."""
+        self.relay.flush()
+        self._clear_acked(due=True)
+        try:
+            self.trace.settle(due=True)
+        except Exception:  # (tried again with the next entry, or the next wait)
+            log.warning("could not write the trace's lingering events", exc_info=True)
 
     def _wait(self) -> float | None:
         """Seconds until the worker has something to do of its own (None: nothing)."""
-        wait = self.relay.wait()
+        waits = [w for w in (self.relay.wait(), self.trace.wait()) if w is not None]
+        wait = min(waits) if waits else None
         with self._acks:
             if self._acked:
                 due = max(0.0, self._ack_due - time.monotonic())
@@ -794,8 +810,7 @@ class Node(Voting):
 
     def _handled(self, messages: list[tuple[str, bytes]]) -> None:
         self.receive_many(messages)
-        self.relay.flush()
-        self._clear_acked(due=True)
+        self._due()
         self._handled_at = time.monotonic()
         with self._activity:
             self._activity.notify_all()

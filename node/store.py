@@ -183,6 +183,9 @@ class Store:
         # handed to these listeners as (generation, [(region, position, item, versions,
         # rounds), ...]), or (generation, None) when the table was rebuilt.
         self.sum_listeners: list[Callable[[int, list | None], None]] = []
+        # Told, under the store's lock, how each outermost transaction ended: True once it
+        # committed, False once it was rolled back (or its COMMIT failed).
+        self.end_listeners: list[Callable[[bool], None]] = []
         self.sums_gen = 0
         self._sum_changes: list | None = []
         # Frames decided since their votes were last compacted (decided_frames), oldest
@@ -392,6 +395,7 @@ class Store:
                 self._forget()
                 self._roll_back()
                 self._sum_changes = []
+                self._ended(False)
                 if _disk_full(e):
                     raise self._full() from e
                 raise
@@ -402,14 +406,20 @@ class Store:
                 self._forget()
                 self._roll_back()  # (else the next transaction would join this one, never to commit)
                 self._sum_changes = []
+                self._ended(False)
                 if _disk_full(e):
                     raise self._full() from e
                 raise
+            self._ended(True)
             changes, self._sum_changes = self._sum_changes, []
             if changes != []:
                 self.sums_gen += 1
                 for listener in self.sum_listeners:
                     listener(self.sums_gen, changes)
+
+    def _ended(self, committed: bool) -> None:
+        for listener in self.end_listeners:
+            listener(committed)
 
     def _roll_back(self) -> None:
         """(Under the lock.) Undo the open transaction, if SQLite has not already: it does

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeswarm.node import Node
-from edgeswarm.node.trace import entry_hash, verify_chain
+from edgeswarm.node.trace import entry_hash, parse, verify_chain
 from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.topics import node_topic, region_topic
@@ -30,6 +30,8 @@ def test_traces_chain_spread_and_rewrites_are_caught(make_swarm, region, attacke
     for n in nodes:  # every vote is in: the traces stop growing
         assert n.wait_until(lambda n=n: n.status(region, "door")["support"].get(n.status(region, "door")["head"]) == 3,
                             TIMEOUT)
+    for n in nodes:
+        n.trace.settle()  # (the decisions waiting for a next entry: written now, as a round would)
     heads = {n.node_id: n.store.trace_head(n.node_id) for n in nodes}
     for n in nodes:
         n.sync_now()  # publishes trace heads: every node fetches the others' traces
@@ -103,6 +105,8 @@ def test_metrics_reflect_the_swarm(make_swarm, region):
         assert n.wait_until(lambda n=n: all(
             n.status(region, f"k{i}")["support"].get(n.status(region, f"k{i}")["consensus"] or "") == 3
             for i in range(4)), TIMEOUT)
+    for n in nodes:
+        n.trace.settle()  # (the decisions waiting for a next entry: written now, as a round would)
     heads = {n.node_id: n.store.trace_head(n.node_id) for n in nodes}
     for n in nodes:
         n.sync_now()
@@ -233,3 +237,57 @@ def test_entries_travel_packed_to_nodes_that_read_packs(offline_pair):
     respond(4, packed)
     assert [e.hash for e in b.trace.entries(a.node_id)] == [e.hash for e in a.trace.entries(a.node_id)]
     assert b.counters["trace.entries-fetched"] == len(rows)
+
+
+def test_a_decision_waits_for_the_next_entry(tmp_path):
+    """A consensus reached by votes alone writes no entry of its own: it rides in the node's
+    next entry, so a member that takes each change's diff and then the votes deciding it
+    writes one entry per change, not two; reading the trace (or a push, or a stop) writes
+    what still waits."""
+    from edgeswarm.node import Config
+    from edgeswarm.shared.identity import Identity
+
+    homes = [tmp_path / name for name in "abcd"]
+    ids = [Identity.load_or_create(h / "node.key") for h in homes]
+    members = [i.node_id for i in ids]
+    a, b = (Node(Config(home=h, regions=["plant"], members=members, sync_interval=0)) for h in homes[:2])
+    c = ids[2]
+    try:
+        for i in range(5):  # a writes; b takes the diff and votes (2 of 4: no quorum), then c's vote decides
+            version = bytes.fromhex(a.put("plant/x", f"k{i}", {"i": i}))
+            for item in a.store.unpublished():
+                a.store.mark_published([item.msg_id])
+                b.receive(item.topic, item.envelope)
+            assert b.consensus("plant/x", f"k{i}") is None
+            b.receive(region_topic("vote", "plant/x"),
+                      encode(c, "vote", "plant/x", i + 1, i + 1, {"key": f"k{i}", "version": version, "round": 1}).raw)
+            assert b.consensus("plant/x", f"k{i}").version == version.hex()
+        assert b.store.trace_head(b.node_id)[0] == 5  # the fifth decision still waits
+        own = b.trace.entries(b.node_id)
+        assert len(own) == 6 and verify_chain(own)
+        events = [event for e in own for event, _, _ in e.events]
+        assert events == ["accepted", "voted"] + ["consensus", "accepted", "voted"] * 4 + ["consensus"]
+        hlcs = [hlc for e in own for _, hlc, _ in e.events]
+        assert hlcs == sorted(hlcs)  # (each event keeps the time it happened)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_waiting_decision_is_written_by_the_worker_in_time(member_configs, region):
+    configs = member_configs(4, sync_interval=0, snapshot_interval=0)  # quorum 3; the fourth never runs
+    a, b, c = (Node(config).start() for config in configs[:3])
+    try:
+        for n in (a, b, c):  # (each knows the others pass votes on)
+            assert n.wait_until(lambda n=n: len(n.relay.authors) == 2, TIMEOUT)
+        head = b.store.trace_head(b.node_id)
+        version = a.put(region, "k", {"x": 1})
+        assert b.wait_until(lambda: (fv := b.consensus(region, "k")) is not None and fv.version == version, TIMEOUT)
+
+        def decided() -> bool:
+            rows = b.store.trace_range(b.node_id, (head[0] if head else 0) + 1, None)
+            return any(event == "consensus" for raw, _ in rows for event, _, _ in parse(b.node_id, raw).events)
+        assert b.wait_until(decided, TIMEOUT)  # nothing else happens: written once LINGER is up
+    finally:
+        for n in (c, b, a):
+            n.stop()
