@@ -148,8 +148,8 @@ class Trace:
         pending, self._pending = self._pending, []
         force, self._force = self._force, False
         if not force and all(event in LINGERING for event, _, _ in pending) and not self._due() \
-                and len(self._lingering) + len(pending) <= EVENTS_PER_ENTRY:
-            self._tentative = pending
+                and len(self._lingering) + len(self._tentative) + len(pending) <= EVENTS_PER_ENTRY:
+            self._tentative += pending
             return
         self._write(pending)
 
