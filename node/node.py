@@ -800,8 +800,7 @@ class Node(Voting):
 
     def _wait(self) -> float | None:
         """Seconds until the worker has something to do of its own (None: nothing)."""
-        waits = [w for w in (self.relay.wait(), self.trace.wait()) if w is not None]
-        wait = min(waits) if waits else None
+        wait = min((w for w in (self.relay.wait(), self.trace.wait()) if w is not None), default=None)
         with self._acks:
             if self._acked:
                 due = max(0.0, self._ack_due - time.monotonic())

@@ -158,13 +158,6 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
-def _free_bytes(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return -1
-
-
 def split_hashes(blob: bytes | None) -> tuple[bytes, ...]:
     if not blob:
         return ()
@@ -390,21 +383,12 @@ class Store:
                 self._tx_thread = threading.get_ident()
                 yield self
                 self._flush()
+                self._tx, self._tx_thread = False, None
+                conn.execute("COMMIT")
             except BaseException as e:
                 self._tx, self._tx_thread = False, None
                 self._forget()
-                self._roll_back()
-                self._sum_changes = []
-                self._ended(False)
-                if _disk_full(e):
-                    raise self._full() from e
-                raise
-            self._tx, self._tx_thread = False, None
-            try:
-                conn.execute("COMMIT")
-            except BaseException as e:
-                self._forget()
-                self._roll_back()  # (else the next transaction would join this one, never to commit)
+                self._roll_back()  # (after a failed COMMIT too: else the next transaction would join this one)
                 self._sum_changes = []
                 self._ended(False)
                 if _disk_full(e):
@@ -428,13 +412,15 @@ class Store:
             self.db.conn.execute("ROLLBACK")
 
     def _full(self) -> StoreFullError:
-        free = _free_bytes(self.path.parent)
-        return StoreFullError(f"the disk of store {self.path} is full ({free:,} bytes free): nothing of this "
-                              "change was written; free space there (firmware-notes: sizing the card)")
+        return StoreFullError(f"the disk of store {self.path} is full ({self.free_bytes():,} bytes free): nothing "
+                              "of this change was written; free space there (firmware-notes: sizing the card)")
 
     def free_bytes(self) -> int:
         """Bytes free to this node on the filesystem that holds the store (-1: unknown)."""
-        return _free_bytes(self.path.parent)
+        try:
+            return shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return -1
 
     def _begin(self) -> None:
         """Keep the cache only if no other connection committed since it was filled."""

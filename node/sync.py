@@ -720,10 +720,10 @@ class Sync:
 
     def _carrying(self, peer: str, envelopes: list[bytes]) -> dict:
         """The part of a sync-resp that carries envelopes to a peer: packed if it reads packs
-        (and packing makes them smaller: never larger than a list, as a pull allows for)."""
+        (and packing makes them smaller)."""
         with self._lock:
             packs = peer in self._packs
-        if packs and len(packed := packing.pack(envelopes)) < sum(map(len, envelopes)):
+        if packs and (packed := packing.smaller(envelopes)) is not None:
             return {"packed": packed}
         return {"envelopes": envelopes}
 

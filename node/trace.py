@@ -254,8 +254,7 @@ class Trace:
     @staticmethod
     def _carrying(entries: list[list[bytes]], packs: bool) -> dict:
         """The entries of a push or response, packed for readers of packs (when that is smaller)."""
-        if packs and len(packed := packing.pack([b for pair in entries for b in pair])) < \
-                sum(len(raw) + len(sig) for raw, sig in entries):
+        if packs and (packed := packing.smaller([b for pair in entries for b in pair])) is not None:
             return {"packed": packed}
         return {"entries": entries}
 

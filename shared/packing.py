@@ -28,6 +28,13 @@ def pack(messages: list[bytes]) -> bytes:
     return zlib.compress(canonical(messages), LEVEL)
 
 
+def smaller(messages: list[bytes]) -> bytes | None:
+    """The pack of `messages` when it takes fewer bytes than they do as they are, else None
+    (a reply sent packed is never larger than its list, as the size limits allow for)."""
+    packed = pack(messages)
+    return packed if len(packed) < sum(map(len, messages)) else None
+
+
 def unpack(data: object, max_bytes: int) -> list[bytes]:
     """The messages in a pack; MalformedError when it is not one or would inflate beyond
     `max_bytes`."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from edgeswarm.node import Node
+from edgeswarm.node import Config, Node
 from edgeswarm.node.trace import entry_hash, parse, verify_chain
 from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, encode
+from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic, region_topic
 
 TIMEOUT = 15.0
@@ -244,9 +245,6 @@ def test_a_decision_waits_for_the_next_entry(tmp_path):
     next entry, so a member that takes each change's diff and then the votes deciding it
     writes one entry per change, not two; reading the trace (or a push, or a stop) writes
     what still waits."""
-    from edgeswarm.node import Config
-    from edgeswarm.shared.identity import Identity
-
     homes = [tmp_path / name for name in "abcd"]
     ids = [Identity.load_or_create(h / "node.key") for h in homes]
     members = [i.node_id for i in ids]
