@@ -82,7 +82,6 @@ def test_late_joiner_and_cut_off_node_catch_up_by_sync(member_configs, region):
             n.stop()
 
 
-
 def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(member_configs, region, attacker):
     """What a pull brings travels packed (shared/packing.py) to a node that says in its
     sync-reqs it reads packs, in well under the bytes of the envelopes; a node that does
@@ -326,7 +325,6 @@ def test_store_of_schema_3_is_rebuilt_with_its_votes(tmp_path):
         reopened.stop()
 
 
-
 def test_store_of_schema_5_gets_its_votes_by_round(tmp_path):
     """Schema 6 keeps a frame's votes in round order (a change's votes land side by side);
     a schema 5 store, voter first, is rebuilt on open with every vote and the same digest."""
@@ -369,6 +367,7 @@ def test_store_of_schema_5_gets_its_votes_by_round(tmp_path):
         assert [len(ws) for ws in store.votes_in_order("plant/a", "k").values()] == [4]
     finally:
         reopened.stop()
+
 
 def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_path, region):
     """Schema 5 indexes only the rows looked up by their index (merges, diffs waiting for a
