@@ -35,6 +35,8 @@ it answers as a pruned trace does, so a peer keeps the entries the node lost and
 its copy at the new start.
 
 Events: wrote, accepted, rejected, voted, merged, consensus, flagged (and `events`, which holds some).
+A vote the node casts in the transaction that wrote or accepted its version rides in that
+event, as its `round` (one event instead of two: a write, or a diff taken and voted for).
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ PUSH_RANGE = 100  # entries per push: the receiver handles one push at a time be
 MAX_AUTHORS = 4096  # trace heads remembered (what each peer announced, to fetch up to it)
 MAX_SEQ = 2**63 - 1  # (the store's integers)
 EVENTS_PER_ENTRY = 64  # events of one transaction written in one entry at most
-LINGERING = frozenset({"consensus"})  # events that wait for the node's next entry (see Trace.flush)
+# Events that wait for the node's next entry (see Trace.flush): what it did with others'
+# versions, each provable again from the signed diffs and votes it holds
+LINGERING = frozenset({"accepted", "voted", "merged", "consensus"})
 LINGER = 1.0  # seconds they wait at most
+CARRY_VOTES = frozenset({"wrote", "accepted"})  # events that carry a vote on their version (see record)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class Trace:
         # Where own entries start anew (restart.py; set before the node is made, never after)
         self._start = self.store.meta("trace_start")
         self._pending: list[list] = []  # events of the node's open transaction, [event, hlc, data]
+        self._carriers: dict[bytes, dict] = {}  # version -> data of its CARRY_VOTES event in _pending
         self._plain: set[str] = set()  # live peers that do not say they read packed entries
         # Decisions recorded by committed transactions and not yet in an entry (see flush),
         # since when the oldest waits; and, for the transaction open now, how many of them
@@ -134,18 +140,29 @@ class Trace:
         node = self.node
         with self.store.transaction():  # (holds the store lock: an open node transaction is this thread's)
             if node._tx_depth:
+                if event == "voted" and (carrier := self._carriers.get(data["version"])) is not None \
+                        and "round" not in carrier:
+                    carrier["round"] = data["round"]
+                    return
+                if event in CARRY_VOTES:
+                    self._carriers[data["version"]] = data
                 self._pending.append([event, node.clock.now(), data])
             else:
                 self._write([[event, node.clock.now(), data]])
 
     def flush(self) -> None:
         """Write the events of the node's transaction, as it commits. A transaction that only
-        reached decisions (LINGERING: a consensus, which the votes held prove again) writes no
-        entry of its own: its events wait, at most LINGER seconds, for the node's next entry
-        (at 20 members a node's entries per change go from two to one: one signature, one
-        row and one copy on every peer less). A push, the node's stop and reading its own
-        trace write them at once; a node that loses power loses at most those."""
+        dealt with others' versions (LINGERING: a diff taken, a vote, a merge, a consensus,
+        which the signed diffs and votes it holds prove again) writes no entry of its own:
+        its events wait, at most LINGER seconds (and EVENTS_PER_ENTRY events), for the
+        node's next entry. A member of a busy swarm so writes about one entry a second
+        instead of one per change taken and one per decision: one signature, one row and
+        one copy on every peer for all of them, and none of it between a diff's arrival and
+        the vote it casts. A push, the node's stop and reading its own trace write them at
+        once; a node that crashes or loses power loses at most those (its store, at most
+        its last second of commits: store.py)."""
         pending, self._pending = self._pending, []
+        self._carriers = {}
         force, self._force = self._force, False
         if not force and all(event in LINGERING for event, _, _ in pending) and not self._due() \
                 and len(self._lingering) + len(self._tentative) + len(pending) <= EVENTS_PER_ENTRY:
@@ -195,6 +212,7 @@ class Trace:
     def discard(self) -> None:
         """The node's transaction rolled back: what it did did not happen."""
         self._pending = []
+        self._carriers = {}
         self._force = False
 
     def _append(self, events: list[list]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeswarm.node import Config, Node
-from edgeswarm.node.trace import entry_hash, parse, verify_chain
+from edgeswarm.node.trace import EVENTS_PER_ENTRY, entry_hash, parse, verify_chain
 from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.identity import Identity
@@ -23,8 +23,9 @@ def test_traces_chain_spread_and_rewrites_are_caught(make_swarm, region, attacke
 
     own = a.trace.entries(a.node_id)
     events = [(event, data) for e in own for event, _, data in e.events]
-    # a write and the vote on it are one transaction: one entry holds both
-    assert verify_chain(own) and own[0].event == "events" and [ev for ev, _ in events][:2] == ["wrote", "voted"]
+    # a write and the vote on it are one transaction: one event holds both (the vote's round)
+    assert verify_chain(own) and own[0].event == "wrote" and own[0].data["round"] == 1
+    assert "voted" not in {ev for ev, _ in events}  # (every vote here was on a version written or taken)
     assert {"accepted", "consensus"} <= {ev for ev, _ in events}
     assert any(ev == "wrote" and data["version"] == bytes.fromhex(v) for ev, data in events)
 
@@ -240,33 +241,44 @@ def test_entries_travel_packed_to_nodes_that_read_packs(offline_pair):
     assert b.counters["trace.entries-fetched"] == len(rows)
 
 
-def test_a_decision_waits_for_the_next_entry(tmp_path):
-    """A consensus reached by votes alone writes no entry of its own: it rides in the node's
-    next entry, so a member that takes each change's diff and then the votes deciding it
-    writes one entry per change, not two; reading the trace (or a push, or a stop) writes
-    what still waits."""
+def test_what_a_node_did_with_others_versions_waits_for_its_next_entry(tmp_path):
+    """Diffs taken, the votes cast on them and the consensus the others' votes reach write no
+    entry of their own: they ride in the node's next entry (its own write, or one once LINGER
+    is up or EVENTS_PER_ENTRY wait), so a member taking change after change writes one entry
+    for many; reading the trace (or a push, or a stop) writes what still waits."""
     homes = [tmp_path / name for name in "abcd"]
     ids = [Identity.load_or_create(h / "node.key") for h in homes]
     members = [i.node_id for i in ids]
     a, b = (Node(Config(home=h, regions=["plant"], members=members, sync_interval=0)) for h in homes[:2])
     c = ids[2]
+
+    def change(i: int) -> None:  # a writes; b takes the diff and votes (2 of 4: no quorum), then c's vote decides
+        version = bytes.fromhex(a.put("plant/x", f"k{i}", {"i": i}))
+        for item in a.store.unpublished():
+            a.store.mark_published([item.msg_id])
+            b.receive(item.topic, item.envelope)
+        assert b.consensus("plant/x", f"k{i}") is None
+        b.receive(region_topic("vote", "plant/x"),
+                  encode(c, "vote", "plant/x", i + 1, i + 1, {"key": f"k{i}", "version": version, "round": 1}).raw)
+        assert b.consensus("plant/x", f"k{i}").version == version.hex()
+
     try:
-        for i in range(5):  # a writes; b takes the diff and votes (2 of 4: no quorum), then c's vote decides
-            version = bytes.fromhex(a.put("plant/x", f"k{i}", {"i": i}))
-            for item in a.store.unpublished():
-                a.store.mark_published([item.msg_id])
-                b.receive(item.topic, item.envelope)
-            assert b.consensus("plant/x", f"k{i}") is None
-            b.receive(region_topic("vote", "plant/x"),
-                      encode(c, "vote", "plant/x", i + 1, i + 1, {"key": f"k{i}", "version": version, "round": 1}).raw)
-            assert b.consensus("plant/x", f"k{i}").version == version.hex()
-        assert b.store.trace_head(b.node_id)[0] == 5  # the fifth decision still waits
+        for i in range(5):
+            change(i)
+        assert b.store.trace_head(b.node_id) is None  # ten events wait
+        b.put("plant/x", "own", {"by": "b"})
         own = b.trace.entries(b.node_id)
-        assert len(own) == 6 and verify_chain(own)
-        events = [event for e in own for event, _, _ in e.events]
-        assert events == ["accepted", "voted"] + ["consensus", "accepted", "voted"] * 4 + ["consensus"]
-        hlcs = [hlc for e in own for _, hlc, _ in e.events]
+        assert len(own) == 1 and verify_chain(own)
+        assert [event for event, _, _ in own[0].events] == ["accepted", "consensus"] * 5 + ["wrote"]
+        assert all(data["round"] == 1 for event, _, data in own[0].events if event == "accepted")
+        hlcs = [hlc for _, hlc, _ in own[0].events]
         assert hlcs == sorted(hlcs)  # (each event keeps the time it happened)
+
+        for i in range(5, 5 + EVENTS_PER_ENTRY // 2 + 1):  # one event more than an entry holds: written
+            change(i)
+        assert b.store.trace_head(b.node_id)[0] == 3
+        own = b.trace.entries(b.node_id)
+        assert [len(e.events) for e in own] == [11, EVENTS_PER_ENTRY, 1, 1] and verify_chain(own)
     finally:
         a.stop()
         b.stop()
