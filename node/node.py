@@ -432,7 +432,7 @@ class Node(Voting):
         self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, parent, env.raw, "applied")
         self.trace.record("wrote", region=region, key=key, version=version)
         if round_ is not None:
-            self._voted(region, key, round_, version, env.raw)
+            self._voted(region, key, round_, version, env.msg_id)  # (the diff, stored above, is the vote)
         self.counters["sent"] += 1
 
     # -- transactions, outbox and publishing -----------------------------------------
@@ -1117,7 +1117,9 @@ class Node(Voting):
         if voter_id in self.store.flagged():
             self.counters["ignored.flagged-vote"] += 1
             return
-        previous = self.store.add_vote(env.region, key, voter_id, round_, version, env.raw, merge and tuple(merge))
+        previous = self.store.add_vote(env.region, key, voter_id, round_, version,
+                                       env.raw if env.kind == "vote" else env.msg_id,  # (a diff: stored with it)
+                                       merge and tuple(merge))
         if previous is not None:
             if previous[0] != version:  # (the held one may be superseded: its envelope is gone)
                 self._flag(voter_id, f"two votes in round {round_} of {env.region}/{key}", previous[1] or b"",

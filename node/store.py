@@ -9,8 +9,10 @@ Tables
   diffs     every diff envelope sent or received, raw, with its status
             (applied / pending while a parent is missing / rejected).
   votes     the votes: (region, key, round, voter) -> version, with the signed envelope
-            (what anti-entropy sends); those no decision reads again go at each scheduled
-            round (Voting.compact_votes);
+            (what anti-entropy sends) or, for the vote its author's diff carries, the
+            diff's message id (32 bytes: the diffs table holds that envelope once, and a
+            change's rows take one page less); those no decision reads again go at each
+            scheduled round (Voting.compact_votes);
   latest    and each voter's highest round per frame.
   sums      per frame, what anti-entropy compares (node/digest.py): its position, the XOR of
             its item hashes (authored versions, latest votes), how many authored versions
@@ -84,6 +86,9 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
 # (Rows are updated in place, not replaced: a replaced row moves, so COMMIT writes its index page too.)
 _LATEST_UPSERT = ("INSERT INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
                   " (region, key, voter) DO UPDATE SET round = excluded.round, version = excluded.version")
+# A vote's envelope as stored: the vote's own, or the diff's it came in (see votes above)
+_VOTE_ENVELOPE = ("CASE WHEN length(envelope) = 32 THEN (SELECT d.envelope FROM diffs d WHERE d.msg_id = votes.envelope)"
+                  " ELSE envelope END")
 _META_UPSERT = "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 _FRAME_UPSERT = ("INSERT INTO frames (region, key, head, consensus, round, settled) VALUES (?, ?, ?, ?, ?, ?)"
                  " ON CONFLICT (region, key) DO UPDATE SET head = excluded.head, consensus = excluded.consensus,"
@@ -822,12 +827,14 @@ class Store:
     def vote_at(self, region: str, key: str, voter: str, round_: int) -> tuple[bytes, bytes | None] | None:
         """(version, envelope) of a voter's vote in a round, if any (envelope None: stored
         when only a voter's latest kept its envelope)."""
-        return self._one("SELECT version, envelope FROM votes WHERE region = ? AND key = ? AND voter = ? AND round = ?",
+        return self._one(f"SELECT version, {_VOTE_ENVELOPE} FROM votes WHERE region = ? AND key = ? AND voter = ?"
+                         " AND round = ?",
                          [region, key, voter, round_])
 
     def add_vote(self, region: str, key: str, voter: str, round_: int, version: bytes, envelope: bytes,
                  merge_of: tuple[bytes, ...] | None = None) -> tuple[bytes, bytes | None] | None:
-        """Store a vote with its signed envelope (anti-entropy sends the votes held of a frame,
+        """Store a vote with its signed envelope, or the message id of the diff that carries it
+        (stored already, or in this transaction; anti-entropy sends the votes held of a frame,
         as fork choice reads them; Voting.compact_votes drops those no decision reads again).
         When the voter already has one in that round, store nothing and return (version,
         envelope) of the one held (envelope None: a vote stored when only a voter's latest
@@ -938,7 +945,7 @@ class Store:
                 "SELECT v.version, (SELECT envelope FROM diffs d WHERE d.version = v.version AND d.status = 'applied'"
                 " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' ORDER BY v.gen",
                 [region, key])
-            votes = self._exec("SELECT voter, round, envelope FROM votes WHERE region = ? AND key = ?"
+            votes = self._exec(f"SELECT voter, round, {_VOTE_ENVELOPE} FROM votes WHERE region = ? AND key = ?"
                                " AND envelope IS NOT NULL ORDER BY voter, round", [region, key])
         return versions, votes
 

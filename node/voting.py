@@ -163,7 +163,8 @@ class Voting:
 
     def _voted(self, region: str, key: str, round_: int, version: bytes, envelope: bytes,
                merge: list[bytes] | None = None) -> None:
-        """Store and trace this node's vote (a vote message, or the diff of its write)."""
+        """Store and trace this node's vote (a vote message's envelope, or the message id of
+        the diff of its write, which is the vote)."""
         self.store.add_vote(region, key, self.node_id, round_, version, envelope, merge)
         self.trace.record("voted", region=region, key=key, version=version, round=round_)
 

@@ -231,19 +231,22 @@ def test_a_full_disk_is_a_clear_error_that_loses_nothing(offline_pair):
     held = {f"k{i}": b.get("plant/a", f"k{i}") for i in range(3)}
     assert held == {f"k{i}": {"i": i} for i in range(3)}
 
+    a.put("plant/a", "k9", {"blob": "y" * 5_000})  # (more than a page: the store must grow to take it)
+    sent_big = [(item.topic, item.envelope) for item in a.store.unpublished()][-1]
+
     conn = b.store.db.conn
     conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
     with pytest.raises(StoreFullError, match="is full"):
         b.put("plant/b", "big", {"blob": "x" * 20_000})
-    b.receive(*sent[3])
+    b.receive(*sent_big)
     assert b.counters["rejected.disk-full"] == 1 and not b.counters["rejected.internal"]
-    assert b.head("plant/a", "k3") is None and b.head("plant/b", "big") is None
+    assert b.head("plant/a", "k9") is None and b.head("plant/b", "big") is None
     assert not conn.in_transaction
     assert {k: b.get("plant/a", k) for k in held} == held
 
     conn.execute("PRAGMA max_page_count = 1073741823")  # room again
-    b.receive(*sent[3])  # (its sequence number was not taken: no replay)
-    assert b.get("plant/a", "k3") == {"i": 3} and not b.counters["rejected.replay"]
+    b.receive(*sent_big)  # (its sequence number was not taken: no replay)
+    assert b.get("plant/a", "k9") == {"blob": "y" * 5_000} and not b.counters["rejected.replay"]
     b.put("plant/b", "big", {"blob": "x" * 20_000})
     assert b.get("plant/b", "big") == {"blob": "x" * 20_000}
 
