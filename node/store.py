@@ -70,7 +70,7 @@ from .digest import position, version_item, vote_item
 T = TypeVar("T")
 log = logging.getLogger("edgeswarm.node")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 CACHED_FRAMES = 4096  # frames (and senders) whose rows are kept between transactions
 # A COMMIT appends every page it changed to the log, and most change a few rows in each of a
 # dozen tables: smaller pages write fewer bytes. bench/bench_store.py, a member of a
@@ -235,6 +235,9 @@ class Store:
                     self._rebuild_outbox()
                 if version <= 5:
                     self._rebuild_votes()
+                # (7: the vote a diff carries is kept as the diff's message id; the votes of
+                # earlier stores keep their envelopes and read as before. Schema 6 releases
+                # would send those ids for envelopes: they refuse a store of 7 instead.)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
         db = self.db

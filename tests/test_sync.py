@@ -358,13 +358,44 @@ def test_store_of_schema_5_gets_its_votes_by_round(tmp_path):
     reopened = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
     try:
         store = reopened.store
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert key_columns(store) == ["region", "key", "round", "voter"]
         assert store.votes_in_order("plant/a", "k") == history and len(history[reopened.node_id]) == 3
         assert store.frame_items("plant/a", "k")[1] == items
         assert reopened.sync.digest("plant") == digest and reopened.status("plant/a", "k") == status
         reopened.patch("plant/a", "k", set={"i": 9})
         assert [len(ws) for ws in store.votes_in_order("plant/a", "k").values()] == [4]
+    finally:
+        reopened.stop()
+
+
+def test_store_of_schema_6_keeps_its_votes_envelopes_and_a_diffs_vote_is_its_message_id(tmp_path):
+    """From schema 7 the vote a diff carries is stored as the diff's message id (the diffs
+    table holds its envelope once) and read back as that envelope; a schema 6 store's votes,
+    each with its envelope, read as before."""
+    from edgeswarm.node.store import SCHEMA_VERSION, Store
+
+    home = tmp_path / "n"
+    node = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
+    node.put("plant/a", "k", {"i": 0})
+    (raw,) = [item.envelope for item in node.store.unpublished()]
+    stored = node.store.db.execute("SELECT envelope FROM votes WHERE voter = ?", [node.node_id]).fetchone()[0]
+    assert stored == decode(raw).msg_id and node.store.frame_items("plant/a", "k")[1] == [(node.node_id, 1, raw)]
+    assert node.store.vote_at("plant/a", "k", node.node_id, 1)[1] == raw
+    node.stop()
+    old = Store(home / "store.db")
+    with old.transaction():  # as schema 6 kept it: the envelope itself
+        old.db.execute("UPDATE votes SET envelope = ?", [raw])
+        old.db.execute("PRAGMA user_version=6")
+    old.close()
+    reopened = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
+    try:
+        store = reopened.store
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert store.frame_items("plant/a", "k")[1] == [(reopened.node_id, 1, raw)]
+        reopened.put("plant/a", "k", {"i": 1})
+        assert [r for _, r, _ in store.frame_items("plant/a", "k")[1]] == [1, 2]
+        assert all(len(e) > 32 for _, _, e in store.frame_items("plant/a", "k")[1])
     finally:
         reopened.stop()
 
