@@ -2,9 +2,10 @@
 
 A snapshot is a signed envelope of kind `snapshot` (the wire format of messages, in a file)
 whose body holds, for every frame with a consensus, that version: region, key, hash,
-parents, value, author, generation, clock; and the trace heads the node knows. Every
-version hash is checked again when a snapshot is restored, so a snapshot can only say
-which versions the signer held as consensus, not invent their content.
+parents, value, author, generation, clock; the trace heads the node knows; and each
+voter's highest vote round it holds (`rounds`). Every version hash is checked again when a
+snapshot is restored, so a snapshot can only say which versions the signer held as
+consensus, not invent their content.
 
 `write` keeps the last `keep` snapshots in <home>/recovery. `restore` builds a node's
 store from a snapshot (its own, or a peer's for a new or wiped board); an existing store
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.envelope import EnvelopeError, decode
+from edgeswarm.shared.identity import Identity, IdentityError
 
 from . import restart
+from .bodies import MAX_ROUND
 from .config import Config
 from .store import Frame, Store
 
@@ -43,7 +46,8 @@ def write(node: Node, keep: int = 5) -> Path:
     for region, key, version, parents, value, author, gen, hlc in store.consensus_versions():
         frames.append([region, key, version, list(parents), value, author, gen, hlc])
     traces = {node_id: list(head) for node_id in store.traced_nodes() if (head := store.trace_head(node_id))}
-    env = node.sign("snapshot", None, {"node": node.node_id, "frames": frames, "traces": traces})
+    env = node.sign("snapshot", None, {"node": node.node_id, "frames": frames, "traces": traces,
+                                       "rounds": store.highest_rounds()})
     folder = node.config.home / RECOVERY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"snapshot-{env.hlc:020d}.cbor"
@@ -69,10 +73,24 @@ def latest(home: Path) -> Path | None:
 
 
 def round_floor(now: float | None = None) -> int:
-    """Where a restored node's vote rounds start: a quarter-second count since 2024, above
-    any round it can have reached before (a frame would have needed more than four votes
-    of it a second since its last restore), and below MAX_ROUND until 2058."""
+    """Where a restored node's vote rounds start at least: a quarter-second count since
+    2024, above any round it can have reached before unless a frame had more than four
+    votes of it a second since its last restore, and below MAX_ROUND until 2058. The
+    snapshot lifts it above the highest round of the node that its signer held (with room
+    for what followed: restart.ROUND_MARGIN), which covers such a frame too."""
     return int(((time.time() if now is None else now) - ROUND_EPOCH) * 4)
+
+
+def _held_round(body: dict, config: Config) -> int:
+    """The highest vote round of the restored node the snapshot's signer held (0: none
+    said, or a board with no key yet, which has voted nothing)."""
+    try:
+        node_id = Identity.load(config.key_path).node_id
+    except IdentityError:
+        return 0
+    rounds = body.get("rounds")
+    held = rounds.get(node_id) if type(rounds) is dict else None
+    return held if type(held) is int and 0 <= held <= MAX_ROUND else 0
 
 
 def restore(config: Config, path: Path, trusted: set[str] | None = None) -> dict:
@@ -120,8 +138,11 @@ def restore(config: Config, path: Path, trusted: set[str] | None = None) -> dict
             store.set_states({row[2]: "consensus" for row in rows})
             # A restored board may have sent messages, trace entries and votes before with
             # this key, which its peers remember (restart.py): it numbers them from above
-            # anything plausible, the snapshot's clock and a round floor from the time.
-            restart.start_anew(store, env.hlc, env.hlc, round_floor())
+            # anything plausible, the snapshot's clock and a round floor from the time, or
+            # above its rounds the snapshot holds.
+            held = _held_round(body, config)
+            restart.start_anew(store, env.hlc, env.hlc,
+                               max(round_floor(), held + restart.ROUND_MARGIN if held else 0))
             store.set_meta("hlc", max(store.meta("hlc"), env.hlc))
     finally:
         store.close()

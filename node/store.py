@@ -589,6 +589,12 @@ class Store:
         """This node's highest vote round on any frame."""
         return self._frames_query("SELECT MAX(round) FROM frames")[0][0] or 0
 
+    def highest_rounds(self) -> dict[str, int]:
+        """Each voter's highest vote round on any frame, of the latest votes held."""
+        with self._lock:
+            self._flush_latest()
+            return dict(self._exec("SELECT voter, MAX(round) FROM latest GROUP BY voter"))
+
     def next_seq(self) -> int:
         with self.transaction():
             seq = self.meta("seq") + 1

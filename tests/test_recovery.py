@@ -152,11 +152,12 @@ def test_numbers_start_anew_only_in_another_boot_and_only_once(tmp_path, region)
 
 
 def test_a_restored_node_votes_above_the_old_rounds_it_learns_back(member_configs, region, monkeypatch):
-    """A restored node's vote rounds start at a floor from the time (restart.py), which a
-    frame changed more than four times a second outruns. Its old votes come back by
-    anti-entropy, and its next vote on such a frame goes above them: below, its peers would
-    take it for a late vote of an old round (or, where they still hold that round, for a
-    second vote in it) and go on counting the old one."""
+    """A restored node's vote rounds start at a floor from the time and from its rounds the
+    snapshot holds (restart.py, snapshot.py), which a frame changed more than four times a
+    second after an older snapshot outruns. Its old votes come back by anti-entropy, and its
+    next vote on such a frame goes above them: below, its peers would take it for a late
+    vote of an old round (or, where they still hold that round, for a second vote in it) and
+    go on counting the old one."""
     from edgeswarm.node import restart, snapshot
     monkeypatch.setattr(snapshot, "round_floor", lambda now=None: 2)  # (a frame changed faster outruns both)
     monkeypatch.setattr(restart, "ROUND_MARGIN", 1)
@@ -166,18 +167,49 @@ def test_a_restored_node_votes_above_the_old_rounds_it_learns_back(member_config
         for i in range(5):
             version = a.put(region, "hot", {"i": i})
             assert b.wait_until(lambda v=version: b.status(region, "hot")["consensus"] == v, TIMEOUT)
+            if i == 1:
+                path = a.snapshot()  # (an older snapshot: three rounds follow it)
         assert a.store.latest_round(region, "hot", a.node_id) == 5
-        path = a.snapshot()
         a.stop()
         snapshot.restore(a_config, path)
         a = Node(a_config).start()
-        assert a.store.latest_round(region, "hot", a.node_id) == 0 and a.round_floor == 3
+        # (the snapshot's round 2 and the margin, then the margin again as the store is new here)
+        assert a.store.latest_round(region, "hot", a.node_id) == 0 and a.round_floor == 4
         a.sync_now()
         assert a.wait_until(lambda: a.store.latest_round(region, "hot", a.node_id) == 5, TIMEOUT), a.counters
         version = a.put(region, "hot", {"i": "after the restore"})
         assert b.wait_until(lambda: b.status(region, "hot")["consensus"] == version, TIMEOUT), b.status(region, "hot")
         assert b.status(region, "hot")["votes"][a.node_id] == version and b.store.latest_round(
             region, "hot", a.node_id) == 6
+        assert not b.store.flagged() and not b.counters["equivocations"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_node_restored_from_a_peers_snapshot_votes_above_the_rounds_it_holds(member_configs, region, monkeypatch):
+    """A frame changed more than four times a second outruns the time's floor; the snapshot
+    (here a peer's, as a wiped board bootstraps from) holds the restored node's highest
+    round and lifts the floor above it, so its next vote counts at once, before any sync:
+    below, the peer still holding the node's vote in that round would take the new one for a
+    second vote in it and flag the node for good."""
+    from edgeswarm.node import restart, snapshot
+    monkeypatch.setattr(snapshot, "round_floor", lambda now=None: 2)
+    monkeypatch.setattr(restart, "ROUND_MARGIN", 1)
+    a_config, b_config = member_configs(2, sync_interval=0, snapshot_interval=0)
+    a, b = Node(a_config).start(), Node(b_config).start()
+    try:
+        for i in range(5):
+            version = a.put(region, "hot", {"i": i})
+            assert b.wait_until(lambda v=version: b.status(region, "hot")["consensus"] == v, TIMEOUT)
+        path = b.snapshot()
+        a.stop()
+        snapshot.restore(a_config, path)
+        a = Node(a_config).start()
+        assert a.round_floor > 5 == b.store.latest_round(region, "hot", a.node_id)
+        version = a.put(region, "hot", {"i": "after the restore"})
+        assert b.wait_until(lambda: b.status(region, "hot")["consensus"] == version, TIMEOUT), b.status(region, "hot")
+        assert b.store.latest_round(region, "hot", a.node_id) > 5
         assert not b.store.flagged() and not b.counters["equivocations"]
     finally:
         a.stop()
