@@ -8,10 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from edgeswarm.node import Config, Node
+from edgeswarm.node import Config, Node, restart, snapshot
 from edgeswarm.node.store import Store
 
 TIMEOUT = 30.0
@@ -151,6 +152,24 @@ def test_numbers_start_anew_only_in_another_boot_and_only_once(tmp_path, region)
     node.stop()
 
 
+def _outrun_floors(member_configs, monkeypatch) -> tuple:
+    """Two members started, with the time's round floor and the margin above old rounds
+    made small enough for five writes of one frame to outrun them (as a frame changed
+    faster than four times a second does): (a's config, a, b)."""
+    monkeypatch.setattr(snapshot, "round_floor", lambda now=None: 2)
+    monkeypatch.setattr(restart, "ROUND_MARGIN", 1)
+    a_config, b_config = member_configs(2, sync_interval=0, snapshot_interval=0)
+    return a_config, Node(a_config).start(), Node(b_config).start()
+
+
+def _hot_writes(a, b, region: str) -> Iterator[int]:
+    """a writes frame "hot" five times (its rounds 1 to 5), each at consensus on b before the next."""
+    for i in range(5):
+        version = a.put(region, "hot", {"i": i})
+        assert b.wait_until(lambda v=version: b.status(region, "hot")["consensus"] == v, TIMEOUT)
+        yield i
+
+
 def test_a_restored_node_votes_above_the_old_rounds_it_learns_back(member_configs, region, monkeypatch):
     """A restored node's vote rounds start at a floor from the time and from its rounds the
     snapshot holds (restart.py, snapshot.py), which a frame changed more than four times a
@@ -158,17 +177,9 @@ def test_a_restored_node_votes_above_the_old_rounds_it_learns_back(member_config
     next vote on such a frame goes above them: below, its peers would take it for a late
     vote of an old round (or, where they still hold that round, for a second vote in it) and
     go on counting the old one."""
-    from edgeswarm.node import restart, snapshot
-    monkeypatch.setattr(snapshot, "round_floor", lambda now=None: 2)  # (a frame changed faster outruns both)
-    monkeypatch.setattr(restart, "ROUND_MARGIN", 1)
-    a_config, b_config = member_configs(2, sync_interval=0, snapshot_interval=0)
-    a, b = Node(a_config).start(), Node(b_config).start()
+    a_config, a, b = _outrun_floors(member_configs, monkeypatch)
     try:
-        for i in range(5):
-            version = a.put(region, "hot", {"i": i})
-            assert b.wait_until(lambda v=version: b.status(region, "hot")["consensus"] == v, TIMEOUT)
-            if i == 1:
-                path = a.snapshot()  # (an older snapshot: three rounds follow it)
+        path = [a.snapshot() for i in _hot_writes(a, b, region) if i == 1][0]  # (three rounds follow it)
         assert a.store.latest_round(region, "hot", a.node_id) == 5
         a.stop()
         snapshot.restore(a_config, path)
@@ -193,16 +204,9 @@ def test_a_node_restored_from_a_peers_snapshot_votes_above_the_rounds_it_holds(m
     round and lifts the floor above it, so its next vote counts at once, before any sync:
     below, the peer still holding the node's vote in that round would take the new one for a
     second vote in it and flag the node for good."""
-    from edgeswarm.node import restart, snapshot
-    monkeypatch.setattr(snapshot, "round_floor", lambda now=None: 2)
-    monkeypatch.setattr(restart, "ROUND_MARGIN", 1)
-    a_config, b_config = member_configs(2, sync_interval=0, snapshot_interval=0)
-    a, b = Node(a_config).start(), Node(b_config).start()
+    a_config, a, b = _outrun_floors(member_configs, monkeypatch)
     try:
-        for i in range(5):
-            version = a.put(region, "hot", {"i": i})
-            assert b.wait_until(lambda v=version: b.status(region, "hot")["consensus"] == v, TIMEOUT)
-        path = b.snapshot()
+        path = [b.snapshot() for i in _hot_writes(a, b, region) if i == 4][0]
         a.stop()
         snapshot.restore(a_config, path)
         a = Node(a_config).start()
