@@ -53,7 +53,7 @@ def swarm_messages(home: Path, ids: list[Identity], changes: int, keys: int) -> 
             key = f"k{n % keys}"
             version = bytes.fromhex(writer.put(REGION, key, {"n": n, "reading": n * 0.25, "unit": "C"}))
             sent = writer.store.unpublished()
-            writer.store.mark_published([item.msg_id for item in sent])
+            writer.store.mark_published([item.seq for item in sent])
             out.append([(item.topic, item.envelope) for item in sent])  # its diff, and its vote
             votes = []
             for voter in ids[2:]:
@@ -77,7 +77,7 @@ def receiver(home: Path, ids: list[Identity]) -> Node:
 def acknowledge(node: Node) -> None:
     """The broker acknowledges what the node sent, as the node takes it: the outbox rows go
     with its next transaction."""
-    node._on_ack(tuple(item.msg_id for item in node.store.unpublished()))
+    node._on_ack(tuple(item.seq for item in node.store.unpublished()))
 
 
 def receive(home: Path, ids: list[Identity], messages: list[list[tuple[str, bytes]]], one_by_one: bool,

@@ -135,8 +135,8 @@ class Node(Voting):
         self._sub_lock = threading.Lock()
         self._acks = threading.Condition()
         self._activity = threading.Condition()
-        self._inflight: set[bytes] = set()  # outbox msg_ids handed to the broker (alone or batched), not acked
-        self._acked: list[bytes] = []  # acknowledged, still in the outbox table
+        self._inflight: set[int] = set()  # outbox seqs handed to the broker (alone or batched), not acked
+        self._acked: list[int] = []  # acknowledged, still in the outbox table
         self._ack_due = 0.0  # monotonic time by which the acknowledged rows are deleted
         self._draining = False  # the outbox backlog is being sent (see _drain)
         self._sends: list[tuple[Queued, Envelope]] = []
@@ -492,7 +492,7 @@ class Node(Voting):
         """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
         caller's transaction), for the region's topic of its kind unless `topic` says."""
         env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body, hlc)
-        item = Queued(env.msg_id, topic or region_topic(kind, region), env.raw)
+        item = Queued(env.msg_id, topic or region_topic(kind, region), env.raw, env.seq)
         self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
         self._sends.append((item, env))
         return env
@@ -540,27 +540,27 @@ class Node(Voting):
                 else:
                     self.counters["batches-out"] += 1
                     self.publish_tracked(topic, encode_batch(self.identity, [env for _, env in chunk]),
-                                         chunk[0][1].kind, tuple(item.msg_id for item, _ in chunk))
+                                         chunk[0][1].kind, tuple(item.seq for item, _ in chunk))
 
     def _publish(self, item: Queued, kind: str) -> None:
-        self.publish_tracked(item.topic, item.envelope, kind, (item.msg_id,))
+        self.publish_tracked(item.topic, item.envelope, kind, (item.seq,))
 
-    def track(self, ids: tuple[bytes, ...]) -> None:
+    def track(self, ids: tuple[int, ...]) -> None:
         """Outbox messages on their way to the broker (wait_published waits for them)."""
         with self._acks:
             self._inflight.update(ids)
 
-    def publish_tracked(self, topic: str, raw: bytes, kind: str, ids: tuple[bytes, ...]) -> None:
-        """Publish a message carrying the outbox messages `ids` (perhaps none): they leave the
-        outbox once the broker acknowledges it."""
+    def publish_tracked(self, topic: str, raw: bytes, kind: str, ids: tuple[int, ...]) -> None:
+        """Publish a message carrying the outbox messages `ids` (their sequence numbers; perhaps
+        none): they leave the outbox once the broker acknowledges it."""
         self.track(ids)
         self.counters[f"bytes-out.{kind}"] += len(raw)
         if self.transport.publish(topic, raw, token=ids or None) is None and ids:
             with self._acks:  # not started: they stay in the outbox until start()
                 self._inflight.difference_update(ids)
 
-    def _on_ack(self, token: tuple[bytes, ...]) -> None:
-        """The broker has a message carrying outbox messages (their ids: publish_tracked). Their
+    def _on_ack(self, token: tuple[int, ...]) -> None:
+        """The broker has a message carrying outbox messages (their seqs: publish_tracked). Their
         outbox rows go in the next transaction, with what it writes (the outbox pages a new
         vote or write appends to are the ones they leave: written once), or at the latest
         ACK_CLEAR_AFTER later in one of their own (the worker is woken to time it); never in

@@ -67,7 +67,7 @@ class Relay:
         self.authors: set[str] = set()  # alive peers that pass votes on
         self._taken: list[tuple[str, bytes]] = []  # (region, vote) to pass on, once the transaction commits
         self._own: set[bytes] = set()  # msg ids of this transaction's own votes for own versions
-        self._waiting: dict[str, list[tuple[bytes, bytes | None]]] = {}  # region -> (vote, outbox id of an own one)
+        self._waiting: dict[str, list[tuple[bytes, int | None]]] = {}  # region -> (vote, outbox seq of an own one)
         self._due: float | None = None
         self._now = False  # a frame reached consensus in this transaction: what waits leaves at once
         self._early = False  # this transaction took a vote for what is not consensus here (yet)
@@ -124,14 +124,14 @@ class Relay:
         votes = [(region, raw, None) for region, raw in taken.votes]
         if own:
             item, env = own[0]
-            self.node.track((item.msg_id,))
-            votes.append((env.region, env.raw, item.msg_id))
+            self.node.track((item.seq,))
+            votes.append((env.region, env.raw, item.seq))
             sends = [s for s in sends if s is not own[0]]
         if votes:
             due = time.monotonic() + (RELAY_HOLD if taken.early or own else LATE_HOLD)
             with self._lock:
-                for region, raw, msg_id in votes:
-                    self._waiting.setdefault(region, []).append((raw, msg_id))
+                for region, raw, seq in votes:
+                    self._waiting.setdefault(region, []).append((raw, seq))
                 wake = self._due is None or due < self._due
                 if wake:
                     self._due = due
@@ -153,11 +153,11 @@ class Relay:
             for chunk in fitting(votes, lambda vote: len(vote[0]), self.node.config.max_message_bytes, 16):
                 self._publish(region, chunk)
 
-    def _publish(self, region: str, votes: list[tuple[bytes, bytes | None]]) -> None:
-        """One relay; the outbox ids of this node's own votes in it are cleared once the
+    def _publish(self, region: str, votes: list[tuple[bytes, int | None]]) -> None:
+        """One relay; the outbox rows of this node's own votes in it are cleared once the
         broker has it."""
         node = self.node
-        own = tuple(msg_id for _, msg_id in votes if msg_id is not None)
+        own = tuple(seq for _, seq in votes if seq is not None)
         node.counters["relays-out"] += 1
         node.counters["votes-relayed"] += len(votes) - len(own)
         node.publish_tracked(region_topic("vote", region), encode_relay([raw for raw, _ in votes]), "relay", own)

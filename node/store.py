@@ -21,7 +21,9 @@ Tables
   flagged   nodes caught voting twice in one round, with both signed votes as evidence, and
             nodes the swarm admin revoked, with the signed revocation.
   certificates  the admission certificates peers presented (swarm roster).
-  outbox    this node's own envelopes until the broker acknowledges them.
+  outbox    this node's own envelopes until the broker acknowledges them, by sequence
+            number (the rows one change adds and drops lie together: no index of random
+            message ids to touch, schema 7).
   senders   replay windows (highest sequence number and bitmap): one per sender and topic
             for live traffic ("<node id>/<kind>/<region>"), one per sender for what rounds
             bring, handled later ("<node id>/round").
@@ -232,12 +234,13 @@ class Store:
                     self._create_certificates()
                 if version <= 4:
                     self._partial_indexes()
-                    self._rebuild_outbox()
                 if version <= 5:
                     self._rebuild_votes()
                 # (7: the vote a diff carries is kept as the diff's message id; the votes of
                 # earlier stores keep their envelopes and read as before. Schema 6 releases
                 # would send those ids for envelopes: they refuse a store of 7 instead.)
+                if version <= 6:
+                    self._rebuild_outbox()  # (5: in sequence order; 7: by sequence number alone)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
         db = self.db
@@ -283,11 +286,11 @@ class Store:
     def _create_outbox(self) -> None:
         # Rows in sequence order (an insert writes the last page, and acknowledged rows go
         # from the first ones), found by message id through its index: two trees, not three.
-        self._exec("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, msg_id BLOB NOT NULL UNIQUE, topic TEXT NOT NULL,"
+        self._exec("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, msg_id BLOB NOT NULL, topic TEXT NOT NULL,"
                    " envelope BLOB NOT NULL)")
 
     def _rebuild_outbox(self) -> None:
-        """(schema 5) The outbox in sequence order, with what it holds."""
+        """(schemas 5 and 7) The outbox in sequence order, with what it holds."""
         self._exec("ALTER TABLE outbox RENAME TO outbox_4")
         self._exec("DROP INDEX IF EXISTS idx_outbox_seq")
         self._create_outbox()
@@ -1097,7 +1100,8 @@ class Store:
                           " ORDER BY seq LIMIT ?", [after_seq, 2**62 if until_seq is None else until_seq, limit])
         return [Queued(*r) for r in rows]
 
-    def mark_published(self, msg_ids: list[bytes]) -> None:
-        """The broker has them: the outbox lets them go (the diffs and votes tables keep them)."""
+    def mark_published(self, seqs: list[int]) -> None:
+        """The broker has them (by sequence number): the outbox lets them go (the diffs and
+        votes tables keep them)."""
         with self.transaction():
-            self.db.conn.executemany("DELETE FROM outbox WHERE msg_id = ?", [(m,) for m in msg_ids])
+            self.db.conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])

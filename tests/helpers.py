@@ -70,7 +70,7 @@ class Network:
         """What node i has in its outbox goes onto the wire towards every other node."""
         node = self.nodes[i]
         for item in node.store.unpublished():
-            node.store.mark_published([item.msg_id])
+            node.store.mark_published([item.seq])
             for j in range(len(self.nodes)):
                 if j != i:
                     self.queues[j].append((item.topic, item.envelope))

@@ -371,8 +371,9 @@ def test_store_of_schema_5_gets_its_votes_by_round(tmp_path):
 
 def test_store_of_schema_6_keeps_its_votes_envelopes_and_a_diffs_vote_is_its_message_id(tmp_path):
     """From schema 7 the vote a diff carries is stored as the diff's message id (the diffs
-    table holds its envelope once) and read back as that envelope; a schema 6 store's votes,
-    each with its envelope, read as before."""
+    table holds its envelope once) and read back as that envelope, and the outbox goes by
+    sequence number alone; a schema 6 store's votes, each with its envelope, read as before,
+    and its outbox keeps what waits."""
     from edgeswarm.node.store import SCHEMA_VERSION, Store
 
     home = tmp_path / "n"
@@ -384,14 +385,22 @@ def test_store_of_schema_6_keeps_its_votes_envelopes_and_a_diffs_vote_is_its_mes
     assert node.store.vote_at("plant/a", "k", node.node_id, 1)[1] == raw
     node.stop()
     old = Store(home / "store.db")
-    with old.transaction():  # as schema 6 kept it: the envelope itself
+    waiting = old.unpublished()
+    with old.transaction():  # as schema 6 kept them: the envelope itself, an outbox with its ids unique
+        for statement in (
+                "ALTER TABLE outbox RENAME TO outbox_7",
+                "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, msg_id BLOB NOT NULL UNIQUE, topic TEXT NOT NULL,"
+                " envelope BLOB NOT NULL)", "INSERT INTO outbox SELECT * FROM outbox_7", "DROP TABLE outbox_7",
+                "PRAGMA user_version=6"):
+            old.db.execute(statement)
         old.db.execute("UPDATE votes SET envelope = ?", [raw])
-        old.db.execute("PRAGMA user_version=6")
+    assert old.db.execute("PRAGMA index_list(outbox)").fetchall()
     old.close()
     reopened = Node(Config(home=home, regions=["plant"], sync_interval=0, snapshot_interval=0))
     try:
         store = reopened.store
         assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert store.unpublished() == waiting and not store.db.execute("PRAGMA index_list(outbox)").fetchall()
         assert store.frame_items("plant/a", "k")[1] == [(reopened.node_id, 1, raw)]
         reopened.put("plant/a", "k", {"i": 1})
         assert [r for _, r, _ in store.frame_items("plant/a", "k")[1]] == [1, 2]
@@ -441,7 +450,7 @@ def test_store_of_schema_4_gets_indexes_of_merges_and_waiting_diffs_only(tmp_pat
         assert "idx_versions_merges" in plan("SELECT version FROM versions WHERE merge_of = ?", [b"x"])
         assert store.unpublished() == unsent and "idx_outbox_seq" not in indexes
         assert store.db["outbox"].pks == ["seq"]
-        store.mark_published([unsent[0].msg_id])
+        store.mark_published([unsent[0].seq])
         assert store.unpublished() == unsent[1:]
         assert store.count_pending() == 0 and store.merge_of((b"a" * 32, b"b" * 32)) is None
     finally:

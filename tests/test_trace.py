@@ -255,7 +255,7 @@ def test_what_a_node_did_with_others_versions_waits_for_its_next_entry(tmp_path)
     def change(i: int) -> None:  # a writes; b takes the diff and votes (2 of 4: no quorum), then c's vote decides
         version = bytes.fromhex(a.put("plant/x", f"k{i}", {"i": i}))
         for item in a.store.unpublished():
-            a.store.mark_published([item.msg_id])
+            a.store.mark_published([item.seq])
             b.receive(item.topic, item.envelope)
         assert b.consensus("plant/x", f"k{i}") is None
         b.receive(region_topic("vote", "plant/x"),
