@@ -89,8 +89,8 @@ _SUM_UPSERT = ("INSERT INTO sums (region, key, pos, hash, versions, rounds) VALU
 _LATEST_UPSERT = ("INSERT INTO latest (region, key, voter, round, version) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
                   " (region, key, voter) DO UPDATE SET round = excluded.round, version = excluded.version")
 # A vote's envelope as stored: the vote's own, or the diff's it came in (see votes above)
-_VOTE_ENVELOPE = ("CASE WHEN length(envelope) = 32 THEN (SELECT d.envelope FROM diffs d WHERE d.msg_id = votes.envelope)"
-                  " ELSE envelope END")
+_VOTE_ENVELOPE = ("CASE WHEN length(envelope) = 32"
+                  " THEN (SELECT d.envelope FROM diffs d WHERE d.msg_id = votes.envelope) ELSE envelope END")
 _META_UPSERT = "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 _FRAME_UPSERT = ("INSERT INTO frames (region, key, head, consensus, round, settled) VALUES (?, ?, ?, ?, ?, ?)"
                  " ON CONFLICT (region, key) DO UPDATE SET head = excluded.head, consensus = excluded.consensus,"
@@ -285,7 +285,7 @@ class Store:
 
     def _create_outbox(self) -> None:
         # Rows in sequence order (an insert writes the last page, and acknowledged rows go
-        # from the first ones), found by message id through its index: two trees, not three.
+        # from the first ones), found by sequence number too: one tree, no index of ids.
         self._exec("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, msg_id BLOB NOT NULL, topic TEXT NOT NULL,"
                    " envelope BLOB NOT NULL)")
 
