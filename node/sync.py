@@ -6,7 +6,8 @@ a `digest`: the 16 level-1 hashes of its digest tree (node/digest.py) and, per l
 how many authored versions and latest-vote rounds it holds. A node whose own digest differs
   - answers by publishing its digest (`answer`; once for the digests that come together,
     and directly to a node that joins after that answer went out), so that the sender and
-    everyone else compare too; answers are not answered;
+    everyone else compare too; answers are not answered. The answer waits a random moment
+    (up to ANSWER_SPREAD) and is dropped if a node in its state answers first;
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
@@ -65,6 +66,7 @@ log = logging.getLogger("edgeswarm.sync")
 LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
 EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
 ANSWER_GAP = 2.0  # seconds: digests from several nodes within this get one answer from a node in the same state
+ANSWER_SPREAD = 0.2  # seconds: an answer waits up to this (at random) and is dropped if one in its state came
 SETTLE = 1.0  # seconds between a differing digest and the decision to pull: the others' digests come meanwhile
 JOIN_SETTLE = 1.0  # the same, for a node that (re)joined less than JOINING seconds ago
 JOINING = 5.0
@@ -118,6 +120,7 @@ class Sync:
         # root -> (when, envelopes, digest, peers sent to) of what this node forwarded last
         self._forwarded: dict[str, tuple[float, list[bytes], dict | None, set[str]]] = {}
         self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
+        self._answering: dict[str, threading.Timer] = {}  # root -> this node's answer, waiting (see _answer_soon)
         self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
@@ -150,7 +153,8 @@ class Sync:
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
-            timers, self._deciding = list(self._deciding.values()), {}
+            timers = [*self._deciding.values(), *self._answering.values()]
+            self._deciding, self._answering = {}, {}
         for timer in timers:
             timer.cancel()
         if self._scheduler is not None:
@@ -240,6 +244,8 @@ class Sync:
         tree = self.tree(root)
         level1 = tree.children(0, 0)
         differing = _differing(level1, theirs)
+        if body.get("answer") and not differing:
+            self._answered(root)  # (a node in this state answered: this one need not)
         if body.get("hello"):
             # A node (re)joining learns from the nodes in its state that they are, and from
             # one pulling for that state that it is: it leaves the pull to them (_decide).
@@ -264,7 +270,7 @@ class Sync:
         elif recent and body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
         elif not recent or hashes != pack(level1):
-            self._publish_digest(root, tree, {"answer": True})
+            self._answer_soon(root)
         # A node that has just (re)joined waits longer: others in its state may be joining too
         # (after a network split heals), and the first of them is to pull for all. One that
         # has just been brought up to date waits out the exchange timeout: what differs now
@@ -275,6 +281,39 @@ class Sync:
             self._schedule(root, EXCHANGE_TIMEOUT - since, waited=True)
         else:
             self._schedule(root, JOIN_SETTLE if now - self._hello < JOINING else SETTLE)
+
+    def _answer_soon(self, root: str) -> None:
+        """Answer a differing digest with this node's, after a random wait of up to
+        ANSWER_SPREAD, unless a node in its state answers first (_answered): one answer or
+        two from each state, not one from every node (a node rejoining a swarm of twenty
+        had all nineteen answer, and each node then compared nineteen digests at once, a
+        burst of CPU across the swarm that held up the writes of that moment)."""
+        with self._lock:
+            if self._stopped or root in self._answering:
+                return
+            timer = self._answering[root] = threading.Timer(random.uniform(0, ANSWER_SPREAD), self._answer, (root,))
+        timer.daemon = True
+        timer.start()
+
+    def _answered(self, root: str) -> None:
+        with self._lock:
+            timer = self._answering.pop(root, None)
+        if timer is not None:
+            timer.cancel()
+            self.node.counters["sync.answers-spared"] += 1
+
+    def _answer(self, root: str) -> None:
+        with self._lock:
+            if self._answering.pop(root, None) is None or self._stopped:
+                return
+        try:
+            tree = self.tree(root)
+            if pack(tree.children(0, 0)) != self._published.get(root, (b"", 0.0))[0] \
+                    or time.monotonic() - self._published.get(root, (b"", -ANSWER_GAP))[1] >= ANSWER_GAP:
+                self._publish_digest(root, tree, {"answer": True})
+                self.node.counters["sync.answers"] += 1
+        except Exception:  # (the next differing digest, or round, answers)
+            log.warning("answering a digest of %s failed", root, exc_info=True)
 
     def _remember(self, root: str, peer: str, seen: _Seen) -> None:
         with self._lock:

@@ -522,3 +522,32 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
         for n in (a, d, b, c):
             if n is not None:
                 n.stop()
+
+
+def test_a_rejoining_node_is_answered_by_one_or_two_of_a_state_not_by_each(member_configs, region, monkeypatch):
+    """Every node whose digest differs from a (re)joining node's hello answers with its own,
+    after a random wait; a node that hears one of its state answer first keeps quiet. The
+    joining node still learns where it differs, and pulls."""
+    from edgeswarm.node import sync
+    monkeypatch.setattr(sync, "ANSWER_SPREAD", 1.0)  # (waits far apart next to a delivery on a busy machine)
+    monkeypatch.setattr(sync, "ANSWER_GAP", 0.0)  # (their own hellos just went out: else they answer it alone)
+    configs = member_configs(5, sync_interval=3600, snapshot_interval=0)
+    up = [Node(configs[i]).start() for i in range(4)]
+    late = None
+    try:
+        versions = [bytes.fromhex(up[0].put(region, f"k{i}", {"i": i})) for i in range(5)]
+        assert all(n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT) for n in up)
+        assert all(n.wait_until(lambda n=n: n.sync.digest(region)["hashes"] == up[0].sync.digest(region)["hashes"],
+                                TIMEOUT) for n in up)
+        late = Node(configs[4])
+        late.transport.persistent = False  # (no broker session kept anything for it)
+        late.start()
+        assert late.wait_until(lambda: all(late.store.has_version(v) for v in versions), TIMEOUT), late.stats()
+        assert all(n.wait_until(lambda n=n: not n.sync._answering, TIMEOUT) for n in up)
+        answered = sum(n.counters["sync.answers"] for n in up)
+        spared = sum(n.counters["sync.answers-spared"] for n in up)
+        assert answered >= 1 and spared >= 1 and answered < len(up), (answered, spared)
+    finally:
+        for n in (*up, late):
+            if n is not None:
+                n.stop()
