@@ -263,13 +263,12 @@ class Sync:
         # Let the sender, and the others, compare with us too: answer a digest published by
         # a round or a (re)connection (never an answer), once for the digests that come
         # together (several nodes reconnecting at once).
-        hashes, at = self._published.get(root, (b"", -ANSWER_GAP))
-        recent = time.monotonic() - at < ANSWER_GAP
+        lately = self._published_lately(root)
         if body.get("answer"):
             pass
-        elif recent and body.get("hello"):  # it joined after our answer went out: to it alone
+        elif lately is not None and body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
-        elif not recent or hashes != pack(level1):
+        elif lately != pack(level1):
             self._answer_soon(root)
         # A node that has just (re)joined waits longer: others in its state may be joining too
         # (after a network split heals), and the first of them is to pull for all. One that
@@ -281,6 +280,11 @@ class Sync:
             self._schedule(root, EXCHANGE_TIMEOUT - since, waited=True)
         else:
             self._schedule(root, JOIN_SETTLE if now - self._hello < JOINING else SETTLE)
+
+    def _published_lately(self, root: str) -> bytes | None:
+        """The level-1 hashes this node published for `root` less than ANSWER_GAP ago, if any."""
+        hashes, at = self._published.get(root, (b"", -ANSWER_GAP))
+        return hashes if time.monotonic() - at < ANSWER_GAP else None
 
     def _answer_soon(self, root: str) -> None:
         """Answer a differing digest with this node's, after a random wait of up to
@@ -308,8 +312,7 @@ class Sync:
                 return
         try:
             tree = self.tree(root)
-            if pack(tree.children(0, 0)) != self._published.get(root, (b"", 0.0))[0] \
-                    or time.monotonic() - self._published.get(root, (b"", -ANSWER_GAP))[1] >= ANSWER_GAP:
+            if self._published_lately(root) != pack(tree.children(0, 0)):  # (else its answer is out already)
                 self._publish_digest(root, tree, {"answer": True})
                 self.node.counters["sync.answers"] += 1
         except Exception:  # (the next differing digest, or round, answers)
