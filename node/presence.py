@@ -115,13 +115,14 @@ class Presence:
                 **self._abilities(), **self._certificate()}
 
     def _abilities(self) -> dict:
-        """That this node passes on the votes sent to it (node/relay.py), and reads trace
-        entries packed (node/trace.py)."""
-        return {"packs": True, **({"relay": True} if self.node.relay.enabled else {})}
+        """That this node passes on the votes sent to it (node/relay.py), reads a whole
+        batch in a relay (shared/envelope.py), and reads trace entries packed (node/trace.py)."""
+        return {"packs": True, "relay-batches": True, **({"relay": True} if self.node.relay.enabled else {})}
 
     def _heard(self, node_id: str, body: dict | None) -> None:
         """What a live peer's birth or fingerprint says it does (None: the peer is gone)."""
-        self.node.relay.on_presence(node_id, body is not None and body.get("relay") is True)
+        self.node.relay.on_presence(node_id, body is not None and body.get("relay") is True,
+                                    None if body is None else body.get("relay-batches") is True)
         self.node.trace.on_presence(node_id, None if body is None else body.get("packs") is True)
 
     def _bus(self) -> dict:

@@ -6,7 +6,10 @@ deliveries per change, most of what the swarm spends on it. Instead a node sends
 for a version to the version's author (es/v1/node/<author>/vote) when that author says it
 passes votes on (`relay` in its birth and fingerprints) and is alive. The author stores each
 such vote as any other and passes those new to it on to the region's vote topic in one
-relay message (shared/envelope.py: each vote as it came, under its voter's signature): at
+relay message (shared/envelope.py: each vote as it came, under its voter's signature; the
+votes of a batch sent to it, when all of them go, as that batch again: one signature check
+for each reader instead of one per vote, and no paths — unless a live peer's birth or
+fingerprint says it reads no batch in a relay, `relay-batches`, as nodes before 0.9): at
 once when a frame reaches consensus here, else at most RELAY_HOLD after the first one
 waiting (LATE_HOLD for votes on what is consensus already). A change then costs N
 deliveries to its author and N for each relay (the quorum's, then usually one with the late
@@ -33,7 +36,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from edgeswarm.shared.envelope import Envelope, encode_relay, fitting
+from edgeswarm.shared.envelope import Envelope, encode_relay, fitting, rebatch
 from edgeswarm.shared.topics import node_topic, region_topic
 
 from .store import Queued
@@ -65,6 +68,7 @@ class Relay:
         self.enabled = node.config.relay_votes
         self.inbox = node_topic(node.node_id, "vote")  # where votes for this node's versions come
         self.authors: set[str] = set()  # alive peers that pass votes on
+        self._unbatched: set[str] = set()  # live peers that read no whole batch in a relay (before 0.9)
         self._taken: list[tuple[str, bytes]] = []  # (region, vote) to pass on, once the transaction commits
         self._own: set[bytes] = set()  # msg ids of this transaction's own votes for own versions
         self._waiting: dict[str, list[tuple[bytes, int | None]]] = {}  # region -> (vote, outbox seq of an own one)
@@ -85,12 +89,17 @@ class Relay:
         if self.enabled:
             self._own.add(msg_id)
 
-    def on_presence(self, node_id: str, relays: bool) -> None:
-        """What a peer's birth, fingerprint (relays: whether it says so) or death (False) tells."""
+    def on_presence(self, node_id: str, relays: bool, batches: bool | None) -> None:
+        """What a peer's birth or fingerprint says: whether it passes votes on (relays), and
+        whether it reads a whole batch in a relay (batches; None: the peer is gone)."""
         if relays and self.enabled:
             self.authors.add(node_id)
         else:
             self.authors.discard(node_id)
+        if batches is False:
+            self._unbatched.add(node_id)
+        else:
+            self._unbatched.discard(node_id)
 
     # -- passing votes on ---------------------------------------------------------------
 
@@ -150,7 +159,12 @@ class Relay:
                 return
             waiting, self._waiting, self._due = self._waiting, {}, None
         for region, votes in waiting.items():
-            for chunk in fitting(votes, lambda vote: len(vote[0]), self.node.config.max_message_bytes, 16):
+            self.node.counters["votes-relayed"] += sum(seq is None for _, seq in votes)
+            limit = self.node.config.max_message_bytes
+            if not self._unbatched:  # (the votes of a batch sent here, all of them: the batch again)
+                votes = [(raw, None) for raw in rebatch([raw for raw, seq in votes if seq is None], limit - 16)] \
+                    + [vote for vote in votes if vote[1] is not None]
+            for chunk in fitting(votes, lambda vote: len(vote[0]), limit, 16):
                 self._publish(region, chunk)
 
     def _publish(self, region: str, votes: list[tuple[bytes, int | None]]) -> None:
@@ -159,5 +173,4 @@ class Relay:
         node = self.node
         own = tuple(seq for _, seq in votes if seq is not None)
         node.counters["relays-out"] += 1
-        node.counters["votes-relayed"] += len(votes) - len(own)
         node.publish_tracked(region_topic("vote", region), encode_relay([raw for raw, _ in votes]), "relay", own)

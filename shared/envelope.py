@@ -24,9 +24,12 @@ or an item form, `decode_many` a batch as well.
 
 A node may pass on messages it received, each as it came and under its own signer's
 signature, in one unsigned container:
-  relay     = `{"relay": [message, ...]}`: 1 to merkle.MAX_LEAVES messages, each classic or
-              in item form (an author passes on the votes sent to it this way: see
-              node/relay.py). `decode_many` opens each as if it had come alone on the topic.
+  relay     = `{"relay": [message, ...]}`: 1 to merkle.MAX_LEAVES messages, each classic, in
+              item form, or a whole batch (an author passes on the votes sent to it this way:
+              see node/relay.py; with every payload of a batch to pass on, it puts the batch
+              back together, `rebatch`: one signature check for each reader instead of one
+              per payload, and no paths). `decode_many` opens each as if it had come alone
+              on the topic.
 
 Decoding is strict: size limit first, then shape and types, then the version, then the
 topic it came on, then the signature. Every failure is an `EnvelopeError` subclass whose
@@ -287,6 +290,13 @@ def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str |
     outer = _outer(data, max_bytes)
     if type(outer[0]) is not list:
         return [_one(outer, data, topic=topic)]
+    return _batch(outer, topic)[0]
+
+
+def _batch(outer: list, topic: str | None, skip: bytes | None = None) -> tuple[list[Envelope], int]:
+    """The envelopes of a batch in their item forms, checked against the topic and the one
+    signature; none, unchecked but for their shape, when the sender is `skip` (with their
+    number)."""
     payloads, signature = outer
     if not 2 <= len(payloads) <= MAX_LEAVES or any(type(p) is not bytes for p in payloads):
         raise MalformedError(f"a batch holds 2 to {MAX_LEAVES} payloads")
@@ -294,13 +304,15 @@ def decode_many(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str |
     sender = opened[0][2]
     if any(m[2] != sender for m in opened):
         raise MalformedError("a batch holds the messages of one sender only")
+    if sender == skip:
+        return [], len(payloads)
     leaves = [message_id(p) for p in payloads]
     root, paths = root_and_paths(leaves)
     n = len(payloads)
     if not verify(sender, _statement(n, root), signature):
         raise BadSignatureError(f"batch signature does not match the payloads from {node_id_of(sender)}")
     return [_checked(Envelope(*m, cbor2.dumps([p, signature, n, i, path]), p), topic)
-            for i, (p, m, path) in enumerate(zip(payloads, opened, paths))]
+            for i, (p, m, path) in enumerate(zip(payloads, opened, paths))], 0
 
 
 def decode_relay(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str | None = None,
@@ -312,8 +324,41 @@ def decode_relay(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str 
     raws = outer.get(RELAY_KEY) if type(outer) is dict and len(outer) == 1 else None
     if type(raws) is not list or not 1 <= len(raws) <= MAX_LEAVES or any(type(r) is not bytes for r in raws):
         raise MalformedError(f'a relay is {{"relay": [1 to {MAX_LEAVES} messages]}}')
-    envs = [env for raw in raws if (env := _single(raw, max_bytes, topic, skip)) is not None]
-    return envs, len(raws) - len(envs)
+    envs, left = [], 0
+    for raw in raws:
+        one = _outer(raw, max_bytes)
+        if type(one[0]) is list:
+            got, skipped = _batch(one, topic, skip)
+            envs += got
+            left += skipped
+        elif (env := _one(one, raw, skip, topic)) is not None:
+            envs.append(env)
+        else:
+            left += 1
+    return envs, left
+
+
+def rebatch(raws: list[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
+    """Messages to pass on (classic, or in item form: each checked as it came), with the item
+    forms of every batch that is all there put back together as that batch, where its first
+    one was (one that would take more than `max_bytes` stays in items)."""
+    loaded = [cbor2.loads(raw) for raw in raws]
+    batches: dict[tuple[bytes, int], dict[int, bytes]] = {}  # (signature, n) -> index -> payload
+    for outer in loaded:
+        if len(outer) == 5:
+            batches.setdefault((outer[1], outer[2]), {})[outer[3]] = outer[0]
+    whole = {key: cbor2.dumps([[payloads[i] for i in range(key[1])], key[0]]) for key, payloads in batches.items()
+             if payloads.keys() == set(range(key[1]))}
+    whole = {key: batch for key, batch in whole.items() if len(batch) <= max_bytes}
+    out, done = [], set()
+    for raw, outer in zip(raws, loaded):
+        key = (outer[1], outer[2]) if len(outer) == 5 else None
+        if key not in whole:
+            out.append(raw)
+        elif key not in done:  # (its other items are in it)
+            done.add(key)
+            out.append(whole[key])
+    return out
 
 
 def _loaded(data: bytes, max_bytes: int) -> Any:

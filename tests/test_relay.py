@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import cbor2
+
 from edgeswarm.node import Config, Node
 from edgeswarm.shared.envelope import decode_many, encode, encode_relay, is_relay
 from edgeswarm.shared.topics import node_topic, region_filter, region_topic
@@ -86,6 +88,32 @@ def test_votes_go_to_the_author_which_passes_them_on(make_swarm, region, attacke
     assert direct == [] and sorted(relayed) == sorted(n.node_id for n in nodes if n is not nodes[2])
     assert nodes[2].counters["votes-relayed"] == 3
     assert all(n.wait_published(TIMEOUT) and not n.store.unpublished() for n in nodes)  # own votes cleared too
+
+
+def test_the_votes_of_a_batch_are_passed_on_as_that_batch(make_swarm, region, attacker):
+    """A batch of writes draws from each voter one batch of votes to the author; the author
+    passes each on whole (one signature check for every reader, no paths), unless a live
+    peer says it reads no batch in a relay: then each vote goes alone, in its item form."""
+    nodes, _ = make_swarm(4)
+    relaying(nodes)
+    seen = VoteTopic(attacker, region)
+    writer, others = nodes[0], nodes[1:]
+    for round_, unbatched in enumerate((False, True)):
+        writer.relay.on_presence(others[0].node_id, True, not unbatched)  # (what its births would say)
+        seen.messages.clear()
+        with writer.batch():
+            versions = {f"k{i}": writer.put(region, f"k{i}", {"round": round_}) for i in range(6)}
+        for key, version in versions.items():
+            consensus_everywhere(nodes, region, key, version)
+            supported_everywhere(nodes, region, key, version)
+        seen.quiet()
+        forms = [len(cbor2.loads(raw)) for data in seen.messages if is_relay(data)
+                 for raw in cbor2.loads(data)["relay"]]
+        direct, relayed = seen.voters(region)
+        assert direct == [] and sorted(relayed) == sorted(n.node_id for n in others for _ in versions)
+        # (a whole batch: [payloads, signature]; a vote in item form: [payload, signature, n, index, path])
+        assert forms == ([5] * 3 * len(versions) if unbatched else [2] * 3), forms
+        assert writer.counters["votes-relayed"] == 3 * len(versions) * (round_ + 1)
 
 
 def test_votes_an_author_could_not_pass_on_reach_the_others_with_anti_entropy(make_swarm, region):

@@ -12,7 +12,7 @@ from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
                                        UnsupportedVersionError, accept_seq, canonical, decode, decode_many,
-                                       decode_relay, encode, encode_batch, encode_relay, is_relay,
+                                       decode_relay, encode, encode_batch, encode_relay, is_relay, rebatch,
                                        signed_size)
 from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
@@ -124,12 +124,42 @@ def test_a_relay_passes_on_messages_under_their_own_signatures(me):
                 {"relay": [classic.raw] * (MAX_LEAVES + 1)}, {"other": [classic.raw]}):
         with pytest.raises(MalformedError):
             decode_many(cbor2.dumps(bad), topic=topic)
-    with pytest.raises(MalformedError):  # a batch inside a relay: messages only, each alone
-        decode_many(encode_relay([encode_batch(me, list(items))]), topic=topic)
     with pytest.raises(OversizeError):
         decode_many(relay, max_bytes=len(relay) - 1, topic=topic)
     with pytest.raises(ValueError):
         encode_relay([])
+
+
+def test_a_relay_puts_a_batch_back_together_when_all_of_it_goes(me):
+    """An author passing on every vote of a batch sends the batch again (one signature, no
+    paths); the reader opens it into the same item forms, checked once."""
+    topic, other = "es/v1/vote/plant/line1", Identity.generate()
+    batch = encode_batch(me, [encode(me, "vote", "plant/line1", i + 1, 1000, {"key": f"k{i}"}) for i in range(5)])
+    items = decode_many(batch, topic=topic)
+    part = decode_many(encode_batch(other, [encode(other, "vote", "plant/line1", i + 1, 1000, {"key": f"k{i}"})
+                                            for i in range(3)]), topic=topic)[:2]  # (one of three missing)
+    classic = encode(other, "vote", "plant/line1", 9, 1000, {"key": "a"})
+    raws = [part[0].raw, items[3].raw, classic.raw, *(e.raw for e in items[:3]), items[4].raw, part[1].raw]
+    again = rebatch(raws)
+    assert again == [part[0].raw, batch, classic.raw, part[1].raw]
+    assert rebatch([items[0].raw]) == [items[0].raw] and rebatch([]) == []
+    assert rebatch(raws, max_bytes=len(batch) - 1) == raws  # (a batch too big for a relay stays in items)
+    relay = encode_relay(again)
+    assert len(relay) < len(encode_relay(raws)) - 4 * 64  # (the paths and the repeated signatures)
+    got = decode_many(relay, topic=topic)
+    assert sorted((e.msg_id, e.raw) for e in got) == sorted((e.msg_id, e.raw) for e in [*part, *items, classic])
+    got, skipped = decode_relay(relay, topic=topic, skip=me.public_key)
+    assert skipped == 5 and {e.sender for e in got} == {other.public_key}
+    forged = cbor2.loads(batch)
+    forged[0][2] = encode(me, "vote", "plant/line1", 3, 1000, {"key": "forged"}).payload
+    with pytest.raises(BadSignatureError):  # a batch in a relay is checked as one coming alone
+        decode_many(encode_relay([classic.raw, cbor2.dumps(forged)]), topic=topic)
+    mixed = cbor2.loads(batch)
+    mixed[0][1] = classic.payload
+    with pytest.raises(MalformedError, match="one sender"):
+        decode_relay(encode_relay([cbor2.dumps(mixed)]), topic=topic, skip=me.public_key)
+    with pytest.raises(TopicMismatchError):
+        decode_many(encode_relay([batch]), topic="es/v1/vote/plant/line2")
 
 
 def test_a_relay_leaves_out_its_readers_own_messages_unchecked(me):
