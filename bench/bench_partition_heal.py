@@ -18,7 +18,9 @@ Printed, measured in this one run:
   - the minimal bytes: for each node, the signed envelopes it lacked when the split healed
     (the other side's diffs and the votes on them), each counted once — and the diffs
     alone, which is the lower figure the goal names, as signed and as a pull would pack them;
-  - consensus traffic after the heal (the votes nodes cast on what they received), apart.
+  - consensus traffic after the heal (the votes nodes cast on what they received), apart;
+  - the trace catch-up (trace-head, trace-req, trace-resp: each node's copies of the other
+    side's traces), apart, and everything the nodes were delivered while healing.
 
 The frames' starting state is built directly in one SQLite store through the store's API
 (signed diffs and votes, as the nodes would have stored them) and copied to every node:
@@ -49,6 +51,7 @@ from edgeswarm.shared.identity import Identity
 
 REGION = "plant/line1"
 SYNC_KINDS = ("digest", "sync-req", "sync-resp")
+TRACE_KINDS = ("trace", "trace-head", "trace-req", "trace-resp")
 TIMEOUT = 120.0
 
 
@@ -222,6 +225,8 @@ def main() -> None:
             moved.update({k: v - b[k] for k, v in n.counters().items() if k.startswith(("bytes-in.", "sync."))})
         sync_bytes = sum(moved[f"bytes-in.{k}"] for k in SYNC_KINDS)
         live = moved["bytes-in.vote"] + moved["bytes-in.diff"]
+        trace_bytes = sum(moved[f"bytes-in.{k}"] for k in TRACE_KINDS)
+        everything = sum(v for k, v in moved.items() if k.startswith("bytes-in."))
 
     broker = "two private Mosquitto brokers" if args.mosquitto else "two embedded brokers"
     where = "one process per node" if args.processes else "all nodes in one process"
@@ -237,6 +242,9 @@ def main() -> None:
           f"the differing diffs alone {minimal_diffs:,} bytes -> ratio {sync_bytes / minimal_diffs:.2f} "
           f"(those diffs packed as a pull packs them: {packed_diffs:,} bytes -> ratio {sync_bytes / packed_diffs:.2f})")
     print(f"  consensus traffic after the heal (votes cast on what arrived), apart: {live:,} bytes")
+    print(f"  trace catch-up (the other side's trace entries), apart: {trace_bytes:,} bytes; everything delivered "
+          f"to the nodes while healing (births and fingerprints too): {everything:,} bytes "
+          f"({everything / minimal_diffs:.1f} times the differing diffs)")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ the tree where it differs, one level per message:
     votes newer than I's latest of their voter (each voter's latest, and the ones it moved
     away from that fork choice reads: Voting._compactable).
 R's envelopes are the original signed diffs and votes, chunked under the message size
-limit: packed (`packed`, shared/packing.py: a third to a half of the bytes) for a peer whose
-sync-reqs say it reads packs (`packed`), else as a list (`envelopes`); I runs them through
+limit, the item forms of each batch all among them put back together as that batch for a peer
+whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
+message, and no paths): packed (`packed`, shared/packing.py: a third to a half of the bytes)
+for a peer whose sync-reqs say it reads packs (`packed`), else as a list (`envelopes`); I runs them through
 the normal receive path minus the live replay window. R's reply that continues nothing is
 marked `last` and carries R's digest; when a step was cut short to stay under the size
 limits (`cut`), I pulls again at once from that digest.
@@ -52,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared import packing
-from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode
+from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode_many, is_relay, rebatch
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
 from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, Tree, pack, pack_rounds, pack_versions, short, unpack,
@@ -122,6 +124,7 @@ class Sync:
         self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
         self._answering: dict[str, threading.Timer] = {}  # root -> this node's answer, waiting (see _answer_soon)
         self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
+        self._batches: set[str] = set()  # peers whose latest sync-req said they read whole batches
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
         # the store's committed changes to its sums (reading 100k sums for every exchange
@@ -451,7 +454,7 @@ class Sync:
         timer.start()
 
     def _send_forward(self, root: str, peer: str, envelopes: list[bytes], digest: dict) -> None:
-        chunks = self._chunks(envelopes)
+        chunks = self._chunks(self._shaped(peer, envelopes))
         for i, chunk in enumerate(chunks):
             self._forward_chunk(root, peer, chunk, digest if i == len(chunks) - 1 else None)
         self.node.counters["sync.forwarded"] += 1
@@ -508,12 +511,13 @@ class Sync:
             self.node.counters["ignored.sync-region"] += 1
             return
         with self._lock:
-            if body.get("packed") is True:
-                if len(self._packs) >= MAX_PEERS and env.sender_id not in self._packs:
-                    self._packs.pop()  # (it is then sent lists, as a node before packs)
-                self._packs.add(env.sender_id)
-            else:
-                self._packs.discard(env.sender_id)
+            for says, peers in ((body.get("packed") is True, self._packs), (body.get("batches") is True, self._batches)):
+                if says:
+                    if len(peers) >= MAX_PEERS and env.sender_id not in peers:
+                        peers.pop()  # (it is then sent what a node before packs or batches reads)
+                    peers.add(env.sender_id)
+                else:
+                    peers.discard(env.sender_id)
         if body.get("follow"):
             self._on_follow(root, env.sender_id)
             return
@@ -537,7 +541,7 @@ class Sync:
             size += len(raw)
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
-        for chunk in self._chunks(envelopes):
+        for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
             self._send(env.sender_id, "sync-resp", {"region": root} | self._carrying(env.sender_id, chunk))
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
         if not (nodes or frames or differ):
@@ -562,9 +566,7 @@ class Sync:
         for raw in raws:
             if type(raw) is not bytes:
                 raise MalformedError("a sync response carries a list of envelopes")
-            inner = self._unwrap(root, raw, peer)
-            if inner is not None:
-                taken.append(inner)
+            taken += self._unwrap(root, raw, peer)
         if taken:
             counters = self.node.counters
             held = counters["known"] + counters["votes.known"]
@@ -597,7 +599,7 @@ class Sync:
                 with self._lock:
                     self._keep_forward(root, kept, digest, followers)
             for follower in followers:
-                self._forward_chunk(root, follower, [e.raw for e in taken], digest)
+                self._forward_chunk(root, follower, self._shaped(follower, [e.raw for e in taken]), digest)
             if last:
                 # The pull this node followed ended: what it still lacks (the leader was in
                 # its state, or took other changes since) it pulls a moment later, not after
@@ -740,25 +742,36 @@ class Sync:
         would always differ and pull in regions this node does not keep."""
         return any(region_covers(r, root) for r in self.node.config.regions)
 
-    def _unwrap(self, root: str, raw: bytes, peer: str) -> Any:
-        """The verified diff or vote inside a sync response, or None (counted) if it is not one."""
+    def _unwrap(self, root: str, raw: bytes, peer: str) -> list[Any]:
+        """The verified diffs and votes a message in a sync response carries (one, or those of
+        a whole batch), or none (counted) if it is not such a message."""
         try:
-            inner = decode(raw, max_bytes=self.node.config.max_message_bytes)
+            if is_relay(raw):
+                raise MalformedError("a relay where a message or a batch was expected")
+            inners = decode_many(raw, max_bytes=self.node.config.max_message_bytes)
         except EnvelopeError as e:
             self.node._reject(f"sync-{e.reason}", f"in a sync response from {peer}: {e}")
-            return None
-        if inner.kind not in ("diff", "vote") or inner.region is None or not region_covers(root, inner.region):
-            self.node._reject("sync-unexpected", f"a {inner.kind} for {inner.region!r} in a sync of {root!r}")
-            return None
+            return []
+        for inner in inners:
+            if inner.kind not in ("diff", "vote") or inner.region is None or not region_covers(root, inner.region):
+                self.node._reject("sync-unexpected", f"a {inner.kind} for {inner.region!r} in a sync of {root!r}")
+                return []
         # (this node's own envelopes too: a restored node learns back what it sent before)
-        return self.node.unseal(inner)
+        return [inner for inner in map(self.node.unseal, inners) if inner is not None]
 
     def _send(self, peer: str, kind: str, body: dict) -> None:
         self.node.send_now(node_topic(peer, kind), kind, body)
 
     def _request(self, peer: str, body: dict) -> None:
-        """A sync-req, saying that this node reads packed envelopes."""
-        self._send(peer, "sync-req", body | {"packed": True})
+        """A sync-req, saying that this node reads packed envelopes and whole batches."""
+        self._send(peer, "sync-req", body | {"packed": True, "batches": True})
+
+    def _shaped(self, peer: str, envelopes: list[bytes]) -> list[bytes]:
+        """Envelopes to send a peer, with the item forms of each batch all among them as that
+        batch if the peer reads batches (one that takes more than a chunk stays in items)."""
+        with self._lock:
+            batches = peer in self._batches
+        return rebatch(envelopes, self.node.config.max_message_bytes // 2) if batches else envelopes
 
     def _carrying(self, peer: str, envelopes: list[bytes]) -> dict:
         """The part of a sync-resp that carries envelopes to a peer: packed if it reads packs

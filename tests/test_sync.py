@@ -7,11 +7,12 @@ import time
 import zlib
 from dataclasses import replace
 
+import cbor2
 import pytest
 
 from edgeswarm.node import Config, Node
 from edgeswarm.shared import packing
-from edgeswarm.shared.envelope import canonical, decode, encode
+from edgeswarm.shared.envelope import canonical, decode, decode_many, encode
 from edgeswarm.shared.topics import node_topic
 from helpers import Network
 
@@ -115,11 +116,14 @@ def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(mem
         carried = [r for r in seen[late.node_id] if "packed" in r or "envelopes" in r]
         assert carried and all("packed" in r and "envelopes" not in r for r in carried), carried
         raws = [raw for r in carried for raw in packing.unpack(r["packed"], 1 << 20)]
-        assert len(raws) == late.counters["sync.envelopes"] >= len(keys)
-        assert sum(len(r["packed"]) for r in carried) < sum(map(len, raws)) / 2
+        items = [env.raw for raw in raws for env in decode_many(raw)]  # (whole batches opened)
+        assert len(items) == late.counters["sync.envelopes"] >= len(keys)
+        assert sum(len(r["packed"]) for r in carried) < sum(map(len, items)) / 2
         assert old.wait_until(lambda: len([r for r in seen[old.node_id] if "last" in r]) >= 1, TIMEOUT)
         carried = [r for r in seen[old.node_id] if "packed" in r or "envelopes" in r]
         assert carried and all("envelopes" in r and "packed" not in r for r in carried), carried
+        # (nor a whole batch: it said nothing of batches either)
+        assert all(type(cbor2.loads(raw)[0]) is bytes for r in carried for raw in r["envelopes"])
 
         # A member's pack that would unfold beyond a message's limit is refused, counted.
         bomb = zlib.compress(canonical([bytes(4 * late.config.max_message_bytes)]))
@@ -131,13 +135,22 @@ def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(mem
             n.stop()
 
 
-def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_one(member_configs, region):
+def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_one(member_configs, region,
+                                                                                   attacker):
     """A batch of writes leaves as one signed message (and the votes on it as one per
     node); a peer keeps each change with its path to the batch's signature, so a node that
-    was not there pulls exactly the changes it lacks, each checked on its own."""
+    was not there pulls exactly the changes it lacks, each checked on its own, and when it
+    lacks all of a batch, as that batch (one signature, no paths)."""
     configs = member_configs(3, sync_interval=0)
     a, b = (Node(cfg).start() for cfg in configs[:2])
     late = Node(configs[2])
+    pulled: list[bytes] = []
+    subscribed = threading.Event()
+    attacker.client.on_subscribe = lambda *a_: subscribed.set()
+    attacker.client.on_message = lambda c, u, m: pulled.extend(
+        raw for body in [decode(m.payload).body] if "packed" in body for raw in packing.unpack(body["packed"], 1 << 20))
+    attacker.client.subscribe(node_topic(late.node_id, "sync-resp"), qos=1)
+    assert subscribed.wait(TIMEOUT)
     try:
         keys = [f"k{i}" for i in range(40)]
         with pytest.raises(RuntimeError):  # a batch is all or nothing
@@ -169,6 +182,10 @@ def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_on
         late.sync_now()
         assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
         assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
+        # a's 50 diffs came from b as a's batch again: [[payloads], signature]
+        assert late.wait_until(lambda: any(len(cbor2.loads(raw)[0]) == 50 for raw in pulled
+                                           if type(cbor2.loads(raw)[0]) is list), TIMEOUT)
+        assert sum(len(decode_many(raw)) for raw in pulled) == late.counters["sync.envelopes"]
     finally:
         for n in (a, b, late):
             n.stop()
