@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -348,7 +348,7 @@ def rebatch(raws: list[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes
         if len(outer) == 5:
             batches.setdefault((outer[1], outer[2]), {})[outer[3]] = outer[0]
     whole = {key: cbor2.dumps([[payloads[i] for i in range(key[1])], key[0]]) for key, payloads in batches.items()
-             if payloads.keys() == set(range(key[1]))}
+             if payloads.keys() == set(range(key[1])) and _one_sender(payloads.values())}
     whole = {key: batch for key, batch in whole.items() if len(batch) <= max_bytes}
     out, done = [], set()
     for raw, outer in zip(raws, loaded):
@@ -359,6 +359,12 @@ def rebatch(raws: list[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes
             done.add(key)
             out.append(whole[key])
     return out
+
+
+def _one_sender(payloads: Iterable[bytes]) -> bool:
+    """Whether payloads (checked as they came) are all of one sender: a batch that a member
+    could make look like another's by its signature's bytes alone is left in items."""
+    return len({cbor2.loads(p)["s"] for p in payloads}) == 1
 
 
 def _loaded(data: bytes, max_bytes: int) -> Any:

@@ -144,6 +144,10 @@ def test_a_relay_puts_a_batch_back_together_when_all_of_it_goes(me):
     assert again == [part[0].raw, batch, classic.raw, part[1].raw]
     assert rebatch([items[0].raw]) == [items[0].raw] and rebatch([]) == []
     assert rebatch(raws, max_bytes=len(batch) - 1) == raws  # (a batch too big for a relay stays in items)
+    odd = cbor2.loads(items[1].raw)
+    odd[0] = classic.payload  # (another sender's payload under the batch's signature and place)
+    mixed = [items[0].raw, cbor2.dumps(odd), *(e.raw for e in items[2:])]
+    assert rebatch(mixed) == mixed
     relay = encode_relay(again)
     assert len(relay) < len(encode_relay(raws)) - 4 * 64  # (the paths and the repeated signatures)
     got = decode_many(relay, topic=topic)
