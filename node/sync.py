@@ -35,9 +35,9 @@ the tree where it differs, one level per message:
 R's envelopes are the original signed diffs and votes, chunked under the message size
 limit, the item forms of each batch all among them put back together as that batch for a peer
 whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
-message, and no paths): packed (`packed`, shared/packing.py: a third to a half of the bytes)
-for a peer whose sync-reqs say it reads packs (`packed`), else as a list (`envelopes`); I runs them through
-the normal receive path minus the live replay window. R's reply that continues nothing is
+message, and no paths); packed (`packed`, shared/packing.py: a third to a half of the bytes)
+for a peer whose sync-reqs say it reads packs (`packed`), else as a list (`envelopes`). I runs
+them through the normal receive path minus the live replay window. R's reply that continues nothing is
 marked `last` and carries R's digest; when a step was cut short to stay under the size
 limits (`cut`), I pulls again at once from that digest.
 Merges are never sent: every node rebuilds them.
@@ -511,7 +511,8 @@ class Sync:
             self.node.counters["ignored.sync-region"] += 1
             return
         with self._lock:
-            for says, peers in ((body.get("packed") is True, self._packs), (body.get("batches") is True, self._batches)):
+            for says, peers in ((body.get("packed") is True, self._packs),
+                                (body.get("batches") is True, self._batches)):
                 if says:
                     if len(peers) >= MAX_PEERS and env.sender_id not in peers:
                         peers.pop()  # (it is then sent what a node before packs or batches reads)

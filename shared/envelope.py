@@ -305,6 +305,9 @@ def _batch(outer: list, topic: str | None, skip: bytes | None = None) -> tuple[l
     if any(m[2] != sender for m in opened):
         raise MalformedError("a batch holds the messages of one sender only")
     if sender == skip:
+        if topic is not None:
+            for m, p in zip(opened, payloads):
+                _checked(Envelope(*m, b"", p), topic)
         return [], len(payloads)
     leaves = [message_id(p) for p in payloads]
     root, paths = root_and_paths(leaves)

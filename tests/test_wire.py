@@ -154,6 +154,8 @@ def test_a_relay_puts_a_batch_back_together_when_all_of_it_goes(me):
     assert sorted((e.msg_id, e.raw) for e in got) == sorted((e.msg_id, e.raw) for e in [*part, *items, classic])
     got, skipped = decode_relay(relay, topic=topic, skip=me.public_key)
     assert skipped == 5 and {e.sender for e in got} == {other.public_key}
+    with pytest.raises(TopicMismatchError):  # (an own batch left unchecked is still on its topic)
+        decode_relay(encode_relay([batch]), topic="es/v1/vote/plant/line2", skip=me.public_key)
     forged = cbor2.loads(batch)
     forged[0][2] = encode(me, "vote", "plant/line1", 3, 1000, {"key": "forged"}).payload
     with pytest.raises(BadSignatureError):  # a batch in a relay is checked as one coming alone
