@@ -20,8 +20,9 @@ the store), without a broker in between. Each input is one of
     a replay of an honest one, or a message on a topic it does not belong to;
   - a batch of such messages under one signature, whole, with bytes changed, or one of its
     messages in its item form with its place, the batch's size or its path changed;
-  - a relay of such messages and honest ones (as an author passes votes on), on the
-    region's vote topic or the node's vote inbox, whole or with bytes changed.
+  - a relay of such messages, batches and honest ones (as an author passes votes on), on
+    the region's vote topic or the node's vote inbox, whole or with bytes changed;
+  - a sync response carrying the peer's honest messages again as a batch of its own.
 A crash is an exception out of `receive_many` (decode may raise only EnvelopeError, which
 the node counts) or an increase of rejected.internal (a handler failed). At the end the
 consensus state of the honest frames must be what it was, the store must pass SQLite's
@@ -492,6 +493,8 @@ class Target:
             Template("sync-req", None, {"region": region, "follow": True}, to_me("sync-req")),
             Template("sync-resp", None, {"region": region, "envelopes": [raw for _, raw in self.honest[:3]],
                                          "digest": digest, "last": True, "cut": True}, to_me("sync-resp")),
+            Template("sync-resp", None, {"region": region, "envelopes": [self._honest_batch(), self.honest[0][1]],
+                                         "last": True}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [[1, 3, hashes]], "frames": [],
                                          "want": pos}, to_me("sync-resp")),
             Template("trace-head", None, {"seq": 3, "hash": prev}, own("trace-head"), trace_sender),
@@ -573,6 +576,13 @@ class Target:
                                       [b"x"], [None], list(range(20))))
         return topic, cbor2.dumps(item), "batch-item"
 
+    def _honest_batch(self) -> bytes:
+        """The peer's first honest messages again, as one batch under a signature of its own
+        (as a pull brings a batch the puller lacks all of)."""
+        envs = [Envelope(kind, self.region, self.peer.identity.public_key, 0, 0, None, b"", cbor2.loads(raw)[0])
+                for kind, raw in ((topic.split("/")[2], raw) for topic, raw in self.honest[:3])]
+        return encode_batch(self.peer.identity, envs)
+
     def _relay(self, rng: random.Random, sender: Sender, t: Template) -> tuple[str, bytes, str]:
         """A relay of 1 to 6 messages (honest ones, fresh ones of the template's kind, others
         of any kind) on the region's vote topic or this node's vote inbox, as sent or with
@@ -584,6 +594,8 @@ class Target:
                 raws.append(rng.choice(self.honest)[1])
             elif roll < 0.8:  # (a drawn seq, as in _batch)
                 raws.append(sign_raw(sender, t.kind, t.region, t.body, rng.randrange(1, 2**20)))
+            elif roll < 0.9:  # (a batch, whole as an author puts one back together, altered, or an item)
+                raws.append(self._batch(rng, sender, t, "")[1])
             else:
                 raws.append(rng.choice(self.raws))
         topic = rng.choice((region_topic("vote", self.region), node_topic(self.me.node_id, "vote")))
