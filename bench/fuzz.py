@@ -140,11 +140,17 @@ class Item:
     n: int  # the head's argument: a length, a count, a value
 
 
+WALK_DEPTH = 256  # nesting that items() walks; deeper (what a mutation may build) is ValueError
+
+
 def items(data: bytes) -> list[Item]:
-    """Every item of well-formed definite-length CBOR (as the corpus is), outermost first."""
+    """Every item of well-formed definite-length CBOR (as the corpus is), outermost first;
+    ValueError for CBOR nested deeper than WALK_DEPTH (IndexError when cut short)."""
     out: list[Item] = []
 
-    def one(i: int) -> int:
+    def one(i: int, depth: int = 0) -> int:
+        if depth > WALK_DEPTH:
+            raise ValueError(f"CBOR nested deeper than {WALK_DEPTH} levels")
         start, ib = i, data[i]
         major, ai = ib >> 5, ib & 31
         i += 1
@@ -161,9 +167,9 @@ def items(data: bytes) -> list[Item]:
         elif major in (4, 5):
             end = i
             for _ in range(n * (major - 3)):
-                end = one(end)
+                end = one(end, depth + 1)
         elif major == 6:
-            end = one(i)
+            end = one(i, depth + 1)
         else:
             end = i
         out[slot] = Item(start, i, end, major, n)
