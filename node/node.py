@@ -578,7 +578,10 @@ class Node(Voting):
             self.wake()
 
     def wake(self) -> None:
-        """Have the inbox worker look up (acknowledgements to clear, votes due to leave)."""
+        """Have the inbox worker look up (acknowledgements to clear, votes due to leave); the
+        worker itself looks up before it waits again."""
+        if threading.current_thread() is self._worker:
+            return
         try:
             self._inbox.put_nowait(_WAKE)
         except queue.Full:  # the worker is busy: it looks up after each batch anyway
