@@ -43,6 +43,9 @@ SOFTWARE = f"edgeswarm {version('edgeswarm')}"  # the installed package's versio
 MAX_SESSION = 2**63 - 1  # (the store's integers)
 PER_CONNECTION = {"sessions": "per-connection"}  # in births and fingerprints (see the module's text)
 LOW_DISK = 64 * 2**20  # bytes free on the store's disk below which each fingerprint round warns
+# What a node reads that older releases do not, said in births and fingerprints: trace entries
+# packed (node/trace.py), a whole batch in a relay (node/relay.py)
+READS = ("packs", "relay-batches")
 
 
 class Presence:
@@ -51,6 +54,7 @@ class Presence:
         self.store = node.store
         self.session = 0
         self._goodbye_back = threading.Event()  # this session's death came back from the broker (MQTT 3.1.1)
+        self._without: dict[str, set[str]] = {ability: set() for ability in READS}  # -> live peers not saying it
 
     def prepare(self) -> None:
         """Before each connection: a new session and the death the broker will hold for us
@@ -117,13 +121,21 @@ class Presence:
     def _abilities(self) -> dict:
         """That this node passes on the votes sent to it (node/relay.py), reads a whole
         batch in a relay (shared/envelope.py), and reads trace entries packed (node/trace.py)."""
-        return {"packs": True, "relay-batches": True, **({"relay": True} if self.node.relay.enabled else {})}
+        return {**dict.fromkeys(READS, True), **({"relay": True} if self.node.relay.enabled else {})}
 
     def _heard(self, node_id: str, body: dict | None) -> None:
         """What a live peer's birth or fingerprint says it does (None: the peer is gone)."""
-        self.node.relay.on_presence(node_id, body is not None and body.get("relay") is True,
-                                    None if body is None else body.get("relay-batches") is True)
-        self.node.trace.on_presence(node_id, None if body is None else body.get("packs") is True)
+        self.node.relay.on_presence(node_id, body is not None and body.get("relay") is True)
+        for ability, peers in self._without.items():
+            if body is not None and body.get(ability) is not True:
+                peers.add(node_id)
+            else:
+                peers.discard(node_id)
+
+    def without(self, ability: str) -> set[str]:
+        """The live peers whose birth or fingerprint does not say they read `ability` (READS):
+        older releases, which are sent what they read."""
+        return self._without[ability]
 
     def _bus(self) -> dict:
         """The broker this node is on, and whether it hosts it (broker.auto): for `status`."""

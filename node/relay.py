@@ -9,7 +9,7 @@ such vote as any other and passes those new to it on to the region's vote topic 
 relay message (shared/envelope.py: each vote as it came, under its voter's signature; the
 votes of a batch sent to it, when all of them go, as that batch again: one signature check
 for each reader instead of one per vote, and no paths — unless a live peer's birth or
-fingerprint says it reads no batch in a relay, `relay-batches`, as nodes before 0.9): at
+fingerprint does not say it reads a batch in a relay, `relay-batches`, as before 0.9): at
 once when a frame reaches consensus here, else at most RELAY_HOLD after the first one
 waiting (LATE_HOLD for votes on what is consensus already). A change then costs N
 deliveries to its author and N for each relay (the quorum's, then usually one with the late
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 # wait for it, but their digests do (a healed split: ~2 s sooner with 0.05 than 0.2).
 RELAY_HOLD = 0.2
 LATE_HOLD = 0.05
+RELAY_FRAMING = 16  # bytes of a relay's map and array around the messages it passes on
 
 
 class _Taken(NamedTuple):
@@ -68,7 +69,6 @@ class Relay:
         self.enabled = node.config.relay_votes
         self.inbox = node_topic(node.node_id, "vote")  # where votes for this node's versions come
         self.authors: set[str] = set()  # alive peers that pass votes on
-        self._unbatched: set[str] = set()  # live peers that read no whole batch in a relay (before 0.9)
         self._taken: list[tuple[str, bytes]] = []  # (region, vote) to pass on, once the transaction commits
         self._own: set[bytes] = set()  # msg ids of this transaction's own votes for own versions
         self._waiting: dict[str, list[tuple[bytes, int | None]]] = {}  # region -> (vote, outbox seq of an own one)
@@ -89,17 +89,12 @@ class Relay:
         if self.enabled:
             self._own.add(msg_id)
 
-    def on_presence(self, node_id: str, relays: bool, batches: bool | None) -> None:
-        """What a peer's birth or fingerprint says: whether it passes votes on (relays), and
-        whether it reads a whole batch in a relay (batches; None: the peer is gone)."""
+    def on_presence(self, node_id: str, relays: bool) -> None:
+        """What a peer's birth, fingerprint (relays: whether it says so) or death (False) tells."""
         if relays and self.enabled:
             self.authors.add(node_id)
         else:
             self.authors.discard(node_id)
-        if batches is False:
-            self._unbatched.add(node_id)
-        else:
-            self._unbatched.discard(node_id)
 
     # -- passing votes on ---------------------------------------------------------------
 
@@ -161,10 +156,11 @@ class Relay:
         for region, votes in waiting.items():
             self.node.counters["votes-relayed"] += sum(seq is None for _, seq in votes)
             limit = self.node.config.max_message_bytes
-            if not self._unbatched:  # (the votes of a batch sent here, all of them: the batch again)
-                votes = [(raw, None) for raw in rebatch([raw for raw, seq in votes if seq is None], limit - 16)] \
+            if not self.node.presence.without("relay-batches"):  # (a batch sent here, all of it: the batch)
+                votes = [(raw, None) for raw in rebatch([raw for raw, seq in votes if seq is None],
+                                                        limit - RELAY_FRAMING)] \
                     + [vote for vote in votes if vote[1] is not None]
-            for chunk in fitting(votes, lambda vote: len(vote[0]), limit, 16):
+            for chunk in fitting(votes, lambda vote: len(vote[0]), limit, RELAY_FRAMING):
                 self._publish(region, chunk)
 
     def _publish(self, region: str, votes: list[tuple[bytes, int | None]]) -> None:

@@ -121,7 +121,6 @@ class Trace:
         self._start = self.store.meta("trace_start")
         self._pending: list[list] = []  # events of the node's open transaction, [event, hlc, data]
         self._carriers: dict[bytes, dict] = {}  # version -> data of its CARRY_VOTES event in _pending
-        self._plain: set[str] = set()  # live peers that do not say they read packed entries
         # Decisions recorded by committed transactions and not yet in an entry (see flush),
         # since when the oldest waits; and, for the transaction open now, how many of them
         # its entry holds and the decisions it adds (both settled as it ends: _ended).
@@ -254,7 +253,8 @@ class Trace:
             entries = self._entries(start, min(head[0], start + PUSH_RANGE - 1))
             if not entries:
                 break
-            node.send_now(node_topic(node.node_id, "trace"), "trace", self._carrying(entries, not self._plain))
+            node.send_now(node_topic(node.node_id, "trace"), "trace",
+                          self._carrying(entries, not node.presence.without("packs")))
             start = parse(node.node_id, entries[-1][0]).seq + 1
         self._pushed = max(self._pushed, head[0] if head else 0)
 
@@ -275,14 +275,6 @@ class Trace:
         if packs and (packed := packing.smaller([b for pair in entries for b in pair])) is not None:
             return {"packed": packed}
         return {"entries": entries}
-
-    def on_presence(self, node_id: str, packs: bool | None) -> None:
-        """What a live peer's birth or fingerprint says: whether it reads packed entries
-        (None: it is gone, and waits for no push)."""
-        if packs is False:
-            self._plain.add(node_id)
-        else:
-            self._plain.discard(node_id)
 
     def publish_head(self) -> None:
         node = self.node

@@ -99,7 +99,8 @@ def test_the_votes_of_a_batch_are_passed_on_as_that_batch(make_swarm, region, at
     seen = VoteTopic(attacker, region)
     writer, others = nodes[0], nodes[1:]
     for round_, unbatched in enumerate((False, True)):
-        writer.relay.on_presence(others[0].node_id, True, not unbatched)  # (what its births would say)
+        writer.presence._heard(others[0].node_id, {"relay": True, "packs": True,  # (what its births would say)
+                                                   **({} if unbatched else {"relay-batches": True})})
         seen.messages.clear()
         with writer.batch():
             versions = {f"k{i}": writer.put(region, f"k{i}", {"round": round_}) for i in range(6)}

@@ -219,13 +219,13 @@ def test_entries_travel_packed_to_nodes_that_read_packs(offline_pair):
         a.receive(node_topic(who.node_id, kind), encode(who.identity, kind, None, seq, seq, body).raw)
 
     presence(b, "birth", 1, {"session": 1, "regions": ["plant"]})  # (an older release: no "packs")
-    assert a.trace._plain == {b.node_id}
+    assert a.presence.without("packs") == {b.node_id}
     presence(b, "fingerprint", 2, {"session": 1, "packs": True})
-    assert not a.trace._plain
+    assert not a.presence.without("packs")
     presence(b, "fingerprint", 3, {"session": 1})
-    assert a.trace._plain == {b.node_id}
+    assert a.presence.without("packs") == {b.node_id}
     presence(b, "death", 4, {"session": 1})
-    assert not a.trace._plain
+    assert not a.presence.without("packs")
 
     topic = node_topic(b.node_id, "trace-resp")
 
