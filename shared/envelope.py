@@ -304,17 +304,17 @@ def _batch(outer: list, topic: str | None, skip: bytes | None = None) -> tuple[l
     sender = opened[0][2]
     if any(m[2] != sender for m in opened):
         raise MalformedError("a batch holds the messages of one sender only")
+    if topic is not None:  # (the topic before the signature, as for one message)
+        for m, p in zip(opened, payloads):
+            _checked(Envelope(*m, b"", p), topic)
     if sender == skip:
-        if topic is not None:
-            for m, p in zip(opened, payloads):
-                _checked(Envelope(*m, b"", p), topic)
         return [], len(payloads)
     leaves = [message_id(p) for p in payloads]
     root, paths = root_and_paths(leaves)
     n = len(payloads)
     if not verify(sender, _statement(n, root), signature):
         raise BadSignatureError(f"batch signature does not match the payloads from {node_id_of(sender)}")
-    return [_checked(Envelope(*m, cbor2.dumps([p, signature, n, i, path]), p), topic)
+    return [Envelope(*m, cbor2.dumps([p, signature, n, i, path]), p)
             for i, (p, m, path) in enumerate(zip(payloads, opened, paths))], 0
 
 
