@@ -37,9 +37,9 @@ limit, the item forms of each batch all among them put back together as that bat
 whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
 message, and no paths); packed (`packed`, shared/packing.py: a third to a half of the bytes)
 for a peer whose sync-reqs say it reads packs (`packed`), else as a list (`envelopes`). I runs
-them through the normal receive path minus the live replay window. R's reply that continues nothing is
-marked `last` and carries R's digest; when a step was cut short to stay under the size
-limits (`cut`), I pulls again at once from that digest.
+them through the normal receive path minus the live replay window. R's reply that continues
+nothing is marked `last` and carries R's digest; when a step was cut short to stay under the
+size limits (`cut`), I pulls again at once from that digest.
 Merges are never sent: every node rebuilds them.
 """
 
