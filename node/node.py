@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
 from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, canonical, decode_many,
-                                       decode_relay, encode, encode_batch, fitting, is_relay, signed_size)
+                                       decode_relay, encode, encode_batch, fitting, is_relay)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
@@ -55,7 +55,7 @@ from .admission import Admission
 from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
-from .bodies import MAX_ROUND, parse_diff, parse_vote, validate_key
+from .bodies import parse_diff, parse_vote, validate_key
 from .store import Frame, FrameVersion, Queued, Store, StoreFullError
 from .presence import Presence
 from .relay import Relay
@@ -145,6 +145,10 @@ class Node(Voting):
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
         self._batched: dict[tuple[str, str], Frame] | None = None  # frames a batch wrote, as they were before it
         self._changes: list[_Change] = []  # the batch's changes, to sign as it ends
+        # frame -> its single leaf, as the last decision on it found (Voting._after_writes);
+        # forgotten as a transaction rolls back and as a node is excluded
+        self._linear: dict[tuple[str, str], bytes] = {}
+        self.store.end_listeners.append(lambda committed: committed or self._linear.clear())
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
         self._working = threading.Lock()  # held while messages are handled (by the worker, or inline)
@@ -350,10 +354,10 @@ class Node(Voting):
 
     def put(self, region: str, key: str, value: Mapping) -> str:
         """Replace the whole value of a frame; returns the new version (hex)."""
-        value = diff.normalize(value)
+        value, encoded = diff.normalize_encoded(value)
         if type(value) is not dict:
             raise ValueError(f"a frame value is a map, not {type(value).__name__}")
-        return self._change(region, key, lambda old: value)
+        return self._change(region, key, lambda old: value, encoded)
 
     def patch(self, region: str, key: str, set: Mapping[KeyPath, Any] | None = None,
               delete: Iterable[KeyPath] = ()) -> str:
@@ -372,14 +376,17 @@ class Node(Voting):
             return None
         return self._change(region, key, tombstone)
 
-    def _change(self, region: str, key: str, compute: Callable[[dict | None], dict | None]) -> str:
+    def _change(self, region: str, key: str, compute: Callable[[dict | None], dict | None],
+                encoded: bytes | None = None) -> str:
+        """A new version of a frame: `compute` gives its value from the head's (`encoded`: the
+        canonical CBOR of what it gives, when the caller has it)."""
         validate_region(region)
         validate_key(key)
         self.admission.check_own(region)
         with self._transaction():
             frame = self.store.frame(region, key)
             head = frame.head
-            old, parent_meta = (None, None) if head is None else self.store.value_meta(head)
+            old, gen, merged = (None, 0, ()) if head is None else self.store.version_info(head)[2:]
             new = compute(old)
             ops = diff.make(old, new)
             if not ops:
@@ -389,33 +396,24 @@ class Node(Voting):
             reason = self.coherence.check(region, key, new)
             if reason:
                 raise CoherenceError(f"{region}/{key}: {reason}")
-            version = diff.version_hash(region, key, head, new)
+            encoded = canonical(new) if encoded is None else encoded
+            version = diff.version_hash_of(region, key, head, encoded)
             body = {"key": key, "parent": head, "version": version, "ops": ops}
-            if parent_meta is not None and parent_meta.is_merge:
-                body["merge"] = list(parent_meta.parents)  # so receivers can rebuild the merge
-            self._check_size(region, body)
+            if len(merged) > 1:
+                body["merge"] = list(merged)  # so receivers can rebuild the merge
             hlc = self._stamp()
-            gen = parent_meta.gen + 1 if parent_meta else 1
-            self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, hlc, gen)
+            self.store.add_version(region, key, version, (head,) if head else (), new, self.node_id, hlc, gen + 1,
+                                   encoded=encoded)
             # (what a batch writes next to this frame builds on this)
             self.store.set_frame(region, key, Frame(version, frame.consensus, frame.round, frame.settled))
             change = _Change(region, key, body, head, version, hlc)
             if self._batched is None:
                 self._sign_change(change, vote=True)
-                self._reconsider(region, key, frame)
+                self._after_writes(region, key, frame)
             else:  # (signed as the batch ends)
                 self._changes.append(change)
                 self._batched.setdefault((region, key), frame)
         return version.hex()
-
-    def _check_size(self, region: str, body: dict) -> None:
-        """Refuse a change too big to send: its diff signed, with a vote's round, sealed where
-        its region is, must leave room for what a pull wraps it in."""
-        plain = len(canonical({**body, "round": MAX_ROUND}))
-        size = signed_size("diff", region, self.seals.sealed_bytes(region, plain))
-        if size > (limit := self.config.max_message_bytes - PULL_ROOM):
-            raise ValueError(f"this change is up to {size} bytes once signed; the limit is {limit} "
-                             f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
 
     def _sign_change(self, change: _Change, vote: bool) -> None:
         """Sign, store and queue this node's diff for a change; with `vote`, the diff is this
@@ -429,6 +427,12 @@ class Node(Voting):
                 body = {**body, "round": round_}
                 self.store.set_frame(region, key, replace(frame, round=round_))
         env = self._send("diff", region, body, hlc=hlc)
+        # A change too big to send: its diff signed (with its vote's round, sealed where its
+        # region is) must leave room for what a pull wraps it in. (Refused here, in the
+        # transaction, which this undoes: in a batch, as the batch ends.)
+        if len(env.raw) > (limit := self.config.max_message_bytes - PULL_ROOM):
+            raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is {limit} "
+                             f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
         self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, parent, env.raw, "applied")
         self.trace.record("wrote", region=region, key=key, version=version)
         if round_ is not None:
@@ -520,7 +524,7 @@ class Node(Voting):
             for change in changes:  # (in the order made: a parent's diff before its child's)
                 self._sign_change(change, vote=last[change.region, change.key] is change)
             for (region, key), was in written.items():
-                self._reconsider(region, key, was)
+                self._after_writes(region, key, was)
 
     def _publish_all(self, sends: list[tuple[Queued, Envelope]]) -> None:
         """What a committed transaction queued: with node.batch, the messages for one topic
@@ -1084,13 +1088,14 @@ class Node(Voting):
             if info is None or info[:2] != (env.region, key):
                 self._refuse(env, key, version, "bad-diff", "parent belongs to another frame")
                 return False
-            old, gen = info[2], info[3] + 1
+            old, gen = info.value, info.gen + 1
         try:
             new = diff.apply(old, ops)
         except diff.DiffError as e:
             self._refuse(env, key, version, "bad-diff", str(e))
             return False
-        if diff.version_hash(env.region, key, parent, new) != version:
+        encoded = canonical(new)
+        if diff.version_hash_of(env.region, key, parent, encoded) != version:
             self._refuse(env, key, version, "wrong-hash", "parent + diff does not give the claimed version")
             return False
         reason = self.coherence.check(env.region, key, new)
@@ -1099,7 +1104,7 @@ class Node(Voting):
             log.warning("version %s of %s/%s from %s fails coherence: %s", version.hex()[:16], env.region, key,
                         sender, reason)
         self.store.add_version(env.region, key, version, (parent,) if parent else (), new, sender, env.hlc, gen,
-                               coherent=not reason, reason=reason)
+                               coherent=not reason, reason=reason, encoded=encoded)
         self.counters["applied"] += 1
         self.trace.record("rejected" if reason else "accepted", region=env.region, key=key, version=version,
                           author=sender, **({"reason": reason} if reason else {}))
@@ -1153,6 +1158,7 @@ class Node(Voting):
     def exclude(self, node_id: str, reason: str, evidence_a: bytes, evidence_b: bytes = b"") -> None:
         """From now on the node's votes and writes do not count (kept: the evidence why)."""
         self.store.flag(node_id, reason, evidence_a, evidence_b)
+        self._linear.clear()
         self.trace.record("flagged", node=node_id, reason=reason)
         for region, key in self.store.voted_frames(node_id):
             self._reconsider(region, key)

@@ -34,7 +34,7 @@ short-lived CLI process may share the file and a failure never half-writes anyth
 
 Inside a transaction the store keeps what it reads again and again (replay windows, flagged
 nodes, frame rows, latest votes, voters, trace heads, frames with nothing waiting, its own
-counters) and writes replay windows, frame rows, latest votes, counters and sums once each,
+counters, the values of the versions written or read last) and writes replay windows, frame rows, latest votes, counters and sums once each,
 at COMMIT (a relay's eighteen votes: one statement for their latest rows, not eighteen).
 The cache outlives the transaction only while no other connection commits (PRAGMA
 data_version) and is dropped on ROLLBACK; reads outside a transaction always go to the file.
@@ -74,6 +74,7 @@ log = logging.getLogger("edgeswarm.node")
 
 SCHEMA_VERSION = 7
 CACHED_FRAMES = 4096  # frames (and senders) whose rows are kept between transactions
+CACHED_VALUES = 1024  # versions whose values are kept (version_info)
 # A COMMIT appends every page it changed to the log, and most change a few rows in each of a
 # dozen tables: smaller pages write fewer bytes. bench/bench_store.py, a member of a
 # 20-member swarm, written to storage per change (schema 5): ~242 KiB with 4,096-byte pages,
@@ -124,6 +125,15 @@ class FrameVersion:
     @property
     def parent(self) -> str | None:
         return self.parents[0] if len(self.parents) == 1 else None
+
+
+class VersionInfo(NamedTuple):
+    """A stored version's frame, value, generation and parents (sorted)."""
+    region: str
+    key: str
+    value: dict | None
+    gen: int
+    parents: tuple[bytes, ...]
 
 
 class VersionMeta(NamedTuple):
@@ -448,6 +458,7 @@ class Store:
         self._flagged: frozenset[str] | None = None
         self._frames: dict[tuple[str, str], Frame | None] = {}
         self._gens: dict[bytes, int] = {}  # version -> generation, of versions held
+        self._values: dict[bytes, VersionInfo] = {}  # (version_info: the latest CACHED_VALUES)
         self._latest: dict[tuple[str, str], dict[str, tuple[int, bytes]]] = {}
         self._voters: dict[str, set[str]] = {}
         self._idle: set[tuple[str, str]] = set()  # frames with no pending diff and no voted merge lacking
@@ -653,32 +664,49 @@ class Store:
                 gen = self._gens[version] = row[0]
         return gen
 
-    def version_info(self, version: bytes) -> tuple[str, str, dict | None, int] | None:
-        """(region, key, value, generation) of a stored version, or None."""
-        row = self._one("SELECT region, key, value, gen FROM versions WHERE version = ?", [version])
-        return None if row is None else (row[0], row[1], strict_loads(row[2]), row[3])
+    def version_info(self, version: bytes) -> VersionInfo | None:
+        """(region, key, value, generation, parents) of a stored version, or None. In a
+        transaction, from the versions this store wrote or read lately (a write reads its
+        parent's value, mostly the one written before it): the value is then shared, and
+        is never to be changed."""
+        with self._lock:
+            if self._tx and (info := self._values.get(version)) is not None:
+                return info
+            row = self._one("SELECT region, key, value, gen, parent, merge_of FROM versions WHERE version = ?",
+                            [version])
+            if row is None:
+                return None
+            info = VersionInfo(row[0], row[1], strict_loads(row[2]), row[3], _parents(row[4], row[5]))
+            if self._tx:
+                self._keep_value(version, info)
+            return info
+
+    def _keep_value(self, version: bytes, info: VersionInfo) -> None:
+        """(Under the lock, in a transaction.)"""
+        values = self._values
+        values[version] = info
+        if len(values) > CACHED_VALUES:
+            del values[next(iter(values))]
 
     def value(self, version: bytes) -> dict | None:
         return strict_loads(self._one("SELECT value FROM versions WHERE version = ?", [version])[0])
 
-    def value_meta(self, version: bytes) -> tuple[dict | None, VersionMeta]:
-        """The value and the metadata of a version held, in one read."""
-        row = self._one(f"SELECT value, {self._META_COLS} FROM versions WHERE version = ?", [version])
-        return strict_loads(row[0]), self._version_meta(row[1:])
-
     def add_version(self, region: str, key: str, version: bytes, parents: tuple[bytes, ...],
                     value: dict | None, author: str, hlc: int, gen: int,
-                    coherent: bool = True, reason: str | None = None) -> bool:
-        """Store a version. False when it was already stored."""
+                    coherent: bool = True, reason: str | None = None, encoded: bytes | None = None) -> bool:
+        """Store a version (its value's canonical CBOR `encoded`, when the caller has it).
+        False when it was already stored. The value is kept for version_info: it is never to
+        be changed afterwards."""
         with self.transaction():
             merge = len(parents) > 1
             if not self.db.conn.execute(
                     "INSERT INTO versions (version, region, key, parent, merge_of, value, author, hlc, gen, coherent,"
                     " reason, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
                     [version, region, key, None if merge or not parents else parents[0],
-                     b"".join(sorted(parents)) if merge else None, canonical(value), author, hlc, gen,
-                     int(coherent), reason, "shadow" if coherent else "rejected"]).rowcount:
+                     b"".join(sorted(parents)) if merge else None, canonical(value) if encoded is None else encoded,
+                     author, hlc, gen, int(coherent), reason, "shadow" if coherent else "rejected"]).rowcount:
                 return False
+            self._keep_value(version, VersionInfo(region, key, value, gen, tuple(sorted(parents))))
             if author:
                 self._add_sum(region, key, version_item(version), 1, 0)
             # A version older than the consensus does not descend from it: the frame's

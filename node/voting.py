@@ -21,6 +21,7 @@ from .store import Frame, VersionMeta
 log = logging.getLogger("edgeswarm.node")
 
 COMPACT_PER_ROUND = 2048  # frames whose votes a scheduled round compacts at most
+LINEAR_FRAMES = 4096  # frames whose single leaf is remembered (Voting._after_writes)
 
 
 class Voting:
@@ -246,6 +247,33 @@ class Voting:
                         and rows[i + 1][1] in authored and version in dag.ancestors(rows[i + 1][1])]
         return dropped
 
+    def _after_writes(self, region: str, key: str, was: Frame) -> None:
+        """After this node's own writes on a frame, a chain on its head as it `was`: when
+        the frame's last decision found that head its single leaf, and this node's vote went
+        with the last write, only the head moves. The new versions are shadows (stored so),
+        a version only this node's vote supports reaches no quorum of two or more, and the
+        consensus and every other state stay: the decision is not made again. Else, and
+        whenever anything else could have changed (diffs waiting, a single-member quorum),
+        _reconsider."""
+        frame = self.store.frame(region, key)
+        if was.head is None or self._linear.get((region, key)) != was.head or frame.round == was.round \
+                or self.quorum(region) < 2 or self.store.waiting(region, key):
+            self._reconsider(region, key, was)
+            return
+        self._single_leaf(region, key, frame.head)
+        self.counters["decisions-skipped"] += 1
+        if self._subscribers:
+            self._events.append(self.store.version(frame.head))
+
+    def _single_leaf(self, region: str, key: str, head: bytes | None) -> None:
+        """Remember the single leaf a decision found on a frame (None: not one)."""
+        linear = self._linear
+        linear.pop((region, key), None)
+        if head is not None:
+            if len(linear) >= LINEAR_FRAMES:
+                del linear[next(iter(linear))]
+            linear[(region, key)] = head
+
     def _reconsider(self, region: str, key: str, was: Frame | None = None) -> None:
         """Recompute head, own vote and consensus of a frame after any change to it (or to
         several: `was` is the frame before the first, for the notices)."""
@@ -254,6 +282,8 @@ class Voting:
         before = was or now
         d = self._decide(region, key, frame=now)
         self.store.set_frame(region, key, Frame(d.head, d.consensus, d.round, d.settled))
+        self._single_leaf(region, key, d.head if d.head is not None and not d.forks
+                          and not d.dag.versions[d.head].is_merge else None)
         dag = d.dag
         self.store.set_states({v: st for v, st in d.states.items()
                                if v not in dag.versions or dag.versions[v].state != st})

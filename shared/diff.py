@@ -26,16 +26,28 @@ class DiffError(ValueError):
 
 
 def version_hash(region: str, key: str, parent: bytes | None, value: dict | None) -> bytes:
-    return hashlib.blake2b(canonical([region, key, parent, value]), digest_size=HASH_BYTES).digest()
+    return version_hash_of(region, key, parent, canonical(value))
+
+
+def version_hash_of(region: str, key: str, parent: bytes | None, encoded: bytes) -> bytes:
+    """version_hash of a value given as its canonical CBOR (which a node stores too: the
+    value is encoded once). The canonical array is its head and its items' encodings."""
+    return hashlib.blake2b(b"\x84" + canonical(region) + canonical(key) + canonical(parent) + encoded,
+                           digest_size=HASH_BYTES).digest()
 
 
 def normalize(value: Any) -> Any:
     """The value as every node will decode it (tuples become lists, ...); MalformedError otherwise."""
+    return normalize_encoded(value)[0]
+
+
+def normalize_encoded(value: Any) -> tuple[Any, bytes]:
+    """normalize(value), and its canonical CBOR."""
     try:
         data = canonical(value)
     except Exception as e:
         raise MalformedError(f"value cannot be encoded as CBOR: {e}") from None
-    return strict_loads(data)
+    return strict_loads(data), data
 
 
 def check_frame_value(value: Any) -> None:

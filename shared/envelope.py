@@ -52,6 +52,7 @@ import cbor2
 from .clock import MAX_TIMESTAMP
 from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, node_id_of, verify
 from .merkle import MAX_LEAVES, root_and_paths, root_from_path
+from .merkle import root as merkle_root  # (functions here name their roots `root`)
 from .topics import PREFIX, TopicError, parse_topic, validate_kind, validate_region
 
 FORMAT_VERSION = 1
@@ -207,33 +208,13 @@ def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int
     return Envelope(kind, region, identity.public_key, seq, hlc, body, raw, payload)
 
 
-def signed_size(kind: str, region: str | None, body_bytes: int) -> int:
-    """The most bytes a message of this kind and region takes once signed, whatever its
-    sequence number and clock, when its body encodes to `body_bytes`."""
-    payload = _fixed_bytes(kind, region) + body_bytes
-    # [payload, signature]: the array's head, and each byte string's head and bytes
-    return 1 + _head(payload) + payload + _head(SIGNATURE_BYTES) + SIGNATURE_BYTES
-
-
-@functools.lru_cache(maxsize=256)
-def _fixed_bytes(kind: str, region: str | None) -> int:
-    """Bytes of a payload but its body, with the widest sequence number and clock."""
-    return len(canonical({"v": FORMAT_VERSION, "k": kind, "r": region, "s": bytes(PUBLIC_KEY_BYTES), "n": _INT_MAX,
-                          "t": _INT_MAX, "b": None})) - 1  # (null: one byte)
-
-
-def _head(length: int) -> int:
-    """Bytes of the CBOR head of a byte string of this length."""
-    return 1 if length < 24 else 2 if length < 2**8 else 3 if length < 2**16 else 5 if length < 2**32 else 9
-
-
 def encode_batch(identity: Identity, envs: list[Envelope]) -> bytes:
     """One message carrying the payloads of `envs` (this identity's, 2 to MAX_LEAVES of
     them) under one signature."""
     if not 2 <= len(envs) <= MAX_LEAVES or any(e.sender != identity.public_key for e in envs):
         raise ValueError(f"a batch is 2 to {MAX_LEAVES} messages of its signer")
-    root, _ = root_and_paths([e.msg_id for e in envs])
-    return cbor2.dumps([[e.payload for e in envs], identity.sign(_statement(len(envs), root))])
+    signature = identity.sign(_statement(len(envs), merkle_root([e.msg_id for e in envs])))
+    return cbor2.dumps([[e.payload for e in envs], signature])
 
 
 def encode_relay(raws: list[bytes]) -> bytes:

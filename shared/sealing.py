@@ -58,12 +58,6 @@ class Seals:
         box = self.box(region)
         return body if box is None else {"sealed": bytes(box.encrypt(canonical(body)))}
 
-    def sealed_bytes(self, region: str, plain_bytes: int) -> int:
-        """Bytes a body that encodes to `plain_bytes` takes once sealed for this region."""
-        if self.box(region) is None:
-            return plain_bytes
-        return len(canonical({"sealed": bytes(SecretBox.NONCE_SIZE + SecretBox.MACBYTES + plain_bytes)}))
-
     def open(self, region: str, body: Any) -> Any:
         """The body of a sealed message (SealError if it does not open)."""
         box = self.box(region)

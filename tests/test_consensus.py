@@ -215,6 +215,43 @@ def test_a_batch_votes_in_the_diff_of_each_frames_last_change(make_swarm, region
     assert a.counters["bytes-out.vote"] == 0
 
 
+def decided_alike(node, region, key):
+    """What the node holds of a frame (head, consensus, every version's state) is what
+    deciding it afresh gives."""
+    with node.store.transaction():  # (nothing else decided meanwhile)
+        frame = node.store.frame(region, key)
+        d = node._decide(region, key, readonly=True, frame=frame)
+        assert (frame.head, frame.consensus) == (d.head, d.consensus)
+        assert {v: meta.state for v, meta in d.dag.versions.items()} == d.states
+
+
+def test_own_writes_on_a_single_leaf_move_the_head_alone(make_swarm, region):
+    """A node's writes on a frame whose last decision found its head the single leaf skip
+    the decision (their versions are shadows, and nothing else moves): what they leave is
+    what deciding gives. Once the frame has forks, a write is decided in full."""
+    nodes, _ = make_swarm(3)
+    a, b, _ = nodes
+    v0 = a.put(region, "k", {"n": 0})
+    consensus_everywhere(nodes, region, "k", v0)
+    skipped = a.counters["decisions-skipped"]
+    with a._working, b._working:  # (neither takes the other's messages meanwhile)
+        with a.batch():
+            for n in (1, 2, 3):
+                a.put(region, "k", {"n": n})
+            a.put(region, "other", {"n": 1})  # (a new frame: decided)
+        last = a.put(region, "k", {"n": 4})
+        assert a.counters["decisions-skipped"] == skipped + 2
+        assert a.status(region, "k")["head"] == last and a.status(region, "k")["consensus"] == v0
+        decided_alike(a, region, "k")
+        fork = b.put(region, "k", {"m": 1})  # conflicts with a's branch (n changed / deleted)
+    consensus_everywhere(nodes, region, "k", last)
+    assert a.wait_until(lambda: fork in [f.version for f in a.forks(region, "k")], TIMEOUT)
+    skipped = a.counters["decisions-skipped"]
+    a.put(region, "k", {"n": 5})
+    assert a.counters["decisions-skipped"] == skipped
+    decided_alike(a, region, "k")
+
+
 def test_votes_apart_from_diffs_for_older_nodes(member_configs, region):
     """node.votes_in_diffs = false (for a swarm that still has nodes older than 0.5, which
     reject a diff with a round): that node's diffs carry no round and its votes go apart; a

@@ -1,5 +1,6 @@
 """The wire format: identity, envelope, topics, diffs, clock."""
 
+import hashlib
 import os
 import stat
 import zlib
@@ -12,11 +13,9 @@ from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
                                        UnsupportedVersionError, accept_seq, canonical, decode, decode_many,
-                                       decode_relay, encode, encode_batch, encode_relay, is_relay, rebatch,
-                                       signed_size)
+                                       decode_relay, encode, encode_batch, encode_relay, is_relay, rebatch)
 from edgeswarm.shared.merkle import MAX_LEAVES
 from edgeswarm.shared.identity import Identity, IdentityError, node_id_of
-from edgeswarm.shared.sealing import Seals, new_key
 from edgeswarm.shared.topics import (TopicError, node_topic, parse_topic, region_filter, region_topic,
                                      validate_region)
 
@@ -252,19 +251,6 @@ def test_size_limit(me):
         decode(env.raw, max_bytes=len(env.raw) - 1)
 
 
-@pytest.mark.parametrize("blob", [0, 10, 200, 5000, 70_000])
-def test_signed_size_bounds_a_message_for_any_seq_and_clock(me, blob):
-    """What a node checks a change against before it signs it (in a batch, as the batch
-    ends): reached with the widest numbers, never exceeded; in a sealed region too."""
-    body = {"key": "k", "blob": b"x" * blob, "round": 2**32 - 1}
-    seals = Seals({"sealed": new_key()})
-    for region in ("plain", "sealed/a"):
-        sealed = seals.seal(region, body)
-        bound = signed_size("diff", region, seals.sealed_bytes(region, len(canonical(body))))
-        assert len(encode(me, "diff", region, 2**64 - 1, 2**64 - 1, sealed).raw) == bound
-        assert len(encode(me, "diff", region, 1, 1, sealed).raw) < bound
-
-
 def test_envelope_must_arrive_on_its_own_topic(me):
     env = encode(me, "diff", "plant/a", 1, 1, None)
     with pytest.raises(TopicMismatchError):
@@ -345,6 +331,17 @@ def test_version_hash_binds_parent_frame_and_value():
     assert h != diff.version_hash("r", "k", h, {"a": 1})
     assert h != diff.version_hash("r", "k2", None, {"a": 1})
     assert h != diff.version_hash("r", "k", None, {"a": 1.0})
+
+
+@pytest.mark.parametrize("region, key, value", [("r", "k", {"a": 1}), ("plant/" + "x" * 300, "k" * 30, None),
+                                                ("r", "ü" * 200, {"deep": [{"x": -1.5}], "b": b"\0" * 70})])
+def test_a_version_hash_is_the_hash_of_the_canonical_array(region, key, value):
+    """What every node computes and checks, old and new: BLAKE2b-256 of the canonical CBOR
+    of [region, key, parent, value] (a node hashes the value's encoding it stores)."""
+    for parent in (None, b"p" * 32):
+        expected = hashlib.blake2b(canonical([region, key, parent, value]), digest_size=32).digest()
+        assert diff.version_hash(region, key, parent, value) == expected
+        assert diff.version_hash_of(region, key, parent, canonical(value)) == expected
 
 
 # -- clock ---------------------------------------------------------------------------------
