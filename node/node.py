@@ -509,7 +509,8 @@ class Node(Voting):
         how a node keeps up with a sensor writing hundreds of frames a second. Each frame
         the batch changed is decided once, as it ends: its subscribers hear of its last
         version only, and this node's vote is in the diff of its last change
-        (node.votes_in_diffs): one round per frame and batch, however often it changed."""
+        (node.votes_in_diffs): one round per frame and batch, however often it changed. The
+        changes are signed as it ends: one too big to send fails the batch then (ValueError)."""
         with self._transaction():
             if self._batched is not None:  # (a batch inside a batch joins it)
                 yield

@@ -41,7 +41,6 @@ arrays, text, bytes, integers within 64 bits, floats, booleans and null. No tags
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -168,8 +167,6 @@ def strict_loads(data: bytes) -> Any:
 
 
 # -- envelopes ---------------------------------------------------------------------------
-
-_checked_region = functools.lru_cache(maxsize=1024)(validate_region)  # (a swarm uses few regions)
 
 
 @dataclass(frozen=True)
@@ -416,7 +413,7 @@ def _open(payload: bytes) -> tuple[str, str | None, bytes, int, int, Any]:
         if region is not None:
             if type(region) is not str:
                 raise MalformedError("envelope region is not text")
-            _checked_region(region)
+            validate_region(region)
     except TopicError as e:
         raise MalformedError(str(e)) from None
     return kind, region, sender, seq, hlc, m["b"]

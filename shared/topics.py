@@ -34,7 +34,13 @@ class TopicError(ValueError):
     """A region, kind or topic that does not follow the topic scheme."""
 
 
+_VALID_REGIONS: set[str] = set()  # regions checked already (a swarm uses few; every message names one)
+_REMEMBERED = 1024
+
+
 def validate_region(region: str) -> str:
+    if type(region) is str and region in _VALID_REGIONS:
+        return region
     if not isinstance(region, str) or not region:
         raise TopicError("a region is a non-empty text such as 'plant/line1'")
     if len(region.encode("utf-8")) > MAX_REGION_BYTES:
@@ -50,6 +56,8 @@ def validate_region(region: str) -> str:
         bad = _FORBIDDEN.intersection(level)
         if bad:
             raise TopicError(f"region {region!r} contains a forbidden character {sorted(bad)[0]!r}")
+    if type(region) is str and len(_VALID_REGIONS) < _REMEMBERED:
+        _VALID_REGIONS.add(region)
     return region
 
 
