@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import PLAUSIBLE_WALL_MS, HybridClock, wall_ms
-from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, canonical, decode_many,
-                                       decode_relay, encode, encode_batch, fitting, is_relay)
+from edgeswarm.shared.envelope import (Envelope, EnvelopeError, MalformedError, accept_seq, batch_items, canonical,
+                                       decode_many, decode_relay, fitting, is_relay, prepare, signed, signed_length)
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.roster import RosterError
 from edgeswarm.shared.sealing import SEALED_KINDS, Seals, SealError, is_sealed
@@ -56,7 +56,7 @@ from .handover import Handover
 from .coherence import Coherence, CoherenceError, Validator
 from .config import Config, ConfigError
 from .bodies import parse_diff, parse_vote, validate_key
-from .store import Frame, FrameVersion, Queued, Store, StoreFullError
+from .store import Frame, FrameVersion, Out, Queued, Store, StoreFullError
 from .presence import Presence
 from .relay import Relay
 from .sync import Sync
@@ -139,7 +139,13 @@ class Node(Voting):
         self._acked: list[int] = []  # acknowledged, still in the outbox table
         self._ack_due = 0.0  # monotonic time by which the acknowledged rows are deleted
         self._draining = False  # the outbox backlog is being sent (see _drain)
-        self._sends: list[tuple[Queued, Envelope]] = []
+        # What the open transaction sends, (topic, message) prepared, signed as it commits
+        # (_seal: the messages for one topic under one signature) into `_outs`, to publish
+        # once it has; and the own diffs and votes stored with them (their envelopes then).
+        self._sends: list[tuple[str, Envelope]] = []
+        self._outs: list[Out] = []
+        self._own_diffs: dict[bytes, tuple] = {}  # msg_id -> the diffs row but its envelope
+        self._own_votes: dict[bytes, tuple[str, str, int]] = {}  # msg_id -> (region, key, round) of a vote
         self._events: list[FrameVersion] = []
         self._addressed: set[bytes] | frozenset[bytes] = frozenset()  # votes of this _take sent to this node
         self._deferred: dict[tuple[str, str], None] | None = None  # frames to decide (see handle_many)
@@ -148,7 +154,8 @@ class Node(Voting):
         # frame -> its single leaf, as the last decision on it found (Voting._after_writes);
         # forgotten as a transaction rolls back and as a node is excluded
         self._linear: dict[tuple[str, str], bytes] = {}
-        self.store.end_listeners.append(lambda committed: committed or self._linear.clear())
+        self.store.end_listeners.append(lambda committed: committed or self._rolled_back())
+        self.store.commit_listeners.append(self._seal)
         self._tx_depth = 0  # nesting of _transaction in the thread holding the store lock
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(INBOX_SIZE)
         self._working = threading.Lock()  # held while messages are handled (by the worker, or inline)
@@ -430,13 +437,13 @@ class Node(Voting):
         # A change too big to send: its diff signed (with its vote's round, sealed where its
         # region is) must leave room for what a pull wraps it in. (Refused here, in the
         # transaction, which this undoes: in a batch, as the batch ends.)
-        if len(env.raw) > (limit := self.config.max_message_bytes - PULL_ROOM):
-            raise ValueError(f"this change is {len(env.raw)} bytes once signed; the limit is {limit} "
+        if (size := signed_length(env)) > (limit := self.config.max_message_bytes - PULL_ROOM):
+            raise ValueError(f"this change is {size} bytes once signed; the limit is {limit} "
                              f"(node.max_message_bytes, less {PULL_ROOM} for what a pull wraps it in)")
-        self.store.add_diff(env.msg_id, self.node_id, env.seq, region, key, version, parent, env.raw, "applied")
+        self._own_diffs[env.msg_id] = (self.node_id, env.seq, region, key, version, parent)
         self.trace.record("wrote", region=region, key=key, version=version)
         if round_ is not None:
-            self._voted(region, key, round_, version, env.msg_id)  # (the diff, stored above, is the vote)
+            self._voted(region, key, round_, version, env.msg_id)  # (the diff, stored as it is signed, is the vote)
         self.counters["sent"] += 1
 
     # -- transactions, outbox and publishing -----------------------------------------
@@ -459,20 +466,21 @@ class Node(Voting):
                 yield
                 cleared = self._take_acked()
                 self.trace.flush()
+                self._seal()
             except BaseException:
-                self._sends.clear()
+                self._rolled_back()
                 self._events.clear()
                 self.trace.discard()
                 self.relay.discard()
                 raise
             finally:
                 self._tx_depth = 0
-            sends, self._sends = self._sends, []
+            outs, self._outs = self._outs, []
             events, self._events = self._events, []
             relayed = self.relay.detach()
         if cleared:
             self._cleared(cleared)
-        self._publish_all(self.relay.committed(relayed, sends))
+        self._publish_all(self.relay.committed(relayed, outs))
         self.relay.flush(force=relayed.consensus)
         for fv in events:
             self._notify(fv)
@@ -480,11 +488,15 @@ class Node(Voting):
     def sign(self, kind: str, region: str | None, body: Any, hlc: int | None = None) -> Envelope:
         """An envelope from this node with its next sequence number and its clock now (or
         `hlc`, a time the clock gave before, as stored)."""
+        return signed(self.identity, self._prepare(kind, region, body, hlc))
+
+    def _prepare(self, kind: str, region: str | None, body: Any, hlc: int | None = None) -> Envelope:
+        """sign() but for the signature."""
         with self.store.transaction():
             seq = self.store.next_seq()
             if hlc is None:
                 hlc = self._stamp()
-        return encode(self.identity, kind, region, seq, hlc, body)
+        return prepare(self.identity, kind, region, seq, hlc, body)
 
     def _stamp(self) -> int:
         """The clock now, stored (a restarted node's clock goes on from it)."""
@@ -493,13 +505,61 @@ class Node(Voting):
         return hlc
 
     def _send(self, kind: str, region: str, body: Any, topic: str | None = None, hlc: int | None = None) -> Envelope:
-        """Sign a message (sealed, in a sealed region) and put it in the outbox (inside the
-        caller's transaction), for the region's topic of its kind unless `topic` says."""
-        env = self.sign(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body, hlc)
-        item = Queued(env.msg_id, topic or region_topic(kind, region), env.raw, env.seq)
-        self.store.queue(item.msg_id, item.topic, item.envelope, env.seq)
-        self._sends.append((item, env))
+        """A message (sealed, in a sealed region) for the outbox, in the caller's transaction,
+        for the region's topic of its kind unless `topic` says: signed, and stored in the
+        outbox, as that transaction commits (_seal). Returned prepared: its `raw` is empty."""
+        env = self._prepare(kind, region, self.seals.seal(region, body) if kind in SEALED_KINDS else body, hlc)
+        self._sends.append((topic or region_topic(kind, region), env))
         return env
+
+    def _seal(self) -> None:
+        """(As a transaction commits, under the store lock.) Sign what it sends: with
+        node.batch, the messages for one topic together under one signature (each kept in
+        its item form), each alone otherwise and for a single vote of this node's for its
+        own version (which its relay passes on: relay.committed); store them in the outbox,
+        and the envelopes of this node's diffs and votes among them."""
+        if not self._sends:
+            return
+        sends, self._sends = self._sends, []
+        own = [env for _, env in sends if self.relay.is_own(env.msg_id)]
+        alone = own[0] if len(own) == 1 else None
+        by_topic: dict[str, list[Envelope]] = {}
+        for topic, env in sends:
+            by_topic.setdefault(topic, []).append(env)
+        queued: list[Queued] = []
+        for topic, envs in by_topic.items():
+            if self.config.batch:
+                # (the signature and arrays of a batch take ~80 bytes)
+                chunks = [[e] for e in envs if e is alone] + list(fitting(
+                    [e for e in envs if e is not alone], lambda e: len(e.payload), self.config.max_message_bytes, 80))
+            else:
+                chunks = [[e] for e in envs]
+            for chunk in chunks:
+                if len(chunk) == 1:
+                    items = [signed(self.identity, chunk[0])]
+                    raw = items[0].raw
+                else:
+                    raw, items = batch_items(self.identity, chunk)
+                self._outs.append(Out(topic, items[0].kind, items[0].region, raw, tuple(e.seq for e in items),
+                                      tuple(e.msg_id for e in items)))
+                queued += [Queued(e.msg_id, topic, e.raw, e.seq) for e in items]
+        self.store.queue(queued)
+        votes = []
+        for item in queued:
+            if (row := self._own_diffs.pop(item.msg_id, None)) is not None:
+                self.store.add_diff(item.msg_id, *row, item.envelope, "applied")
+            elif (vote := self._own_votes.pop(item.msg_id, None)) is not None:
+                region, key, round_ = vote
+                votes.append((item.envelope, region, key, self.node_id, round_))
+        self.store.set_vote_envelopes(votes)
+
+    def _rolled_back(self) -> None:
+        """What a transaction that rolled back was to send, and what it found, is forgotten."""
+        self._sends.clear()
+        self._outs.clear()
+        self._own_diffs.clear()
+        self._own_votes.clear()
+        self._linear.clear()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -527,25 +587,12 @@ class Node(Voting):
             for (region, key), was in written.items():
                 self._after_writes(region, key, was)
 
-    def _publish_all(self, sends: list[tuple[Queued, Envelope]]) -> None:
-        """What a committed transaction queued: with node.batch, the messages for one topic
-        leave together under one signature, each alone otherwise."""
-        if not self.config.batch:
-            for item, env in sends:
-                self._publish(item, env.kind)
-            return
-        by_topic: dict[str, list[tuple[Queued, Envelope]]] = {}
-        for send in sends:
-            by_topic.setdefault(send[0].topic, []).append(send)
-        for topic, group in by_topic.items():
-            # (the signature and arrays of a batch take ~80 bytes)
-            for chunk in fitting(group, lambda send: len(send[1].payload), self.config.max_message_bytes, 80):
-                if len(chunk) == 1:
-                    self._publish(chunk[0][0], chunk[0][1].kind)
-                else:
-                    self.counters["batches-out"] += 1
-                    self.publish_tracked(topic, encode_batch(self.identity, [env for _, env in chunk]),
-                                         chunk[0][1].kind, tuple(item.seq for item, _ in chunk))
+    def _publish_all(self, outs: list[Out]) -> None:
+        """What a committed transaction sends (sealed: _seal)."""
+        for out in outs:
+            if len(out.seqs) > 1:
+                self.counters["batches-out"] += 1
+            self.publish_tracked(out.topic, out.raw, out.kind, out.seqs)
 
     def _publish(self, item: Queued, kind: str) -> None:
         self.publish_tracked(item.topic, item.envelope, kind, (item.seq,))

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from edgeswarm.shared.envelope import Envelope, encode_relay, fitting, rebatch
 from edgeswarm.shared.topics import node_topic, region_topic
 
-from .store import Queued
+from .store import Out
 
 if TYPE_CHECKING:
     from .node import Node
@@ -89,6 +89,10 @@ class Relay:
         if self.enabled:
             self._own.add(msg_id)
 
+    def is_own(self, msg_id: bytes) -> bool:
+        """Whether the transaction's message is this node's vote for its own version."""
+        return msg_id in self._own
+
     def on_presence(self, node_id: str, relays: bool) -> None:
         """What a peer's birth, fingerprint (relays: whether it says so) or death (False) tells."""
         if relays and self.enabled:
@@ -118,19 +122,19 @@ class Relay:
         self._taken, self._own, self._now, self._early = [], set(), False, False
         return taken
 
-    def committed(self, taken: _Taken, sends: list[tuple[Queued, Envelope]]) -> list[tuple[Queued, Envelope]]:
+    def committed(self, taken: _Taken, outs: list[Out]) -> list[Out]:
         """The transaction committed: what it took waits to leave (flush(), at once if the
         transaction reached a consensus), with its own vote when it cast one for its own
-        version alone. Returns the rest of `sends`, to publish first."""
-        own = [s for s in sends if s[0].msg_id in taken.own] if taken.own else []
-        if len(own) > 1:  # a batch of writes: their votes leave together under one signature
+        version alone (signed alone: Node._seal). Returns the rest of `outs`, to publish first."""
+        own = [o for o in outs if taken.own.intersection(o.ids)] if taken.own else []
+        if len(own) != 1 or len(own[0].ids) != 1:  # a batch of writes: their votes leave together under one signature
             own = []
         votes = [(region, raw, None) for region, raw in taken.votes]
         if own:
-            item, env = own[0]
-            self.node.track((item.seq,))
-            votes.append((env.region, env.raw, item.seq))
-            sends = [s for s in sends if s is not own[0]]
+            out = own[0]
+            self.node.track(out.seqs)
+            votes.append((out.region, out.raw, out.seqs[0]))
+            outs = [o for o in outs if o is not out]
         if votes:
             due = time.monotonic() + (RELAY_HOLD if taken.early or own else LATE_HOLD)
             with self._lock:
@@ -141,7 +145,7 @@ class Relay:
                     self._due = due
             if wake:
                 self.node.wake()  # (the worker times the flush; it may be waiting for a message)
-        return sends
+        return outs
 
     def wait(self) -> float | None:
         """Seconds until what waits is due to leave (None: nothing waits)."""

@@ -160,6 +160,17 @@ class Queued:
     seq: int = 0
 
 
+class Out(NamedTuple):
+    """A message a committed transaction publishes: one of this node's, or a batch of them,
+    carrying the outbox rows `seqs` (the messages `ids`)."""
+    topic: str
+    kind: str
+    region: str | None
+    raw: bytes
+    seqs: tuple[int, ...]
+    ids: tuple[bytes, ...]
+
+
 @dataclass(frozen=True)
 class Frame:
     head: bytes | None
@@ -196,6 +207,8 @@ class Store:
         # Told, under the store's lock, how each outermost transaction ended: True once it
         # committed, False once it was rolled back (or its COMMIT failed).
         self.end_listeners: list[Callable[[bool], None]] = []
+        # called in each transaction as it is about to commit (what they write commits with it)
+        self.commit_listeners: list[Callable[[], None]] = []
         self.sums_gen = 0
         self._sum_changes: list | None = []
         # Frames decided since their votes were last compacted (decided_frames), oldest
@@ -403,6 +416,8 @@ class Store:
                 self._begin()
                 self._tx_thread = threading.get_ident()
                 yield self
+                for listener in self.commit_listeners:
+                    listener()
                 self._flush()
                 self._tx, self._tx_thread = False, None
                 conn.execute("COMMIT")
@@ -833,6 +848,13 @@ class Store:
             if status == "pending":
                 self._idle.discard((region, key))
 
+    def set_vote_envelopes(self, rows: list[tuple[bytes, str, str, str, int]]) -> None:
+        """(envelope, region, key, voter, round) of votes stored before their envelopes were
+        signed (in the same transaction)."""
+        with self._lock:
+            self.db.conn.executemany("UPDATE votes SET envelope = ? WHERE region = ? AND key = ? AND voter = ?"
+                                     " AND round = ?", rows)
+
     def set_diff_status(self, msg_id: bytes, status: str) -> None:
         with self._lock:
             self._exec("UPDATE diffs SET status = ? WHERE msg_id = ?", [status, msg_id])
@@ -1118,9 +1140,11 @@ class Store:
 
     # -- outbox ----------------------------------------------------------------------
 
-    def queue(self, msg_id: bytes, topic: str, envelope: bytes, seq: int) -> None:
-        self._exec("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, seq) VALUES (?, ?, ?, ?)",
-                   [msg_id, topic, envelope, seq])
+    def queue(self, items: list[Queued]) -> None:
+        """Own envelopes to publish (in the caller's transaction)."""
+        with self._lock:
+            self.db.conn.executemany("INSERT OR IGNORE INTO outbox (msg_id, topic, envelope, seq) VALUES (?, ?, ?, ?)",
+                                     [(q.msg_id, q.topic, q.envelope, q.seq) for q in items])
 
     def unpublished(self, limit: int = -1, after_seq: int = 0, until_seq: int | None = None) -> list[Queued]:
         """Own envelopes the broker has not acknowledged, oldest first."""

@@ -151,7 +151,8 @@ class Voting:
             env = self._send("vote", region, body, self.relay.vote_topic(region, author))
             if author == self.node_id:
                 self.relay.own_vote(env.msg_id)
-            self._voted(region, key, round_, head, env.raw, body.get("merge"))
+            self._own_votes[env.msg_id] = (region, key, round_)  # (its envelope once signed: Node._seal)
+            self._voted(region, key, round_, head, None, body.get("merge"))
             votes[self.node_id] = head
         decision = voter.decide(dag, eligible, votes, self.quorum(region), head, leaves, frame.consensus)
         decision.round = round_
@@ -162,10 +163,10 @@ class Voting:
             decision.settled = all(v in below for v, m in dag.versions.items() if m.gen < c_gen)
         return decision
 
-    def _voted(self, region: str, key: str, round_: int, version: bytes, envelope: bytes,
+    def _voted(self, region: str, key: str, round_: int, version: bytes, envelope: bytes | None,
                merge: list[bytes] | None = None) -> None:
-        """Store and trace this node's vote (a vote message's envelope, or the message id of
-        the diff of its write, which is the vote)."""
+        """Store and trace this node's vote (the message id of the diff of its write, which is
+        the vote; None for a vote message, whose envelope is stored as it is signed)."""
         self.store.add_vote(region, key, self.node_id, round_, version, envelope, merge)
         self.trace.record("voted", region=region, key=key, version=version, round=round_)
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import cbor2
@@ -51,7 +51,6 @@ import cbor2
 from .clock import MAX_TIMESTAMP
 from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, node_id_of, verify
 from .merkle import MAX_LEAVES, root_and_paths, root_from_path
-from .merkle import root as merkle_root  # (functions here name their roots `root`)
 from .topics import PREFIX, TopicError, parse_topic, validate_kind, validate_region
 
 FORMAT_VERSION = 1
@@ -194,24 +193,53 @@ def message_id(payload: bytes) -> bytes:
     return hashlib.blake2b(payload, digest_size=32).digest()
 
 
-def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int, body: Any) -> Envelope:
+def prepare(identity: Identity, kind: str, region: str | None, seq: int, hlc: int, body: Any) -> Envelope:
+    """A message of `identity`, its payload made and not yet signed (`raw` empty): signed
+    alone (`signed`) or with others of its signer's (`batch_items`)."""
     validate_kind(kind)
     if region is not None:
         validate_region(region)
     check_plain(body)
     payload = canonical({"v": FORMAT_VERSION, "k": kind, "r": region, "s": identity.public_key,
                          "n": seq, "t": hlc, "b": body})
-    raw = cbor2.dumps([payload, identity.sign(payload)])
-    return Envelope(kind, region, identity.public_key, seq, hlc, body, raw, payload)
+    return Envelope(kind, region, identity.public_key, seq, hlc, body, b"", payload)
+
+
+def signed(identity: Identity, env: Envelope) -> Envelope:
+    """A prepared message signed alone (its classic form)."""
+    return replace(env, raw=cbor2.dumps([env.payload, identity.sign(env.payload)]))
+
+
+def signed_length(env: Envelope) -> int:
+    """The bytes of a message signed alone (prepared or signed)."""
+    n = len(env.payload)
+    head = 1 if n < 24 else 2 if n < 2**8 else 3 if n < 2**16 else 5 if n < 2**32 else 9
+    return 1 + head + n + 2 + SIGNATURE_BYTES  # ([payload, signature])
+
+
+def encode(identity: Identity, kind: str, region: str | None, seq: int, hlc: int, body: Any) -> Envelope:
+    return signed(identity, prepare(identity, kind, region, seq, hlc, body))
+
+
+def batch_items(identity: Identity, envs: list[Envelope]) -> tuple[bytes, list[Envelope]]:
+    """One message carrying the payloads of `envs` (prepared or signed: this identity's, 2
+    to MAX_LEAVES of them) under one signature, and each of them in its item form."""
+    if not 2 <= len(envs) <= MAX_LEAVES or any(e.sender != identity.public_key for e in envs):
+        raise ValueError(f"a batch is 2 to {MAX_LEAVES} messages of its signer")
+    n = len(envs)
+    root, paths = root_and_paths([e.msg_id for e in envs])
+    signature = identity.sign(_statement(n, root))
+    return cbor2.dumps([[e.payload for e in envs], signature]), [
+        replace(e, raw=_item_form(e.payload, signature, n, i, path)) for i, (e, path) in enumerate(zip(envs, paths))]
 
 
 def encode_batch(identity: Identity, envs: list[Envelope]) -> bytes:
-    """One message carrying the payloads of `envs` (this identity's, 2 to MAX_LEAVES of
-    them) under one signature."""
-    if not 2 <= len(envs) <= MAX_LEAVES or any(e.sender != identity.public_key for e in envs):
-        raise ValueError(f"a batch is 2 to {MAX_LEAVES} messages of its signer")
-    signature = identity.sign(_statement(len(envs), merkle_root([e.msg_id for e in envs])))
-    return cbor2.dumps([[e.payload for e in envs], signature])
+    """One message carrying the payloads of `envs` under one signature (batch_items)."""
+    return batch_items(identity, envs)[0]
+
+
+def _item_form(payload: bytes, signature: bytes, n: int, index: int, path: list[bytes]) -> bytes:
+    return cbor2.dumps([payload, signature, n, index, path])
 
 
 def encode_relay(raws: list[bytes]) -> bytes:
@@ -292,7 +320,7 @@ def _batch(outer: list, topic: str | None, skip: bytes | None = None) -> tuple[l
     n = len(payloads)
     if not verify(sender, _statement(n, root), signature):
         raise BadSignatureError(f"batch signature does not match the payloads from {node_id_of(sender)}")
-    return [Envelope(*m, cbor2.dumps([p, signature, n, i, path]), p)
+    return [Envelope(*m, _item_form(p, signature, n, i, path), p)
             for i, (p, m, path) in enumerate(zip(payloads, opened, paths))], 0
 
 

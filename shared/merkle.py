@@ -19,15 +19,6 @@ def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.blake2b(b"\x01" + left + right, digest_size=32).digest()
 
 
-def root(leaves: list[bytes]) -> bytes:
-    """The root of the tree over `leaves` (at least one): what a batch's signer signs."""
-    n = len(leaves)
-    if n == 1:
-        return leaves[0]
-    k = 1 << ((n - 1).bit_length() - 1)
-    return _node(root(leaves[:k]), root(leaves[k:]))
-
-
 def root_and_paths(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
     """The root of the tree over `leaves` (at least one) and each leaf's inclusion path."""
     n = len(leaves)

@@ -12,7 +12,7 @@ from edgeswarm.node import Config
 from edgeswarm.node.config import ConfigError
 from edgeswarm.shared import diff
 from edgeswarm.shared.clock import pack, wall_ms
-from edgeswarm.shared.envelope import canonical, decode, encode
+from edgeswarm.shared.envelope import BATCH_STATEMENT, canonical, decode, encode
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import region_topic
 
@@ -101,6 +101,33 @@ def test_outbox_sends_what_was_written_before_start(make_node, region):
     assert b.wait_until(lambda: same_head(b, region, "offline", v), TIMEOUT)
     assert a.wait_published(TIMEOUT)
     assert not a.store.unpublished()
+
+
+def test_a_batch_is_signed_once_and_kept_in_its_item_forms(make_node, region, monkeypatch):
+    """A batch's writes are signed together as it ends, once (no diff of it alone): its
+    diffs are stored, and kept in the outbox, in their item forms, each checking alone
+    against that one signature; a node that was not connected sends those as it starts,
+    and its peer takes them."""
+    b = make_node()
+    a = make_node(start=False)
+    signed = []
+    sign = Identity.sign
+    monkeypatch.setattr(Identity, "sign", lambda me, message: (me is a.identity and signed.append(message))
+                        or sign(me, message))
+    with a.batch():
+        versions = {f"k{i}": a.put(region, f"k{i}", {"n": i}) for i in range(5)}
+    monkeypatch.undo()
+    assert sum(m.startswith(BATCH_STATEMENT) for m in signed) == 1
+    assert not [m for m in signed if m[:1] == b"\xa7" and cbor2.loads(m).get("k") == "diff"]  # (a payload: 7 fields)
+    stored = [row[0] for row in a.store.db.execute("SELECT envelope FROM diffs ORDER BY seq").fetchall()]
+    forms = [cbor2.loads(raw) for raw in stored]
+    assert len(forms) == 5 and all(len(f) == 5 and f[2] == 5 for f in forms) and len({f[1] for f in forms}) == 1
+    assert [decode(raw).msg_id for raw in stored] == [q.msg_id for q in a.store.unpublished()]
+    assert [q.envelope for q in a.store.unpublished()] == stored
+    a.start()
+    for key, version in versions.items():
+        assert b.wait_until(lambda k=key, v=version: same_head(b, region, k, v), TIMEOUT)
+    assert a.wait_published(TIMEOUT) and not a.store.unpublished()
 
 
 def test_tampered_input_is_rejected_counted_and_harmless(make_node, region, attacker):
