@@ -12,7 +12,6 @@ recompute it, so a diff whose claimed hash does not match is rejected.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from typing import Any
 
@@ -79,28 +78,40 @@ def check_ops(ops: Any) -> None:
 
 
 def apply(value: dict | None, ops: list) -> dict | None:
-    """The value after applying `ops` to `value`; `value` itself is not changed."""
+    """The value after applying `ops` to `value`. Neither `value` nor the operations are
+    changed: the maps on the paths the operations change are copied, and the result shares
+    everything else with them (values are never changed in place: a node keeps them as
+    they are stored, and reads them again for the next change)."""
     check_ops(ops)
-    result = copy.deepcopy(value)
+    result = value
+    made: dict[int, dict] = {}  # the maps this call made (changed in place from then on), by id
     for op in ops:
         path = op[1]
         if not path:
-            result = copy.deepcopy(op[2])
+            result, made = op[2], {}
             continue
         if result is None:
             if op[0] == "del":
                 raise DiffError(f"cannot delete {'/'.join(path)!r} from a deleted frame")
             result = {}
+            made = {id(result): result}
+        elif id(result) not in made:
+            result = dict(result)
+            made[id(result)] = result
         target = result
         for i, k in enumerate(path[:-1]):
             nxt = target.get(k)
             if nxt is None and op[0] == "set":
                 nxt = target[k] = {}
+                made[id(nxt)] = nxt
+            elif type(nxt) is dict and id(nxt) not in made:
+                nxt = target[k] = dict(nxt)
+                made[id(nxt)] = nxt
             if type(nxt) is not dict:
                 raise DiffError(f"path {'/'.join(path[:i + 1])!r} is not a map")
             target = nxt
         if op[0] == "set":
-            target[path[-1]] = copy.deepcopy(op[2])
+            target[path[-1]] = op[2]
         elif path[-1] in target:
             del target[path[-1]]
         else:
@@ -171,4 +182,4 @@ def merge(base: dict | None, sides: list[dict | None]) -> dict:
                 taken.append(op)
     # Disjoint operations commute; apply in a canonical order anyway.
     taken.sort(key=lambda op: canonical(op[1]))
-    return apply(base, taken) if taken else copy.deepcopy(base)
+    return apply(base, taken) if taken else base

@@ -60,14 +60,18 @@ def test_an_outbox_that_cannot_let_go_costs_the_writes_nothing(make_node, region
     their DELETE fails neither that write nor the wait for the broker, and the rows stay,
     to be sent again at the next start (receivers drop them as known)."""
     node = make_node()
-    node.store.db.execute("CREATE TRIGGER keep BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'kept'); END")
+
+    def change(sql: str) -> None:  # (in a store transaction: the node's threads share the connection)
+        with node.store.transaction():
+            node.store.db.conn.execute(sql)
+    change("CREATE TRIGGER keep BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'kept'); END")
     first = node.put(region, "k", {"n": 1})
     assert node.wait_published(TIMEOUT)
     second = node.put(region, "k", {"n": 2})  # (its transaction would take the first's rows along)
     assert node.wait_published(TIMEOUT)
     assert node.consensus(region, "k").version == second and node.store.version(bytes.fromhex(first))
     assert len(node.store.unpublished()) == 2 and "could not clear" in caplog.text
-    node.store.db.execute("DROP TRIGGER keep")
+    change("DROP TRIGGER keep")
     node.put(region, "k", {"n": 3})
     assert node.wait_published(TIMEOUT)
     assert len(node.store.unpublished()) == 2  # (the ones let go before stay until the next start)

@@ -251,17 +251,20 @@ ops = st.lists(st.one_of(
 @FUZZ
 @given(frames, ops)
 def test_apply_raises_only_diff_errors_and_keeps_values_plain(value, ops):
-    before = canonical(value)
+    """...and changes neither the value nor the operations (the result shares with them
+    what it leaves alone: a node keeps values as stored and applies the next diff to them)."""
+    before = canonical(value), canonical(ops)
     try:
         result = diff.apply(value, ops)
     except diff.DiffError:
-        assert canonical(value) == before
+        assert (canonical(value), canonical(ops)) == before
         return
-    assert canonical(value) == before
+    assert (canonical(value), canonical(ops)) == before
     assert result is None or type(result) is dict
     stored = canonical(result)
     assert canonical(strict_loads(stored)) == stored  # the store reads back what it wrote
     diff.version_hash("plant/line1", "k", None, result)
+    assert canonical(diff.apply(value, ops)) == stored
 
 
 @FUZZ
