@@ -1128,7 +1128,8 @@ class Node(Voting):
             self._touch(env.region, key)
 
     def _apply(self, env: Envelope, key: str, parent: bytes | None, version: bytes, ops: list) -> bool:
-        """Apply a diff to its stored parent; store the result if the hash matches."""
+        """Apply a diff (its `ops` as parse_diff gives them: checked) to its stored parent;
+        store the result if the hash matches."""
         sender = env.sender_id
         old, gen = None, 1
         if parent is not None:
@@ -1138,7 +1139,7 @@ class Node(Voting):
                 return False
             old, gen = info.value, info.gen + 1
         try:
-            new = diff.apply(old, ops)
+            new = diff.apply(old, ops, checked=True)  # (parse_diff checked them)
         except diff.DiffError as e:
             self._refuse(env, key, version, "bad-diff", str(e))
             return False

@@ -77,12 +77,14 @@ def check_ops(ops: Any) -> None:
                 check_frame_value(op[2])
 
 
-def apply(value: dict | None, ops: list) -> dict | None:
-    """The value after applying `ops` to `value`. Neither `value` nor the operations are
-    changed: the maps on the paths the operations change are copied, and the result shares
-    everything else with them (values are never changed in place: a node keeps them as
-    they are stored, and reads them again for the next change)."""
-    check_ops(ops)
+def apply(value: dict | None, ops: list, checked: bool = False) -> dict | None:
+    """The value after applying `ops` to `value` (`checked`: by check_ops already, as a
+    received diff's are). Neither `value` nor the operations are changed: the maps on the
+    paths the operations change are copied, and the result shares everything else with them
+    (values are never changed in place: a node keeps them as they are stored, and reads
+    them again for the next change)."""
+    if not checked:
+        check_ops(ops)
     result = value
     made: dict[int, dict] = {}  # the maps this call made (changed in place from then on), by id
     for op in ops:
