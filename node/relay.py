@@ -127,7 +127,7 @@ class Relay:
         transaction reached a consensus), with its own vote when it cast one for its own
         version alone (signed alone: Node._seal). Returns the rest of `outs`, to publish first."""
         own = [o for o in outs if taken.own.intersection(o.ids)] if taken.own else []
-        if len(own) != 1 or len(own[0].ids) != 1:  # a batch of writes: their votes leave together under one signature
+        if len(own) != 1 or len(own[0].ids) != 1:  # (a batch of writes: their votes leave as one batch)
             own = []
         votes = [(region, raw, None) for region, raw in taken.votes]
         if own:

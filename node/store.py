@@ -34,8 +34,9 @@ short-lived CLI process may share the file and a failure never half-writes anyth
 
 Inside a transaction the store keeps what it reads again and again (replay windows, flagged
 nodes, frame rows, latest votes, voters, trace heads, frames with nothing waiting, its own
-counters, the values of the versions written or read last) and writes replay windows, frame rows, latest votes, counters and sums once each,
-at COMMIT (a relay's eighteen votes: one statement for their latest rows, not eighteen).
+counters, the values of the versions written or read last) and writes replay windows, frame
+rows, latest votes, counters and sums once each, at COMMIT (a relay's eighteen votes: one
+statement for their latest rows, not eighteen).
 The cache outlives the transaction only while no other connection commits (PRAGMA
 data_version) and is dropped on ROLLBACK; reads outside a transaction always go to the file.
 Indexes cover only the rows looked up through them (merges, diffs waiting for a parent):
@@ -702,9 +703,6 @@ class Store:
         values[version] = info
         if len(values) > CACHED_VALUES:
             del values[next(iter(values))]
-
-    def value(self, version: bytes) -> dict | None:
-        return strict_loads(self._one("SELECT value FROM versions WHERE version = ?", [version])[0])
 
     def add_version(self, region: str, key: str, version: bytes, parents: tuple[bytes, ...],
                     value: dict | None, author: str, hlc: int, gen: int,

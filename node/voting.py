@@ -64,8 +64,8 @@ class Voting:
         the result fails coherence."""
         base = dag.lca(parents)
         try:
-            value = diff.merge(None if base is None else self.store.value(base),
-                               [self.store.value(p) for p in sorted(parents)])
+            value = diff.merge(None if base is None else self.store.version_info(base).value,
+                               [self.store.version_info(p).value for p in sorted(parents)])
         except diff.MergeConflict:
             return None
         if self.coherence.check(region, key, value):

@@ -214,7 +214,7 @@ def test_a_new_store_has_small_pages_and_an_old_one_keeps_its_own(tmp_path):
         with old.transaction():
             old.add_version("r", "k", b"v" * 32, (), {"x": 1}, "author", 1, 1)
             old.set_frame("r", "k", Frame(b"v" * 32, None, 0))
-        assert old.frame("r", "k").head == b"v" * 32 and old.value(b"v" * 32) == {"x": 1}
+        assert old.frame("r", "k").head == b"v" * 32 and old.version_info(b"v" * 32).value == {"x": 1}
     finally:
         old.close()
 
