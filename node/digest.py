@@ -59,6 +59,14 @@ def unpack_versions(data: bytes) -> set[bytes] | None:
     return {data[i:i + SHORT_BYTES] for i in range(0, len(data), SHORT_BYTES)}
 
 
+def below(versions: Iterable[tuple[bytes, int]], horizon: int) -> list[int]:
+    """[count, XOR of the item hashes] of the versions (version, generation) older than
+    generation `horizon`: what an `items` entry that lists only the newer ones says of the
+    others."""
+    items = [version_item(v) for v, gen in versions if gen < horizon]
+    return [len(items), reduce(xor, items, 0)]
+
+
 def voter_tag(voter: str) -> bytes:
     """A voter named in an `items` list (with its round: 4 + 4 bytes)."""
     return hashlib.blake2b(voter.encode(), digest_size=SHORT_BYTES).digest()

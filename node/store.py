@@ -995,19 +995,31 @@ class Store:
                             [pos, root, len(root) + 1, root + "/"])
         return None if row is None else (row[0], row[1])
 
-    def frame_items(self, region: str, key: str) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[str, int, bytes]]]:
+    def frame_items(self, region: str, key: str, since: int = 0
+                    ) -> tuple[list[tuple[bytes, bytes | None]], list[tuple[str, int, bytes]]]:
         """What anti-entropy sends of a frame: (version, diff envelope or None) of its
-        authored versions in generation order, and (voter, round, vote envelope) of the votes
-        held with their envelopes, each voter's in round order (its latest last: what the
-        frame's sum covers)."""
+        authored versions in generation order (from generation `since` on), and (voter,
+        round, vote envelope) of the votes held with their envelopes, each voter's in round
+        order (its latest last: what the frame's sum covers)."""
         with self._lock:
             versions = self._exec(
                 "SELECT v.version, (SELECT envelope FROM diffs d WHERE d.version = v.version AND d.status = 'applied'"
-                " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' ORDER BY v.gen",
-                [region, key])
+                " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' AND v.gen >= ?"
+                " ORDER BY v.gen", [region, key, since])
             votes = self._exec(f"SELECT voter, round, {_VOTE_ENVELOPE} FROM votes WHERE region = ? AND key = ?"
                                " AND envelope IS NOT NULL ORDER BY voter, round", [region, key])
         return versions, votes
+
+    def frame_versions(self, region: str, key: str) -> list[tuple[bytes, int]]:
+        """(version, generation) of a frame's authored versions, in generation order."""
+        return [tuple(r) for r in self._exec("SELECT version, gen FROM versions WHERE region = ? AND key = ?"
+                                             " AND author != '' ORDER BY gen", [region, key])]
+
+    def vote_rounds(self, region: str, key: str) -> dict[str, int]:
+        """voter -> the latest round of its votes on a frame held with their envelopes (the
+        votes frame_items lists)."""
+        return dict(self._exec("SELECT voter, MAX(round) FROM votes WHERE region = ? AND key = ?"
+                               " AND envelope IS NOT NULL GROUP BY voter", [region, key]))
 
     def votes_in_order(self, region: str, key: str) -> dict[str, list[bytes]]:
         """voter -> the versions it voted for on this frame, in round order."""

@@ -27,11 +27,17 @@ the tree where it differs, one level per message:
   frames lists them; the other compares frame by frame.
   - I, seeing frames that differ or that only R holds, lists what it holds of them
     (`items`: [position, 4-byte short hashes of its versions, 4-byte voter tag + round of
-    each voter's latest vote]);
+    each voter's latest vote]). A frame's history grows with every write, its voters do
+    not: of a frame with more than LISTED_VERSIONS versions, I lists the newest ones, from
+    generation H on, and says what it holds below H as [H, count, XOR of their item
+    hashes] (a fourth element), to a peer whose sync-resps say it reads that (`horizons`);
   - R, seeing frames that differ, asks for I's items (`want`), and sends at once every
     envelope of a frame I does not hold; given items, R sends the versions I lacks and the
     votes newer than I's latest of their voter (each voter's latest, and the ones it moved
-    away from that fork choice reads: Voting._compactable).
+    away from that fork choice reads: Voting._compactable). Of items that list from
+    generation H on, R sends what I lacks from H on, and compares what it holds below H
+    as I said it: not the same (I lacks an old branch, or holds one R does not), R asks
+    for the frame's whole list (`full`), which I sends next.
 R's envelopes are the original signed diffs and votes, chunked under the message size
 limit, the item forms of each batch all among them put back together as that batch for a peer
 whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
@@ -57,8 +63,8 @@ from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode_many, is_relay, rebatch
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
-from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, Tree, pack, pack_rounds, pack_versions, short, unpack,
-                     unpack_rounds, unpack_versions, valid_node, version_item, voter_tag, wire_round)
+from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, Tree, below, pack, pack_rounds, pack_versions, short,
+                     unpack, unpack_rounds, unpack_versions, valid_node, version_item, voter_tag, wire_round)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -77,6 +83,7 @@ MAX_PEERS = 1024  # digests remembered per region tree
 MAX_ROOTS = 64  # region trees whose exchange state is kept (a peer may name any number below the followed ones)
 MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are dropped instead
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
+LISTED_VERSIONS = 64  # versions of a frame an `items` entry lists at first (the newest: see above)
 
 
 @dataclass
@@ -125,6 +132,7 @@ class Sync:
         self._answering: dict[str, threading.Timer] = {}  # root -> this node's answer, waiting (see _answer_soon)
         self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
         self._batches: set[str] = set()  # peers whose latest sync-req said they read whole batches
+        self._horizons: set[str] = set()  # peers whose latest sync-resp said they read items that list the newest
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
         # the store's committed changes to its sums (reading 100k sums for every exchange
@@ -525,16 +533,19 @@ class Sync:
         tree = self.tree(root)
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
-        wanted = [(pos, set(), {}) for pos in mine_only]  # frames the peer does not hold at all
+        wanted: list[_Wanted] = [(pos, set(), {}, None) for pos in mine_only]  # frames the peer does not hold
         for item in _list(body, "items"):
-            held = unpack_versions(item[1]) if type(item) is list and len(item) == 3 else None
+            held = unpack_versions(item[1]) if type(item) is list and len(item) in (3, 4) else None
             rounds = unpack_rounds(item[2]) if held is not None else None
-            if rounds is None or type(item[0]) is not int:
-                raise MalformedError("an items entry is [position, packed versions, packed voter rounds]")
-            wanted.append((item[0], held, rounds))
+            horizon = item[3] if rounds is not None and len(item) == 4 else None
+            if rounds is None or type(item[0]) is not int or not (horizon is None or _valid_horizon(horizon)):
+                raise MalformedError("an items entry is [position, packed versions, packed voter rounds"
+                                     " (, [generation, count, XOR] of those not listed)]")
+            wanted.append((item[0], held, rounds, horizon))
         envelopes: list[bytes] = []
+        full: list[int] = []
         size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
-        for raw in self._lacking(tree, wanted):
+        for raw in self._lacking(tree, wanted, full):
             if size >= limit:
                 cut = True
                 break
@@ -545,10 +556,13 @@ class Sync:
         for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
             self._send(env.sender_id, "sync-resp", {"region": root} | self._carrying(env.sender_id, chunk))
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
-        if not (nodes or frames or differ):
+        if full:
+            reply["full"] = full
+        if not (nodes or frames or differ or full):
             reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
         if cut:
             reply["cut"] = True
+        reply["horizons"] = True
         self._send(env.sender_id, "sync-resp", reply)
 
     def on_response(self, env: Any) -> None:
@@ -612,6 +626,13 @@ class Sync:
         if carries:
             return
         pull.cut |= bool(body.get("cut"))
+        with self._lock:
+            if body.get("horizons") is True:
+                if len(self._horizons) >= MAX_PEERS and peer not in self._horizons:
+                    self._horizons.pop()
+                self._horizons.add(peer)
+            else:
+                self._horizons.discard(peer)
         if body.get("last"):
             self._end(root, pull)
             # An exchange cut short (more differed than one step carries): go on at once
@@ -630,10 +651,12 @@ class Sync:
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         pull.cut |= cut
         differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"))
-        want = _list(body, "want")
-        if any(type(p) is not int for p in want):
-            raise MalformedError("a want list holds positions")
-        items = [self._items(tree, pos) for pos in dict.fromkeys(differ + theirs_only + want)]
+        want, full = _list(body, "want"), _list(body, "full")
+        if any(type(p) is not int for p in want + full):
+            raise MalformedError("a want or full list holds positions")
+        newest = peer in self._horizons
+        items = [self._items(tree, pos, newest and pos not in full) for pos in dict.fromkeys(differ + theirs_only
+                                                                                             + want + full)]
         if not (nodes or frames or items):
             self._end(root, pull)
             self._forward(root, pull)
@@ -711,25 +734,36 @@ class Sync:
             theirs_only.extend(p for p in theirs if p not in mine and p >> shift == entry[1])
         return differ, mine_only, theirs_only
 
-    def _items(self, tree: Tree, pos: int) -> list:
+    def _items(self, tree: Tree, pos: int, newest: bool = False) -> list:
         """[position, short hashes of the versions, (voter, round) of the latest votes] this
-        node holds of the frame at a position."""
+        node holds of the frame at a position; `newest`: of many versions, the newest ones
+        and [generation, count, XOR] of the others (see the module's text)."""
         frame = tree.frame(pos)
         if frame is None:
             return [pos, b"", b""]
-        versions, votes = self.store.frame_items(*frame)
-        latest = {voter: r for voter, r, _ in votes}  # (each voter's votes come in round order)
-        return [pos, pack_versions(v for v, _ in versions), pack_rounds(latest.items())]
+        versions = self.store.frame_versions(*frame)
+        rounds = pack_rounds(self.store.vote_rounds(*frame).items())
+        if not newest or len(versions) <= LISTED_VERSIONS:
+            return [pos, pack_versions(v for v, _ in versions), rounds]
+        horizon = versions[-LISTED_VERSIONS][1]
+        return [pos, pack_versions(v for v, gen in versions if gen >= horizon), rounds,
+                [horizon, *below(versions, horizon)]]
 
-    def _lacking(self, tree: Tree, wanted: list[tuple[int, set[bytes], dict[bytes, int]]]) -> Iterator[bytes]:
-        """The envelopes of the wanted frames (position, versions held, voter rounds held)
-        that the peer lacks: versions whose short hash it did not list, votes newer than
-        the latest round it listed for their voter. Read a frame at a time, as they are sent."""
-        for pos, held, rounds in wanted:
+    def _lacking(self, tree: Tree, wanted: list[_Wanted], full: list[int]) -> Iterator[bytes]:
+        """The envelopes of the wanted frames (position, versions held, voter rounds held,
+        what it holds below the versions listed) that the peer lacks: versions whose short
+        hash it did not list, votes newer than the latest round it listed for their voter.
+        Read a frame at a time, as they are sent. Of a frame listed from a generation on, only
+        versions from there on; one whose older versions are not the same here goes into
+        `full`, for its whole list."""
+        for pos, held, rounds, horizon in wanted:
             frame = tree.frame(pos)
             if frame is None:
                 continue
-            versions, votes = self.store.frame_items(*frame)
+            since = 0 if horizon is None else horizon[0]
+            if since and below(self.store.frame_versions(*frame), since) != horizon[1:]:
+                full.append(pos)
+            versions, votes = self.store.frame_items(*frame, since)
             diffs = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
             yield from diffs  # (in generation order: parents first)
             sent = set(diffs)  # (a diff that is its author's vote too goes once)
@@ -794,6 +828,16 @@ class Sync:
             chunks[-1].append(raw)
             size += len(raw) + 8
         return chunks
+
+
+# (position, short hashes of the versions listed, voter tag -> round, [generation, count, XOR] of those
+# below the versions listed or None)
+_Wanted = tuple[int, set[bytes], dict[bytes, int], "list[int] | None"]
+
+
+def _valid_horizon(horizon: Any) -> bool:
+    return type(horizon) is list and len(horizon) == 3 and all(type(x) is int and 0 <= x < 2**64 for x in horizon) \
+        and horizon[0] >= 1
 
 
 def _region(body: Any) -> str:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import cbor2
 import pytest
 
-from edgeswarm.node import Config, Node
+from edgeswarm.node import Config, Node, sync
 from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, decode, decode_many, encode
 from edgeswarm.shared.topics import node_topic
@@ -568,3 +568,83 @@ def test_a_rejoining_node_is_answered_by_one_or_two_of_a_state_not_by_each(membe
         for n in (*up, late):
             if n is not None:
                 n.stop()
+
+
+def _sync_bodies(attacker, kind: str) -> tuple[list[tuple[str, dict]], threading.Event]:
+    """(topic's node id, body) of every `kind` message sent to any node, as the broker
+    delivers them to a plain client."""
+    seen: list[tuple[str, dict]] = []
+    subscribed = threading.Event()
+    attacker.client.on_subscribe = lambda *a_: subscribed.set()
+    attacker.client.on_message = lambda c, u, m: seen.append((m.topic.split("/")[3], decode(m.payload).body))
+    attacker.client.subscribe(f"es/v1/node/+/{kind}", qos=1)
+    assert subscribed.wait(TIMEOUT)
+    return seen, subscribed
+
+
+def test_a_frame_with_a_long_history_is_listed_by_its_newest_versions(member_configs, region, attacker):
+    """A frame written 150 times differs on a node that missed its last 3 changes: the pull
+    lists the newest LISTED_VERSIONS versions the node holds of it and a count and XOR of
+    the others, not the whole history, and brings only the 3 diffs and their votes."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b, c = (Node(cfg) for cfg in configs)
+    seen, _ = _sync_bodies(attacker, "sync-req")
+    try:
+        for i in range(150):
+            a.patch(region, "k", set={"n": i})
+        Network([a, b, c]).settle()
+        for i in range(150, 153):
+            a.patch(region, "k", set={"n": i})
+        Network([a, b]).settle()  # (c misses them)
+        assert c.get(region, "k", consensus=True) == {"n": 149}
+        for n in (a, b, c):
+            n.start()
+        c.sync_now()
+        assert c.wait_until(lambda: c.get(region, "k", consensus=True) == {"n": 152}, TIMEOUT), c.stats()
+        assert digests_meet(c, a, region, TIMEOUT)
+        assert 3 <= c.counters["sync.envelopes"] <= 9, c.stats()  # the 3 diffs and the others' votes
+        items = [item for peer, body in seen if peer != c.node_id for item in body.get("items", [])]
+        assert items, seen
+        for item in items:
+            assert len(item) == 4 and len(item[1]) == 4 * sync.LISTED_VERSIONS, item
+            horizon, count, _ = item[3]
+            assert count == 150 - sync.LISTED_VERSIONS and horizon == count + 1
+        assert not any(k.startswith("rejected.") for n in (a, b, c) for k in n.counters)
+    finally:
+        for n in (a, b, c):
+            n.stop()
+
+
+def test_an_old_branch_below_the_versions_listed_still_reaches_a_node_that_lacks_it(member_configs, region,
+                                                                                   attacker):
+    """Two members change a frame at once, and the third hears only one of them; the frame
+    then grows a long history on that branch, which the third node holds. What it holds
+    below the versions its pull lists is not what its peer holds there: the peer asks for
+    the whole list, and the old branch reaches the node."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b, c = (Node(cfg) for cfg in configs)
+    seen, _ = _sync_bodies(attacker, "sync-resp")
+    try:
+        a.patch(region, "k", set={"x": 0})
+        Network([a, b, c]).settle()
+        a.patch(region, "k", set={"x": 1})
+        branch = bytes.fromhex(b.patch(region, "k", set={"x": 2}))  # (the same field: a fork, kept)
+        Network([a, c]).settle()
+        Network([a, b]).settle()  # (c never hears b's change)
+        for i in range(100):
+            a.patch(region, "k", set={"n": i})
+        Network([a, c]).settle()
+        Network([a, b]).settle()
+        assert b.store.has_version(branch) and not c.store.has_version(branch)
+        assert len(c.store.frame_versions(region, "k")) > sync.LISTED_VERSIONS
+        for n in (a, b, c):
+            n.start()
+        c.sync_now()
+        assert c.wait_until(lambda: c.store.has_version(branch), TIMEOUT), c.stats()
+        assert digests_meet(c, a, region, TIMEOUT) and digests_meet(c, b, region, TIMEOUT)
+        assert c.status(region, "k")["forks"] == a.status(region, "k")["forks"] != []
+        assert any(body.get("full") for peer, body in seen if peer == c.node_id), seen
+        assert not any(k.startswith("rejected.") for n in (a, b, c) for k in n.counters)
+    finally:
+        for n in (a, b, c):
+            n.stop()
