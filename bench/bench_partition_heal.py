@@ -1,6 +1,7 @@
 """Partition heal: time and bytes for a split swarm to converge again.
 
-    python bench/bench_partition_heal.py [--nodes 10] [--frames 10000] [--differ 0.01] [--mosquitto] [--processes]
+    python bench/bench_partition_heal.py [--nodes 10] [--frames 10000] [--differ 0.01] [--history 1]
+                                         [--mosquitto] [--processes]
 
 Ten members share a region of 10,000 frames, every frame at consensus with every
 member's vote. The swarm splits: seven nodes on one broker, three on another (a network
@@ -9,7 +10,8 @@ Each side changes its own half of 1 % of the frames: the large side reaches cons
 small one cannot (no quorum). Then the small side joins the large side's broker, and the
 clock runs until every node holds every version and vote of the changed frames, every
 changed frame is at consensus on the same version everywhere, and every node's digest is
-the same.
+the same. With --history H, each frame that changes had been written H times before the split
+(a frame's history grows with every write; anti-entropy's exchange should not).
 
 Printed, measured in this one run:
   - heal time;
@@ -55,9 +57,11 @@ TRACE_KINDS = ("trace", "trace-head", "trace-req", "trace-resp")
 TIMEOUT = 120.0
 
 
-def seed_store(path: Path, identities: list[Identity], frames: int) -> tuple[dict[str, int], int]:
-    """Every frame written by one member and voted by all, at consensus. Returns each
-    member's last sequence number and the last clock."""
+def seed_store(path: Path, identities: list[Identity], frames: int, deep: set[str] = frozenset(),
+               history: int = 1) -> tuple[dict[str, int], int]:
+    """Every frame written by one member (the frames in `deep` `history` times) and its
+    last version voted by all, at consensus. Returns each member's last sequence number and
+    the last clock."""
     clock = HybridClock(0)
     seqs = {i.node_id: 0 for i in identities}
     store = Store(path)
@@ -65,15 +69,20 @@ def seed_store(path: Path, identities: list[Identity], frames: int) -> tuple[dic
     with store.transaction():
         for f in range(frames):
             key, author = f"f{f:05d}", identities[f % len(identities)]
-            value = {"reading": f * 0.25, "unit": "C", "sensor": f"s{f % 97}"}
-            version = diff.version_hash(REGION, key, None, value)
-            seqs[author.node_id] += 1
-            t = clock.now()
-            env = encode(author, "diff", REGION, seqs[author.node_id], t,  # (its author's vote too)
-                         {"key": key, "parent": None, "version": version, "ops": diff.make(None, value), "round": 1})
-            store.add_version(REGION, key, version, (), value, author.node_id, t, 1)
-            store.add_diff(env.msg_id, author.node_id, env.seq, REGION, key, version, None, env.raw, "applied")
-            store.add_vote(REGION, key, author.node_id, 1, version, env.raw)
+            parent, old = None, None
+            for n in range(1, 1 + (history if key in deep else 1)):
+                value = {"reading": f * 0.25 + n - 1, "unit": "C", "sensor": f"s{f % 97}"}
+                version = diff.version_hash(REGION, key, parent, value)
+                seqs[author.node_id] += 1
+                t = clock.now()
+                env = encode(author, "diff", REGION, seqs[author.node_id], t,  # (its author's vote too)
+                             {"key": key, "parent": parent, "version": version, "ops": diff.make(old, value),
+                              "round": n})
+                store.add_version(REGION, key, version, (parent,) if parent else (), value, author.node_id, t, n)
+                store.add_diff(env.msg_id, author.node_id, env.seq, REGION, key, version, parent, env.raw, "applied")
+                store.add_vote(REGION, key, author.node_id, n, version, env.raw)
+                versions[version] = "consensus"
+                parent, old = version, value
             for voter in identities:
                 if voter is author:
                     continue
@@ -82,7 +91,6 @@ def seed_store(path: Path, identities: list[Identity], frames: int) -> tuple[dic
                               {"key": key, "version": version, "round": 1})
                 store.add_vote(REGION, key, voter.node_id, 1, version, vote.raw)
             store.set_frame(REGION, key, Frame(version, version, 1, settled=True))
-            versions[version] = "consensus"
         store.set_states(versions)
         for i in identities:
             store.set_sender_window(i.node_id, i.public_key, seqs[i.node_id], 0, clock.now())
@@ -151,6 +159,7 @@ def main() -> None:
     p.add_argument("--small", type=int, default=3, help="nodes on the side without a quorum")
     p.add_argument("--frames", type=int, default=10_000)
     p.add_argument("--differ", type=float, default=0.01, help="share of frames changed during the split")
+    p.add_argument("--history", type=int, default=1, help="versions each changed frame had before the split")
     p.add_argument("--mosquitto", action="store_true", help="two private Mosquitto brokers instead of embedded")
     p.add_argument("--processes", action="store_true", help="every node in its own process (default: all in this one)")
     args = p.parse_args()
@@ -159,8 +168,10 @@ def main() -> None:
         homes = [tmp / f"n{i}" for i in range(args.nodes)]
         identities = [Identity.load_or_create(h / "node.key") for h in homes]
         members = [i.node_id for i in identities]
+        changed = max(2, round(args.frames * args.differ))
+        keys = [f"f{(f * 7919) % args.frames:05d}" for f in range(changed)]
         t0 = time.perf_counter()
-        seqs, hlc = seed_store(tmp / "seed.db", identities, args.frames)
+        seqs, hlc = seed_store(tmp / "seed.db", identities, args.frames, set(keys), max(1, args.history))
         seed_s = time.perf_counter() - t0
         for identity, home in zip(identities, homes):
             shutil.copy(tmp / "seed.db", home / "store.db")
@@ -185,8 +196,6 @@ def main() -> None:
 
         big = args.nodes - args.small
         nodes = [node(i, ports[0] if i < big else ports[1]) for i in range(args.nodes)]
-        changed = max(2, round(args.frames * args.differ))
-        keys = [f"f{(f * 7919) % args.frames:05d}" for f in range(changed)]
         side_keys = {"big": keys[: changed // 2], "small": keys[changed // 2:]}
         expected = {}
         for j, key in enumerate(side_keys["big"]):
@@ -231,7 +240,8 @@ def main() -> None:
     broker = "two private Mosquitto brokers" if args.mosquitto else "two embedded brokers"
     where = "one process per node" if args.processes else "all nodes in one process"
     print(f"partition heal, {args.nodes} nodes ({big} | {args.small}) x {args.frames:,} frames, {changed} changed "
-          f"during the split ({args.differ:.1%}), {broker}, {where}; starting state built in {seed_s:.1f} s")
+          f"during the split ({args.differ:.1%}), each written {max(1, args.history)} time(s) before it, {broker}, "
+          f"{where}; starting state built in {seed_s:.1f} s")
     print(f"  heal time (small side reconnects -> everything identical everywhere): {heal_s:.2f} s; "
           f"every changed version on every node after {versions_s:.2f} s")
     print(f"  anti-entropy bytes delivered: {sync_bytes:,} "

@@ -36,8 +36,9 @@ the tree where it differs, one level per message:
     votes newer than I's latest of their voter (each voter's latest, and the ones it moved
     away from that fork choice reads: Voting._compactable). Of items that list from
     generation H on, R sends what I lacks from H on, and compares what it holds below H
-    as I said it: not the same (I lacks an old branch, or holds one R does not), R asks
-    for the frame's whole list (`full`), which I sends next.
+    as I said it: not the same (I lacks an old branch, or both sides wrote the frame more
+    than that while apart), R asks for more of the list (`deeper`), and I lists DEEPER
+    times as many of the frame's versions next (all of them, in the end).
 R's envelopes are the original signed diffs and votes, chunked under the message size
 limit, the item forms of each batch all among them put back together as that batch for a peer
 whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
@@ -83,7 +84,8 @@ MAX_PEERS = 1024  # digests remembered per region tree
 MAX_ROOTS = 64  # region trees whose exchange state is kept (a peer may name any number below the followed ones)
 MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are dropped instead
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
-LISTED_VERSIONS = 64  # versions of a frame an `items` entry lists at first (the newest: see above)
+LISTED_VERSIONS = 16  # versions of a frame an `items` entry lists at first (the newest: see above)
+DEEPER = 4  # how many times more of them it lists each time the peer asks for more
 
 
 @dataclass
@@ -95,6 +97,7 @@ class _Pull:
     cut: bool = False  # a step was cut short: pull again when it ends
     taken: list[bytes] | None = field(default_factory=list)  # envelopes received, to forward (None: too many)
     size: int = 0
+    listed: dict[int, int] = field(default_factory=dict)  # position -> versions its items list, when asked deeper
 
     def extend(self) -> None:
         self.deadline = time.monotonic() + EXCHANGE_TIMEOUT
@@ -543,9 +546,9 @@ class Sync:
                                      " (, [generation, count, XOR] of those not listed)]")
             wanted.append((item[0], held, rounds, horizon))
         envelopes: list[bytes] = []
-        full: list[int] = []
+        deeper: list[int] = []
         size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
-        for raw in self._lacking(tree, wanted, full):
+        for raw in self._lacking(tree, wanted, deeper):
             if size >= limit:
                 cut = True
                 break
@@ -556,9 +559,9 @@ class Sync:
         for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
             self._send(env.sender_id, "sync-resp", {"region": root} | self._carrying(env.sender_id, chunk))
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
-        if full:
-            reply["full"] = full
-        if not (nodes or frames or differ or full):
+        if deeper:
+            reply["deeper"] = deeper
+        if not (nodes or frames or differ or deeper):
             reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
         if cut:
             reply["cut"] = True
@@ -651,12 +654,14 @@ class Sync:
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         pull.cut |= cut
         differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"))
-        want, full = _list(body, "want"), _list(body, "full")
-        if any(type(p) is not int for p in want + full):
-            raise MalformedError("a want or full list holds positions")
+        want, deeper = _list(body, "want"), _list(body, "deeper")
+        if any(type(p) is not int for p in want + deeper):
+            raise MalformedError("a want or deeper list holds positions")
+        for pos in deeper:
+            pull.listed[pos] = pull.listed.get(pos, LISTED_VERSIONS) * DEEPER
         newest = peer in self._horizons
-        items = [self._items(tree, pos, newest and pos not in full) for pos in dict.fromkeys(differ + theirs_only
-                                                                                             + want + full)]
+        items = [self._items(tree, pos, pull.listed.get(pos, LISTED_VERSIONS) if newest else None)
+                 for pos in dict.fromkeys(differ + theirs_only + want + deeper)]
         if not (nodes or frames or items):
             self._end(root, pull)
             self._forward(root, pull)
@@ -734,35 +739,35 @@ class Sync:
             theirs_only.extend(p for p in theirs if p not in mine and p >> shift == entry[1])
         return differ, mine_only, theirs_only
 
-    def _items(self, tree: Tree, pos: int, newest: bool = False) -> list:
+    def _items(self, tree: Tree, pos: int, listed: int | None = None) -> list:
         """[position, short hashes of the versions, (voter, round) of the latest votes] this
-        node holds of the frame at a position; `newest`: of many versions, the newest ones
-        and [generation, count, XOR] of the others (see the module's text)."""
+        node holds of the frame at a position; of more than `listed` versions, the newest
+        ones and [generation, count, XOR] of the others (see the module's text)."""
         frame = tree.frame(pos)
         if frame is None:
             return [pos, b"", b""]
         versions = self.store.frame_versions(*frame)
         rounds = pack_rounds(self.store.vote_rounds(*frame).items())
-        if not newest or len(versions) <= LISTED_VERSIONS:
+        if listed is None or len(versions) <= listed:
             return [pos, pack_versions(v for v, _ in versions), rounds]
-        horizon = versions[-LISTED_VERSIONS][1]
+        horizon = versions[-listed][1]
         return [pos, pack_versions(v for v, gen in versions if gen >= horizon), rounds,
                 [horizon, *below(versions, horizon)]]
 
-    def _lacking(self, tree: Tree, wanted: list[_Wanted], full: list[int]) -> Iterator[bytes]:
+    def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int]) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held,
         what it holds below the versions listed) that the peer lacks: versions whose short
         hash it did not list, votes newer than the latest round it listed for their voter.
         Read a frame at a time, as they are sent. Of a frame listed from a generation on, only
         versions from there on; one whose older versions are not the same here goes into
-        `full`, for its whole list."""
+        `deeper`, for more of its list."""
         for pos, held, rounds, horizon in wanted:
             frame = tree.frame(pos)
             if frame is None:
                 continue
             since = 0 if horizon is None else horizon[0]
             if since and below(self.store.frame_versions(*frame), since) != horizon[1:]:
-                full.append(pos)
+                deeper.append(pos)
             versions, votes = self.store.frame_items(*frame, since)
             diffs = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
             yield from diffs  # (in generation order: parents first)

@@ -617,10 +617,11 @@ def test_a_frame_with_a_long_history_is_listed_by_its_newest_versions(member_con
 
 def test_an_old_branch_below_the_versions_listed_still_reaches_a_node_that_lacks_it(member_configs, region,
                                                                                    attacker):
-    """Two members change a frame at once, and the third hears only one of them; the frame
-    then grows a long history on that branch, which the third node holds. What it holds
-    below the versions its pull lists is not what its peer holds there: the peer asks for
-    the whole list, and the old branch reaches the node."""
+    """Two members change a frame at once, and the third never hears one of the changes
+    (it hears all that follows, its author's later votes too); the frame then grows a long
+    history on the other branch. What the third node holds below the versions its pull
+    lists is not what its peer holds there: the peer asks for more of the list until it
+    holds the same below it (here all of it), and the old branch reaches the node."""
     configs = member_configs(3, sync_interval=0, snapshot_interval=0)
     a, b, c = (Node(cfg) for cfg in configs)
     seen, _ = _sync_bodies(attacker, "sync-resp")
@@ -629,21 +630,27 @@ def test_an_old_branch_below_the_versions_listed_still_reaches_a_node_that_lacks
         Network([a, b, c]).settle()
         a.patch(region, "k", set={"x": 1})
         branch = bytes.fromhex(b.patch(region, "k", set={"x": 2}))  # (the same field: a fork, kept)
-        Network([a, c]).settle()
-        Network([a, b]).settle()  # (c never hears b's change)
+        net = Network([a, b, c])
+        net.send(0)
+        held = len(net.queues[2])
+        net.send(1)
+        del net.queues[2][held:]  # (c never hears b's change: the diff that is b's vote for it)
+        net.settle()
         for i in range(100):
             a.patch(region, "k", set={"n": i})
-        Network([a, c]).settle()
-        Network([a, b]).settle()
+        Network([a, b, c]).settle()
         assert b.store.has_version(branch) and not c.store.has_version(branch)
-        assert len(c.store.frame_versions(region, "k")) > sync.LISTED_VERSIONS
+        assert len(c.store.frame_versions(region, "k")) > 4 * sync.LISTED_VERSIONS
+        branch_round = next(r for r, v, _ in b.store.vote_rows(region, "k")[b.node_id] if v == branch)
+        assert c.store.latest_round(region, "k", b.node_id) > branch_round  # (so b's vote for it is not sent)
         for n in (a, b, c):
             n.start()
         c.sync_now()
         assert c.wait_until(lambda: c.store.has_version(branch), TIMEOUT), c.stats()
         assert digests_meet(c, a, region, TIMEOUT) and digests_meet(c, b, region, TIMEOUT)
         assert c.status(region, "k")["forks"] == a.status(region, "k")["forks"] != []
-        assert any(body.get("full") for peer, body in seen if peer == c.node_id), seen
+        asked = [body["deeper"] for peer, body in seen if peer == c.node_id and "deeper" in body]
+        assert len(asked) == 2, asked  # (16 versions listed, then 64, then all 102)
         assert not any(k.startswith("rejected.") for n in (a, b, c) for k in n.counters)
     finally:
         for n in (a, b, c):
