@@ -610,6 +610,23 @@ def test_a_frame_with_a_long_history_is_listed_by_its_newest_versions(member_con
             horizon, count, _ = item[3]
             assert count == 150 - sync.LISTED_VERSIONS and horizon == count + 1
         assert not any(k.startswith("rejected.") for n in (a, b, c) for k in n.counters)
+
+        # Peers of a release before 0.9.2 (their sync-resps do not say `horizons`) are sent
+        # the whole list, which they read.
+        for n in (a, b):
+            n.sync._send = lambda peer, kind, body, n=n: sync.Sync._send(
+                n.sync, peer, kind, {k: v for k, v in body.items() if k != "horizons"})
+        c.stop()
+        c = Node(configs[2])
+        c.transport.persistent = False  # (nothing queued for it while it was away)
+        a.patch(region, "k", set={"n": 153})
+        assert b.wait_until(lambda: b.get(region, "k", consensus=True) == {"n": 153}, TIMEOUT)
+        seen.clear()
+        c.start()
+        c.sync_now()
+        assert c.wait_until(lambda: c.get(region, "k", consensus=True) == {"n": 153}, TIMEOUT), c.stats()
+        items = [item for peer, body in seen if peer != c.node_id for item in body.get("items", [])]
+        assert items and all(len(item) == 3 and len(item[1]) == 4 * 153 for item in items), items
     finally:
         for n in (a, b, c):
             n.stop()
