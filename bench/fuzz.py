@@ -65,7 +65,8 @@ from edgeswarm.shared.topics import node_topic, region_topic
 REGION = "plant/line1"
 HONEST_KEYS = ("conveyor", "oven", "camera")
 FIELDS = ("key", "parent", "version", "ops", "merge", "round", "region", "hashes", "counts", "nodes", "frames",
-          "items", "want", "envelopes", "last", "digest", "cut", "follow", "hello", "answer", "welcome",
+          "items", "want", "deeper", "horizons", "envelopes", "last", "digest", "cut", "follow", "hello", "answer",
+          "welcome",
           "pulling", "seq", "hash", "from", "to", "entries", "session", "regions", "software", "v", "k", "r",
           "s", "n", "t", "b")
 KINDS = ("diff", "vote", "digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp",
@@ -496,6 +497,8 @@ class Target:
                                         "frames": [[1, pos[0] >> 56 if pos else 0, [[p, 5] for p in pos]]],
                                         "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8] for p in pos]},
                      to_me("sync-req")),
+            Template("sync-req", None, {"region": region, "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8, [3, 2, 2**62]]
+                                                                  for p in pos]}, to_me("sync-req")),
             Template("sync-req", None, {"region": region, "follow": True}, to_me("sync-req")),
             Template("sync-resp", None, {"region": region, "envelopes": [raw for _, raw in self.honest[:3]],
                                          "digest": digest, "last": True, "cut": True}, to_me("sync-resp")),
@@ -503,6 +506,8 @@ class Target:
                                          "last": True}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [[1, 3, hashes]], "frames": [],
                                          "want": pos}, to_me("sync-resp")),
+            Template("sync-resp", None, {"region": region, "nodes": [], "frames": [], "want": [],
+                                         "deeper": pos, "horizons": True}, to_me("sync-resp")),
             Template("trace-head", None, {"seq": 3, "hash": prev}, own("trace-head"), trace_sender),
             Template("trace-req", None, {"from": 1, "to": 500}, to_me("trace-req")),
             Template("trace-resp", None, {"entries": entries}, to_me("trace-resp"), trace_sender),

@@ -841,7 +841,7 @@ _Wanted = tuple[int, set[bytes], dict[bytes, int], "list[int] | None"]
 
 
 def _valid_horizon(horizon: Any) -> bool:
-    return type(horizon) is list and len(horizon) == 3 and all(type(x) is int and 0 <= x < 2**64 for x in horizon) \
+    return type(horizon) is list and len(horizon) == 3 and all(type(x) is int and 0 <= x < 2**63 for x in horizon) \
         and horizon[0] >= 1
 
 

@@ -11,6 +11,7 @@ import cbor2
 import pytest
 
 from edgeswarm.node import Config, Node, sync
+from edgeswarm.node.digest import position
 from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, decode, decode_many, encode
 from edgeswarm.shared.topics import node_topic
@@ -671,4 +672,25 @@ def test_an_old_branch_below_the_versions_listed_still_reaches_a_node_that_lacks
         assert not any(k.startswith("rejected.") for n in (a, b, c) for k in n.counters)
     finally:
         for n in (a, b, c):
+            n.stop()
+
+
+def test_an_items_entry_with_a_generation_out_of_range_is_a_counted_rejection(member_configs, region):
+    """What an items entry says of the versions it does not list is checked: numbers beyond
+    what the store holds (a generation of 2^63) or a malformed summary are refused and
+    counted, not a crash."""
+    a, c = (Node(cfg) for cfg in member_configs(2))
+    try:
+        c.put(region, "k", {"n": 1})
+        pos = position(region, "k")
+        for seq, (horizon, bad) in enumerate(((([2, 1, 5]), False), ([2**63, 0, 0], True), ([0, 0, 0], True),
+                                              ([1, 2], True), ([1, 0, -1], True)), start=1000):
+            body = {"region": region, "items": [[pos, b"\x00\x01\x02\x03", b"", horizon]]}
+            env = encode(a.identity, "sync-req", None, seq, a.clock.now(), body)
+            before = c.counters["rejected.bad-sync"]
+            c.receive(node_topic(c.node_id, "sync-req"), env.raw)
+            assert c.counters["rejected.bad-sync"] - before == int(bad), (horizon, c.stats())
+            assert c.counters["rejected.internal"] == 0, c.stats()
+    finally:
+        for n in (a, c):
             n.stop()
