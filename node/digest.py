@@ -59,12 +59,11 @@ def unpack_versions(data: bytes) -> set[bytes] | None:
     return {data[i:i + SHORT_BYTES] for i in range(0, len(data), SHORT_BYTES)}
 
 
-def below(versions: Iterable[tuple[bytes, int]], horizon: int) -> list[int]:
-    """[count, XOR of the item hashes] of the versions (version, generation) older than
-    generation `horizon`: what an `items` entry that lists only the newer ones says of the
-    others."""
-    items = [version_item(v) for v, gen in versions if gen < horizon]
-    return [len(items), reduce(xor, items, 0)]
+def below(count: int, xored: int, listed: list[bytes]) -> list[int]:
+    """[count, XOR of the item hashes] of a frame's versions other than `listed`, given the
+    count and XOR of all of them (Store.version_summary): what an `items` entry that lists
+    only the newest says of the others."""
+    return [count - len(listed), reduce(xor, map(version_item, listed), xored)]
 
 
 def voter_tag(voter: str) -> bytes:

@@ -59,7 +59,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import reduce
 from itertools import islice
+from operator import xor
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -1010,10 +1012,30 @@ class Store:
                                " AND envelope IS NOT NULL ORDER BY voter, round", [region, key])
         return versions, votes
 
-    def frame_versions(self, region: str, key: str) -> list[tuple[bytes, int]]:
-        """(version, generation) of a frame's authored versions, in generation order."""
-        return [tuple(r) for r in self._exec("SELECT version, gen FROM versions WHERE region = ? AND key = ?"
-                                             " AND author != '' ORDER BY gen", [region, key])]
+    def frame_versions(self, region: str, key: str, newest: int | None = None) -> list[tuple[bytes, int]]:
+        """(version, generation) of a frame's authored versions, in generation order; with
+        `newest`, only the newest that many (and those of the oldest one's generation)."""
+        with self._lock:
+            since = 0
+            if newest is not None:
+                row = self._one("SELECT gen FROM versions WHERE region = ? AND key = ? AND author != ''"
+                                " ORDER BY gen DESC LIMIT 1 OFFSET ?", [region, key, newest - 1])
+                since = 0 if row is None else row[0]
+            return [tuple(r) for r in self._exec("SELECT version, gen FROM versions WHERE region = ? AND key = ?"
+                                                 " AND author != '' AND gen >= ? ORDER BY gen", [region, key, since])]
+
+    def version_summary(self, region: str, key: str) -> tuple[int, int]:
+        """(count, XOR of the item hashes) of a frame's authored versions, from its sum (which
+        also holds its voters' latest votes), without reading its history."""
+        with self._lock:
+            if self._tx:
+                self._flush_latest()
+                self._flush_sums()
+            row = self._one("SELECT hash, versions FROM sums WHERE region = ? AND key = ?", [region, key])
+            latest = self._exec("SELECT voter, round, version FROM latest WHERE region = ? AND key = ?", [region, key])
+        if row is None:
+            return 0, 0
+        return row[1], reduce(xor, (vote_item(*vote) for vote in latest), row[0])
 
     def vote_rounds(self, region: str, key: str) -> dict[str, int]:
         """voter -> the latest round of its votes on a frame held with their envelopes (the

@@ -746,13 +746,14 @@ class Sync:
         frame = tree.frame(pos)
         if frame is None:
             return [pos, b"", b""]
-        versions = self.store.frame_versions(*frame)
         rounds = pack_rounds(self.store.vote_rounds(*frame).items())
-        if listed is None or len(versions) <= listed:
-            return [pos, pack_versions(v for v, _ in versions), rounds]
-        horizon = versions[-listed][1]
-        return [pos, pack_versions(v for v, gen in versions if gen >= horizon), rounds,
-                [horizon, *below(versions, horizon)]]
+        newest = self.store.frame_versions(*frame, newest=listed)
+        versions = [v for v, _ in newest]
+        if listed is not None and newest:  # (the others' count and XOR from the frame's sum: no history read)
+            count, xored = self.store.version_summary(*frame)
+            if count > len(versions):
+                return [pos, pack_versions(versions), rounds, [newest[0][1], *below(count, xored, versions)]]
+        return [pos, pack_versions(versions), rounds]
 
     def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int]) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held,
@@ -766,9 +767,9 @@ class Sync:
             if frame is None:
                 continue
             since = 0 if horizon is None else horizon[0]
-            if since and below(self.store.frame_versions(*frame), since) != horizon[1:]:
-                deeper.append(pos)
             versions, votes = self.store.frame_items(*frame, since)
+            if since and below(*self.store.version_summary(*frame), [v for v, _ in versions]) != horizon[1:]:
+                deeper.append(pos)
             diffs = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
             yield from diffs  # (in generation order: parents first)
             sent = set(diffs)  # (a diff that is its author's vote too goes once)

@@ -6,12 +6,14 @@ import threading
 import time
 import zlib
 from dataclasses import replace
+from functools import reduce
+from operator import xor
 
 import cbor2
 import pytest
 
 from edgeswarm.node import Config, Node, sync
-from edgeswarm.node.digest import position
+from edgeswarm.node.digest import position, version_item
 from edgeswarm.shared import packing
 from edgeswarm.shared.envelope import canonical, decode, decode_many, encode
 from edgeswarm.shared.topics import node_topic
@@ -606,10 +608,10 @@ def test_a_frame_with_a_long_history_is_listed_by_its_newest_versions(member_con
         assert 3 <= c.counters["sync.envelopes"] <= 9, c.stats()  # the 3 diffs and the others' votes
         items = [item for peer, body in seen if peer != c.node_id for item in body.get("items", [])]
         assert items, seen
+        older = [v for v, _ in c.store.frame_versions(region, "k")[:150 - sync.LISTED_VERSIONS]]
         for item in items:
             assert len(item) == 4 and len(item[1]) == 4 * sync.LISTED_VERSIONS, item
-            horizon, count, _ = item[3]
-            assert count == 150 - sync.LISTED_VERSIONS and horizon == count + 1
+            assert item[3] == [len(older) + 1, len(older), reduce(xor, map(version_item, older))], item[3]
         assert not any(k.startswith("rejected.") for n in (a, b, c) for k in n.counters)
 
         # Peers of a release before 0.9.2 (their sync-resps do not say `horizons`) are sent
