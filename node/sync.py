@@ -110,7 +110,7 @@ class _Seen:
     counts: list
     at: float  # monotonic time it came
     pulling: bytes | None = None  # the peer is pulling for nodes in this state (see on_digest)
-    welcome: bool = False  # it answered this node's hello: the peer is in this node's state
+    welcome: bool = False  # it answered this node's hello, or said hello in its state: the two were in one state
 
 
 class Sync:
@@ -251,13 +251,15 @@ class Sync:
             self.node.counters["ignored.sync-region"] += 1
             return
         body = env.body
-        pulling = body.get("pulling")
-        self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
-                                                  pulling if type(pulling) is bytes else None,
-                                                  bool(body.get("welcome"))))
         tree = self.tree(root)
         level1 = tree.children(0, 0)
         differing = _differing(level1, theirs)
+        pulling = body.get("pulling")
+        # (A hello in this node's state: the two are in one state, as when it welcomes this
+        # node, though live votes may make their digests differ by the time either decides.)
+        self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
+                                                  pulling if type(pulling) is bytes else None,
+                                                  bool(body.get("welcome") or body.get("hello") and not differing)))
         if body.get("answer") and not differing:
             self._answered(root)  # (a node in this state answered: this one need not)
         if body.get("hello"):
@@ -867,7 +869,8 @@ def _differing(mine: list[int], theirs: list[int]) -> list[int]:
 def _leader(seen: list[tuple[str, _Seen]], mine: bytes, me: str, fresh: float) -> str | None:
     """The peer in this node's state (seen after `fresh`) to leave a pull to, if any: one
     pulling for it, else the first by node id of this node and the peers seen in its state
-    (having welcomed it, or with its digest), None when that is this node. Every node in
+    (one of the two welcomed the other's hello, or the peer's digest is this node's), None
+    when that is this node. Every node in
     the state picks the same one: nodes that (re)join together each welcome the other, and
     following the one that welcomed it, each followed the other and nobody pulled."""
     recent = [(peer, their) for peer, their in seen if their.at > fresh]
