@@ -544,6 +544,41 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
                 n.stop()
 
 
+def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(member_configs, region,
+                                                                              monkeypatch):
+    """Two nodes that missed the same writes come back one after the other, and the first
+    one's digest changes (a write of its own) before it decides: it still counts the second,
+    whose hello came in its state, as in its state. The one first by node id pulls for both
+    and the other follows; before 0.9.2 the first compared the second's hello with its own
+    digest as it decided, and pulled for itself too."""
+    from edgeswarm.node import sync
+    monkeypatch.setattr(sync, "JOIN_SETTLE", 3.0)  # time for the second to join before the first decides
+    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
+    a, d = Node(configs[0]).start(), Node(configs[3]).start()
+    rejoining = []
+    try:
+        keys = [f"k{i:02d}" for i in range(20)]
+        versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
+        assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
+        assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
+        rejoining = sorted((Node(configs[1]), Node(configs[2])), key=lambda n: n.node_id, reverse=True)
+        first, second = rejoining  # (the first back is the later by node id: it is to follow the second)
+        for n in rejoining:
+            n.transport.persistent = False  # no broker session kept anything for them
+        first.start()
+        second.start()
+        assert first.wait_until(lambda: second.node_id in first.sync._seen.get(region, {}), TIMEOUT)
+        first.put(region, "own", {"by": "first"})  # (its digest is no longer the one second said hello with)
+        for n in rejoining:
+            assert n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT), n.stats()
+        assert second.counters["sync.pulls"] == 1 and first.counters["sync.pulls"] == 0, \
+            (first.counters, second.counters)
+        assert first.counters["sync.deferred"] == 1
+    finally:
+        for n in [a, d, *rejoining]:
+            n.stop()
+
+
 def test_a_rejoining_node_is_answered_by_one_or_two_of_a_state_not_by_each(member_configs, region, monkeypatch):
     """Every node whose digest differs from a (re)joining node's hello answers with its own,
     after a random wait; a node that hears one of its state answer first keeps quiet. The
