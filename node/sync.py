@@ -870,9 +870,9 @@ def _leader(seen: list[tuple[str, _Seen]], mine: bytes, me: str, fresh: float) -
     """The peer in this node's state (seen after `fresh`) to leave a pull to, if any: one
     pulling for it, else the first by node id of this node and the peers seen in its state
     (one of the two welcomed the other's hello, or the peer's digest is this node's), None
-    when that is this node. Every node in
-    the state picks the same one: nodes that (re)join together each welcome the other, and
-    following the one that welcomed it, each followed the other and nobody pulled."""
+    when that is this node. Every node in the state picks the same one: nodes that (re)join
+    together each welcome the other, and following the one that welcomed it, each followed
+    the other and nobody pulled."""
     recent = [(peer, their) for peer, their in seen if their.at > fresh]
     pulling = [p for p, t in recent if t.pulling is not None]
     if pulling:
