@@ -524,14 +524,8 @@ class Sync:
             self.node.counters["ignored.sync-region"] += 1
             return
         with self._lock:
-            for says, peers in ((body.get("packed") is True, self._packs),
-                                (body.get("batches") is True, self._batches)):
-                if says:
-                    if len(peers) >= MAX_PEERS and env.sender_id not in peers:
-                        peers.pop()  # (it is then sent what a node before packs or batches reads)
-                    peers.add(env.sender_id)
-                else:
-                    peers.discard(env.sender_id)
+            _says(self._packs, env.sender_id, body.get("packed") is True)
+            _says(self._batches, env.sender_id, body.get("batches") is True)
         if body.get("follow"):
             self._on_follow(root, env.sender_id)
             return
@@ -632,12 +626,7 @@ class Sync:
             return
         pull.cut |= bool(body.get("cut"))
         with self._lock:
-            if body.get("horizons") is True:
-                if len(self._horizons) >= MAX_PEERS and peer not in self._horizons:
-                    self._horizons.pop()
-                self._horizons.add(peer)
-            else:
-                self._horizons.discard(peer)
+            _says(self._horizons, peer, body.get("horizons") is True)
         if body.get("last"):
             self._end(root, pull)
             # An exchange cut short (more differed than one step carries): go on at once
@@ -846,6 +835,18 @@ _Wanted = tuple[int, set[bytes], dict[bytes, int], "list[int] | None"]
 def _valid_horizon(horizon: Any) -> bool:
     return type(horizon) is list and len(horizon) == 3 and all(type(x) is int and 0 <= x < 2**63 for x in horizon) \
         and horizon[0] >= 1
+
+
+def _says(peers: set[str], peer: str, says: bool) -> None:
+    """(Under the lock.) Keep in `peers` whether the peer's latest message said it reads
+    something (packs, batches, horizons); at most MAX_PEERS are kept, and one left out is
+    sent what a node of an earlier release reads."""
+    if not says:
+        peers.discard(peer)
+        return
+    if len(peers) >= MAX_PEERS and peer not in peers:
+        peers.pop()
+    peers.add(peer)
 
 
 def _region(body: Any) -> str:
