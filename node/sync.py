@@ -799,11 +799,14 @@ class Sync:
         self._send(peer, "sync-req", body | {"packed": True, "batches": True})
 
     def _shaped(self, peer: str, envelopes: list[bytes]) -> list[bytes]:
-        """Envelopes to send a peer, with the item forms of each batch all among them as that
-        batch if the peer reads batches (one that takes more than a chunk stays in items)."""
+        """Envelopes to send a peer, if it reads batches: with the item forms of each batch
+        all among them as that batch (one that takes more than a chunk stays in items), and
+        this node's own votes among them as batches it signs now, one signature for each
+        chunk's worth instead of one per vote."""
         with self._lock:
             batches = peer in self._batches
-        return rebatch(envelopes, self.node.config.max_message_bytes // 2) if batches else envelopes
+        return rebatch(envelopes, self.node.config.max_message_bytes // 2, own=self.node.identity) if batches \
+            else envelopes
 
     def _carrying(self, peer: str, envelopes: list[bytes]) -> dict:
         """The part of a sync-resp that carries envelopes to a peer: packed if it reads packs

@@ -227,10 +227,17 @@ def batch_items(identity: Identity, envs: list[Envelope]) -> tuple[bytes, list[E
     if not 2 <= len(envs) <= MAX_LEAVES or any(e.sender != identity.public_key for e in envs):
         raise ValueError(f"a batch is 2 to {MAX_LEAVES} messages of its signer")
     n = len(envs)
-    root, paths = root_and_paths([e.msg_id for e in envs])
-    signature = identity.sign(_statement(n, root))
-    return cbor2.dumps([[e.payload for e in envs], signature]), [
-        replace(e, raw=_item_form(e.payload, signature, n, i, path)) for i, (e, path) in enumerate(zip(envs, paths))]
+    raw, signature, paths = _signed_batch(identity, [e.payload for e in envs])
+    return raw, [replace(e, raw=_item_form(e.payload, signature, n, i, path))
+                 for i, (e, path) in enumerate(zip(envs, paths))]
+
+
+def _signed_batch(identity: Identity, payloads: list[bytes]) -> tuple[bytes, bytes, list[list[bytes]]]:
+    """A batch of payloads under the identity's signature: (its bytes, the signature, each
+    payload's path)."""
+    root, paths = root_and_paths([message_id(p) for p in payloads])
+    signature = identity.sign(_statement(len(payloads), root))
+    return cbor2.dumps([payloads, signature]), signature, paths
 
 
 def encode_batch(identity: Identity, envs: list[Envelope]) -> bytes:
@@ -347,10 +354,13 @@ def decode_relay(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, topic: str 
     return envs, left
 
 
-def rebatch(raws: list[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
+def rebatch(raws: list[bytes], max_bytes: int = DEFAULT_MAX_BYTES, own: Identity | None = None) -> list[bytes]:
     """Messages to pass on (classic, or in item form: each checked as it came), with the item
     forms of every batch that is all there put back together as that batch, where its first
-    one was (one that would take more than `max_bytes` stays in items)."""
+    one was (one that would take more than `max_bytes` stays in items). With `own`, the
+    votes of that identity that would still go one by one go after the others, under new
+    batch signatures of its own: the same payloads, so the same messages, for one signature
+    (and no path) instead of one each."""
     loaded = [cbor2.loads(raw) for raw in raws]
     batches: dict[tuple[bytes, int], dict[int, bytes]] = {}  # (signature, n) -> index -> payload
     for outer in loaded:
@@ -359,15 +369,27 @@ def rebatch(raws: list[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes
     whole = {key: cbor2.dumps([[payloads[i] for i in range(key[1])], key[0]]) for key, payloads in batches.items()
              if payloads.keys() == set(range(key[1])) and _one_sender(payloads.values())}
     whole = {key: batch for key, batch in whole.items() if len(batch) <= max_bytes}
-    out, done = [], set()
+    out, done, votes = [], set(), []
     for raw, outer in zip(raws, loaded):
         key = (outer[1], outer[2]) if len(outer) == 5 else None
-        if key not in whole:
+        if key in whole:
+            if key not in done:  # (its other items are in it)
+                done.add(key)
+                out.append(whole[key])
+        elif own is not None and type(outer[0]) is bytes and _own_vote(outer[0], own.public_key):
+            votes.append((raw, outer[0]))
+        else:
             out.append(raw)
-        elif key not in done:  # (its other items are in it)
-            done.add(key)
-            out.append(whole[key])
+    for group in fitting(votes, lambda vote: len(vote[1]), max_bytes, SIGNATURE_BYTES + 8):
+        out.append(group[0][0] if len(group) == 1 else _signed_batch(own, [payload for _, payload in group])[0])
     return out
+
+
+def _own_vote(payload: bytes, public_key: bytes) -> bool:
+    if public_key not in payload:  # (most are not: the full decode only for those that may be)
+        return False
+    m = cbor2.loads(payload)
+    return m.get("s") == public_key and m.get("k") == "vote"
 
 
 def _one_sender(payloads: Iterable[bytes]) -> bool:

@@ -167,6 +167,29 @@ def test_a_relay_puts_a_batch_back_together_when_all_of_it_goes(me):
         decode_many(encode_relay([batch]), topic="es/v1/vote/plant/line2")
 
 
+def test_own_votes_passed_on_go_under_one_new_signature_as_the_same_messages(me):
+    """A node sending its own votes that would go one by one (classic, or items of a batch
+    not all there) puts them under one batch signature of its own, after the rest: the
+    same payloads, so a reader gets the very messages it would have got, checked once;
+    others' messages and its own diffs stay as they came, and a single vote stays alone."""
+    topic, other = "es/v1/vote/plant/line1", Identity.generate()
+    mine = [encode(me, "vote", "plant/line1", i + 1, 1000, {"key": f"k{i}"}) for i in range(4)]
+    items = decode_many(encode_batch(me, [encode(me, "vote", "plant/line1", 10 + i, 1000, {"key": f"b{i}"})
+                                          for i in range(3)]), topic=topic)
+    diff = encode(me, "diff", "plant/line1", 20, 1000, {"key": "d"})
+    theirs = encode(other, "vote", "plant/line1", 1, 1000, {"key": "k0"})
+    raws = [mine[0].raw, theirs.raw, items[0].raw, diff.raw, *(e.raw for e in mine[1:]), items[2].raw]
+    out = rebatch(raws, own=me)
+    assert out[:2] == [theirs.raw, diff.raw] and len(out) == 3
+    got = decode_many(out[2], topic=topic)  # (checked against the one new signature)
+    assert [e.payload for e in got] == [e.payload for e in (mine[0], items[0], *mine[1:], items[2])]
+    assert len(out[2]) < sum(len(r) for r in raws if r not in (theirs.raw, diff.raw)) - 4 * 64
+    assert rebatch(raws) == raws  # (without `own`: as they came)
+    assert rebatch([mine[0].raw, theirs.raw], own=me) == [theirs.raw, mine[0].raw]
+    chunks = rebatch([e.raw for e in mine], max_bytes=2 * len(mine[0].payload) + 90, own=me)
+    assert [len(decode_many(c)) for c in chunks] == [2, 2]  # (each batch within the size given)
+
+
 def test_a_relay_leaves_out_its_readers_own_messages_unchecked(me):
     """A node's own votes come back in the relays of their authors: neither opened as news
     nor paid for with a signature check; everyone else's are checked as ever."""
