@@ -5,7 +5,8 @@ On every connection (a start, and each reconnect) a node counts a new session an
   broker announces it if the node vanishes (power cut, crash, network loss), to the nodes
   there and to those that come later;
 - publishes a signed, retained `birth` {session, regions, software, what it does — `relay`:
-  it passes votes on (relay.py), `packs`: it reads trace entries packed (trace.py) — and its
+  it passes votes on (relay.py), `packs`: it reads trace entries packed (trace.py), `own-votes`:
+  it answers a pull for its own votes (sync.py) — and its
   admission certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
 consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions, and
@@ -46,6 +47,8 @@ LOW_DISK = 64 * 2**20  # bytes free on the store's disk below which each fingerp
 # What a node reads that older releases do not, said in births and fingerprints: trace entries
 # packed (node/trace.py), a whole batch in a relay (node/relay.py)
 READS = ("packs", "relay-batches")
+# What a node answers that older releases do not: a pull for its own votes alone (node/sync.py)
+ANSWERS = ("own-votes",)
 
 
 class Presence:
@@ -55,6 +58,7 @@ class Presence:
         self.session = 0
         self._goodbye_back = threading.Event()  # this session's death came back from the broker (MQTT 3.1.1)
         self._without: dict[str, set[str]] = {ability: set() for ability in READS}  # -> live peers not saying it
+        self._saying: dict[str, set[str]] = {ability: set() for ability in ANSWERS}  # -> live peers saying it
 
     def prepare(self) -> None:
         """Before each connection: a new session and the death the broker will hold for us
@@ -120,8 +124,9 @@ class Presence:
 
     def _abilities(self) -> dict:
         """That this node passes on the votes sent to it (node/relay.py), reads a whole
-        batch in a relay (shared/envelope.py), and reads trace entries packed (node/trace.py)."""
-        return {**dict.fromkeys(READS, True), **({"relay": True} if self.node.relay.enabled else {})}
+        batch in a relay (shared/envelope.py), reads trace entries packed (node/trace.py),
+        and answers a pull for its own votes (node/sync.py)."""
+        return {**dict.fromkeys(READS + ANSWERS, True), **({"relay": True} if self.node.relay.enabled else {})}
 
     def _heard(self, node_id: str, body: dict | None) -> None:
         """What a live peer's birth or fingerprint says it does (None: the peer is gone)."""
@@ -131,6 +136,15 @@ class Presence:
                 peers.add(node_id)
             else:
                 peers.discard(node_id)
+        for ability, peers in self._saying.items():
+            if body is not None and body.get(ability) is True:
+                peers.add(node_id)
+            else:
+                peers.discard(node_id)
+
+    def saying(self, ability: str) -> set[str]:
+        """The live peers whose birth or fingerprint says they do `ability` (ANSWERS)."""
+        return self._saying[ability]
 
     def without(self, ability: str) -> set[str]:
         """The live peers whose birth or fingerprint does not say they read `ability` (READS):

@@ -86,6 +86,9 @@ MAX_CHANGES = 10_000  # store commits queued for the kept trees before they are 
 PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; the initiator pulls again for the rest
 LISTED_VERSIONS = 16  # versions of a frame an `items` entry lists at first (the newest: see above)
 DEEPER = 4  # how many times more of them it lists each time the peer asks for more
+ASK_MIN = 4  # votes of one other voter a reply leaves to that voter, at the least (fewer go along)
+ASK_WAIT = 5.0  # seconds a voter asked for its votes has to answer before they are asked of others
+ASK_FORGET = 120.0  # seconds after which a voter that did not answer is asked again
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Sync:
         self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
         self._batches: set[str] = set()  # peers whose latest sync-req said they read whole batches
         self._horizons: set[str] = set()  # peers whose latest sync-resp said they read items that list the newest
+        self._asks: set[str] = set()  # peers whose latest sync-req said they ask voters for their own votes
+        self._asked: dict[str, dict[str, float]] = {}  # root -> voter asked for its own votes -> when (till it answers)
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
         # the store's committed changes to its sums (reading 100k sums for every exchange
@@ -526,10 +531,21 @@ class Sync:
         with self._lock:
             _says(self._packs, env.sender_id, body.get("packed") is True)
             _says(self._batches, env.sender_id, body.get("batches") is True)
+            _says(self._asks, env.sender_id, body.get("asks") is True)
+            asks = env.sender_id in self._asks
         if body.get("follow"):
             self._on_follow(root, env.sender_id)
             return
         tree = self.tree(root)
+        if "own" in body:
+            self._answer_own(env.sender_id, root, tree, body["own"])
+            return
+        direct = _list(body, "direct")
+        if any(type(v) is not str for v in direct):
+            raise MalformedError("a direct list holds node ids")
+        # voters whose votes are left to them to send (each signs its own as one batch)
+        ask_of = self.node.presence.saying("own-votes") - {env.sender_id, *direct} if asks else set()
+        left: dict[str, list[tuple[int, bytes]]] = {}
         nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
         differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
         wanted: list[_Wanted] = [(pos, set(), {}, None) for pos in mine_only]  # frames the peer does not hold
@@ -544,12 +560,18 @@ class Sync:
         envelopes: list[bytes] = []
         deeper: list[int] = []
         size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
-        for raw in self._lacking(tree, wanted, deeper):
+        for raw in self._lacking(tree, wanted, deeper, ask_of, left):
             if size >= limit:
                 cut = True
                 break
             envelopes.append(raw)
             size += len(raw)
+        ask = {}
+        for voter, rows in left.items():
+            if len(rows) >= ASK_MIN:
+                ask[voter] = sorted({pos for pos, _ in rows})
+            else:  # (too few to be worth a message of their own)
+                envelopes += [raw for _, raw in rows]
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
@@ -561,8 +583,29 @@ class Sync:
             reply = {"region": root, "last": True, "digest": self.digest(root, tree)}
         if cut:
             reply["cut"] = True
+        if ask:
+            reply["ask"] = ask
+            self.node.counters["sync.asks-sent"] += len(ask)
         reply["horizons"] = True
         self._send(env.sender_id, "sync-resp", reply)
+
+    def _answer_own(self, peer: str, root: str, tree: Tree, own: Any) -> None:
+        """A peer asks for this node's own votes on frames, newer than the rounds it holds
+        of them ([position, round]): they go to it as one batch of this node's signature."""
+        if type(own) is not list or any(type(e) is not list or len(e) != 2 or type(e[0]) is not int
+                                        or type(e[1]) is not int or e[1] < 0 for e in own):
+            raise MalformedError("an own list is [[position, round], ...]")
+        tag = voter_tag(self.node.node_id)
+        envelopes: list[bytes] = []
+        size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
+        for raw in self._lacking(tree, [(pos, set(), {tag: r}, None) for pos, r in own], [], only=self.node.node_id):
+            if size >= limit:
+                break
+            envelopes.append(raw)
+            size += len(raw)
+        self.node.counters["sync.own-answered"] += 1
+        for chunk in self._chunks(self._shaped(peer, envelopes)) or [[]]:
+            self._send(peer, "sync-resp", {"region": root, "own": True} | self._carrying(peer, chunk))
 
     def on_response(self, env: Any) -> None:
         """Initiator: take the envelopes, and take the next step down or end the pull. (Also
@@ -591,6 +634,9 @@ class Sync:
             root_, _, counts = _parse_digest(body["digest"])
             if root_ == root:
                 self._remember(root, peer, _Seen(body["digest"]["hashes"], counts, time.monotonic()))
+        if body.get("own") is True:
+            self._owned(root, peer, [e.raw for e in taken])
+            return
         with self._lock:
             pull = self._pulls.get(root)
             ours = pull is not None and pull.peer == peer
@@ -624,6 +670,8 @@ class Sync:
             return
         if carries:
             return
+        if "ask" in body:
+            self._ask(root, body["ask"])
         pull.cut |= bool(body.get("cut"))
         with self._lock:
             _says(self._horizons, peer, body.get("horizons") is True)
@@ -659,6 +707,61 @@ class Sync:
             return
         pull.extend()
         self._request(peer, {"region": root, "nodes": nodes, "frames": frames, "items": items})
+
+    def _ask(self, root: str, ask: Any) -> None:
+        """The responder left some voters' votes to them: ask each for its own votes on the
+        frames named, newer than the rounds this node holds of them."""
+        if type(ask) is not dict or len(ask) > MAX_PEERS or any(
+                type(v) is not str or type(ps) is not list or any(type(p) is not int for p in ps)
+                for v, ps in ask.items()):
+            raise MalformedError("an ask is {voter: [position, ...]}")
+        tree = self.tree(root)
+        now = time.monotonic()
+        for voter, positions in ask.items():
+            if voter == self.node.node_id:
+                continue
+            own = []
+            for pos in dict.fromkeys(positions):
+                frame = tree.frame(pos)
+                own.append([pos, wire_round(self.store.vote_rounds(*frame).get(voter, 0) if frame else 0)])
+            with self._lock:
+                asked = self._asked.setdefault(root, {})
+                if voter in asked or len(asked) < MAX_PEERS:
+                    asked.setdefault(voter, now)
+            self.node.counters["sync.asked"] += 1
+            self._request(voter, {"region": root, "own": own})
+
+    def _owned(self, root: str, peer: str, raws: list[bytes]) -> None:
+        """A voter's answer with its own votes (taken already): on with the pull they were
+        asked for, to the peers that follow it (or that it was forwarded to, if it ended)."""
+        with self._lock:
+            asked = self._asked.get(root, {})
+            if asked.pop(peer, None) is None:  # (a leader passing on the answers it got)
+                self.node.counters["sync.own-forwarded"] += 1
+                return
+            pull = self._pulls.get(root)
+            if pull is not None:
+                if pull.taken is not None:
+                    pull.taken.extend(raws)
+                return
+            last = self._forwarded.get(root)
+            if last is None or not raws:
+                return
+            last[1].extend(raws)  # (for followers that come late)
+            followers = list(last[3])
+        for follower in followers:
+            self._send(follower, "sync-resp", {"region": root, "own": True}
+                       | self._carrying(follower, self._shaped(follower, raws)))
+
+    def _direct(self, root: str) -> list[str]:
+        """Voters asked for their own votes that did not answer in time: the next responder
+        sends their votes itself (forgotten after ASK_FORGET)."""
+        now = time.monotonic()
+        with self._lock:
+            asked = self._asked.get(root, {})
+            for voter in [v for v, at in asked.items() if now - at > ASK_FORGET]:
+                del asked[voter]
+            return [v for v, at in asked.items() if now - at > ASK_WAIT]
 
     def _end(self, root: str, pull: _Pull) -> None:
         with self._lock:
@@ -746,26 +849,33 @@ class Sync:
                 return [pos, pack_versions(versions), rounds, [newest[0][1], *below(count, xored, versions)]]
         return [pos, pack_versions(versions), rounds]
 
-    def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int]) -> Iterator[bytes]:
+    def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int], ask_of: set[str] = frozenset(),
+                 left: dict[str, list[tuple[int, bytes]]] | None = None, only: str | None = None) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held,
         what it holds below the versions listed) that the peer lacks: versions whose short
         hash it did not list, votes newer than the latest round it listed for their voter.
         Read a frame at a time, as they are sent. Of a frame listed from a generation on, only
         versions from there on; one whose older versions are not the same here goes into
-        `deeper`, for more of its list."""
+        `deeper`, for more of its list. The votes of voters in `ask_of` go into `left`
+        instead, with their frame's position; with `only`, nothing but that voter's votes."""
         for pos, held, rounds, horizon in wanted:
             frame = tree.frame(pos)
             if frame is None:
                 continue
             since = 0 if horizon is None else horizon[0]
-            versions, votes = self.store.frame_items(*frame, since)
+            versions, votes = self.store.frame_items(*frame, 2**63 - 1 if only else since)  # (only: no versions)
             if since and below(*self.store.version_summary(*frame), [v for v, _ in versions]) != horizon[1:]:
                 deeper.append(pos)
             diffs = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
             yield from diffs  # (in generation order: parents first)
             sent = set(diffs)  # (a diff that is its author's vote too goes once)
-            yield from (raw for voter, r, raw in votes if wire_round(r) > rounds.get(voter_tag(voter), 0)
-                        and raw not in sent)
+            for voter, r, raw in votes:
+                if wire_round(r) <= rounds.get(voter_tag(voter), 0) or raw in sent or only not in (None, voter):
+                    continue
+                if voter in ask_of:
+                    left.setdefault(voter, []).append((pos, raw))
+                else:
+                    yield raw
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -795,8 +905,11 @@ class Sync:
         self.node.send_now(node_topic(peer, kind), kind, body)
 
     def _request(self, peer: str, body: dict) -> None:
-        """A sync-req, saying that this node reads packed envelopes and whole batches."""
-        self._send(peer, "sync-req", body | {"packed": True, "batches": True})
+        """A sync-req, saying that this node reads packed envelopes and whole batches, and
+        asks voters for their own votes when told to (naming those that did not answer)."""
+        direct = self._direct(body["region"]) if "own" not in body else []
+        self._send(peer, "sync-req", body | {"packed": True, "batches": True, "asks": True}
+                   | ({"direct": direct} if direct else {}))
 
     def _shaped(self, peer: str, envelopes: list[bytes]) -> list[bytes]:
         """Envelopes to send a peer, if it reads batches: with the item forms of each batch

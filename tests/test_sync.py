@@ -198,10 +198,13 @@ def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_on
 def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_configs, region, attacker):
     """The votes a responder cast itself, each signed alone as it voted, go to a puller
     under one batch signature it makes as it answers (the same messages: the puller holds
-    them as if they had come one by one); the other voters' votes go as they were signed."""
+    them as if they had come one by one); to a puller that does not ask voters for their
+    own (as before 0.9.3), the other voters' votes go as they were signed."""
     configs = member_configs(3, sync_interval=0, snapshot_interval=0)
     a, b = Node(configs[0]).start(), Node(configs[1]).start()
     late = Node(configs[2])
+    late.sync._request = lambda peer, body: late.sync._send(peer, "sync-req", body | {"packed": True,
+                                                                                     "batches": True})
     pulled: list[tuple[bytes, bytes]] = []  # (responder, envelope)
     subscribed = threading.Event()
     attacker.client.on_subscribe = lambda *a_: subscribed.set()
@@ -242,6 +245,108 @@ def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_config
         assert {message_id(cbor2.loads(raw)[0]) for raw in held} == {e.msg_id for e in votes}
     finally:
         for n in (a, b, late):
+            n.stop()
+
+
+def _vote_batches(pulled: list[tuple[bytes, bytes]]) -> dict[bytes, list]:
+    """signer -> the votes of the whole batches among what a node was sent."""
+    out: dict[bytes, list] = {}
+    for _, raw in pulled:
+        if type(cbor2.loads(raw)[0]) is list:
+            envs = decode_many(raw)
+            if all(e.kind == "vote" for e in envs):
+                out.setdefault(envs[0].sender, []).extend(envs)
+    return out
+
+
+def _pulled_by(attacker, node) -> list[tuple[bytes, bytes]]:
+    """What the node's sync responses bring it, as (sender, envelope), from now on."""
+    pulled: list[tuple[bytes, bytes]] = []
+    subscribed = threading.Event()
+    attacker.client.on_subscribe = lambda *a_: subscribed.set()
+    attacker.client.on_message = lambda c, u, m: pulled.extend(
+        (env.sender, raw) for env in [decode(m.payload)] if "packed" in env.body
+        for raw in packing.unpack(env.body["packed"], 1 << 20))
+    attacker.client.subscribe(node_topic(node.node_id, "sync-resp"), qos=1)
+    assert subscribed.wait(TIMEOUT)
+    return pulled
+
+
+def _written_in_turn(writers, keys, region, others=()):
+    """Each key written by the writers in turn, one at a time, each at consensus on every
+    node before the next: every other member's vote on it is a message signed alone."""
+    for i, k in enumerate(keys):
+        writer = writers[i % len(writers)]
+        writer.put(region, k, {"reading": i})
+        version = writer.head(region, k).version
+        assert all(n.wait_until(lambda n=n: (c := n.consensus(region, k)) and c.version == version, TIMEOUT)
+                   for n in (*writers, *others))
+
+
+def test_a_puller_gets_each_voters_votes_from_that_voter_under_one_signature(member_configs, region, attacker):
+    """The votes of voters other than the responder are left to them: the puller asks
+    each (named in the reply) for its own votes on those frames, and gets them as one
+    batch of its signature; the voters' votes on the frames are then all held, as if
+    they had come one by one."""
+    configs = member_configs(4, sync_interval=0, snapshot_interval=0)
+    a, b, c = (Node(cfg).start() for cfg in configs[:3])
+    late = Node(configs[3])
+    try:
+        keys = [f"k{i}" for i in range(12)]
+        _written_in_turn([a], keys, region, (b, c))  # (a's vote is each diff; b and c vote alone)
+        expected = consensus_map(a, region, keys)
+        late.start()
+        assert late.wait_until(lambda: late.presence.saying("own-votes") >= {a.node_id, b.node_id, c.node_id},
+                               TIMEOUT)
+        pulled = _pulled_by(attacker, late)
+        late.sync_now()
+        assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
+        for n in (a, b, c):
+            assert digests_meet(late, n, region, TIMEOUT)
+        assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
+        assert late.wait_until(lambda: len(_vote_batches(pulled)) == 2, TIMEOUT), late.stats()
+        batches = _vote_batches(pulled)  # b's and c's votes: each from the one who cast them, or the responder's own
+        assert set(batches) == {b.identity.public_key, c.identity.public_key}
+        assert all(len(votes) == len(keys) for votes in batches.values())
+        assert [raw for _, raw in pulled if decode_many(raw)[0].kind == "vote"
+                and type(cbor2.loads(raw)[0]) is not list] == []  # (none signed alone)
+        responder = {sender for sender, raw in pulled if decode_many(raw)[0].kind == "diff"}
+        assert len(responder) == 1 and late.counters["sync.pulls"] == 1  # (one pull)
+        assert late.counters["sync.asked"] == (2 if responder == {a.identity.public_key} else 1)
+    finally:
+        for n in (a, b, c, late):
+            n.stop()
+
+
+def test_votes_a_voter_does_not_send_when_asked_come_from_the_responder_next_time(member_configs, region,
+                                                                                   monkeypatch):
+    """A voter asked for its votes that does not answer (busy, or gone without a death yet)
+    is named as such in the puller's next request, and the responder then sends its votes
+    itself: the puller still gets everything."""
+    monkeypatch.setattr(sync, "ASK_WAIT", 0.5)
+    configs = member_configs(4, sync_interval=0, snapshot_interval=0)
+    a, b, c = (Node(cfg).start() for cfg in configs[:3])
+    late = Node(configs[3])
+    try:
+        keys = [f"k{i}" for i in range(8)]
+        _written_in_turn([a], keys, region, (b, c))
+        expected = consensus_map(a, region, keys)
+        for n in (b, c):  # they answer nothing (a is the responder), and no request for their own votes
+            n.sync.on_request = n.sync.on_digest = lambda env: None
+        late.start()
+        assert late.wait_until(lambda: late.presence.saying("own-votes") >= {a.node_id, b.node_id, c.node_id},
+                               TIMEOUT)
+        late.sync_now()
+        assert late.wait_until(lambda: late.counters["sync.asked"] >= 1, TIMEOUT), late.stats()
+        assert late.wait_until(lambda: late.sync._direct(region), TIMEOUT)  # (after ASK_WAIT)
+        late.sync._synced.clear()  # (the next round, without waiting for it)
+        late.sync_now()
+        assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
+        assert digests_meet(late, a, region, TIMEOUT)
+        assert late.counters["sync.asked"] == 2  # (b's and c's votes came from a, after they were named)
+        assert late.counters["votes"] >= 2 * len(keys)
+    finally:
+        for n in (a, b, c, late):
             n.stop()
 
 
@@ -537,7 +642,7 @@ def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, 
     try:
         keys = [f"k{i:03d}" for i in range(200)]
         for k in keys:
-            a.put(region, k, {"reading": k, "pad": "x" * 40})
+            a.put(region, k, {"reading": k, "pad": "x" * 200})
         assert b.wait_until(lambda: all(b.consensus(region, k) for k in keys), TIMEOUT)
         late.start()
         late.sync_now()
