@@ -66,7 +66,7 @@ REGION = "plant/line1"
 HONEST_KEYS = ("conveyor", "oven", "camera")
 FIELDS = ("key", "parent", "version", "ops", "merge", "round", "region", "hashes", "counts", "nodes", "frames",
           "items", "want", "deeper", "horizons", "envelopes", "last", "digest", "cut", "follow", "hello", "answer",
-          "welcome",
+          "welcome", "own", "ask", "asks", "direct",
           "pulling", "seq", "hash", "from", "to", "entries", "session", "regions", "software", "v", "k", "r",
           "s", "n", "t", "b")
 KINDS = ("diff", "vote", "digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp",
@@ -500,12 +500,18 @@ class Target:
             Template("sync-req", None, {"region": region, "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8, [3, 2, 2**62]]
                                                                   for p in pos]}, to_me("sync-req")),
             Template("sync-req", None, {"region": region, "follow": True}, to_me("sync-req")),
+            Template("sync-req", None, {"region": region, "own": [[p, 3] for p in pos], "asks": True},
+                     to_me("sync-req")),
+            Template("sync-req", None, {"region": region, "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8] for p in pos],
+                                        "asks": True, "direct": ["abcdefghijklmnop"]}, to_me("sync-req")),
+            Template("sync-resp", None, {"region": region, "own": True,
+                                         "envelopes": [raw for _, raw in self.honest[:2]]}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "envelopes": [raw for _, raw in self.honest[:3]],
                                          "digest": digest, "last": True, "cut": True}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "envelopes": [self._honest_batch(), self.honest[0][1]],
                                          "last": True}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [[1, 3, hashes]], "frames": [],
-                                         "want": pos}, to_me("sync-resp")),
+                                         "want": pos, "ask": {"abcdefghijklmnop": pos}}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [], "frames": [], "want": [],
                                          "deeper": pos, "horizons": True}, to_me("sync-resp")),
             Template("trace-head", None, {"seq": 3, "hash": prev}, own("trace-head"), trace_sender),

@@ -87,7 +87,7 @@ PUSH_MESSAGES = 8  # envelopes sent per exchange step, in message size limits; t
 LISTED_VERSIONS = 16  # versions of a frame an `items` entry lists at first (the newest: see above)
 DEEPER = 4  # how many times more of them it lists each time the peer asks for more
 ASK_MIN = 4  # votes of one other voter a reply leaves to that voter, at the least (fewer go along)
-ASK_WAIT = 5.0  # seconds a voter asked for its votes has to answer before they are asked of others
+ASK_WAIT = 2.0  # seconds a voter asked for its votes has to answer before they are asked of others
 ASK_FORGET = 120.0  # seconds after which a voter that did not answer is asked again
 
 
@@ -717,19 +717,34 @@ class Sync:
             raise MalformedError("an ask is {voter: [position, ...]}")
         tree = self.tree(root)
         now = time.monotonic()
+        live = self.node.presence.saying("own-votes")
+        asking = False
         for voter, positions in ask.items():
             if voter == self.node.node_id:
+                continue
+            answers = voter in live
+            with self._lock:  # (one that is not a live peer that answers, as far as this node knows: named at once)
+                asked = self._asked.setdefault(root, {})
+                if voter in asked or len(asked) < MAX_PEERS:
+                    asked.setdefault(voter, now if answers else now - ASK_WAIT - 1)
+            if not answers:
                 continue
             own = []
             for pos in dict.fromkeys(positions):
                 frame = tree.frame(pos)
                 own.append([pos, wire_round(self.store.vote_rounds(*frame).get(voter, 0) if frame else 0)])
-            with self._lock:
-                asked = self._asked.setdefault(root, {})
-                if voter in asked or len(asked) < MAX_PEERS:
-                    asked.setdefault(voter, now)
             self.node.counters["sync.asked"] += 1
             self._request(voter, {"region": root, "own": own})
+            asking = True
+        if asking:  # (a voter gone without a death yet, or too busy: its votes from a responder then)
+            timer = threading.Timer(ASK_WAIT + 0.1, self._unanswered, (root,))
+            timer.daemon = True
+            timer.start()
+
+    def _unanswered(self, root: str) -> None:
+        """ASK_WAIT after asking voters: if one has not answered, pull again (naming it)."""
+        if self._direct(root):
+            self._schedule(root, 0, waited=True, sooner=True)
 
     def _owned(self, root: str, peer: str, raws: list[bytes]) -> None:
         """A voter's answer with its own votes (taken already): on with the pull they were
