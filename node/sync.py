@@ -42,9 +42,18 @@ the tree where it differs, one level per message:
 R's envelopes are the original signed diffs and votes, chunked under the message size
 limit, the item forms of each batch all among them put back together as that batch for a peer
 whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
-message, and no paths); packed (`packed`, shared/packing.py: a third to a half of the bytes)
-for a peer whose sync-reqs say it reads packs (`packed`), else as a list (`envelopes`). I runs
-them through the normal receive path minus the live replay window. R's reply that continues
+message, and no paths), and R's own votes among them as batches R signs as it sends them (the
+same payloads, so the same messages, under one signature); packed (`packed`,
+shared/packing.py: a third to a half of the bytes) for a peer whose sync-reqs say it reads
+packs (`packed`), else as a list (`envelopes`). I runs them through the normal receive path
+minus the live replay window. The votes of other voters R leaves to them, for an I whose
+sync-reqs say it asks (`asks`): a live voter that says it answers (`own-votes`,
+node/presence.py) and has at least ASK_MIN to send is named in R's reply with the frames
+(`ask`: {voter: [position, ...]}); I asks each (sync-req `own`: [[position, the round I holds
+of that voter], ...]) and the voter answers with its votes newer than those as one batch of
+its own signature (sync-resp `own`), which I takes and forwards as part of its pull. A voter
+that has not answered ASK_WAIT later is named in I's sync-reqs (`direct`, for ASK_FORGET) and
+I pulls again at once: R sends its votes then. R's reply that continues
 nothing is marked `last` and carries R's digest; when a step was cut short to stay under the
 size limits (`cut`), I pulls again at once from that digest.
 Merges are never sent: every node rebuilds them.
