@@ -546,19 +546,19 @@ class Sync:
             self._on_follow(root, env.sender_id)
             return
         tree = self.tree(root)
+        their_nodes, their_frames, items, direct = (_list(body, name) for name in ("nodes", "frames", "items", "direct"))
+        if any(type(v) is not str for v in direct):
+            raise MalformedError("a direct list holds node ids")
         if "own" in body:
             self._answer_own(env.sender_id, root, tree, body["own"])
             return
-        direct = _list(body, "direct")
-        if any(type(v) is not str for v in direct):
-            raise MalformedError("a direct list holds node ids")
         # voters whose votes are left to them to send (each signs its own as one batch)
         ask_of = self.node.presence.saying("own-votes") - {env.sender_id, *direct} if asks else set()
         left: dict[str, list[tuple[int, bytes]]] = {}
-        nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
-        differ, mine_only, _ = self._compare_frames(tree, _list(body, "frames"))
+        nodes, frames, cut = self._compare_nodes(tree, their_nodes)
+        differ, mine_only, _ = self._compare_frames(tree, their_frames)
         wanted: list[_Wanted] = [(pos, set(), {}, None) for pos in mine_only]  # frames the peer does not hold
-        for item in _list(body, "items"):
+        for item in items:
             held = unpack_versions(item[1]) if type(item) is list and len(item) in (3, 4) else None
             rounds = unpack_rounds(item[2]) if held is not None else None
             horizon = item[3] if rounds is not None and len(item) == 4 else None
