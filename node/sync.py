@@ -546,7 +546,7 @@ class Sync:
             self._on_follow(root, env.sender_id)
             return
         tree = self.tree(root)
-        their_nodes, their_frames, items, direct = (_list(body, name) for name in ("nodes", "frames", "items", "direct"))
+        their_nodes, their_frames, items, direct = (_list(body, k) for k in ("nodes", "frames", "items", "direct"))
         if any(type(v) is not str for v in direct):
             raise MalformedError("a direct list holds node ids")
         if "own" in body:

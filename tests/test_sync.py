@@ -195,59 +195,6 @@ def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_on
             n.stop()
 
 
-def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_configs, region, attacker):
-    """The votes a responder cast itself, each signed alone as it voted, go to a puller
-    under one batch signature it makes as it answers (the same messages: the puller holds
-    them as if they had come one by one); to a puller that does not ask voters for their
-    own (as before 0.9.3), the other voters' votes go as they were signed."""
-    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
-    a, b = Node(configs[0]).start(), Node(configs[1]).start()
-    late = Node(configs[2])
-    late.sync._request = lambda peer, body: late.sync._send(peer, "sync-req", body | {"packed": True,
-                                                                                     "batches": True})
-    pulled: list[tuple[bytes, bytes]] = []  # (responder, envelope)
-    subscribed = threading.Event()
-    attacker.client.on_subscribe = lambda *a_: subscribed.set()
-    attacker.client.on_message = lambda c, u, m: pulled.extend(
-        (env.sender, raw) for env in [decode(m.payload)] if "packed" in env.body
-        for raw in packing.unpack(env.body["packed"], 1 << 20))
-    attacker.client.subscribe(node_topic(late.node_id, "sync-resp"), qos=1)
-    assert subscribed.wait(TIMEOUT)
-    try:
-        keys = [f"k{i}" for i in range(20)]
-        for i, k in enumerate(keys):  # a and b in turn, one at a time: the other votes alone on each
-            writer = (a, b)[i % 2]
-            writer.put(region, k, {"reading": i})
-            version = writer.head(region, k).version
-            assert all(n.wait_until(lambda n=n: (c := n.consensus(region, k)) and c.version == version, TIMEOUT)
-                       for n in (a, b))
-        expected = consensus_map(a, region, keys)
-        late.start()
-        late.sync_now()
-        assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
-        assert digests_meet(late, a, region, TIMEOUT) and digests_meet(late, b, region, TIMEOUT)
-        assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
-        responder = {sender for sender, _ in pulled}
-        assert len(responder) == 1, "one pull"
-        responder = responder.pop()
-        other = ({a.identity.public_key, b.identity.public_key} - {responder}).pop()
-        batches = [raw for _, raw in pulled if type(cbor2.loads(raw)[0]) is list]
-        votes = [e for raw in batches for e in decode_many(raw)]
-        assert len(batches) == 1 and len(votes) == 10, [len(decode_many(raw)) for raw in batches]
-        assert {(e.sender, e.kind) for e in votes} == {(responder, "vote")}
-        alone = [decode(raw) for _, raw in pulled if type(cbor2.loads(raw)[0]) is not list]
-        assert sorted((e.sender == other, e.kind) for e in alone) == sorted(
-            [(True, "diff")] * 10 + [(True, "vote")] * 10 + [(False, "diff")] * 10)  # (a write's vote is its diff)
-        # held as the very messages the responder cast (same ids), each in its item form
-        held = {bytes(row[0]) for row in late.store.db.execute(
-            "SELECT envelope FROM votes WHERE voter = ? AND length(envelope) != 32",  # (not a diff's id)
-            [node_id_of(responder)]).fetchall()}
-        assert {message_id(cbor2.loads(raw)[0]) for raw in held} == {e.msg_id for e in votes}
-    finally:
-        for n in (a, b, late):
-            n.stop()
-
-
 def _vote_batches(pulled: list[tuple[bytes, bytes]]) -> dict[bytes, list]:
     """signer -> the votes of the whole batches among what a node was sent."""
     out: dict[bytes, list] = {}
@@ -281,6 +228,47 @@ def _written_in_turn(writers, keys, region, others=()):
         version = writer.head(region, k).version
         assert all(n.wait_until(lambda n=n: (c := n.consensus(region, k)) and c.version == version, TIMEOUT)
                    for n in (*writers, *others))
+
+
+def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_configs, region, attacker):
+    """The votes a responder cast itself, each signed alone as it voted, go to a puller
+    under one batch signature it makes as it answers (the same messages: the puller holds
+    them as if they had come one by one); to a puller that does not ask voters for their
+    own (as before 0.9.3), the other voters' votes go as they were signed."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b = Node(configs[0]).start(), Node(configs[1]).start()
+    late = Node(configs[2])
+    late.sync._request = lambda peer, body: late.sync._send(peer, "sync-req", body | {"packed": True,
+                                                                                     "batches": True})
+    pulled = _pulled_by(attacker, late)  # (responder, envelope)
+    try:
+        keys = [f"k{i}" for i in range(20)]
+        _written_in_turn([a, b], keys, region)  # (the other votes alone on each)
+        expected = consensus_map(a, region, keys)
+        late.start()
+        late.sync_now()
+        assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
+        assert digests_meet(late, a, region, TIMEOUT) and digests_meet(late, b, region, TIMEOUT)
+        assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
+        responder = {sender for sender, _ in pulled}
+        assert len(responder) == 1, "one pull"
+        responder = responder.pop()
+        other = ({a.identity.public_key, b.identity.public_key} - {responder}).pop()
+        batches = [raw for _, raw in pulled if type(cbor2.loads(raw)[0]) is list]
+        votes = [e for raw in batches for e in decode_many(raw)]
+        assert len(batches) == 1 and len(votes) == 10, [len(decode_many(raw)) for raw in batches]
+        assert {(e.sender, e.kind) for e in votes} == {(responder, "vote")}
+        alone = [decode(raw) for _, raw in pulled if type(cbor2.loads(raw)[0]) is not list]
+        assert sorted((e.sender == other, e.kind) for e in alone) == sorted(
+            [(True, "diff")] * 10 + [(True, "vote")] * 10 + [(False, "diff")] * 10)  # (a write's vote is its diff)
+        # held as the very messages the responder cast (same ids), each in its item form
+        held = {bytes(row[0]) for row in late.store.db.execute(
+            "SELECT envelope FROM votes WHERE voter = ? AND length(envelope) != 32",  # (not a diff's id)
+            [node_id_of(responder)]).fetchall()}
+        assert {message_id(cbor2.loads(raw)[0]) for raw in held} == {e.msg_id for e in votes}
+    finally:
+        for n in (a, b, late):
+            n.stop()
 
 
 def test_a_puller_gets_each_voters_votes_from_that_voter_under_one_signature(member_configs, region, attacker):
