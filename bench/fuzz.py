@@ -511,7 +511,7 @@ class Target:
             Template("sync-resp", None, {"region": region, "envelopes": [self._honest_batch(), self.honest[0][1]],
                                          "last": True}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [[1, 3, hashes]], "frames": [],
-                                         "want": pos, "ask": {"abcdefghijklmnop": pos}}, to_me("sync-resp")),
+                                         "want": pos, "ask": {"abcdefghijklmnop": [[p, 1] for p in pos]}}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [], "frames": [], "want": [],
                                          "deeper": pos, "horizons": True}, to_me("sync-resp")),
             Template("trace-head", None, {"seq": 3, "hash": prev}, own("trace-head"), trace_sender),

@@ -49,8 +49,8 @@ packs (`packed`), else as a list (`envelopes`). I runs them through the normal r
 minus the live replay window. The votes of other voters R leaves to them, for an I whose
 sync-reqs say it asks (`asks`): a live voter that says it answers (`own-votes`,
 node/presence.py) and has at least ASK_MIN to send is named in R's reply with the frames
-(`ask`: {voter: [position, ...]}); I asks each (sync-req `own`: [[position, the round I holds
-of that voter], ...]) and the voter answers with its votes newer than those as one batch of
+(`ask`: {voter: [[position, the round I listed for it there], ...]}); I asks each (sync-req
+`own`: those pairs) and the voter answers with its votes newer than those as one batch of
 its own signature (sync-resp `own`), which I takes and forwards as part of its pull. A voter
 that has not answered ASK_WAIT later is named in I's sync-reqs (`direct`, for ASK_FORGET) and
 I pulls again at once: R sends its votes then. R's reply that continues
@@ -149,7 +149,8 @@ class Sync:
         self._batches: set[str] = set()  # peers whose latest sync-req said they read whole batches
         self._horizons: set[str] = set()  # peers whose latest sync-resp said they read items that list the newest
         self._asks: set[str] = set()  # peers whose latest sync-req said they ask voters for their own votes
-        self._asked: dict[str, dict[str, float]] = {}  # root -> voter asked for its own votes -> when (till it answers)
+        # root -> voter asked for its own votes -> [when first, answers still to come] (till they all came)
+        self._asked: dict[str, dict[str, list]] = {}
         self._stopped = False
         # The digest tree of each followed root, kept in memory and brought up to date with
         # the store's committed changes to its sums (reading 100k sums for every exchange
@@ -554,7 +555,7 @@ class Sync:
             return
         # voters whose votes are left to them to send (each signs its own as one batch)
         ask_of = self.node.presence.saying("own-votes") - {env.sender_id, *direct} if asks else set()
-        left: dict[str, list[tuple[int, bytes]]] = {}
+        left: dict[str, list[tuple[int, int, bytes]]] = {}
         nodes, frames, cut = self._compare_nodes(tree, their_nodes)
         differ, mine_only, _ = self._compare_frames(tree, their_frames)
         wanted: list[_Wanted] = [(pos, set(), {}, None) for pos in mine_only]  # frames the peer does not hold
@@ -577,10 +578,10 @@ class Sync:
             size += len(raw)
         ask = {}
         for voter, rows in left.items():
-            if len(rows) >= ASK_MIN:
-                ask[voter] = sorted({pos for pos, _ in rows})
+            if len(rows) >= ASK_MIN:  # (each frame with the round the peer listed for that voter)
+                ask[voter] = [[pos, held] for pos, held in sorted({(pos, held) for pos, held, _ in rows})]
             else:  # (too few to be worth a message of their own)
-                envelopes += [raw for _, raw in rows]
+                envelopes += [raw for _, _, raw in rows]
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
@@ -601,8 +602,7 @@ class Sync:
     def _answer_own(self, peer: str, root: str, tree: Tree, own: Any) -> None:
         """A peer asks for this node's own votes on frames, newer than the rounds it holds
         of them ([position, round]): they go to it as one batch of this node's signature."""
-        if type(own) is not list or any(type(e) is not list or len(e) != 2 or type(e[0]) is not int
-                                        or type(e[1]) is not int or e[1] < 0 for e in own):
+        if not _own_list(own):
             raise MalformedError("an own list is [[position, round], ...]")
         tag = voter_tag(self.node.node_id)
         envelopes: list[bytes] = []
@@ -719,32 +719,30 @@ class Sync:
 
     def _ask(self, root: str, ask: Any) -> None:
         """The responder left some voters' votes to them: ask each for its own votes on the
-        frames named, newer than the rounds this node holds of them."""
-        if type(ask) is not dict or len(ask) > MAX_PEERS or any(
-                type(v) is not str or type(ps) is not list or any(type(p) is not int for p in ps)
-                for v, ps in ask.items()):
-            raise MalformedError("an ask is {voter: [position, ...]}")
-        tree = self.tree(root)
+        frames named, newer than the rounds this node had listed for it there (the votes
+        the responder would have sent: this node may hold a newer one by now, live)."""
+        if type(ask) is not dict or len(ask) > MAX_PEERS or any(type(v) is not str or not _own_list(own)
+                                                                 for v, own in ask.items()):
+            raise MalformedError("an ask is {voter: [[position, round], ...]}")
         now = time.monotonic()
         live = self.node.presence.saying("own-votes")
-        asking = False
-        for voter, positions in ask.items():
+        asking = named = False
+        for voter, own in ask.items():
             if voter == self.node.node_id:
                 continue
             answers = voter in live
             with self._lock:  # (one that is not a live peer that answers, as far as this node knows: named at once)
                 asked = self._asked.setdefault(root, {})
                 if voter in asked or len(asked) < MAX_PEERS:
-                    asked.setdefault(voter, now if answers else now - ASK_WAIT - 1)
+                    asked.setdefault(voter, [now if answers else now - ASK_WAIT - 1, 0])[1] += answers
             if not answers:
+                named = True
                 continue
-            own = []
-            for pos in dict.fromkeys(positions):
-                frame = tree.frame(pos)
-                own.append([pos, wire_round(self.store.vote_rounds(*frame).get(voter, 0) if frame else 0)])
             self.node.counters["sync.asked"] += 1
             self._request(voter, {"region": root, "own": own})
             asking = True
+        if named:  # (pulled again as this pull ends, naming it)
+            self._schedule(root, 0, waited=True, sooner=True)
         if asking:  # (a voter gone without a death yet, or too busy: its votes from a responder then)
             timer = threading.Timer(ASK_WAIT + 0.1, self._unanswered, (root,))
             timer.daemon = True
@@ -760,9 +758,13 @@ class Sync:
         asked for, to the peers that follow it (or that it was forwarded to, if it ended)."""
         with self._lock:
             asked = self._asked.get(root, {})
-            if asked.pop(peer, None) is None:  # (a leader passing on the answers it got)
+            entry = asked.get(peer)
+            if entry is None or not entry[1]:  # (a leader passing on the answers it got)
                 self.node.counters["sync.own-forwarded"] += 1
                 return
+            entry[1] -= 1  # (asked once for each step of a pull that named it)
+            if not entry[1]:
+                del asked[peer]
             pull = self._pulls.get(root)
             if pull is not None:
                 if pull.taken is not None:
@@ -783,9 +785,9 @@ class Sync:
         now = time.monotonic()
         with self._lock:
             asked = self._asked.get(root, {})
-            for voter in [v for v, at in asked.items() if now - at > ASK_FORGET]:
+            for voter in [v for v, (at, _) in asked.items() if now - at > ASK_FORGET]:
                 del asked[voter]
-            return [v for v, at in asked.items() if now - at > ASK_WAIT]
+            return [v for v, (at, _) in asked.items() if now - at > ASK_WAIT]
 
     def _end(self, root: str, pull: _Pull) -> None:
         with self._lock:
@@ -874,14 +876,16 @@ class Sync:
         return [pos, pack_versions(versions), rounds]
 
     def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int], ask_of: set[str] = frozenset(),
-                 left: dict[str, list[tuple[int, bytes]]] | None = None, only: str | None = None) -> Iterator[bytes]:
+                 left: dict[str, list[tuple[int, int, bytes]]] | None = None, only: str | None = None
+                 ) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held,
         what it holds below the versions listed) that the peer lacks: versions whose short
         hash it did not list, votes newer than the latest round it listed for their voter.
         Read a frame at a time, as they are sent. Of a frame listed from a generation on, only
         versions from there on; one whose older versions are not the same here goes into
         `deeper`, for more of its list. The votes of voters in `ask_of` go into `left`
-        instead, with their frame's position; with `only`, nothing but that voter's votes."""
+        instead, with their frame's position and the round the peer listed for their voter;
+        with `only`, nothing but that voter's votes."""
         for pos, held, rounds, horizon in wanted:
             frame = tree.frame(pos)
             if frame is None:
@@ -894,10 +898,11 @@ class Sync:
             yield from diffs  # (in generation order: parents first)
             sent = set(diffs)  # (a diff that is its author's vote too goes once)
             for voter, r, raw in votes:
-                if wire_round(r) <= rounds.get(voter_tag(voter), 0) or raw in sent or only not in (None, voter):
+                held = rounds.get(voter_tag(voter), 0)
+                if wire_round(r) <= held or raw in sent or only not in (None, voter):
                     continue
                 if voter in ask_of:
-                    left.setdefault(voter, []).append((pos, raw))
+                    left.setdefault(voter, []).append((pos, held, raw))
                 else:
                     yield raw
 
@@ -993,6 +998,12 @@ def _region(body: Any) -> str:
     if type(body) is not dict or type(body.get("region")) is not str:
         raise MalformedError("a sync message names its region")
     return validate_region(body["region"])
+
+
+def _own_list(own: Any) -> bool:
+    """Whether a value is [[position, round], ...] (an `own` request, an `ask` entry)."""
+    return type(own) is list and all(type(e) is list and len(e) == 2 and type(e[0]) is int and type(e[1]) is int
+                                     and e[1] >= 0 for e in own)
 
 
 def _list(body: dict, name: str) -> list:
