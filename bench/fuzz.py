@@ -500,7 +500,7 @@ class Target:
             Template("sync-req", None, {"region": region, "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8, [3, 2, 2**62]]
                                                                   for p in pos]}, to_me("sync-req")),
             Template("sync-req", None, {"region": region, "follow": True}, to_me("sync-req")),
-            Template("sync-req", None, {"region": region, "own": [[p, 3] for p in pos], "asks": True},
+            Template("sync-req", None, {"region": region, "own": [[p, 3, 5] for p in pos], "asks": True},
                      to_me("sync-req")),
             Template("sync-req", None, {"region": region, "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8] for p in pos],
                                         "asks": True, "direct": ["abcdefghijklmnop"]}, to_me("sync-req")),
@@ -511,7 +511,7 @@ class Target:
             Template("sync-resp", None, {"region": region, "envelopes": [self._honest_batch(), self.honest[0][1]],
                                          "last": True}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [[1, 3, hashes]], "frames": [],
-                                         "want": pos, "ask": {"abcdefghijklmnop": [[p, 1] for p in pos]}}, to_me("sync-resp")),
+                                         "want": pos, "ask": {"abcdefghijklmnop": [[p, 1, 2] for p in pos]}}, to_me("sync-resp")),
             Template("sync-resp", None, {"region": region, "nodes": [], "frames": [], "want": [],
                                          "deeper": pos, "horizons": True}, to_me("sync-resp")),
             Template("trace-head", None, {"seq": 3, "hash": prev}, own("trace-head"), trace_sender),

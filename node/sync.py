@@ -49,8 +49,9 @@ packs (`packed`), else as a list (`envelopes`). I runs them through the normal r
 minus the live replay window. The votes of other voters R leaves to them, for an I whose
 sync-reqs say it asks (`asks`): a live voter that says it answers (`own-votes`,
 node/presence.py) and has at least ASK_MIN to send is named in R's reply with the frames
-(`ask`: {voter: [[position, the round I listed for it there], ...]}); I asks each (sync-req
-`own`: those pairs) and the voter answers with its votes newer than those as one batch of
+(`ask`: {voter: [[position, the round I listed for it there, the round of its newest vote R
+left], ...]}); I asks each (sync-req `own`: those) and the voter answers with its votes in
+between (not those it cast since: they went live) as one batch of
 its own signature (sync-resp `own`), which I takes and forwards as part of its pull. A voter
 that has not answered ASK_WAIT later is named in I's sync-reqs (`direct`, for ASK_FORGET) and
 I pulls again at once: R sends its votes then. R's reply that continues
@@ -555,7 +556,7 @@ class Sync:
             return
         # voters whose votes are left to them to send (each signs its own as one batch)
         ask_of = self.node.presence.saying("own-votes") - {env.sender_id, *direct} if asks else set()
-        left: dict[str, list[tuple[int, int, bytes]]] = {}
+        left: dict[str, list[tuple[int, int, int, bytes]]] = {}
         nodes, frames, cut = self._compare_nodes(tree, their_nodes)
         differ, mine_only, _ = self._compare_frames(tree, their_frames)
         wanted: list[_Wanted] = [(pos, set(), {}, None) for pos in mine_only]  # frames the peer does not hold
@@ -578,10 +579,14 @@ class Sync:
             size += len(raw)
         ask = {}
         for voter, rows in left.items():
-            if len(rows) >= ASK_MIN:  # (each frame with the round the peer listed for that voter)
-                ask[voter] = [[pos, held] for pos, held in sorted({(pos, held) for pos, held, _ in rows})]
+            if len(rows) >= ASK_MIN:  # (each frame with the rounds between which they lie: see _lacking)
+                spans: dict[int, list[int]] = {}
+                for pos, held, r, _ in rows:
+                    span = spans.setdefault(pos, [pos, held, r])
+                    span[2] = max(span[2], r)
+                ask[voter] = sorted(spans.values())
             else:  # (too few to be worth a message of their own)
-                envelopes += [raw for _, _, raw in rows]
+                envelopes += [raw for _, _, _, raw in rows]
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
         for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
@@ -603,11 +608,13 @@ class Sync:
         """A peer asks for this node's own votes on frames, newer than the rounds it holds
         of them ([position, round]): they go to it as one batch of this node's signature."""
         if not _own_list(own):
-            raise MalformedError("an own list is [[position, round], ...]")
+            raise MalformedError("an own list is [[position, round, round], ...]")
         tag = voter_tag(self.node.node_id)
         envelopes: list[bytes] = []
         size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
-        for raw in self._lacking(tree, [(pos, set(), {tag: r}, None) for pos, r in own], [], only=self.node.node_id):
+        wanted = [(pos, set(), {tag: held}, None) for pos, held, _ in own]
+        tops = {pos: top for pos, _, top in own}  # (not the votes it cast since: they went live)
+        for raw in self._lacking(tree, wanted, [], only=self.node.node_id, tops=tops):
             if size >= limit:
                 break
             envelopes.append(raw)
@@ -723,7 +730,7 @@ class Sync:
         the responder would have sent: this node may hold a newer one by now, live)."""
         if type(ask) is not dict or len(ask) > MAX_PEERS or any(type(v) is not str or not _own_list(own)
                                                                  for v, own in ask.items()):
-            raise MalformedError("an ask is {voter: [[position, round], ...]}")
+            raise MalformedError("an ask is {voter: [[position, round, round], ...]}")
         now = time.monotonic()
         live = self.node.presence.saying("own-votes")
         asking = named = False
@@ -876,16 +883,17 @@ class Sync:
         return [pos, pack_versions(versions), rounds]
 
     def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int], ask_of: set[str] = frozenset(),
-                 left: dict[str, list[tuple[int, int, bytes]]] | None = None, only: str | None = None
-                 ) -> Iterator[bytes]:
+                 left: dict[str, list[tuple[int, int, int, bytes]]] | None = None, only: str | None = None,
+                 tops: dict[int, int] | None = None) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held,
         what it holds below the versions listed) that the peer lacks: versions whose short
         hash it did not list, votes newer than the latest round it listed for their voter.
         Read a frame at a time, as they are sent. Of a frame listed from a generation on, only
         versions from there on; one whose older versions are not the same here goes into
         `deeper`, for more of its list. The votes of voters in `ask_of` go into `left`
-        instead, with their frame's position and the round the peer listed for their voter;
-        with `only`, nothing but that voter's votes."""
+        instead, with their frame's position, the round the peer listed for their voter and
+        their own; with `only`, nothing but that voter's votes, up to the round in `tops`
+        (position -> round) where it gives one."""
         for pos, held, rounds, horizon in wanted:
             frame = tree.frame(pos)
             if frame is None:
@@ -899,10 +907,11 @@ class Sync:
             sent = set(diffs)  # (a diff that is its author's vote too goes once)
             for voter, r, raw in votes:
                 held = rounds.get(voter_tag(voter), 0)
-                if wire_round(r) <= held or raw in sent or only not in (None, voter):
+                if wire_round(r) <= held or raw in sent or only not in (None, voter) \
+                        or tops is not None and wire_round(r) > tops.get(pos, wire_round(r)):
                     continue
                 if voter in ask_of:
-                    left.setdefault(voter, []).append((pos, held, raw))
+                    left.setdefault(voter, []).append((pos, held, wire_round(r), raw))
                 else:
                     yield raw
 
@@ -1001,9 +1010,9 @@ def _region(body: Any) -> str:
 
 
 def _own_list(own: Any) -> bool:
-    """Whether a value is [[position, round], ...] (an `own` request, an `ask` entry)."""
-    return type(own) is list and all(type(e) is list and len(e) == 2 and type(e[0]) is int and type(e[1]) is int
-                                     and e[1] >= 0 for e in own)
+    """Whether a value is [[position, round, round], ...] (an `own` request, an `ask` entry)."""
+    return type(own) is list and all(type(e) is list and len(e) == 3 and all(type(x) is int for x in e)
+                                     and 0 <= e[1] <= e[2] for e in own)
 
 
 def _list(body: dict, name: str) -> list:
