@@ -605,8 +605,9 @@ class Sync:
         self._send(env.sender_id, "sync-resp", reply)
 
     def _answer_own(self, peer: str, root: str, tree: Tree, own: Any) -> None:
-        """A peer asks for this node's own votes on frames, newer than the rounds it holds
-        of them ([position, round]): they go to it as one batch of this node's signature."""
+        """A peer asks for this node's own votes on frames ([position, the round it listed of
+        this node there, the round of the newest one its responder left]): those in between go
+        to it as one batch of this node's signature."""
         if not _own_list(own):
             raise MalformedError("an own list is [[position, round, round], ...]")
         tag = voter_tag(self.node.node_id)
@@ -726,8 +727,9 @@ class Sync:
 
     def _ask(self, root: str, ask: Any) -> None:
         """The responder left some voters' votes to them: ask each for its own votes on the
-        frames named, newer than the rounds this node had listed for it there (the votes
-        the responder would have sent: this node may hold a newer one by now, live)."""
+        frames named, between the round this node had listed for it there and that of the
+        newest the responder left (what it would have sent: this node may hold a newer one
+        by now, live, which would hide an older one it lacks)."""
         if type(ask) is not dict or len(ask) > MAX_PEERS or any(type(v) is not str or not _own_list(own)
                                                                  for v, own in ask.items()):
             raise MalformedError("an ask is {voter: [[position, round, round], ...]}")
