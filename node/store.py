@@ -1008,9 +1008,14 @@ class Store:
                 "SELECT v.version, (SELECT envelope FROM diffs d WHERE d.version = v.version AND d.status = 'applied'"
                 " LIMIT 1) FROM versions v WHERE v.region = ? AND v.key = ? AND v.author != '' AND v.gen >= ?"
                 " ORDER BY v.gen", [region, key, since])
-            votes = self._exec(f"SELECT voter, round, {_VOTE_ENVELOPE} FROM votes WHERE region = ? AND key = ?"
-                               " AND envelope IS NOT NULL ORDER BY voter, round", [region, key])
-        return versions, votes
+            return versions, self.frame_votes(region, key)
+
+    def frame_votes(self, region: str, key: str, voter: str | None = None) -> list[tuple[str, int, bytes]]:
+        """(voter, round, vote envelope) of the votes held of a frame with their envelopes
+        (of one voter, if given), each voter's in round order."""
+        return self._exec(f"SELECT voter, round, {_VOTE_ENVELOPE} FROM votes WHERE region = ? AND key = ?"
+                          " AND envelope IS NOT NULL AND (? IS NULL OR voter = ?) ORDER BY voter, round",
+                          [region, key, voter, voter])
 
     def frame_versions(self, region: str, key: str, newest: int | None = None) -> list[tuple[bytes, int]]:
         """(version, generation) of a frame's authored versions, in generation order; with

@@ -568,15 +568,9 @@ class Sync:
                 raise MalformedError("an items entry is [position, packed versions, packed voter rounds"
                                      " (, [generation, count, XOR] of those not listed)]")
             wanted.append((item[0], held, rounds, horizon))
-        envelopes: list[bytes] = []
         deeper: list[int] = []
-        size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
-        for raw in self._lacking(tree, wanted, deeper, ask_of, left):
-            if size >= limit:
-                cut = True
-                break
-            envelopes.append(raw)
-            size += len(raw)
+        envelopes, more = self._step(self._lacking(tree, wanted, deeper, ask_of, left))
+        cut |= more
         ask = {}
         for voter, rows in left.items():
             if len(rows) >= ASK_MIN:  # (each frame with the rounds between which they lie: see _lacking)
@@ -589,8 +583,7 @@ class Sync:
                 envelopes += [raw for _, _, _, raw in rows]
         self.node.counters["sync.requests-served"] += 1
         self.node.counters["sync.pushed"] += len(envelopes)
-        for chunk in self._chunks(self._shaped(env.sender_id, envelopes)):
-            self._send(env.sender_id, "sync-resp", {"region": root} | self._carrying(env.sender_id, chunk))
+        self._send_envelopes(env.sender_id, root, envelopes)
         reply: dict[str, Any] = {"region": root, "nodes": nodes, "frames": frames, "want": differ}
         if deeper:
             reply["deeper"] = deeper
@@ -610,19 +603,14 @@ class Sync:
         to it as one batch of this node's signature."""
         if not _own_list(own):
             raise MalformedError("an own list is [[position, round, round], ...]")
-        tag = voter_tag(self.node.node_id)
-        envelopes: list[bytes] = []
-        size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
-        wanted = [(pos, set(), {tag: held}, None) for pos, held, _ in own]
-        tops = {pos: top for pos, _, top in own}  # (not the votes it cast since: they went live)
-        for raw in self._lacking(tree, wanted, [], only=self.node.node_id, tops=tops):
-            if size >= limit:
-                break
-            envelopes.append(raw)
-            size += len(raw)
+        def votes() -> Iterator[bytes]:  # (not those it cast since the responder looked: they went live)
+            for pos, listed, top in own:
+                if (frame := tree.frame(pos)) is not None:
+                    yield from (raw for _, r, raw in self.store.frame_votes(*frame, self.node.node_id)
+                                if listed < wire_round(r) <= top)
+        envelopes, _ = self._step(votes())
         self.node.counters["sync.own-answered"] += 1
-        for chunk in self._chunks(self._shaped(peer, envelopes)) or [[]]:
-            self._send(peer, "sync-resp", {"region": root, "own": True} | self._carrying(peer, chunk))
+        self._send_envelopes(peer, root, envelopes, {"own": True}, always=True)
 
     def on_response(self, env: Any) -> None:
         """Initiator: take the envelopes, and take the next step down or end the pull. (Also
@@ -785,8 +773,7 @@ class Sync:
             last[1].extend(raws)  # (for followers that come late)
             followers = list(last[3])
         for follower in followers:
-            self._send(follower, "sync-resp", {"region": root, "own": True}
-                       | self._carrying(follower, self._shaped(follower, raws)))
+            self._send_envelopes(follower, root, raws, {"own": True})
 
     def _direct(self, root: str) -> list[str]:
         """Voters asked for their own votes that did not answer in time: the next responder
@@ -885,8 +872,7 @@ class Sync:
         return [pos, pack_versions(versions), rounds]
 
     def _lacking(self, tree: Tree, wanted: list[_Wanted], deeper: list[int], ask_of: set[str] = frozenset(),
-                 left: dict[str, list[tuple[int, int, int, bytes]]] | None = None, only: str | None = None,
-                 tops: dict[int, int] | None = None) -> Iterator[bytes]:
+                 left: dict[str, list[tuple[int, int, int, bytes]]] | None = None) -> Iterator[bytes]:
         """The envelopes of the wanted frames (position, versions held, voter rounds held,
         what it holds below the versions listed) that the peer lacks: versions whose short
         hash it did not list, votes newer than the latest round it listed for their voter.
@@ -894,26 +880,24 @@ class Sync:
         versions from there on; one whose older versions are not the same here goes into
         `deeper`, for more of its list. The votes of voters in `ask_of` go into `left`
         instead, with their frame's position, the round the peer listed for their voter and
-        their own; with `only`, nothing but that voter's votes, up to the round in `tops`
-        (position -> round) where it gives one."""
+        their own."""
         for pos, held, rounds, horizon in wanted:
             frame = tree.frame(pos)
             if frame is None:
                 continue
             since = 0 if horizon is None else horizon[0]
-            versions, votes = self.store.frame_items(*frame, 2**63 - 1 if only else since)  # (only: no versions)
+            versions, votes = self.store.frame_items(*frame, since)
             if since and below(*self.store.version_summary(*frame), [v for v, _ in versions]) != horizon[1:]:
                 deeper.append(pos)
             diffs = [raw for v, raw in versions if raw is not None and short(version_item(v)) not in held]
             yield from diffs  # (in generation order: parents first)
             sent = set(diffs)  # (a diff that is its author's vote too goes once)
             for voter, r, raw in votes:
-                held = rounds.get(voter_tag(voter), 0)
-                if wire_round(r) <= held or raw in sent or only not in (None, voter) \
-                        or tops is not None and wire_round(r) > tops.get(pos, wire_round(r)):
+                listed = rounds.get(voter_tag(voter), 0)
+                if wire_round(r) <= listed or raw in sent:
                     continue
                 if voter in ask_of:
-                    left.setdefault(voter, []).append((pos, held, wire_round(r), raw))
+                    left.setdefault(voter, []).append((pos, listed, wire_round(r), raw))
                 else:
                     yield raw
 
@@ -940,6 +924,25 @@ class Sync:
                 return []
         # (this node's own envelopes too: a restored node learns back what it sent before)
         return [inner for inner in map(self.node.unseal, inners) if inner is not None]
+
+    def _step(self, raws: Iterator[bytes]) -> tuple[list[bytes], bool]:
+        """The envelopes one exchange step sends (PUSH_MESSAGES size limits' worth), and
+        whether more were left for the next."""
+        envelopes: list[bytes] = []
+        size, limit = 0, PUSH_MESSAGES * self.node.config.max_message_bytes
+        for raw in raws:
+            if size >= limit:
+                return envelopes, True
+            envelopes.append(raw)
+            size += len(raw)
+        return envelopes, False
+
+    def _send_envelopes(self, peer: str, root: str, envelopes: list[bytes], flags: dict | None = None,
+                        always: bool = False) -> None:
+        """Envelopes to a peer in sync-resps (shaped for it, chunked under the size limit,
+        packed if it reads packs), with `flags` in each; one even with none, if `always`."""
+        for chunk in self._chunks(self._shaped(peer, envelopes)) or ([[]] if always else []):
+            self._send(peer, "sync-resp", {"region": root} | (flags or {}) | self._carrying(peer, chunk))
 
     def _send(self, peer: str, kind: str, body: dict) -> None:
         self.node.send_now(node_topic(peer, kind), kind, body)
