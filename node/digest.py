@@ -88,15 +88,29 @@ def unpack_rounds(data: bytes) -> dict[bytes, int] | None:
             for i in range(0, len(data), step)}
 
 
-def pack(hashes: list[int]) -> bytes:
-    return b"".join(h.to_bytes(8, "big") for h in hashes)
+def pack(hashes: list[int], width: int = 8) -> bytes:
+    return b"".join(h.to_bytes(width, "big") for h in hashes)
 
 
-def unpack(data: bytes, count: int) -> list[int] | None:
+def unpack(data: bytes, count: int, width: int = 8) -> list[int] | None:
     """`count` hashes from `pack`, or None when the bytes are not that."""
-    if type(data) is not bytes or len(data) != 8 * count:
+    if type(data) is not bytes or len(data) != width * count:
         return None
-    return [int.from_bytes(data[i:i + 8], "big") for i in range(0, len(data), 8)]
+    return [int.from_bytes(data[i:i + width], "big") for i in range(0, len(data), width)]
+
+
+SALT_BYTES = 8
+SALTED_BYTES = 4  # a tree node's or a frame's hash as a salted walk names it
+
+
+def salted(hashes: list[int], salt: bytes | None) -> list[int]:
+    """Hashes as an exchange step names them: as they are, or, with the salt of a pull, each
+    cut to SALTED_BYTES of a hash of it with the salt. Two that differ read the same with
+    odds of one in 2**32, and with another salt at the next pull."""
+    if salt is None:
+        return hashes
+    return [int.from_bytes(hashlib.blake2b(h.to_bytes(8, "big"), digest_size=SALTED_BYTES, key=salt).digest(), "big")
+            for h in hashes]
 
 
 def valid_node(level: object, index: object, max_level: int = MAX_LEVEL) -> bool:

@@ -673,6 +673,16 @@ class Store:
                 return True
             return self._one("SELECT 1 FROM versions WHERE version = ?", [version]) is not None
 
+    def versions_named(self, region: str, key: str, prefix: bytes) -> list[bytes]:
+        """The versions of a frame held whose hash starts with `prefix`, two at most
+        (shared/shortening.py); found through the versions' own index."""
+        if not prefix:
+            return []
+        with self._lock:
+            return [r[0] for r in self._exec("SELECT version FROM versions WHERE version BETWEEN ? AND ?"
+                                             " AND region = ? AND key = ? LIMIT 2",
+                                             [prefix, prefix + b"\xff" * 32, region, key])]
+
     def _gen(self, version: bytes) -> int | None:
         """(Under the lock, in a transaction.) The generation of a version held."""
         gen = self._gens.get(version)

@@ -24,7 +24,11 @@ the tree where it differs, one level per message:
   sync-req (I -> R) and sync-resp (R -> I) carry `nodes`: [level, index, 16 packed child
   hashes] for nodes that differ and still hold many frames, and `frames`: [level, index,
   [[position, frame hash], ...]] for nodes that differ and hold few. The side holding few
-  frames lists them; the other compares frame by frame.
+  frames lists them; the other compares frame by frame. To an R that says it answers that
+  (`salted-walks`, node/presence.py), I's requests carry a `salt` drawn for the pull, and
+  both sides name every tree node's and frame's hash by 4 bytes of a hash of it with that
+  salt (digest.salted): half the bytes, and two hashes that read the same in one pull read
+  differently in the next.
   - I, seeing frames that differ or that only R holds, lists what it holds of them
     (`items`: [position, 4-byte short hashes of its versions, 4-byte voter tag + round of
     each voter's latest vote]). A frame's history grows with every write, its voters do
@@ -43,10 +47,14 @@ R's envelopes are the original signed diffs and votes, chunked under the message
 limit, the item forms of each batch all among them put back together as that batch for a peer
 whose sync-reqs say it reads batches (`batches`: one signature check instead of one per
 message, and no paths), and R's own votes among them as batches R signs as it sends them (the
-same payloads, so the same messages, under one signature); packed (`packed`,
-shared/packing.py: a third to a half of the bytes) for a peer whose sync-reqs say it reads
-packs (`packed`), else as a list (`envelopes`). I runs them through the normal receive path
-minus the live replay window. The votes of other voters R leaves to them, for an I whose
+same payloads, so the same messages, under one signature); in short forms for a peer whose
+sync-reqs say it reads them (`short`, shared/shortening.py: a vote's version and a diff's
+parent by 4 bytes, which I restores from what it holds and from the diffs before them);
+packed (`packed`, shared/packing.py: a third to a half of the bytes) for a peer whose
+sync-reqs say it reads packs (`packed`), else as a list (`envelopes`). I runs them through
+the normal receive path minus the live replay window. What I cannot restore (it holds no
+version of the frame with that name, or two) it leaves, asks for full forms for ASK_FORGET,
+and pulls again at once (once). The votes of other voters R leaves to them, for an I whose
 sync-reqs say it asks (`asks`): a live voter that says it answers (`own-votes`,
 node/presence.py) and has at least ASK_MIN to send is named in R's reply with the frames
 (`ask`: {voter: [[position, the round I listed for it there, the round of its newest vote R
@@ -63,6 +71,7 @@ Merges are never sent: every node rebuilds them.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -70,12 +79,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgeswarm.shared import packing
+from edgeswarm.shared import packing, shortening
 from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode_many, is_relay, rebatch
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
-from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, Tree, below, pack, pack_rounds, pack_versions, short,
-                     unpack, unpack_rounds, unpack_versions, valid_node, version_item, voter_tag, wire_round)
+from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SALT_BYTES, SALTED_BYTES, Tree, below, pack, pack_rounds,
+                     pack_versions, salted, short, unpack, unpack_rounds, unpack_versions, valid_node, version_item,
+                     voter_tag, wire_round)
 
 if TYPE_CHECKING:
     from .node import Node
@@ -107,13 +117,20 @@ class _Pull:
     peer: str
     deadline: float  # monotonic time after which it is given up
     pre: bytes  # this node's level-1 hashes when it began
+    salt: bytes | None  # what its steps' hashes are salted with (digest.salted), for a peer that says it answers that
     cut: bool = False  # a step was cut short: pull again when it ends
+    unrestored: bool = False  # some of what it brought could not be restored (_take): pull again, in full forms
+    refetched: bool = False  # it is that pull again (once only: a responder that sends short forms anyway is not)
     taken: list[bytes] | None = field(default_factory=list)  # envelopes received, to forward (None: too many)
     size: int = 0
     listed: dict[int, int] = field(default_factory=dict)  # position -> versions its items list, when asked deeper
 
     def extend(self) -> None:
         self.deadline = time.monotonic() + EXCHANGE_TIMEOUT
+
+    def salted(self, body: dict) -> dict:
+        """A step's request, with the pull's salt if it has one."""
+        return body if self.salt is None else body | {"salt": self.salt}
 
 
 @dataclass
@@ -150,6 +167,8 @@ class Sync:
         self._batches: set[str] = set()  # peers whose latest sync-req said they read whole batches
         self._horizons: set[str] = set()  # peers whose latest sync-resp said they read items that list the newest
         self._asks: set[str] = set()  # peers whose latest sync-req said they ask voters for their own votes
+        self._shorts: set[str] = set()  # peers whose latest sync-req said they read short forms
+        self._full_until = 0.0  # monotonic time till which this node asks for full forms (one did not restore)
         # root -> voter asked for its own votes -> [when first, answers still to come] (till they all came)
         self._asked: dict[str, dict[str, list]] = {}
         self._stopped = False
@@ -442,19 +461,24 @@ class Sync:
         """Begin an exchange with a peer whose digest differs, unless an exchange for this
         tree is under way."""
         now = time.monotonic()
+        salting = self.node.presence.saying("salted-walks")
         with self._lock:
             current = self._pulls.get(root)
             if current is not None and current.deadline > now:
                 self.node.counters["sync.pull-busy"] += 1
                 self._busy.add(root)  # decided again when that one ends
                 return
-            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT, pack(tree.children(0, 0)))
+            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT, pack(tree.children(0, 0)),
+                                             os.urandom(SALT_BYTES) if peer in salting else None)
             if carry is not None:  # a pull going on where one cut short ended
                 pull.pre, pull.taken, pull.size = carry.pre, carry.taken, carry.size
+                pull.refetched = carry.refetched or carry.unrestored
         self.node.counters["sync.pulls"] += 1
-        nodes, frames, cut = self._compare_nodes(tree, [[0, 0, hashes]])
+        if pull.salt is not None:  # (the digest's level-1 hashes, as the steps name them)
+            hashes = pack(salted(unpack(hashes, FANOUT), pull.salt), SALTED_BYTES)
+        nodes, frames, cut = self._compare_nodes(tree, [[0, 0, hashes]], pull.salt)
         pull.cut |= cut
-        self._request(peer, {"region": root, "nodes": nodes, "frames": frames})
+        self._request(peer, pull.salted({"region": root, "nodes": nodes, "frames": frames}))
 
     def _forward(self, root: str, pull: _Pull) -> None:
         """At the end of a pull: send what it brought to the peers that wait for it (they
@@ -543,6 +567,7 @@ class Sync:
             _says(self._packs, env.sender_id, body.get("packed") is True)
             _says(self._batches, env.sender_id, body.get("batches") is True)
             _says(self._asks, env.sender_id, body.get("asks") is True)
+            _says(self._shorts, env.sender_id, body.get("short") is True)
             asks = env.sender_id in self._asks
         if body.get("follow"):
             self._on_follow(root, env.sender_id)
@@ -551,14 +576,17 @@ class Sync:
         their_nodes, their_frames, items, direct = (_list(body, k) for k in ("nodes", "frames", "items", "direct"))
         if any(type(v) is not str for v in direct):
             raise MalformedError("a direct list holds node ids")
+        salt = body.get("salt")
+        if salt is not None and (type(salt) is not bytes or len(salt) != SALT_BYTES):
+            raise MalformedError(f"a salt is {SALT_BYTES} bytes")
         if "own" in body:
             self._answer_own(env.sender_id, root, tree, body["own"])
             return
         # voters whose votes are left to them to send (each signs its own as one batch)
         ask_of = self.node.presence.saying("own-votes") - {env.sender_id, *direct} if asks else set()
         left: dict[str, list[tuple[int, int, int, bytes]]] = {}
-        nodes, frames, cut = self._compare_nodes(tree, their_nodes)
-        differ, mine_only, _ = self._compare_frames(tree, their_frames)
+        nodes, frames, cut = self._compare_nodes(tree, their_nodes, salt)
+        differ, mine_only, _ = self._compare_frames(tree, their_frames, salt)
         wanted: list[_Wanted] = [(pos, set(), {}, None) for pos in mine_only]  # frames the peer does not hold
         for item in items:
             held = unpack_versions(item[1]) if type(item) is list and len(item) in (3, 4) else None
@@ -624,23 +652,16 @@ class Sync:
         carries = "packed" in body or "envelopes" in body
         raws = packing.unpack(body["packed"], self.node.config.max_message_bytes) if "packed" in body \
             else _list(body, "envelopes")
-        taken = []
-        for raw in raws:
-            if type(raw) is not bytes:
-                raise MalformedError("a sync response carries a list of envelopes")
-            taken += self._unwrap(root, raw, peer)
-        if taken:
-            counters = self.node.counters
-            held = counters["known"] + counters["votes.known"]
-            counters["sync.envelopes"] += len(taken)  # (counted before what they bring shows)
-            self.node.handle_many(taken)
-            counters["sync.already-held"] += counters["known"] + counters["votes.known"] - held
+        if any(type(raw) is not bytes for raw in raws):
+            raise MalformedError("a sync response carries a list of envelopes")
+        taken, whole = self._take(root, raws, peer)
         if "digest" in body:  # the sender's state after this
             root_, _, counts = _parse_digest(body["digest"])
             if root_ == root:
                 self._remember(root, peer, _Seen(body["digest"]["hashes"], counts, time.monotonic()))
         if body.get("own") is True:
-            self._owned(root, peer, [e.raw for e in taken])
+            if whole:  # (else it counts as not answered: its votes come from a responder in full)
+                self._owned(root, peer, [e.raw for e in taken])
             return
         with self._lock:
             pull = self._pulls.get(root)
@@ -650,7 +671,8 @@ class Sync:
                     self.node.counters["sync.stray"] += 1
                     return
                 followers, kept = self._relay(root, [e.raw for e in taken], "digest" in body)
-            elif taken:
+            elif taken or not whole:
+                pull.unrestored |= not whole  # (pulled again as it ends: in full forms, see _take)
                 pull.extend()  # still going
                 if pull.taken is not None:
                     pull.taken.extend(env.raw for env in taken)
@@ -685,19 +707,20 @@ class Sync:
             # An exchange cut short (more differed than one step carries): go on at once
             # rather than at the next round. Differences that are only live traffic still
             # in flight are not chased.
-            if pull.cut:
+            unrestored = pull.unrestored and not pull.refetched
+            if pull.cut or unrestored:
                 root_, theirs, counts = _parse_digest(body.get("digest"))
                 tree = self.tree(root)
                 differing = _differing(tree.children(0, 0), theirs)
-                if root_ == root and differing and not _only_behind(tree.counts(), counts, differing):
+                if root_ == root and differing and (unrestored or not _only_behind(tree.counts(), counts, differing)):
                     self._pull(root, peer, tree, pack(theirs), carry=pull)
                     return
             self._forward(root, pull)
             return
         tree = self.tree(root)
-        nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"))
+        nodes, frames, cut = self._compare_nodes(tree, _list(body, "nodes"), pull.salt)
         pull.cut |= cut
-        differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"))
+        differ, _, theirs_only = self._compare_frames(tree, _list(body, "frames"), pull.salt)
         want, deeper = _list(body, "want"), _list(body, "deeper")
         if any(type(p) is not int for p in want + deeper):
             raise MalformedError("a want or deeper list holds positions")
@@ -711,7 +734,7 @@ class Sync:
             self._forward(root, pull)
             return
         pull.extend()
-        self._request(peer, {"region": root, "nodes": nodes, "frames": frames, "items": items})
+        self._request(peer, pull.salted({"region": root, "nodes": nodes, "frames": frames, "items": items}))
 
     def _ask(self, root: str, ask: Any) -> None:
         """The responder left some voters' votes to them: ask each for its own votes on the
@@ -797,10 +820,12 @@ class Sync:
 
     # -- comparing -------------------------------------------------------------------
 
-    def _compare_nodes(self, tree: Tree, entries: list) -> tuple[list, list, bool]:
+    def _compare_nodes(self, tree: Tree, entries: list, salt: bytes | None) -> tuple[list, list, bool]:
         """For each peer node given as its 16 child hashes: this node's view of every child
         that differs, as child hashes again or, when it holds few frames, as its frames;
-        and whether some were left out to keep the message under the size limit."""
+        and whether some were left out to keep the message under the size limit. Hashes
+        both ways are salted with the pull's salt, if it has one (digest.salted)."""
+        width = 8 if salt is None else SALTED_BYTES
         nodes: list = []
         frames: list = []
         budget = self.node.config.max_message_bytes // 2
@@ -809,10 +834,10 @@ class Sync:
             if type(entry) is not list or len(entry) != 3 or not valid_node(entry[0], entry[1], MAX_LEVEL - 1):
                 raise MalformedError("a nodes entry is [level, index, child hashes]")
             level, index = entry[0], entry[1]
-            theirs = unpack(entry[2], FANOUT)
+            theirs = unpack(entry[2], FANOUT, width)
             if theirs is None:
                 raise MalformedError(f"a nodes entry carries {FANOUT} packed hashes")
-            mine = tree.children(level, index)
+            mine = salted(tree.children(level, index), salt)
             for j in range(FANOUT):
                 if mine[j] == theirs[j]:
                     continue
@@ -822,17 +847,17 @@ class Sync:
                 child = (level + 1, index * FANOUT + j)
                 if child[0] == MAX_LEVEL or tree.count(*child) <= LEAF_FRAMES:
                     held = tree.frames(*child)
-                    frames.append([*child, [[p, h] for p, h in held.items()]])
-                    budget -= 16 + 20 * len(held)
+                    frames.append([*child, [list(f) for f in zip(held, salted(list(held.values()), salt))]])
+                    budget -= 16 + (12 + width) * len(held)
                 else:
-                    nodes.append([*child, pack(tree.children(*child))])
-                    budget -= 16 + 8 * FANOUT
+                    nodes.append([*child, pack(salted(tree.children(*child), salt), width)])
+                    budget -= 16 + width * FANOUT
         return nodes, frames, cut
 
     @staticmethod
-    def _compare_frames(tree: Tree, entries: list) -> tuple[list[int], list[int], list[int]]:
-        """Positions of the frames listed by a peer that differ here, that only this node
-        holds, that only the peer holds."""
+    def _compare_frames(tree: Tree, entries: list, salt: bytes | None) -> tuple[list[int], list[int], list[int]]:
+        """Positions of the frames listed by a peer (with hashes salted as in _compare_nodes)
+        that differ here, that only this node holds, that only the peer holds."""
         differ: list[int] = []
         mine_only: list[int] = []
         theirs_only: list[int] = []
@@ -847,7 +872,7 @@ class Sync:
                 theirs[pair[0]] = pair[1]
             mine = tree.frames(entry[0], entry[1])
             shift = POS_BITS - FANOUT_BITS * entry[0]
-            for pos, h in mine.items():
+            for pos, h in zip(mine, salted(list(mine.values()), salt)):
                 if pos not in theirs:
                     mine_only.append(pos)
                 elif theirs[pos] != h:
@@ -908,6 +933,47 @@ class Sync:
         would always differ and pull in regions this node does not keep."""
         return any(region_covers(r, root) for r in self.node.config.regions)
 
+    def _take(self, root: str, raws: list[bytes], peer: str) -> tuple[list[Any], bool]:
+        """Take the envelopes of a sync response, the short forms among them restored
+        (shared/shortening.py: from the diffs before them in it and from the store, and those
+        naming versions that come later in it once those are taken); and whether all were.
+        One that cannot be restored is left out, and this node asks for full forms for a
+        while (ASK_FORGET)."""
+        names = shortening.Names(self.store.versions_named)
+        taken: list[Any] = []
+        later: list[bytes] = []
+        for raw in raws:
+            full = shortening.restore(raw, names)
+            if full is None:
+                later.append(raw)
+                continue
+            taken += self._unwrap(root, full, peer)
+        self._handle(taken)
+        whole = True
+        if later:
+            again: list[Any] = []
+            for raw in later:
+                full = shortening.restore(raw, names)
+                if full is None:
+                    whole = False
+                    self.node.counters["sync.unrestored"] += 1
+                    continue
+                again += self._unwrap(root, full, peer)
+            self._handle(again)
+            taken += again
+        if not whole:
+            with self._lock:
+                self._full_until = time.monotonic() + ASK_FORGET
+        return taken, whole
+
+    def _handle(self, taken: list[Any]) -> None:
+        if taken:
+            counters = self.node.counters
+            held = counters["known"] + counters["votes.known"]
+            counters["sync.envelopes"] += len(taken)  # (counted before what they bring shows)
+            self.node.handle_many(taken)
+            counters["sync.already-held"] += counters["known"] + counters["votes.known"] - held
+
     def _unwrap(self, root: str, raw: bytes, peer: str) -> list[Any]:
         """The verified diffs and votes a message in a sync response carries (one, or those of
         a whole batch), or none (counted) if it is not such a message."""
@@ -951,8 +1017,10 @@ class Sync:
         """A sync-req, saying that this node reads packed envelopes and whole batches, and
         asks voters for their own votes when told to (naming those that did not answer)."""
         direct = self._direct(body["region"]) if "own" not in body else []
+        with self._lock:
+            short = time.monotonic() >= self._full_until
         self._send(peer, "sync-req", body | {"packed": True, "batches": True, "asks": True}
-                   | ({"direct": direct} if direct else {}))
+                   | ({"short": True} if short else {}) | ({"direct": direct} if direct else {}))
 
     def _shaped(self, peer: str, envelopes: list[bytes]) -> list[bytes]:
         """Envelopes to send a peer, if it reads batches: with the item forms of each batch
@@ -960,9 +1028,10 @@ class Sync:
         this node's own votes among them as batches it signs now, one signature for each
         chunk's worth instead of one per vote."""
         with self._lock:
-            batches = peer in self._batches
-        return rebatch(envelopes, self.node.config.max_message_bytes // 2, own=self.node.identity) if batches \
-            else envelopes
+            batches, short = peer in self._batches, peer in self._shorts
+        if batches:
+            envelopes = rebatch(envelopes, self.node.config.max_message_bytes // 2, own=self.node.identity)
+        return [shortening.shorten(raw) for raw in envelopes] if short else envelopes
 
     def _carrying(self, peer: str, envelopes: list[bytes]) -> dict:
         """The part of a sync-resp that carries envelopes to a peer: packed if it reads packs

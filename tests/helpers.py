@@ -11,7 +11,7 @@ from typing import Any
 
 from edgeswarm.node import Node
 from edgeswarm.node.harness import COMMANDS
-from edgeswarm.shared import roster
+from edgeswarm.shared import roster, shortening
 from edgeswarm.shared.identity import Identity
 
 DAY_MS = 86_400_000
@@ -97,3 +97,11 @@ class Network:
             for j in range(len(self.nodes)):
                 while self.queues[j]:
                     self.deliver(j, 0)
+
+
+def restored(raw: bytes, node: Node) -> bytes:
+    """A message as a sync response carried it to a node, its short forms restored from
+    what the node holds (shared/shortening.py)."""
+    full = shortening.restore(raw, shortening.Names(node.store.versions_named))
+    assert full is not None, "a short form the node cannot restore"
+    return full

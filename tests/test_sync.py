@@ -14,11 +14,11 @@ import pytest
 
 from edgeswarm.node import Config, Node, sync
 from edgeswarm.node.digest import position, version_item
-from edgeswarm.shared import packing
+from edgeswarm.shared import diff, packing, shortening
 from edgeswarm.shared.envelope import canonical, decode, decode_many, encode, message_id
 from edgeswarm.shared.identity import node_id_of
 from edgeswarm.shared.topics import node_topic
-from helpers import Network
+from helpers import Network, restored
 
 TIMEOUT = 20.0
 
@@ -120,7 +120,7 @@ def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(mem
         carried = [r for r in seen[late.node_id] if "packed" in r or "envelopes" in r]
         assert carried and all("packed" in r and "envelopes" not in r for r in carried), carried
         raws = [raw for r in carried for raw in packing.unpack(r["packed"], 1 << 20)]
-        items = [env.raw for raw in raws for env in decode_many(raw)]  # (whole batches opened)
+        items = [env.raw for raw in raws for env in decode_many(restored(raw, late))]  # (whole batches opened)
         assert len(items) == late.counters["sync.envelopes"] >= len(keys)
         assert sum(len(r["packed"]) for r in carried) < sum(map(len, items)) / 2
         assert old.wait_until(lambda: len([r for r in seen[old.node_id] if "last" in r]) >= 1, TIMEOUT)
@@ -189,18 +189,18 @@ def test_changes_made_together_go_as_one_message_and_reach_a_late_node_one_by_on
         # a's 50 diffs came from b as a's batch again: [[payloads], signature]
         assert late.wait_until(lambda: any(len(cbor2.loads(raw)[0]) == 50 for raw in pulled
                                            if type(cbor2.loads(raw)[0]) is list), TIMEOUT)
-        assert sum(len(decode_many(raw)) for raw in pulled) == late.counters["sync.envelopes"]
+        assert sum(len(decode_many(restored(raw, late))) for raw in pulled) == late.counters["sync.envelopes"]
     finally:
         for n in (a, b, late):
             n.stop()
 
 
-def _vote_batches(pulled: list[tuple[bytes, bytes]]) -> dict[bytes, list]:
+def _vote_batches(pulled: list[tuple[bytes, bytes]], node: Node) -> dict[bytes, list]:
     """signer -> the votes of the whole batches among what a node was sent."""
     out: dict[bytes, list] = {}
     for _, raw in pulled:
         if type(cbor2.loads(raw)[0]) is list:
-            envs = decode_many(raw)
+            envs = decode_many(restored(raw, node))
             if all(e.kind == "vote" for e in envs):
                 out.setdefault(envs[0].sender, []).extend(envs)
     return out
@@ -255,10 +255,10 @@ def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_config
         responder = responder.pop()
         other = ({a.identity.public_key, b.identity.public_key} - {responder}).pop()
         batches = [raw for _, raw in pulled if type(cbor2.loads(raw)[0]) is list]
-        votes = [e for raw in batches for e in decode_many(raw)]
-        assert len(batches) == 1 and len(votes) == 10, [len(decode_many(raw)) for raw in batches]
+        votes = [e for raw in batches for e in decode_many(restored(raw, late))]
+        assert len(batches) == 1 and len(votes) == 10, [len(cbor2.loads(raw)[0]) for raw in batches]
         assert {(e.sender, e.kind) for e in votes} == {(responder, "vote")}
-        alone = [decode(raw) for _, raw in pulled if type(cbor2.loads(raw)[0]) is not list]
+        alone = [decode(restored(raw, late)) for _, raw in pulled if type(cbor2.loads(raw)[0]) is not list]
         assert sorted((e.sender == other, e.kind) for e in alone) == sorted(
             [(True, "diff")] * 10 + [(True, "vote")] * 10 + [(False, "diff")] * 10)  # (a write's vote is its diff)
         # held as the very messages the responder cast (same ids), each in its item form
@@ -292,13 +292,13 @@ def test_a_puller_gets_each_voters_votes_from_that_voter_under_one_signature(mem
         for n in (a, b, c):
             assert digests_meet(late, n, region, TIMEOUT)
         assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
-        assert late.wait_until(lambda: len(_vote_batches(pulled)) == 2, TIMEOUT), late.stats()
-        batches = _vote_batches(pulled)  # b's and c's votes: each from the one who cast them, or the responder's own
+        assert late.wait_until(lambda: len(_vote_batches(pulled, late)) == 2, TIMEOUT), late.stats()
+        batches = _vote_batches(pulled, late)  # b's and c's votes: each from the one who cast them, or the responder's own
         assert set(batches) == {b.identity.public_key, c.identity.public_key}
         assert all(len(votes) == len(keys) for votes in batches.values())
-        assert [raw for _, raw in pulled if decode_many(raw)[0].kind == "vote"
+        assert [raw for _, raw in pulled if decode_many(restored(raw, late))[0].kind == "vote"
                 and type(cbor2.loads(raw)[0]) is not list] == []  # (none signed alone)
-        responder = {sender for sender, raw in pulled if decode_many(raw)[0].kind == "diff"}
+        responder = {sender for sender, raw in pulled if decode_many(restored(raw, late))[0].kind == "diff"}
         assert len(responder) == 1 and late.counters["sync.pulls"] == 1  # (one pull)
         assert late.counters["sync.asked"] == (2 if responder == {a.identity.public_key} else 1)
     finally:
@@ -331,6 +331,121 @@ def test_votes_a_voter_does_not_send_when_asked_come_from_the_responder_next_tim
         assert late.counters["votes"] >= 2 * len(keys)
     finally:
         for n in (a, b, c, late):
+            n.stop()
+
+
+def _same_short_name(region, key, parent):
+    """Two values of a frame whose versions from `parent` share their first 4 bytes: the
+    name a short form gives them (shared/shortening.py)."""
+    seen: dict[bytes, int] = {}
+    i = 0
+    while (name := diff.version_hash(region, key, parent, {"x": i})[:shortening.SHORT]) not in seen:
+        seen[name] = i
+        i += 1
+    return {"x": seen[name]}, {"x": i}
+
+
+def test_a_pull_sends_short_names_and_one_the_puller_cannot_tell_apart_comes_again_in_full(member_configs,
+                                                                                           region, attacker):
+    """A pull's votes name their versions, and its diffs their parents, by 4 bytes, which
+    the puller restores from what it holds; when it holds two versions of the frame with
+    that name (a fork of its own, written while away), it cannot, leaves that message,
+    and pulls again at once asking for full forms: it still gets everything."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b, late = (Node(cfg).start() for cfg in configs)
+    try:
+        a.put(region, "k", {"x": -1})
+        version = a.head(region, "k").version
+        assert all(n.wait_until(lambda n=n: (c := n.consensus(region, "k")) and c.version == version, TIMEOUT)
+                   for n in (a, b, late))
+        late.stop()
+        mine, theirs = _same_short_name(region, "k", bytes.fromhex(version))
+        keys = [f"s{i}" for i in range(6)]
+        for i, k in enumerate(keys):
+            a.put(region, k, {"reading": i})
+        a.put(region, "k", theirs)
+        heads = {k: a.head(region, k).version for k in [*keys, "k"]}
+        assert a.wait_until(lambda: consensus_map(a, region, [*keys, "k"]) == heads, TIMEOUT)
+        expected = heads
+        assert b.wait_until(lambda: consensus_map(b, region, [*keys, "k"]) == expected, TIMEOUT)
+        late = Node(configs[2])
+        late.transport.persistent = False  # (nothing queued for it: all it lacks comes by sync)
+        late.put(region, "k", mine)  # a fork, written while away, with the name of a's version
+        assert late.head(region, "k").version[:8] == a.head(region, "k").version[:8]  # (hex)
+        pulled = _pulled_by(attacker, late)
+        late.start()
+        late.sync_now()
+        assert late.wait_until(lambda: late.counters["sync.unrestored"] >= 1, TIMEOUT), late.stats()
+        assert late.wait_until(lambda: consensus_map(late, region, keys) == consensus_map(a, region, keys),
+                               TIMEOUT), late.stats()
+        for n in (a, b):
+            assert digests_meet(late, n, region, TIMEOUT), (late.stats(), n.stats(), a.stats())
+        assert late.counters["sync.pulls"] >= 2 and not any(k.startswith("rejected.") for k in late.counters)
+        # the first pull's came short: the new diffs' parents (none for a first version), the votes' versions
+        short = [raw for _, raw in pulled if shortening.restore(raw, shortening.Names(lambda *a_: [])) is None]
+        assert short, "no short forms"
+        assert all(len(e.body["version"]) == 32 for _, raw in pulled if raw not in short for e in decode_many(raw)
+                   if e.kind == "vote")  # (and, once full forms were asked for, in full)
+    finally:
+        for n in (a, b, late):
+            n.stop()
+
+
+def test_a_pulls_steps_name_hashes_salted_and_cut_short_to_a_peer_that_answers_them(member_configs, region,
+                                                                                     attacker):
+    """A pull walks down the digest tree naming each tree node's and each frame's hash by 4
+    bytes of a hash of it salted anew for each pull, to a responder that says it answers
+    that (`salted-walks`); to one that does not (before 0.9.4), by the hashes themselves.
+    Both find the few frames that differ among hundreds."""
+    configs = member_configs(3, sync_interval=0, snapshot_interval=0)
+    a, b, late = (Node(cfg).start() for cfg in configs)
+    requests: list[dict] = []
+    subscribed = threading.Event()
+    attacker.client.on_subscribe = lambda *a_: subscribed.set()
+    attacker.client.on_message = lambda c, u, m: requests.append(decode(m.payload).body)
+    attacker.client.subscribe([("es/v1/node/+/sync-req", 1), ("es/v1/node/+/sync-resp", 1)])  # (both ways)
+    assert subscribed.wait(TIMEOUT)
+    try:
+        keys = [f"k{i}" for i in range(300)]
+        with a.batch():  # (more frames than a tree node lists one by one: the walk names tree nodes)
+            for i, k in enumerate(keys):
+                a.put(region, k, {"reading": i})
+        expected = {k: a.head(region, k).version for k in keys}
+        assert all(n.wait_until(lambda n=n: consensus_map(n, region, keys) == expected, TIMEOUT) for n in (a, b, late))
+        for old in (False, True):
+            late.stop()
+            if old:  # (a and b as releases before salted walks: their births say nothing of them)
+                for n in (a, b):
+                    n.presence._abilities = lambda n=n: {k: v for k, v in type(n.presence)._abilities(n.presence)
+                                                         .items() if k != "salted-walks"}
+                    n.presence.announce()
+            changed = keys[5:8] if old else keys[:3]
+            for k in changed:
+                a.patch(region, k, set={"old": old})
+            expected = {k: a.head(region, k).version for k in keys}
+            assert a.wait_until(lambda: consensus_map(a, region, keys) == expected, TIMEOUT)
+            assert b.wait_until(lambda: consensus_map(b, region, keys) == expected, TIMEOUT)
+            late = Node(configs[2])
+            late.transport.persistent = False
+            late.start()
+            assert late.wait_until(lambda: late.presence.saying("own-votes") >= {a.node_id, b.node_id}, TIMEOUT)
+            assert late.presence.saying("salted-walks") == (set() if old else {a.node_id, b.node_id})
+            del requests[:]
+            late.sync_now()
+            assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
+            for n in (a, b):
+                assert digests_meet(late, n, region, TIMEOUT)
+            walk = [r for r in requests if "nodes" in r or "frames" in r]
+            assert walk and not any(k.startswith("rejected.") for k in late.counters), late.stats()
+            width = 8 if old else 4
+            assert all(len(e[2]) == 16 * width for r in walk for e in r.get("nodes", [])), walk
+            assert any(r.get("nodes") for r in walk) and any(r.get("frames") for r in walk)
+            hashes = [h for r in walk for e in r.get("frames", []) for _, h in e[2]]
+            assert hashes and (max(hashes) >= 2**32 if old else max(hashes) < 2**32)
+            salts = {r.get("salt") for r in walk if "want" not in r}  # (requests)
+            assert salts == {None} if old else (len(salts) == late.counters["sync.pulls"] and None not in salts)
+    finally:
+        for n in (a, b, late):
             n.stop()
 
 

@@ -8,7 +8,7 @@ import zlib
 import cbor2
 import pytest
 
-from edgeswarm.shared import diff, packing
+from edgeswarm.shared import diff, packing, shortening
 from edgeswarm.shared.clock import HybridClock, wall_ms
 from edgeswarm.shared.envelope import (WINDOW, BadSignatureError, DuplicateError, MalformedError,
                                        OversizeError, ReplayError, TopicMismatchError,
@@ -397,3 +397,48 @@ def test_a_pack_carries_signed_messages_deflated_and_never_unfolds_beyond_its_li
                 zlib.compress(canonical([b"x", 1])), zlib.compress(b"\xff")):
         with pytest.raises(MalformedError):
             packing.unpack(bad, 1 << 20)
+
+
+def test_short_forms_restore_to_the_very_messages_signed_from_what_the_reader_holds(me):
+    """Votes' versions and diffs' parents cut to 4 bytes (classic, batch and item forms) come
+    back as the signed bytes from the versions a reader holds, or that diffs before them in
+    the same response make; a name the reader cannot tell (none, or two) is no message, and
+    a payload not encoded canonically is never cut."""
+    region = "plant/line1"
+    held = {"k0": [hashlib.blake2b(b"0", digest_size=32).digest()], "k1": [hashlib.blake2b(b"1", digest_size=32).digest()]}
+    new = diff.version_hash(region, "k0", held["k0"][0], {"x": 1})
+
+    def names() -> shortening.Names:
+        return shortening.Names(lambda r, k, short: [v for v in held.get(k, []) if r == region and v[:4] == short])
+
+    vote = encode(me, "vote", region, 1, 1000, {"key": "k1", "version": held["k1"][0], "round": 3})
+    change = encode(me, "diff", region, 2, 1000, {"key": "k0", "parent": held["k0"][0], "version": new,
+                                                  "ops": [["set", ["x"], 1]]})
+    on_new = encode(me, "vote", region, 3, 1000, {"key": "k0", "version": new, "round": 4})
+    batch = encode_batch(me, [change, on_new, vote])
+    item = decode_many(batch)[2].raw
+    for raw in (vote.raw, change.raw, batch, item):
+        short = shortening.shorten(raw)
+        assert len(short) <= len(raw) - 28 * (3 if raw is batch else 1)
+        assert shortening.restore(short, names()) == raw
+        assert [e.payload for e in decode_many(shortening.restore(short, names()))] == \
+            [e.payload for e in decode_many(raw)]
+    # a vote on a version a diff before it in the response makes
+    got = names()
+    assert shortening.restore(shortening.shorten(change.raw), got) == change.raw
+    assert shortening.restore(shortening.shorten(on_new.raw), got) == on_new.raw
+    assert shortening.restore(shortening.shorten(on_new.raw), names()) is None  # (alone: not held)
+    # two versions of the frame with that name: none restored (full forms are asked for then)
+    held["k1"].append(held["k1"][0][:4] + bytes(28))
+    assert shortening.restore(shortening.shorten(vote.raw), names()) is None
+    assert shortening.restore(shortening.shorten(vote.raw), shortening.Names(lambda *a: [])) is None
+    # left as they are: other kinds, names of another length, a payload not encoded canonically
+    for raw in (encode(me, "digest", None, 4, 1000, {"region": region, "hashes": b""}).raw,
+                encode(me, "vote", region, 5, 1000, {"key": "k1", "version": b"\x01" * 31, "round": 1}).raw,
+                cbor2.dumps([cbor2.dumps({"v": 1, "k": "vote", "r": region, "s": me.public_key, "n": 6, "t": 1000,
+                                          "b": {"version": held["k1"][0], "key": "k1", "round": 1}}), bytes(64)]),
+                encode_relay([vote.raw])):
+        assert shortening.shorten(raw) == raw
+    # what is no message at all is left for the envelope's checks to reject
+    for bad in (b"", b"\xff", b"\xd8\x1c\x80", cbor2.dumps({"a": 1})):
+        assert shortening.restore(bad, names()) == bad
