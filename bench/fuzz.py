@@ -55,7 +55,7 @@ from nacl.signing import SigningKey
 
 from edgeswarm.node import Config, Node
 from edgeswarm.node.trace import entry_hash
-from edgeswarm.shared import diff, shortening
+from edgeswarm.shared import diff, packing, shortening
 from edgeswarm.shared.clock import MAX_TIMESTAMP, pack
 from edgeswarm.shared.envelope import Envelope, canonical, encode_batch, encode_relay
 from edgeswarm.shared.merkle import root_and_paths
@@ -66,7 +66,7 @@ REGION = "plant/line1"
 HONEST_KEYS = ("conveyor", "oven", "camera")
 FIELDS = ("key", "parent", "version", "ops", "merge", "round", "region", "hashes", "counts", "nodes", "frames",
           "items", "want", "deeper", "horizons", "envelopes", "last", "digest", "cut", "follow", "hello", "answer",
-          "welcome", "own", "ask", "asks", "direct", "salt", "short",
+          "welcome", "own", "ask", "asks", "direct", "salt", "short", "deflated",
           "pulling", "seq", "hash", "from", "to", "entries", "session", "regions", "software", "v", "k", "r",
           "s", "n", "t", "b")
 KINDS = ("diff", "vote", "digest", "sync-req", "sync-resp", "trace", "trace-head", "trace-req", "trace-resp",
@@ -503,6 +503,11 @@ class Target:
             Template("sync-req", None, {"region": region, "nodes": [[0, 0, rng.randbytes(64)]], "salt": rng.randbytes(8),
                                         "frames": [[1, pos[0] >> 56 if pos else 0, [[p, 5] for p in pos]]],
                                         "short": True, "batches": True}, to_me("sync-req")),
+            Template("sync-req", None, {"region": region, "deflated": packing.deflate(
+                {"salt": rng.randbytes(8), "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8] for p in pos],
+                 "nodes": [[0, 0, rng.randbytes(64)]], "asks": True})}, to_me("sync-req")),
+            Template("sync-resp", None, {"region": region, "deflated": packing.deflate(
+                {"nodes": [[1, 3, rng.randbytes(64)]], "frames": [], "want": pos})}, to_me("sync-resp")),
             Template("sync-req", None, {"region": region, "own": [[p, 3, 5] for p in pos], "asks": True},
                      to_me("sync-req")),
             Template("sync-req", None, {"region": region, "items": [[p, b"\x00\x01\x02\x03", b"\x00" * 8] for p in pos],

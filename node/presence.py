@@ -6,8 +6,8 @@ On every connection (a start, and each reconnect) a node counts a new session an
   there and to those that come later;
 - publishes a signed, retained `birth` {session, regions, software, what it does — `relay`:
   it passes votes on (relay.py), `packs`: it reads trace entries packed (trace.py), `own-votes`:
-  it answers a pull for its own votes, `salted-walks`: it answers a pull whose hashes are
-  salted (sync.py) — and its
+  it answers a pull for its own votes, `packed-walks`: it reads a pull's steps with their hashes
+  salted and their lists deflated (sync.py) — and its
   admission certificate in a swarm with a roster};
 and with every anti-entropy round a retained `fingerprint`: frames, shadows (head not yet
 consensus), forks, pending diffs, rejected messages, agreement with consensus, sessions, and
@@ -49,8 +49,8 @@ LOW_DISK = 64 * 2**20  # bytes free on the store's disk below which each fingerp
 # packed (node/trace.py), a whole batch in a relay (node/relay.py)
 READS = ("packs", "relay-batches")
 # What a node answers that older releases do not (node/sync.py): a pull for its own votes alone,
-# a pull whose steps name hashes salted and cut short
-ANSWERS = ("own-votes", "salted-walks")
+# a pull whose steps name hashes salted and cut short, and carry their lists deflated
+ANSWERS = ("own-votes", "packed-walks")
 
 
 class Presence:
@@ -127,7 +127,8 @@ class Presence:
     def _abilities(self) -> dict:
         """That this node passes on the votes sent to it (node/relay.py), reads a whole
         batch in a relay (shared/envelope.py), reads trace entries packed (node/trace.py),
-        and answers a pull for its own votes and a pull whose hashes are salted (node/sync.py)."""
+        and answers a pull for its own votes and reads a pull's steps salted and deflated
+        (node/sync.py)."""
         return {**dict.fromkeys(READS + ANSWERS, True), **({"relay": True} if self.node.relay.enabled else {})}
 
     def _heard(self, node_id: str, body: dict | None) -> None:

@@ -24,11 +24,13 @@ the tree where it differs, one level per message:
   sync-req (I -> R) and sync-resp (R -> I) carry `nodes`: [level, index, 16 packed child
   hashes] for nodes that differ and still hold many frames, and `frames`: [level, index,
   [[position, frame hash], ...]] for nodes that differ and hold few. The side holding few
-  frames lists them; the other compares frame by frame. To an R that says it answers that
-  (`salted-walks`, node/presence.py), I's requests carry a `salt` drawn for the pull, and
-  both sides name every tree node's and frame's hash by 4 bytes of a hash of it with that
-  salt (digest.salted): half the bytes, and two hashes that read the same in one pull read
-  differently in the next.
+  frames lists them; the other compares frame by frame. Between nodes that say they read
+  that (`packed-walks`, node/presence.py), I's requests carry a `salt` drawn for the pull,
+  and both sides name every tree node's and frame's hash by 4 bytes of a hash of it with
+  that salt (digest.salted): half the bytes, and two hashes that read the same in one pull
+  read differently in the next. Their sync-reqs and sync-resps carry all but the region
+  and the envelopes deflated (`deflated`, shared/packing.py): the lists of voters and
+  rounds repeat from frame to frame.
   - I, seeing frames that differ or that only R holds, lists what it holds of them
     (`items`: [position, 4-byte short hashes of its versions, 4-byte voter tag + round of
     each voter's latest vote]). A frame's history grows with every write, its voters do
@@ -80,7 +82,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared import packing, shortening
-from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode_many, is_relay, rebatch
+from edgeswarm.shared.envelope import EnvelopeError, MalformedError, canonical, decode_many, is_relay, rebatch
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
 from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SALT_BYTES, SALTED_BYTES, Tree, below, pack, pack_rounds,
@@ -461,7 +463,7 @@ class Sync:
         """Begin an exchange with a peer whose digest differs, unless an exchange for this
         tree is under way."""
         now = time.monotonic()
-        salting = self.node.presence.saying("salted-walks")
+        salting = self.node.presence.saying("packed-walks")
         with self._lock:
             current = self._pulls.get(root)
             if current is not None and current.deadline > now:
@@ -558,11 +560,11 @@ class Sync:
 
     def on_request(self, env: Any) -> None:
         """Responder: answer one step of a peer's pull."""
-        body = env.body
-        root = _region(body)
+        root = _region(env.body)
         if not self._follows(root):
             self.node.counters["ignored.sync-region"] += 1
             return
+        body = self._inflated(env.body)
         with self._lock:
             _says(self._packs, env.sender_id, body.get("packed") is True)
             _says(self._batches, env.sender_id, body.get("batches") is True)
@@ -643,11 +645,11 @@ class Sync:
     def on_response(self, env: Any) -> None:
         """Initiator: take the envelopes, and take the next step down or end the pull. (Also
         takes envelopes a peer forwards at the end of its own pull.)"""
-        body = env.body
-        root = _region(body)
+        root = _region(env.body)
         if not self._follows(root):  # (a pull is only ever made of a followed tree)
             self.node.counters["ignored.sync-region"] += 1
             return
+        body = self._inflated(env.body)
         peer = env.sender_id
         carries = "packed" in body or "envelopes" in body
         raws = packing.unpack(body["packed"], self.node.config.max_message_bytes) if "packed" in body \
@@ -1011,7 +1013,28 @@ class Sync:
             self._send(peer, "sync-resp", {"region": root} | (flags or {}) | self._carrying(peer, chunk))
 
     def _send(self, peer: str, kind: str, body: dict) -> None:
-        self.node.send_now(node_topic(peer, kind), kind, body)
+        self.node.send_now(node_topic(peer, kind), kind, body if kind == "digest" else self._deflated(peer, body))
+
+    def _deflated(self, peer: str, body: dict) -> dict:
+        """A sync body with all but its region and envelopes deflated, for a peer that reads
+        that (`packed-walks`) when it makes it smaller."""
+        rest = {k: v for k, v in body.items() if k not in _OUTSIDE}
+        if len(rest) < 2 or peer not in self.node.presence.saying("packed-walks"):
+            return body
+        plain = canonical(rest)
+        deflated = packing.deflate(rest)
+        if len(deflated) + 16 >= len(plain):
+            return body
+        return {k: v for k, v in body.items() if k in _OUTSIDE} | {"deflated": deflated}
+
+    def _inflated(self, body: Any) -> Any:
+        """A sync body as it was before _deflated."""
+        if type(body) is not dict or "deflated" not in body:
+            return body
+        rest = packing.inflate(body["deflated"], self.node.config.max_message_bytes, "a deflated sync body")
+        if type(rest) is not dict or any(k in _OUTSIDE or k == "deflated" for k in rest):
+            raise MalformedError("a deflated sync body is a map of what is not its region or envelopes")
+        return {k: v for k, v in body.items() if k != "deflated"} | rest
 
     def _request(self, peer: str, body: dict) -> None:
         """A sync-req, saying that this node reads packed envelopes and whole batches, and
@@ -1058,6 +1081,7 @@ class Sync:
 # (position, short hashes of the versions listed, voter tag -> round, [generation, count, XOR] of those
 # below the versions listed or None)
 _Wanted = tuple[int, set[bytes], dict[bytes, int], "list[int] | None"]
+_OUTSIDE = ("region", "packed", "envelopes")  # what a deflated sync body keeps as it is
 
 
 def _valid_horizon(horizon: Any) -> bool:

@@ -12,7 +12,9 @@ needs no signature of its own beyond that of the message carrying it.
     pack = zlib (RFC 1950) of the canonical CBOR array of the messages' bytes
 
 A pack never inflates to more than the limit its reader gives (a message's size limit),
-so a small message cannot unfold into a large one.
+so a small message cannot unfold into a large one. The lists of a pull's steps (voters and
+rounds repeat from frame to frame) go deflated the same way (`deflate`, `inflate`:
+node/sync.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ LEVEL = 6  # (level 9: ~2 % fewer bytes for ~30 % more time)
 
 
 def pack(messages: list[bytes]) -> bytes:
-    return zlib.compress(canonical(messages), LEVEL)
+    return deflate(messages)
+
+
+def deflate(value: object) -> bytes:
+    """zlib of a plain value's canonical CBOR (what a pack is of a list of messages)."""
+    return zlib.compress(canonical(value), LEVEL)
 
 
 def smaller(messages: list[bytes]) -> bytes | None:
@@ -38,18 +45,24 @@ def smaller(messages: list[bytes]) -> bytes | None:
 def unpack(data: object, max_bytes: int) -> list[bytes]:
     """The messages in a pack; MalformedError when it is not one or would inflate beyond
     `max_bytes`."""
-    if type(data) is not bytes:
-        raise MalformedError("a pack of messages is bytes")
-    inflate = zlib.decompressobj()
-    try:
-        plain = inflate.decompress(data, max_bytes + 1)
-    except zlib.error as e:
-        raise MalformedError(f"a pack of messages does not inflate: {e}") from None
-    if len(plain) > max_bytes:
-        raise MalformedError(f"a pack of messages inflates beyond {max_bytes} bytes")
-    if not inflate.eof or inflate.unused_data:
-        raise MalformedError("a pack of messages is cut short or followed by other bytes")
-    messages = strict_loads(plain)
+    messages = inflate(data, max_bytes, "a pack of messages")
     if type(messages) is not list or any(type(m) is not bytes for m in messages):
         raise MalformedError("a pack holds a list of messages")
     return messages
+
+
+def inflate(data: object, max_bytes: int, what: str = "a deflated value") -> object:
+    """The plain value `deflate` made; MalformedError when it is not one or would inflate
+    beyond `max_bytes`."""
+    if type(data) is not bytes:
+        raise MalformedError(f"{what} is bytes")
+    stream = zlib.decompressobj()
+    try:
+        plain = stream.decompress(data, max_bytes + 1)
+    except zlib.error as e:
+        raise MalformedError(f"{what} does not inflate: {e}") from None
+    if len(plain) > max_bytes:
+        raise MalformedError(f"{what} inflates beyond {max_bytes} bytes")
+    if not stream.eof or stream.unused_data:
+        raise MalformedError(f"{what} is cut short or followed by other bytes")
+    return strict_loads(plain)

@@ -11,7 +11,8 @@ from typing import Any
 
 from edgeswarm.node import Node
 from edgeswarm.node.harness import COMMANDS
-from edgeswarm.shared import roster, shortening
+from edgeswarm.shared import packing, roster, shortening
+from edgeswarm.shared.envelope import decode
 from edgeswarm.shared.identity import Identity
 
 DAY_MS = 86_400_000
@@ -105,3 +106,11 @@ def restored(raw: bytes, node: Node) -> bytes:
     full = shortening.restore(raw, shortening.Names(node.store.versions_named))
     assert full is not None, "a short form the node cannot restore"
     return full
+
+
+def sync_body(payload: bytes) -> dict:
+    """The body of a sync message taken off the wire, what it carries deflated inflated."""
+    body = decode(payload).body
+    if "deflated" not in body:
+        return body
+    return {k: v for k, v in body.items() if k != "deflated"} | packing.inflate(body["deflated"], 1 << 20)

@@ -309,8 +309,9 @@ REQUIRED = {"diff": {"key": str, "parent": (bytes, type(None)), "version": bytes
             "trace-resp": {"entries": list}, "trace": {"entries": list},
             "birth": {"session": int}, "death": {"session": int}, "fingerprint": {"session": int}}
 # Fields that may be missing, but not of another type.
-TYPED = {"sync-req": {"nodes": list, "frames": list, "items": list, "own": list, "direct": list, "salt": bytes},
-         "sync-resp": {"envelopes": list}}
+TYPED = {"sync-req": {"nodes": list, "frames": list, "items": list, "own": list, "direct": list, "salt": bytes,
+                      "deflated": bytes},
+         "sync-resp": {"envelopes": list, "deflated": bytes}}
 BAD_INTS = {"round": [0, -1, MAX_ROUND + 1, 2**63, 2**64 - 1], "seq": [0, -5, 2**63, 2**64 - 1],
             "from": [0, -1, 2**64 - 1], "to": [0, -1], "session": [-1, 2**63, 2**64 - 1]}
 

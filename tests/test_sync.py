@@ -18,7 +18,7 @@ from edgeswarm.shared import diff, packing, shortening
 from edgeswarm.shared.envelope import canonical, decode, decode_many, encode, message_id
 from edgeswarm.shared.identity import node_id_of
 from edgeswarm.shared.topics import node_topic
-from helpers import Network, restored
+from helpers import Network, restored, sync_body
 
 TIMEOUT = 20.0
 
@@ -99,7 +99,7 @@ def test_a_pull_is_answered_packed_and_a_node_that_reads_no_packs_gets_lists(mem
     subscribed = threading.Event()
     attacker.client.on_subscribe = lambda *a_: subscribed.set()
     attacker.client.on_message = lambda c, u, m: seen.setdefault(m.topic.split("/")[3], []).append(
-        decode(m.payload).body)
+        sync_body(m.payload))
     attacker.client.subscribe("es/v1/node/+/sync-resp", qos=1)
     assert subscribed.wait(TIMEOUT)
     try:
@@ -395,14 +395,14 @@ def test_a_pulls_steps_name_hashes_salted_and_cut_short_to_a_peer_that_answers_t
                                                                                      attacker):
     """A pull walks down the digest tree naming each tree node's and each frame's hash by 4
     bytes of a hash of it salted anew for each pull, to a responder that says it answers
-    that (`salted-walks`); to one that does not (before 0.9.4), by the hashes themselves.
+    that (`packed-walks`); to one that does not (before 0.9.4), by the hashes themselves.
     Both find the few frames that differ among hundreds."""
     configs = member_configs(3, sync_interval=0, snapshot_interval=0)
     a, b, late = (Node(cfg).start() for cfg in configs)
     requests: list[dict] = []
     subscribed = threading.Event()
     attacker.client.on_subscribe = lambda *a_: subscribed.set()
-    attacker.client.on_message = lambda c, u, m: requests.append(decode(m.payload).body)
+    attacker.client.on_message = lambda c, u, m: requests.append(sync_body(m.payload))
     attacker.client.subscribe([("es/v1/node/+/sync-req", 1), ("es/v1/node/+/sync-resp", 1)])  # (both ways)
     assert subscribed.wait(TIMEOUT)
     try:
@@ -417,7 +417,7 @@ def test_a_pulls_steps_name_hashes_salted_and_cut_short_to_a_peer_that_answers_t
             if old:  # (a and b as releases before salted walks: their births say nothing of them)
                 for n in (a, b):
                     n.presence._abilities = lambda n=n: {k: v for k, v in type(n.presence)._abilities(n.presence)
-                                                         .items() if k != "salted-walks"}
+                                                         .items() if k != "packed-walks"}
                     n.presence.announce()
             changed = keys[5:8] if old else keys[:3]
             for k in changed:
@@ -429,7 +429,7 @@ def test_a_pulls_steps_name_hashes_salted_and_cut_short_to_a_peer_that_answers_t
             late.transport.persistent = False
             late.start()
             assert late.wait_until(lambda: late.presence.saying("own-votes") >= {a.node_id, b.node_id}, TIMEOUT)
-            assert late.presence.saying("salted-walks") == (set() if old else {a.node_id, b.node_id})
+            assert late.presence.saying("packed-walks") == (set() if old else {a.node_id, b.node_id})
             del requests[:]
             late.sync_now()
             assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
@@ -869,7 +869,7 @@ def _sync_bodies(attacker, kind: str) -> tuple[list[tuple[str, dict]], threading
     seen: list[tuple[str, dict]] = []
     subscribed = threading.Event()
     attacker.client.on_subscribe = lambda *a_: subscribed.set()
-    attacker.client.on_message = lambda c, u, m: seen.append((m.topic.split("/")[3], decode(m.payload).body))
+    attacker.client.on_message = lambda c, u, m: seen.append((m.topic.split("/")[3], sync_body(m.payload)))
     attacker.client.subscribe(f"es/v1/node/+/{kind}", qos=1)
     assert subscribed.wait(TIMEOUT)
     return seen, subscribed
