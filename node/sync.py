@@ -7,7 +7,8 @@ how many authored versions and latest-vote rounds it holds. A node whose own dig
   - answers by publishing its digest (`answer`; once for the digests that come together,
     and directly to a node that joins after that answer went out), so that the sender and
     everyone else compare too; answers are not answered. The answer waits a random moment
-    (up to ANSWER_SPREAD) and is dropped if a node in its state answers first;
+    (ANSWER_STEP for each node before it by node id among those it has heard from) and is
+    dropped if a node in its state answers first;
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
@@ -97,7 +98,7 @@ log = logging.getLogger("edgeswarm.sync")
 LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
 EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
 ANSWER_GAP = 2.0  # seconds: digests from several nodes within this get one answer from a node in the same state
-ANSWER_SPREAD = 0.2  # seconds: an answer waits up to this (at random) and is dropped if one in its state came
+ANSWER_STEP = 0.05  # seconds an answer waits for each node before this one (by node id): dropped if one in its state came
 SETTLE = 1.0  # seconds between a differing digest and the decision to pull: the others' digests come meanwhile
 JOIN_SETTLE = 1.0  # the same, for a node that (re)joined less than JOINING seconds ago
 JOINING = 5.0
@@ -119,6 +120,7 @@ class _Pull:
     peer: str
     deadline: float  # monotonic time after which it is given up
     pre: bytes  # this node's level-1 hashes when it began
+    pre_counts: list  # and its level-1 counts
     salt: bytes | None  # what its steps' hashes are salted with (digest.salted), for a peer that says it answers that
     cut: bool = False  # a step was cut short: pull again when it ends
     unrestored: bool = False  # some of what it brought could not be restored (_take): pull again, in full forms
@@ -157,12 +159,14 @@ class Sync:
         self._published: dict[str, tuple[bytes, float]] = {}  # root -> (level-1 hashes, when) last published
         self._deferred: dict[str, tuple[float, set[str]]] = {}  # root -> (when this node followed, peers ahead then)
         self._relayed: dict[str, list[bytes] | None] = {}  # root -> envelopes forwarded to this node so far
+        self._relaying: dict[str, set[str]] = {}  # root -> the followers of this node sent them from the first
         self._busy: set[str] = set()  # roots where a pull was wanted while another was under way
         self._synced: dict[str, float] = {}  # root -> when an exchange (or a forward) last brought this node up to date
         self._hello = -JOINING  # monotonic time this node last published its digests on (re)joining
         self._followers: dict[str, dict[str, float]] = {}  # root -> peers that wait for this node's pull -> when
-        # root -> (when, envelopes, digest, peers sent to) of what this node forwarded last
-        self._forwarded: dict[str, tuple[float, list[bytes], dict | None, set[str]]] = {}
+        # root -> (when, envelopes, digest, peers sent to, the level-1 hashes and counts before, if its
+        # own pull) of what this node forwarded last
+        self._forwarded: dict[str, tuple[float, list[bytes], dict | None, set[str], tuple | None]] = {}
         self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
         self._answering: dict[str, threading.Timer] = {}  # root -> this node's answer, waiting (see _answer_soon)
         self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
@@ -301,11 +305,14 @@ class Sync:
             self._answered(root)  # (a node in this state answered: this one need not)
         if body.get("hello"):
             # A node (re)joining learns from the nodes in its state that they are, and from
-            # one pulling for that state that it is: it leaves the pull to them (_decide).
+            # one pulling for that state that it is (or that pulled lately, and keeps what its
+            # pull brought for followers that come late): it leaves the pull to them (_decide).
             with self._lock:
                 pull = self._pulls.get(root)
-                pre = pull.pre if pull is not None else None
-            if not differing or pre == body["hashes"]:
+                last = self._forwarded.get(root)
+                before = (pull.pre, pull.pre_counts) if pull is not None else last[4] if last is not None else None
+            pre = before[0] if before is not None and _from(before, body["hashes"], counts, tree.counts()) else None
+            if not differing or pre is not None:
                 self._send(env.sender_id, "digest",
                            self.digest(root, tree) | {"answer": True, "welcome": True, "pulling": pre})
                 differing = []
@@ -340,15 +347,20 @@ class Sync:
         return hashes if time.monotonic() - at < ANSWER_GAP else None
 
     def _answer_soon(self, root: str) -> None:
-        """Answer a differing digest with this node's, after a random wait of up to
-        ANSWER_SPREAD, unless a node in its state answers first (_answered): one answer or
-        two from each state, not one from every node (a node rejoining a swarm of twenty
-        had all nineteen answer, and each node then compared nineteen digests at once, a
-        burst of CPU across the swarm that held up the writes of that moment)."""
+        """Answer a differing digest with this node's, after waiting ANSWER_STEP for each
+        node before it by node id among those it has heard from for the tree, unless a node
+        in its state answers first (_answered): one answer or two from each state, not one
+        from every node (a node rejoining a swarm of twenty had all nineteen answer, and each
+        node then compared nineteen digests at once, a burst of CPU across the swarm that
+        held up the writes of that moment). Random waits (up to 0.2 s, before 0.9.4) let two
+        or three of seven nodes in a state answer when their answers took longer than the
+        gaps between the waits to reach each other."""
         with self._lock:
             if self._stopped or root in self._answering:
                 return
-            timer = self._answering[root] = threading.Timer(random.uniform(0, ANSWER_SPREAD), self._answer, (root,))
+            me = self.node.node_id
+            before = sum(peer < me for peer in self._seen.get(root, {}))
+            timer = self._answering[root] = threading.Timer(before * ANSWER_STEP, self._answer, (root,))
         timer.daemon = True
         timer.start()
 
@@ -391,7 +403,8 @@ class Sync:
         root = next((r for r in self._seen if r not in self.node.config.regions), None)
         if root is None:
             return
-        for state in (self._seen, self._pulls, self._deferred, self._relayed, self._synced, self._followers,
+        for state in (self._seen, self._pulls, self._deferred, self._relayed, self._relaying, self._synced,
+                      self._followers,
                       self._forwarded):
             state.pop(root, None)
         self._busy.discard(root)
@@ -470,10 +483,10 @@ class Sync:
                 self.node.counters["sync.pull-busy"] += 1
                 self._busy.add(root)  # decided again when that one ends
                 return
-            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT, pack(tree.children(0, 0)),
+            pull = self._pulls[root] = _Pull(peer, now + EXCHANGE_TIMEOUT, pack(tree.children(0, 0)), tree.counts(),
                                              os.urandom(SALT_BYTES) if peer in salting else None)
             if carry is not None:  # a pull going on where one cut short ended
-                pull.pre, pull.taken, pull.size = carry.pre, carry.taken, carry.size
+                pull.pre, pull.pre_counts, pull.taken, pull.size = carry.pre, carry.pre_counts, carry.taken, carry.size
                 pull.refetched = carry.refetched or carry.unrestored
         self.node.counters["sync.pulls"] += 1
         if pull.salt is not None:  # (the digest's level-1 hashes, as the steps name them)
@@ -491,14 +504,15 @@ class Sync:
         fresh = time.monotonic() - EXCHANGE_TIMEOUT
         with self._lock:
             followers = [p for p, at in self._followers.pop(root, {}).items() if at > fresh and p != pull.peer]
-            self._keep_forward(root, pull.taken, digest, followers)
+            self._keep_forward(root, pull.taken, digest, followers, (pull.pre, pull.pre_counts))
         for peer in followers:
             self._send_forward(root, peer, pull.taken, digest)
 
-    def _keep_forward(self, root: str, envelopes: list[bytes], digest: dict | None, sent: list[str]) -> None:
+    def _keep_forward(self, root: str, envelopes: list[bytes], digest: dict | None, sent: list[str],
+                      pre: tuple[bytes, list] | None = None) -> None:
         """(Under the lock.) Keep what was forwarded for followers that come late, for an
         exchange timeout; each peer gets it once."""
-        entry = self._forwarded[root] = (time.monotonic(), envelopes, digest, set(sent))
+        entry = self._forwarded[root] = (time.monotonic(), envelopes, digest, set(sent), pre)
 
         def drop() -> None:
             with self._lock:
@@ -519,23 +533,34 @@ class Sync:
         body = {"region": root} | self._carrying(peer, envelopes)
         self._send(peer, "sync-resp", body | {"digest": digest} if digest else body)
 
-    def _relay(self, root: str, envelopes: list[bytes], last: bool) -> tuple[list[str], list[bytes] | None]:
+    def _relay(self, root: str, envelopes: list[bytes], last: bool) -> tuple[dict[str, list[bytes]], list[bytes] | None]:
         """(Under the lock.) Envelopes a peer forwards to this node go on to the peers that
-        follow this node: which they are, and at the last chunk all of them, kept for
-        followers that come late."""
+        follow this node: what each is sent (these, or all so far to one that began following
+        after the first of them), and at the last chunk all of them, kept for followers that
+        come late."""
         now = time.monotonic()
         buffer = self._relayed.setdefault(root, [])
         if buffer is not None:
             buffer.extend(envelopes)
             if sum(map(len, buffer)) > MAX_FORWARD * self.node.config.max_message_bytes:
                 self._relayed[root] = None
-        followers = [p for p, at in self._followers.get(root, {}).items() if at > now - EXCHANGE_TIMEOUT]
+        sent = self._relaying.setdefault(root, set())
+        out: dict[str, list[bytes]] = {}
+        for peer, at in self._followers.get(root, {}).items():
+            if at <= now - EXCHANGE_TIMEOUT:
+                continue
+            if peer in sent:
+                out[peer] = envelopes
+            elif buffer is not None:  # (else it began too late for this node to have kept it all: it pulls)
+                out[peer] = list(buffer)
+                sent.add(peer)
         kept = None
         if last:
             self._synced[root] = now
             self._followers.pop(root, None)
+            self._relaying.pop(root, None)
             kept = self._relayed.pop(root, None)
-        return followers, kept
+        return out, kept
 
     def _on_follow(self, root: str, peer: str) -> None:
         """A peer in the state this node was in leaves its pull to this node: forward it what
@@ -672,7 +697,7 @@ class Sync:
                 if not carries or root not in self._deferred:
                     self.node.counters["sync.stray"] += 1
                     return
-                followers, kept = self._relay(root, [e.raw for e in taken], "digest" in body)
+                relayed, kept = self._relay(root, [e.raw for e in taken], "digest" in body)
             elif taken or not whole:
                 pull.unrestored |= not whole  # (pulled again as it ends: in full forms, see _take)
                 pull.extend()  # still going
@@ -686,9 +711,10 @@ class Sync:
             digest = self.digest(root) if last else None
             if kept:
                 with self._lock:
-                    self._keep_forward(root, kept, digest, followers)
-            for follower in followers:
-                self._forward_chunk(root, follower, self._shaped(follower, [e.raw for e in taken]), digest)
+                    self._keep_forward(root, kept, digest, list(relayed))
+            for follower, envelopes in relayed.items():
+                for i, chunk in enumerate(chunks := self._chunks(self._shaped(follower, envelopes))):
+                    self._forward_chunk(root, follower, chunk, digest if i == len(chunks) - 1 else None)
             if last:
                 # The pull this node followed ended: what it still lacks (the leader was in
                 # its state, or took other changes since) it pulls a moment later, not after
@@ -777,28 +803,44 @@ class Sync:
 
     def _owned(self, root: str, peer: str, raws: list[bytes]) -> None:
         """A voter's answer with its own votes (taken already): on with the pull they were
-        asked for, to the peers that follow it (or that it was forwarded to, if it ended)."""
+        asked for, to the peers that follow it (or that it was forwarded to, if it ended).
+        Answers that this node's leader passes on go on to its own followers."""
         with self._lock:
             asked = self._asked.get(root, {})
             entry = asked.get(peer)
             if entry is None or not entry[1]:  # (a leader passing on the answers it got)
                 self.node.counters["sync.own-forwarded"] += 1
-                return
-            entry[1] -= 1  # (asked once for each step of a pull that named it)
-            if not entry[1]:
-                del asked[peer]
-            pull = self._pulls.get(root)
-            if pull is not None:
-                if pull.taken is not None:
-                    pull.taken.extend(raws)
-                return
-            last = self._forwarded.get(root)
-            if last is None or not raws:
-                return
-            last[1].extend(raws)  # (for followers that come late)
-            followers = list(last[3])
+                followers = self._relayed_to(root, raws)
+            else:
+                entry[1] -= 1  # (asked once for each step of a pull that named it)
+                if not entry[1]:
+                    del asked[peer]
+                pull = self._pulls.get(root)
+                last = self._forwarded.get(root)
+                if pull is not None:
+                    if pull.taken is not None:
+                        pull.taken.extend(raws)
+                    followers = []
+                elif last is None or not raws:
+                    followers = []
+                else:
+                    last[1].extend(raws)  # (for followers that come late)
+                    followers = list(last[3])
         for follower in followers:
             self._send_envelopes(follower, root, raws, {"own": True})
+
+    def _relayed_to(self, root: str, raws: list[bytes]) -> list[str]:
+        """(Under the lock.) The followers of this node that envelopes its leader passes on
+        after its forward go to, kept for those that come late too."""
+        if root in self._relaying:  # (the forward still coming)
+            if (buffer := self._relayed.get(root)) is not None:
+                buffer.extend(raws)
+            return list(self._relaying[root])
+        last = self._forwarded.get(root)
+        if last is None or last[4] is not None or not raws:  # (none, or its own pull's)
+            return []
+        last[1].extend(raws)
+        return list(last[3])
 
     def _direct(self, root: str) -> list[str]:
         """Voters asked for their own votes that did not answer in time: the next responder
@@ -1138,6 +1180,15 @@ def _leader(seen: list[tuple[str, _Seen]], mine: bytes, me: str, fresh: float) -
         return min(pulling)
     first = min([p for p, t in recent if t.welcome or t.hashes == mine] + [me])
     return None if first == me else first
+
+
+def _from(before: tuple[bytes, list[list[int]]], hashes: bytes, counts: list[list[int]], now: list[list[int]]) -> bool:
+    """Whether a peer's digest is in the state a pull of this node's began from (`before`: its
+    level-1 hashes and counts), as far as what the pull brings it tells: the same, or the
+    same versions with votes between then and now. The votes this node cast on what its pull
+    brought, and the others' on what it passed on, reach such a peer live meanwhile."""
+    pre, pre_counts = before
+    return hashes == pre or all(c[0] == p[0] and c[1] <= n[1] for c, p, n in zip(counts, pre_counts, now))
 
 
 def _held(counts: list[list[int]], differing: list[int]) -> int:

@@ -834,12 +834,44 @@ def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(me
             n.stop()
 
 
+def test_a_node_that_rejoins_after_a_pull_for_its_state_ended_follows_that_pull(member_configs, region):
+    """Two nodes missed the same writes; the second comes back after the first has pulled
+    them: the first, still keeping what its pull brought, welcomes its hello as in the state
+    it pulled from, and the second follows it and takes that, rather than pulling itself."""
+    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
+    a, d = Node(configs[0]).start(), Node(configs[3]).start()
+    first = second = None
+    try:
+        keys = [f"k{i:02d}" for i in range(20)]
+        versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
+        assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
+        assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
+        first, second = Node(configs[1]), Node(configs[2])
+        for n in (first, second):
+            n.transport.persistent = False  # no broker session kept anything for them
+        first.start()
+        assert first.wait_until(lambda: all(first.store.has_version(v) for v in versions), TIMEOUT), first.stats()
+        assert first.wait_until(lambda: region in first.sync._forwarded, TIMEOUT)  # (its pull ended)
+        second.start()
+        assert second.wait_until(lambda: all(second.store.has_version(v) for v in versions), TIMEOUT), \
+            second.stats()
+        assert first.counters["sync.pulls"] == 1 and second.counters["sync.pulls"] == 0, \
+            (first.counters, second.counters)
+        assert second.counters["sync.deferred"] == 1 and first.counters["sync.forwarded"] == 1
+        for n in (a, first):
+            assert digests_meet(second, n, region, TIMEOUT)
+    finally:
+        for n in (a, d, first, second):
+            if n is not None:
+                n.stop()
+
+
 def test_a_rejoining_node_is_answered_by_one_or_two_of_a_state_not_by_each(member_configs, region, monkeypatch):
     """Every node whose digest differs from a (re)joining node's hello answers with its own,
-    after a random wait; a node that hears one of its state answer first keeps quiet. The
-    joining node still learns where it differs, and pulls."""
+    after a wait for each node before it by node id; a node that hears one of its state
+    answer first keeps quiet. The joining node still learns where it differs, and pulls."""
     from edgeswarm.node import sync
-    monkeypatch.setattr(sync, "ANSWER_SPREAD", 1.0)  # (waits far apart next to a delivery on a busy machine)
+    monkeypatch.setattr(sync, "ANSWER_STEP", 0.3)  # (waits far apart next to a delivery on a busy machine)
     monkeypatch.setattr(sync, "ANSWER_GAP", 0.0)  # (their own hellos just went out: else they answer it alone)
     configs = member_configs(5, sync_interval=3600, snapshot_interval=0)
     up = [Node(configs[i]).start() for i in range(4)]
