@@ -758,6 +758,25 @@ def test_more_than_one_exchange_carries_goes_on_until_caught_up(member_configs, 
             n.stop()
 
 
+def _written_while_away(a, d, region) -> list[bytes]:
+    """Twenty writes of a's, at d too, and the swarm quiet again: d's votes went to a, which
+    passed them on, and are back at d (nodes that come back must find one state, not one of
+    them with the relay in flight)."""
+    keys = [f"k{i:02d}" for i in range(20)]
+    versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
+    assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
+    assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
+    return versions
+
+
+def _away(configs) -> list[Node]:
+    """Nodes that were away, for which no broker session kept anything."""
+    nodes = [Node(cfg) for cfg in configs]
+    for n in nodes:
+        n.transport.persistent = False
+    return nodes
+
+
 @pytest.mark.parametrize("together", [False, True], ids=["one-after-the-other", "together"])
 def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, region, monkeypatch, together):
     """Two nodes that missed the same writes come back: one pulls for both and forwards
@@ -769,15 +788,8 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
     a, d = Node(configs[0]).start(), Node(configs[3]).start()
     b = c = None
     try:
-        keys = [f"k{i:02d}" for i in range(20)]
-        versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
-        assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
-        # d's votes went to a, which passed them on: the swarm is quiet once they are back at d
-        # (b and c must come back to the same state, not one of them with the relay in flight)
-        assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
-        b, c = Node(configs[1]), Node(configs[2])
-        for n in (b, c):
-            n.transport.persistent = False  # no broker session kept anything for them
+        versions = _written_while_away(a, d, region)
+        b, c = _away(configs[1:3])
         starts = [threading.Thread(target=n.start) for n in (b, c)]  # each says hello (its digest) as it connects
         for t in starts:
             t.start()
@@ -812,14 +824,9 @@ def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(me
     a, d = Node(configs[0]).start(), Node(configs[3]).start()
     rejoining = []
     try:
-        keys = [f"k{i:02d}" for i in range(20)]
-        versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
-        assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
-        assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
-        rejoining = sorted((Node(configs[1]), Node(configs[2])), key=lambda n: n.node_id, reverse=True)
+        versions = _written_while_away(a, d, region)
+        rejoining = sorted(_away(configs[1:3]), key=lambda n: n.node_id, reverse=True)
         first, second = rejoining  # (the first back is the later by node id: it is to follow the second)
-        for n in rejoining:
-            n.transport.persistent = False  # no broker session kept anything for them
         first.start()
         second.start()
         assert first.wait_until(lambda: second.node_id in first.sync._seen.get(region, {}), TIMEOUT)
@@ -842,13 +849,8 @@ def test_a_node_that_rejoins_after_a_pull_for_its_state_ended_follows_that_pull(
     a, d = Node(configs[0]).start(), Node(configs[3]).start()
     first = second = None
     try:
-        keys = [f"k{i:02d}" for i in range(20)]
-        versions = [bytes.fromhex(a.put(region, k, {"i": i})) for i, k in enumerate(keys)]
-        assert d.wait_until(lambda: all(d.store.has_version(v) for v in versions), TIMEOUT)
-        assert d.wait_until(lambda: d.counters["own.relayed"] >= len(keys), TIMEOUT), d.counters
-        first, second = Node(configs[1]), Node(configs[2])
-        for n in (first, second):
-            n.transport.persistent = False  # no broker session kept anything for them
+        versions = _written_while_away(a, d, region)
+        first, second = _away(configs[1:3])
         first.start()
         assert first.wait_until(lambda: all(first.store.has_version(v) for v in versions), TIMEOUT), first.stats()
         assert first.wait_until(lambda: region in first.sync._forwarded, TIMEOUT)  # (its pull ended)
