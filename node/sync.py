@@ -6,14 +6,18 @@ a `digest`: the 16 level-1 hashes of its digest tree (node/digest.py) and, per l
 how many authored versions and latest-vote rounds it holds. A node whose own digest differs
   - answers by publishing its digest (`answer`; once for the digests that come together,
     and directly to a node that joins after that answer went out), so that the sender and
-    everyone else compare too; answers are not answered. The answer waits a random moment
+    everyone else compare too; answers are not answered. The answer waits a moment
     (ANSWER_STEP for each node before it by node id among those it has heard from) and is
     dropped if a node in its state answers first;
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
 Nodes in one state pull once for all. A node that hears a hello in its own state answers
-it directly with `welcome` (and `pulling` when it is pulling for that state). A node
+it directly with `welcome` (and `pulling` when it is pulling for that state). So does a node
+pulling, or that pulled lately and keeps what it brought, to a hello in the state its pull
+began from (the same versions, with no vote it does not hold: the votes cast on what it
+pulled reach the others live meanwhile), and one that begins a pull to the nodes whose hello
+came lately in that state. A node
 follows (sync-req `follow`) a peer pulling for its state, else the first by node id of
 itself and the peers seen in its state (unless that is itself); the leader forwards, at
 the end of its pull, the envelopes it brought (sync-resp, the last chunk with its digest),
@@ -98,7 +102,7 @@ log = logging.getLogger("edgeswarm.sync")
 LEAF_FRAMES = 16  # a differing tree node holding at most this many frames is listed frame by frame
 EXCHANGE_TIMEOUT = 10.0  # seconds without an answer after which a pull is given up
 ANSWER_GAP = 2.0  # seconds: digests from several nodes within this get one answer from a node in the same state
-ANSWER_STEP = 0.05  # seconds an answer waits for each node before this one (by node id): dropped if one in its state came
+ANSWER_STEP = 0.05  # seconds an answer waits for each node before this one by node id
 SETTLE = 1.0  # seconds between a differing digest and the decision to pull: the others' digests come meanwhile
 JOIN_SETTLE = 1.0  # the same, for a node that (re)joined less than JOINING seconds ago
 JOINING = 5.0
@@ -406,8 +410,7 @@ class Sync:
         if root is None:
             return
         for state in (self._seen, self._pulls, self._deferred, self._relayed, self._relaying, self._synced,
-                      self._followers,
-                      self._forwarded):
+                      self._followers, self._forwarded):
             state.pop(root, None)
         self._busy.discard(root)
         timer = self._deciding.pop(root, None)
@@ -549,7 +552,8 @@ class Sync:
         body = {"region": root} | self._carrying(peer, envelopes)
         self._send(peer, "sync-resp", body | {"digest": digest} if digest else body)
 
-    def _relay(self, root: str, envelopes: list[bytes], last: bool) -> tuple[dict[str, list[bytes]], list[bytes] | None]:
+    def _relay(self, root: str, envelopes: list[bytes], last: bool
+               ) -> tuple[dict[str, list[bytes]], list[bytes] | None]:
         """(Under the lock.) Envelopes a peer forwards to this node go on to the peers that
         follow this node: what each is sent (these, or all so far to one that began following
         after the first of them), and at the last chunk all of them, kept for followers that

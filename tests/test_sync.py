@@ -293,7 +293,7 @@ def test_a_puller_gets_each_voters_votes_from_that_voter_under_one_signature(mem
             assert digests_meet(late, n, region, TIMEOUT)
         assert not any(k.startswith("rejected.") for k in late.counters), late.stats()
         assert late.wait_until(lambda: len(_vote_batches(pulled, late)) == 2, TIMEOUT), late.stats()
-        batches = _vote_batches(pulled, late)  # b's and c's votes: each from the one who cast them, or the responder's own
+        batches = _vote_batches(pulled, late)  # b's and c's: each from the one who cast them, or the responder's own
         assert set(batches) == {b.identity.public_key, c.identity.public_key}
         assert all(len(votes) == len(keys) for votes in batches.values())
         assert [raw for _, raw in pulled if decode_many(restored(raw, late))[0].kind == "vote"

@@ -405,7 +405,7 @@ def test_short_forms_restore_to_the_very_messages_signed_from_what_the_reader_ho
     the same response make; a name the reader cannot tell (none, or two) is no message, and
     a payload not encoded canonically is never cut."""
     region = "plant/line1"
-    held = {"k0": [hashlib.blake2b(b"0", digest_size=32).digest()], "k1": [hashlib.blake2b(b"1", digest_size=32).digest()]}
+    held = {k: [hashlib.blake2b(k.encode(), digest_size=32).digest()] for k in ("k0", "k1")}
     new = diff.version_hash(region, "k0", held["k0"][0], {"x": 1})
 
     def names() -> shortening.Names:
