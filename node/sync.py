@@ -16,8 +16,7 @@ Nodes in one state pull once for all. A node that hears a hello in its own state
 it directly with `welcome` (and `pulling` when it is pulling for that state). So does a node
 pulling, or that pulled lately and keeps what it brought, to a hello in the state its pull
 began from (the same versions, with no vote it does not hold: the votes cast on what it
-pulled reach the others live meanwhile), and one that begins a pull to the nodes whose hello
-came lately in that state. A node
+pulled reach the others live meanwhile). A node
 follows (sync-req `follow`) a peer pulling for its state, else the first by node id of
 itself and the peers seen in its state (unless that is itself); the leader forwards, at
 the end of its pull, the envelopes it brought (sync-resp, the last chunk with its digest),
@@ -149,7 +148,6 @@ class _Seen:
     at: float  # monotonic time it came
     pulling: bytes | None = None  # the peer is pulling for nodes in this state (see on_digest)
     welcome: bool = False  # it answered this node's hello, or said hello in its state: the two were in one state
-    hello: bool = False  # the digest was its hello
 
 
 class Sync:
@@ -305,8 +303,7 @@ class Sync:
         # node, though live votes may make their digests differ by the time either decides.)
         self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
                                                   pulling if type(pulling) is bytes else None,
-                                                  bool(body.get("welcome") or body.get("hello") and not differing),
-                                                  bool(body.get("hello"))))
+                                                  bool(body.get("welcome") or body.get("hello") and not differing)))
         if body.get("answer") and not differing:
             self._answered(root)  # (a node in this state answered: this one need not)
         if body.get("hello"):
@@ -494,25 +491,11 @@ class Sync:
                 pull.pre, pull.pre_counts, pull.taken, pull.size = carry.pre, carry.pre_counts, carry.taken, carry.size
                 pull.refetched = carry.refetched or carry.unrestored
         self.node.counters["sync.pulls"] += 1
-        if carry is None:
-            self._welcome_joining(root, tree, pull)
         if pull.salt is not None:  # (the digest's level-1 hashes, as the steps name them)
             hashes = pack(salted(unpack(hashes, FANOUT), pull.salt), SALTED_BYTES)
         nodes, frames, cut = self._compare_nodes(tree, [[0, 0, hashes]], pull.salt)
         pull.cut |= cut
         self._request(peer, pull.salted({"region": root, "nodes": nodes, "frames": frames}))
-
-    def _welcome_joining(self, root: str, tree: Tree, pull: _Pull) -> None:
-        """As a pull begins: nodes whose hello came lately in the state it begins from (_from)
-        and that this node did not welcome as pulling then (it was not yet) learn that it is,
-        and follow it rather than pull for themselves."""
-        fresh = time.monotonic() - JOINING
-        with self._lock:
-            joining = [p for p, t in self._seen.get(root, {}).items() if t.hello and t.at > fresh and p != pull.peer
-                       and t.hashes != pull.pre and _from((pull.pre, pull.pre_counts), t.hashes, t.counts,
-                                                           pull.pre_counts)]
-        for peer in joining:
-            self._send(peer, "digest", self.digest(root, tree) | {"answer": True, "welcome": True, "pulling": pull.pre})
 
     def _forward(self, root: str, pull: _Pull) -> None:
         """At the end of a pull: send what it brought to the peers that wait for it (they
