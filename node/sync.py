@@ -86,7 +86,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeswarm.shared import packing, shortening
-from edgeswarm.shared.envelope import EnvelopeError, MalformedError, canonical, decode_many, is_relay, rebatch
+from edgeswarm.shared.envelope import EnvelopeError, MalformedError, decode_many, is_relay, rebatch
 from edgeswarm.shared.topics import node_topic, region_covers, region_topic, validate_region
 
 from .digest import (FANOUT, FANOUT_BITS, MAX_LEVEL, POS_BITS, SALT_BYTES, SALTED_BYTES, Tree, below, pack, pack_rounds,
@@ -987,31 +987,31 @@ class Sync:
         One that cannot be restored is left out, and this node asks for full forms for a
         while (ASK_FORGET)."""
         names = shortening.Names(self.store.versions_named)
-        taken: list[Any] = []
-        later: list[bytes] = []
+        taken, later = self._restored(root, raws, peer, names)
+        self._handle(taken)
+        left: list[bytes] = []
+        if later:
+            again, left = self._restored(root, later, peer, names)
+            self._handle(again)
+            taken += again
+        if left:
+            self.node.counters["sync.unrestored"] += len(left)
+            with self._lock:
+                self._full_until = time.monotonic() + ASK_FORGET
+        return taken, not left
+
+    def _restored(self, root: str, raws: list[bytes], peer: str, names: shortening.Names
+                  ) -> tuple[list[Any], list[bytes]]:
+        """The envelopes of the messages whose short forms restore, and the messages whose do not."""
+        envelopes: list[Any] = []
+        left: list[bytes] = []
         for raw in raws:
             full = shortening.restore(raw, names)
             if full is None:
-                later.append(raw)
-                continue
-            taken += self._unwrap(root, full, peer)
-        self._handle(taken)
-        whole = True
-        if later:
-            again: list[Any] = []
-            for raw in later:
-                full = shortening.restore(raw, names)
-                if full is None:
-                    whole = False
-                    self.node.counters["sync.unrestored"] += 1
-                    continue
-                again += self._unwrap(root, full, peer)
-            self._handle(again)
-            taken += again
-        if not whole:
-            with self._lock:
-                self._full_until = time.monotonic() + ASK_FORGET
-        return taken, whole
+                left.append(raw)
+            else:
+                envelopes += self._unwrap(root, full, peer)
+        return envelopes, left
 
     def _handle(self, taken: list[Any]) -> None:
         if taken:
@@ -1066,9 +1066,7 @@ class Sync:
         rest = {k: v for k, v in body.items() if k not in _OUTSIDE}
         if len(rest) < 2 or peer not in self.node.presence.saying("packed-walks"):
             return body
-        plain = canonical(rest)
-        deflated = packing.deflate(rest)
-        if len(deflated) + 16 >= len(plain):
+        if (deflated := packing.deflated_smaller(rest, 16)) is None:
             return body
         return {k: v for k, v in body.items() if k in _OUTSIDE} | {"deflated": deflated}
 

@@ -35,6 +35,14 @@ def deflate(value: object) -> bytes:
     return zlib.compress(canonical(value), LEVEL)
 
 
+def deflated_smaller(value: object, by: int = 0) -> bytes | None:
+    """deflate(value) when it takes more than `by` bytes fewer than the value's canonical
+    CBOR, else None (encoded once for both)."""
+    plain = canonical(value)
+    deflated = zlib.compress(plain, LEVEL)
+    return deflated if len(deflated) + by < len(plain) else None
+
+
 def smaller(messages: list[bytes]) -> bytes | None:
     """The pack of `messages` when it takes fewer bytes than they do as they are, else None
     (a reply sent packed is never larger than its list, as the size limits allow for)."""

@@ -34,6 +34,11 @@ from .envelope import MalformedError, canonical, strict_loads
 HASH_BYTES = 32
 SHORT = 4
 _NAMED = {"vote": "version", "diff": "parent"}  # the hash in a body that a reader holds
+# each of those names followed by the head of a SHORT-byte string, as CBOR encodes them, and
+# the kind of a diff (whose version later messages may name): a message with none of these
+# has nothing to restore or to note, and is not decoded for it
+_MARKS = (*(canonical(name) + canonical(bytes(SHORT))[:1] for name in _NAMED.values()),
+          canonical("k") + canonical("diff"))
 
 
 def shorten(raw: bytes) -> bytes:
@@ -88,6 +93,8 @@ def restore(raw: bytes, names: Names) -> bytes | None:
     """The message with every shortened name put back (as it is if none is shortened, or if
     it is no message at all: the envelope's checks say what is wrong with it), or None when
     a name cannot be: the reader holds no version of that frame with it, or more than one."""
+    if not any(mark in raw for mark in _MARKS):  # (full votes: no decoding beyond the envelope's own)
+        return raw
     try:
         outer = strict_loads(raw)
     except MalformedError:
