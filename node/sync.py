@@ -8,7 +8,9 @@ how many authored versions and latest-vote rounds it holds. A node whose own dig
     and directly to a node that joins after that answer went out), so that the sender and
     everyone else compare too; answers are not answered. The answer waits a moment
     (ANSWER_STEP for each node before it by node id among those it has heard from) and is
-    dropped if a node in its state answers first;
+    dropped if a node answers first that is in its state, or that holds at least as much
+    (versions and vote rounds) in each level-1 node where the two differ: live votes reach
+    the nodes of one state at different moments;
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
@@ -304,8 +306,11 @@ class Sync:
         self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
                                                   pulling if type(pulling) is bytes else None,
                                                   bool(body.get("welcome") or body.get("hello") and not differing)))
-        if body.get("answer") and not differing:
-            self._answered(root)  # (a node in this state answered: this one need not)
+        if body.get("answer") and (not differing or _at_least(counts, tree.counts(), differing)):
+            # (a node in this state answered, or one that holds at least as much where the two
+            # differ, its votes ahead or a live vote not yet here: this one's answer would tell
+            # the others nothing the first does not)
+            self._answered(root)
         if body.get("hello"):
             # A node (re)joining learns from the nodes in its state that they are, and from
             # one pulling for that state that it is (or that pulled lately, and keeps what its
@@ -352,7 +357,8 @@ class Sync:
     def _answer_soon(self, root: str) -> None:
         """Answer a differing digest with this node's, after waiting ANSWER_STEP for each
         node before it by node id among those it has heard from for the tree, unless a node
-        in its state answers first (_answered): one answer or two from each state, not one
+        in its state, or one at least as far where the two differ, answers first
+        (_answered): one answer from the nodes of a state, not one
         from every node (a node rejoining a swarm of twenty had all nineteen answer, and each
         node then compared nineteen digests at once, a burst of CPU across the swarm that
         held up the writes of that moment). Random waits (up to 0.2 s, before 0.9.4) let two
@@ -1195,6 +1201,11 @@ def _from(before: tuple[bytes, list[list[int]]], hashes: bytes, counts: list[lis
 def _held(counts: list[list[int]], differing: list[int]) -> int:
     """How much a peer holds in the level-1 nodes that differ (versions and vote rounds)."""
     return sum(counts[j][0] + counts[j][1] for j in differing)
+
+
+def _at_least(theirs: list[list[int]], mine: list[list[int]], differing: list[int]) -> bool:
+    """A peer whose counts are at or above ours in every differing level-1 node."""
+    return all(theirs[j][0] >= mine[j][0] and theirs[j][1] >= mine[j][1] for j in differing)
 
 
 def _only_behind(mine: list[list[int]], theirs: list[list[int]], differing: list[int]) -> bool:
