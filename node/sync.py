@@ -9,8 +9,9 @@ how many authored versions and latest-vote rounds it holds. A node whose own dig
     everyone else compare too; answers are not answered. The answer waits a moment
     (ANSWER_STEP for each node before it by node id among those it has heard from) and is
     dropped if a node answers first that is in its state, or that holds at least as much
-    (versions and vote rounds) in each level-1 node where the two differ: live votes reach
-    the nodes of one state at different moments;
+    (versions and vote rounds) in each level-1 node where the two differ, or in each where
+    the digests to answer differ from its own (_told: live votes reach the nodes of one
+    state at different moments);
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
@@ -174,6 +175,7 @@ class Sync:
         self._forwarded: dict[str, tuple[float, list[bytes], dict | None, set[str], tuple | None]] = {}
         self._deciding: dict[str, threading.Timer] = {}  # root -> the decision to pull scheduled
         self._answering: dict[str, threading.Timer] = {}  # root -> this node's answer, waiting (see _answer_soon)
+        self._telling: dict[str, set[int]] = {}  # root -> level-1 nodes where what that answer is for differs
         self._packs: set[str] = set()  # peers whose latest sync-req said they read packed envelopes
         self._batches: set[str] = set()  # peers whose latest sync-req said they read whole batches
         self._horizons: set[str] = set()  # peers whose latest sync-resp said they read items that list the newest
@@ -214,7 +216,7 @@ class Sync:
         with self._lock:
             self._stopped = True
             timers = [*self._deciding.values(), *self._answering.values()]
-            self._deciding, self._answering = {}, {}
+            self._deciding, self._answering, self._telling = {}, {}, {}
         for timer in timers:
             timer.cancel()
         if self._scheduler is not None:
@@ -306,10 +308,7 @@ class Sync:
         self._remember(root, env.sender_id, _Seen(body["hashes"], counts, time.monotonic(),
                                                   pulling if type(pulling) is bytes else None,
                                                   bool(body.get("welcome") or body.get("hello") and not differing)))
-        if body.get("answer") and (not differing or _at_least(counts, tree.counts(), differing)):
-            # (a node in this state answered, or one that holds at least as much where the two
-            # differ, its votes ahead or a live vote not yet here: this one's answer would tell
-            # the others nothing the first does not)
+        if body.get("answer") and self._told(root, counts, tree, differing):
             self._answered(root)
         if body.get("hello"):
             # A node (re)joining learns from the nodes in its state that they are, and from
@@ -337,7 +336,7 @@ class Sync:
         elif lately is not None and body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
         elif lately != pack(level1):
-            self._answer_soon(root)
+            self._answer_soon(root, differing)
         # A node that has just (re)joined waits longer: others in its state may be joining too
         # (after a network split heals), and the first of them is to pull for all. One that
         # has just been brought up to date waits out the exchange timeout: what differs now
@@ -354,19 +353,36 @@ class Sync:
         hashes, at = self._published.get(root, (b"", -ANSWER_GAP))
         return hashes if time.monotonic() - at < ANSWER_GAP else None
 
-    def _answer_soon(self, root: str) -> None:
+    def _told(self, root: str, counts: list[list[int]], tree: Tree, differing: list[int]) -> bool:
+        """Whether an answer (its counts, and where it differs from this node's digest) tells
+        what this node's waiting answer would: it comes from a node in this state; or from
+        one that holds at least as much (versions and vote rounds) in each level-1 node where
+        the two differ, or in each where the digests this node is to answer differ from its
+        own (live votes reach the nodes of one state at different moments: the first to
+        answer may lack a vote this one holds where the joining node needs nothing)."""
+        with self._lock:
+            telling = self._telling.get(root)
+        if telling is None or not differing:
+            return telling is not None
+        mine = tree.counts()
+        return _at_least(counts, mine, differing) or _at_least(counts, mine, sorted(telling))
+
+    def _answer_soon(self, root: str, differing: list[int]) -> None:
         """Answer a differing digest with this node's, after waiting ANSWER_STEP for each
         node before it by node id among those it has heard from for the tree, unless a node
-        in its state, or one at least as far where the two differ, answers first
-        (_answered): one answer from the nodes of a state, not one
-        from every node (a node rejoining a swarm of twenty had all nineteen answer, and each
+        in its state, or one that tells what this one would, answers first (_told,
+        _answered): one answer from the nodes of a state, not one from every node (a node rejoining a swarm of twenty had all nineteen answer, and each
         node then compared nineteen digests at once, a burst of CPU across the swarm that
         held up the writes of that moment). Random waits (up to 0.2 s, before 0.9.4) let two
         or three of seven nodes in a state answer when their answers took longer than the
         gaps between the waits to reach each other."""
         with self._lock:
-            if self._stopped or root in self._answering:
+            if self._stopped:
                 return
+            if root in self._answering:
+                self._telling[root].update(differing)
+                return
+            self._telling[root] = set(differing)
             me = self.node.node_id
             before = sum(peer < me for peer in self._seen.get(root, {}))
             timer = self._answering[root] = threading.Timer(before * ANSWER_STEP, self._answer, (root,))
@@ -376,12 +392,14 @@ class Sync:
     def _answered(self, root: str) -> None:
         with self._lock:
             timer = self._answering.pop(root, None)
+            self._telling.pop(root, None)
         if timer is not None:
             timer.cancel()
             self.node.counters["sync.answers-spared"] += 1
 
     def _answer(self, root: str) -> None:
         with self._lock:
+            self._telling.pop(root, None)
             if self._answering.pop(root, None) is None or self._stopped:
                 return
         try:

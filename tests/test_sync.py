@@ -897,34 +897,52 @@ def test_a_rejoining_node_is_answered_by_one_or_two_of_a_state_not_by_each(membe
                 n.stop()
 
 
-def test_a_node_spares_its_answer_when_one_that_holds_at_least_as_much_answered(member_configs, region, monkeypatch):
+@pytest.mark.parametrize("first_holds", ["more", "less-where-the-joining-node-is-in-step"])
+def test_a_node_spares_its_answer_when_the_first_answer_tells_what_its_own_would(member_configs, region,
+                                                                              monkeypatch, first_holds):
     """Nodes whose states have moved apart by a vote (live votes reach them at different
-    moments) still need one answer to a (re)joining node: the first, from a node that holds
-    a vote the others lack, tells the joining node at least what theirs would, and they keep
-    quiet. (Before, each state answered: the others, all in one state, once more.)"""
+    moments) still need one answer to a (re)joining node. The first answer tells the joining
+    node what theirs would, and they keep quiet, when the node that sent it holds a vote the
+    others lack, or lacks a vote the others hold on a frame where the joining node holds the
+    same as they do. (Before, each state answered: the others, all in one state, once more.)"""
     from edgeswarm.node import sync
+    from edgeswarm.node.digest import FANOUT_BITS, POS_BITS
     from edgeswarm.shared.identity import Identity
     from edgeswarm.shared.topics import region_topic
     monkeypatch.setattr(sync, "ANSWER_STEP", 0.3)  # (waits far apart next to a delivery on a busy machine)
     monkeypatch.setattr(sync, "ANSWER_GAP", 0.0)  # (their own hellos just went out: else they answer it alone)
     configs = member_configs(6, sync_interval=3600, snapshot_interval=0)  # (the sixth never starts)
+    sixth = Identity.load_or_create(configs[5].key_path)
     up = [Node(configs[i]).start() for i in range(4)]
+    first = min(up, key=lambda n: n.node_id)  # (the first of them to answer)
+    others = [n for n in up if n is not first]
+    level1 = lambda key: position(region, key) >> (POS_BITS - FANOUT_BITS)  # noqa: E731
+    keys = [f"k{i}" for i in range(5)]
+    apart = next(f"far{i}" for i in range(1000) if level1(f"far{i}") not in {level1(k) for k in keys})
     late = None
     try:
-        versions = [bytes.fromhex(up[0].put(region, f"k{i}", {"i": i})) for i in range(5)]
+        if first_holds == "more":
+            vote_to, late = [first], Node(configs[4])
+        else:  # a frame the late node holds as the others do, and on it a vote that `first` lacks
+            late = Node(configs[4]).start()
+            far = bytes.fromhex(up[0].put(region, apart, {"far": True}))
+            assert all(n.wait_until(lambda n=n: n.sync.digest(region)["hashes"] == late.sync.digest(region)["hashes"]
+                                    and n.store.has_version(far), TIMEOUT) for n in up)
+            late.stop()
+            late = Node(configs[4])
+            vote_to = [*others, late]
+        versions = [bytes.fromhex(up[0].put(region, k, {"i": i})) for i, k in enumerate(keys)]
         assert all(n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT) for n in up)
         assert all(n.wait_until(lambda n=n: n.sync.digest(region)["hashes"] == up[0].sync.digest(region)["hashes"],
                                 TIMEOUT) for n in up)
-        first = min(up, key=lambda n: n.node_id)  # (the first of them to answer)
-        sixth = Identity.load_or_create(configs[5].key_path)
-        first.receive(region_topic("vote", region), encode(sixth, "vote", region, 1, 1, {
-            "key": "k0", "version": versions[0], "round": 1}).raw)  # (to it alone)
-        mine, theirs = first.sync.digest(region), up[0 if first is not up[0] else 1].sync.digest(region)
-        assert mine["hashes"] != theirs["hashes"] and sync._at_least(
-            mine["counts"], theirs["counts"], list(range(sync.FANOUT)))
+        key = "k0" if first_holds == "more" else apart
+        version = versions[0] if first_holds == "more" else far
+        vote = encode(sixth, "vote", region, 1, 1, {"key": key, "version": version, "round": 1}).raw
+        for n in vote_to:
+            n.receive(region_topic("vote", region), vote)  # (to it alone)
+        assert first.sync.digest(region)["hashes"] != others[0].sync.digest(region)["hashes"]
         assert all(n.wait_until(lambda n=n: not n.sync._answering, TIMEOUT) for n in up)  # (their own hellos')
         before = {n.node_id: (n.counters["sync.answers"], n.counters["sync.answers-spared"]) for n in up}
-        late = Node(configs[4])
         late.transport.persistent = False  # (no broker session kept anything for it)
         late.start()
         assert late.wait_until(lambda: all(late.store.has_version(v) for v in versions), TIMEOUT), late.stats()
@@ -932,7 +950,7 @@ def test_a_node_spares_its_answer_when_one_that_holds_at_least_as_much_answered(
         answered = {n.node_id: n.counters["sync.answers"] - before[n.node_id][0] for n in up}
         assert answered[first.node_id] == 1 and sum(answered.values()) == 1, answered
         assert sum(n.counters["sync.answers-spared"] - before[n.node_id][1] for n in up) == len(up) - 1
-        assert late.wait_until(lambda: late.store.latest_round(region, "k0", sixth.node_id) == 1, TIMEOUT)
+        assert late.wait_until(lambda: late.store.latest_round(region, key, sixth.node_id) == 1, TIMEOUT)
     finally:
         for n in (*up, late):
             if n is not None:
