@@ -365,15 +365,16 @@ class Sync:
         if telling is None or not differing:
             return telling is not None
         mine = tree.counts()
-        return _at_least(counts, mine, differing) or _at_least(counts, mine, sorted(telling))
+        return _at_least(counts, mine, differing) or _at_least(counts, mine, list(telling))
 
     def _answer_soon(self, root: str, differing: list[int]) -> None:
         """Answer a differing digest with this node's, after waiting ANSWER_STEP for each
         node before it by node id among those it has heard from for the tree, unless a node
         in its state, or one that tells what this one would, answers first (_told,
-        _answered): one answer from the nodes of a state, not one from every node (a node rejoining a swarm of twenty had all nineteen answer, and each
-        node then compared nineteen digests at once, a burst of CPU across the swarm that
-        held up the writes of that moment). Random waits (up to 0.2 s, before 0.9.4) let two
+        _answered): one answer from the nodes of a state, not one from every node (a node
+        rejoining a swarm of twenty had all nineteen answer, and each node then compared
+        nineteen digests at once, a burst of CPU across the swarm that held up the writes of
+        that moment). Random waits (up to 0.2 s, before 0.9.4) let two
         or three of seven nodes in a state answer when their answers took longer than the
         gaps between the waits to reach each other."""
         with self._lock:
