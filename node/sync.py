@@ -9,9 +9,8 @@ how many authored versions and latest-vote rounds it holds. A node whose own dig
     everyone else compare too; answers are not answered. The answer waits a moment
     (ANSWER_STEP for each node before it by node id among those it has heard from) and is
     dropped if a node answers first that is in its state, or that holds at least as much
-    (versions and vote rounds) in each level-1 node where the two differ, or in each where
-    the digests to answer differ from its own (_told: live votes reach the nodes of one
-    state at different moments);
+    (versions and vote rounds) in each level-1 node where the digests to answer differ from
+    its own (_told: live votes reach the nodes of one state at different moments);
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
@@ -355,17 +354,17 @@ class Sync:
 
     def _told(self, root: str, counts: list[list[int]], tree: Tree, differing: list[int]) -> bool:
         """Whether an answer (its counts, and where it differs from this node's digest) tells
-        what this node's waiting answer would: it comes from a node in this state; or from
+        what this node's waiting answer would: it comes from a node in this state, or from
         one that holds at least as much (versions and vote rounds) in each level-1 node where
-        the two differ, or in each where the digests this node is to answer differ from its
-        own (live votes reach the nodes of one state at different moments: the first to
-        answer may lack a vote this one holds where the joining node needs nothing)."""
+        the digests this node is to answer differ from its own (live votes reach the nodes of
+        one state at different moments: the first to answer may hold a vote this one lacks,
+        or lack one this one holds where the joining node needs nothing). Where the answer's
+        hash is this node's, so are its counts."""
         with self._lock:
             telling = self._telling.get(root)
         if telling is None or not differing:
             return telling is not None
-        mine = tree.counts()
-        return _at_least(counts, mine, differing) or _at_least(counts, mine, list(telling))
+        return _at_least(counts, tree.counts(), list(telling))
 
     def _answer_soon(self, root: str, differing: list[int]) -> None:
         """Answer a differing digest with this node's, after waiting ANSWER_STEP for each
@@ -1222,9 +1221,9 @@ def _held(counts: list[list[int]], differing: list[int]) -> int:
     return sum(counts[j][0] + counts[j][1] for j in differing)
 
 
-def _at_least(theirs: list[list[int]], mine: list[list[int]], differing: list[int]) -> bool:
-    """A peer whose counts are at or above ours in every differing level-1 node."""
-    return all(theirs[j][0] >= mine[j][0] and theirs[j][1] >= mine[j][1] for j in differing)
+def _at_least(theirs: list[list[int]], mine: list[list[int]], nodes: list[int]) -> bool:
+    """A peer whose counts are at or above ours in each of these level-1 nodes."""
+    return all(theirs[j][0] >= mine[j][0] and theirs[j][1] >= mine[j][1] for j in nodes)
 
 
 def _only_behind(mine: list[list[int]], theirs: list[list[int]], differing: list[int]) -> bool:
