@@ -117,7 +117,9 @@ class Presence:
     def fingerprint(self) -> dict:
         store = self.store
         frames = store.frame_counts()
-        rejected = sum(v for k, v in self.node.counters.items() if k.startswith("rejected."))
+        # (a copy first: other threads add counters meanwhile, and a dict that grows while a
+        # generator walks it raises)
+        rejected = sum(v for k, v in dict(self.node.counters).items() if k.startswith("rejected."))
         return {"session": self.session, "frames": frames["frames"], "shadows": frames["shadows"],
                 "forks": store.fork_count(), "pending": store.count_pending(), "rejected": rejected,
                 "agreement": 1.0 if not frames["frames"] else round(1 - frames["shadows"] / frames["frames"], 4),

@@ -10,7 +10,8 @@ how many authored versions and latest-vote rounds it holds. A node whose own dig
     (ANSWER_STEP for each node before it by node id among those it has heard from) and is
     dropped if a node answers first that is in its state, or that holds at least as much
     (versions and vote rounds) in each level-1 node where the digests to answer differ from
-    its own (_told: live votes reach the nodes of one state at different moments);
+    its own (_told: live votes reach the nodes of one state at different moments); a node
+    joining soon after is left to the node that answered, which answers it alone;
   - a moment later (SETTLE; JOIN_SETTLE just after its own hello, since others in its
     state may be reconnecting too) decides: pull from a peer that holds something it lacks
     (the counts tell a peer that is only behind), or follow a peer in its own state.
@@ -162,6 +163,7 @@ class Sync:
         # root -> peer -> the latest digest seen from it
         self._seen: dict[str, dict[str, _Seen]] = {}
         self._published: dict[str, tuple[bytes, float]] = {}  # root -> (level-1 hashes, when) last published
+        self._spared: dict[str, float] = {}  # root -> when an answer last spared this node's
         self._deferred: dict[str, tuple[float, set[str]]] = {}  # root -> (when this node followed, peers ahead then)
         self._relayed: dict[str, list[bytes] | None] = {}  # root -> envelopes forwarded to this node so far
         self._relaying: dict[str, set[str]] = {}  # root -> the followers of this node sent them from the first
@@ -334,6 +336,9 @@ class Sync:
             pass
         elif lately is not None and body.get("hello"):  # it joined after our answer went out: to it alone
             self._send(env.sender_id, "digest", self.digest(root, tree) | {"answer": True})
+        elif body.get("hello") and self._spared_lately(root):
+            # (it joined after an answer that told what ours would: that node answers it alone)
+            self.node.counters["sync.answers-spared"] += 1
         elif lately != pack(level1):
             self._answer_soon(root, differing)
         # A node that has just (re)joined waits longer: others in its state may be joining too
@@ -389,10 +394,21 @@ class Sync:
         timer.daemon = True
         timer.start()
 
+    def _spared_lately(self, root: str) -> bool:
+        """Whether an answer spared this node's less than half ANSWER_GAP ago: the node that
+        gave it answers a node joining within ANSWER_GAP after it to that node alone, with
+        its digest as it is then (half: it answered before this node heard it; and the states
+        of both may have moved since by the live votes on what the first newcomer pulled, so
+        their counts would tell nothing)."""
+        with self._lock:
+            return time.monotonic() - self._spared.get(root, -ANSWER_GAP) < ANSWER_GAP / 2
+
     def _answered(self, root: str) -> None:
         with self._lock:
             timer = self._answering.pop(root, None)
             self._telling.pop(root, None)
+            if timer is not None:
+                self._spared[root] = time.monotonic()
         if timer is not None:
             timer.cancel()
             self.node.counters["sync.answers-spared"] += 1

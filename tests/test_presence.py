@@ -106,3 +106,20 @@ def test_a_clean_stop_whose_clearing_never_reaches_the_broker_still_ends_the_nod
     b = make_node()
     assert b.wait_until(lambda: peer(b, a).get("death_hlc") is not None, TIMEOUT), peer(b, a)
     assert peer(b, a)["alive"] == 0 and a.node_id not in b.relay.authors
+
+
+def test_a_fingerprint_is_made_while_other_threads_add_counters(make_node):
+    """The network thread and the inbox worker count new things (a first rejection of a
+    kind, a first answer spared) while a fingerprint is made, even as the node starts: the
+    fingerprint reads a copy of the counters, never the dict that grows under it."""
+    import threading
+    node = make_node(start=False)
+    counting = threading.Thread(target=lambda: [node.counters.update({f"rejected.kind-{i}": 1})
+                                                for i in range(200_000)], daemon=True)
+    counting.start()
+    made = 0
+    while counting.is_alive():
+        assert node.presence.fingerprint()["rejected"] >= 0
+        made += 1
+    counting.join()
+    assert made and node.presence.fingerprint()["rejected"] == 200_000

@@ -957,6 +957,43 @@ def test_a_node_spares_its_answer_when_the_first_answer_tells_what_its_own_would
                 n.stop()
 
 
+def test_a_node_joining_just_after_an_answer_is_answered_by_that_node_alone(member_configs, region, monkeypatch):
+    """Nodes reconnect one after another as a split heals, each with a hello. The nodes that
+    kept quiet for the first answer leave the next hellos to the node that gave it (it
+    answers each newcomer directly, as it answered within ANSWER_GAP): one answer on the
+    region topic, not one more from the next node by id for each newcomer."""
+    from edgeswarm.node import sync
+    monkeypatch.setattr(sync, "ANSWER_STEP", 0.3)  # (waits far apart next to a delivery on a busy machine)
+    monkeypatch.setattr(sync, "ANSWER_GAP", 4.0)  # (the next node joins within half of it)
+    configs = member_configs(6, sync_interval=3600, snapshot_interval=0)
+    up = [Node(configs[i]).start() for i in range(4)]
+    late = []
+    try:
+        versions = [bytes.fromhex(up[0].put(region, f"k{i}", {"i": i})) for i in range(5)]
+        assert all(n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT) for n in up)
+        assert all(n.wait_until(lambda n=n: n.sync.digest(region)["hashes"] == up[0].sync.digest(region)["hashes"],
+                                TIMEOUT) for n in up)
+        deadline = time.monotonic() + TIMEOUT  # (their own hellos' answers out of the way)
+        while (any(n.sync._answering or n.sync._published_lately(region) for n in up)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        before = {n.node_id: n.counters["sync.answers"] for n in up}
+        answers = lambda: sum(n.counters["sync.answers"] - before[n.node_id] for n in up)  # noqa: E731
+        for cfg in configs[4:]:
+            node = Node(cfg)
+            node.transport.persistent = False  # (no broker session kept anything for it)
+            late.append(node.start())
+            assert up[0].wait_until(lambda: answers() >= 1 and not any(n.sync._answering for n in up), TIMEOUT)
+        first = next(n for n in up if n.counters["sync.answers"] > before[n.node_id])
+        for node in late:
+            assert node.wait_until(lambda node=node: all(node.store.has_version(v) for v in versions), TIMEOUT)
+            assert first.node_id in node.sync._seen[region]  # (its answer reached each)
+        assert answers() == 1, {n.node_id: n.counters["sync.answers"] - before[n.node_id] for n in up}
+    finally:
+        for n in (*up, *late):
+            n.stop()
+
+
 def _sync_bodies(attacker, kind: str) -> tuple[list[tuple[str, dict]], threading.Event]:
     """(topic's node id, body) of every `kind` message sent to any node, as the broker
     delivers them to a plain client."""
