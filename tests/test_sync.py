@@ -988,6 +988,7 @@ def test_a_node_joining_just_after_an_answer_is_answered_by_that_node_alone(memb
         for node in late:
             assert node.wait_until(lambda node=node: all(node.store.has_version(v) for v in versions), TIMEOUT)
             assert first.node_id in node.sync._seen[region]  # (its answer reached each)
+        assert all(n.wait_until(lambda n=n: not n.sync._answering, TIMEOUT) for n in up)
         assert answers() == 1, {n.node_id: n.counters["sync.answers"] - before[n.node_id] for n in up}
     finally:
         for n in (*up, *late):
