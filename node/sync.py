@@ -859,16 +859,12 @@ class Sync:
                 if not entry[1]:
                     del asked[peer]
                 pull = self._pulls.get(root)
-                last = self._forwarded.get(root)
-                if pull is not None:
+                if pull is None:
+                    followers = self._kept_for_late(root, raws)
+                else:
                     if pull.taken is not None:
                         pull.taken.extend(raws)
                     followers = []
-                elif last is None or not raws:
-                    followers = []
-                else:
-                    last[1].extend(raws)  # (for followers that come late)
-                    followers = list(last[3])
         for follower in followers:
             self._send_envelopes(follower, root, raws, {"own": True})
 
@@ -879,8 +875,15 @@ class Sync:
             if (buffer := self._relayed.get(root)) is not None:
                 buffer.extend(raws)
             return list(self._relaying[root])
+        if (last := self._forwarded.get(root)) is not None and last[4] is not None:  # (its own pull's)
+            return []
+        return self._kept_for_late(root, raws)
+
+    def _kept_for_late(self, root: str, raws: list[bytes]) -> list[str]:
+        """(Under the lock.) Envelopes added to what this node forwarded last, for followers
+        that come late; the peers it was forwarded to, which they go on to."""
         last = self._forwarded.get(root)
-        if last is None or last[4] is not None or not raws:  # (none, or its own pull's)
+        if last is None or not raws:
             return []
         last[1].extend(raws)
         return list(last[3])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import reduce
 from operator import xor
@@ -769,12 +771,23 @@ def _written_while_away(a, d, region) -> list[bytes]:
     return versions
 
 
-def _away(configs) -> list[Node]:
-    """Nodes that were away, for which no broker session kept anything."""
-    nodes = [Node(cfg) for cfg in configs]
-    for n in nodes:
-        n.transport.persistent = False
-    return nodes
+@contextmanager
+def _two_away(member_configs, region) -> Iterator[tuple[Node, list[bytes], list[Node]]]:
+    """(a, versions, the two nodes away): four members; a writes twenty frames
+    (_written_while_away) while two of them are away, for which no broker session kept
+    anything (not started yet). All four stop as the block ends."""
+    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
+    nodes = [Node(configs[0]).start(), Node(configs[3]).start()]
+    try:
+        versions = _written_while_away(*nodes, region)
+        away = [Node(cfg) for cfg in configs[1:3]]
+        nodes += away
+        for n in away:
+            n.transport.persistent = False
+        yield nodes[0], versions, away
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["one-after-the-other", "together"])
@@ -784,12 +797,7 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
     together, each welcomed the other, and each followed the other.)"""
     from edgeswarm.node import sync
     monkeypatch.setattr(sync, "JOIN_SETTLE", 3.0)  # time for the second to join before the first decides
-    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
-    a, d = Node(configs[0]).start(), Node(configs[3]).start()
-    b = c = None
-    try:
-        versions = _written_while_away(a, d, region)
-        b, c = _away(configs[1:3])
+    with _two_away(member_configs, region) as (_, versions, (b, c)):
         starts = [threading.Thread(target=n.start) for n in (b, c)]  # each says hello (its digest) as it connects
         for t in starts:
             t.start()
@@ -805,10 +813,6 @@ def test_nodes_rejoining_in_one_state_pull_once_and_forward(member_configs, regi
         assert follower.counters["sync.deferred"] == 1 and leader.counters["sync.forwarded"] == 1
         assert follower.counters["sync.envelopes"] >= len(versions)
         assert follower.counters["sync.already-held"] == 0
-    finally:
-        for n in (a, d, b, c):
-            if n is not None:
-                n.stop()
 
 
 def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(member_configs, region,
@@ -820,12 +824,8 @@ def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(me
     digest as it decided, and pulled for itself too."""
     from edgeswarm.node import sync
     monkeypatch.setattr(sync, "JOIN_SETTLE", 3.0)  # time for the second to join before the first decides
-    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
-    a, d = Node(configs[0]).start(), Node(configs[3]).start()
-    rejoining = []
-    try:
-        versions = _written_while_away(a, d, region)
-        rejoining = sorted(_away(configs[1:3]), key=lambda n: n.node_id, reverse=True)
+    with _two_away(member_configs, region) as (_, versions, away):
+        rejoining = sorted(away, key=lambda n: n.node_id, reverse=True)
         first, second = rejoining  # (the first back is the later by node id: it is to follow the second)
         first.start()
         second.start()
@@ -836,21 +836,13 @@ def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(me
         assert second.counters["sync.pulls"] == 1 and first.counters["sync.pulls"] == 0, \
             (first.counters, second.counters)
         assert first.counters["sync.deferred"] == 1
-    finally:
-        for n in [a, d, *rejoining]:
-            n.stop()
 
 
 def test_a_node_that_rejoins_after_a_pull_for_its_state_ended_follows_that_pull(member_configs, region):
     """Two nodes missed the same writes; the second comes back after the first has pulled
     them: the first, still keeping what its pull brought, welcomes its hello as in the state
     it pulled from, and the second follows it and takes that, rather than pulling itself."""
-    configs = member_configs(4, sync_interval=3600, snapshot_interval=0)
-    a, d = Node(configs[0]).start(), Node(configs[3]).start()
-    first = second = None
-    try:
-        versions = _written_while_away(a, d, region)
-        first, second = _away(configs[1:3])
+    with _two_away(member_configs, region) as (a, versions, (first, second)):
         first.start()
         assert first.wait_until(lambda: all(first.store.has_version(v) for v in versions), TIMEOUT), first.stats()
         assert first.wait_until(lambda: region in first.sync._forwarded, TIMEOUT)  # (its pull ended)
@@ -862,10 +854,6 @@ def test_a_node_that_rejoins_after_a_pull_for_its_state_ended_follows_that_pull(
         assert second.counters["sync.deferred"] == 1 and first.counters["sync.forwarded"] == 1
         for n in (a, first):
             assert digests_meet(second, n, region, TIMEOUT)
-    finally:
-        for n in (a, d, first, second):
-            if n is not None:
-                n.stop()
 
 
 def test_a_rejoining_node_is_answered_by_one_or_two_of_a_state_not_by_each(member_configs, region, monkeypatch):
