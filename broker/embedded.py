@@ -34,6 +34,21 @@ class _DroppedDeliveryTrace(logging.Filter):
 _DROPPED = _DroppedDeliveryTrace()
 
 
+class _Subscriptions(dict):
+    """amqtt's table of subscriptions (topic filter: subscribers), walked through copies.
+    amqtt walks it across awaits: for a connecting client, sending the retained messages
+    each filter matches; for a message, asking the topic plugin about each subscriber. A
+    client subscribing to a new filter meanwhile raised "dictionary changed size during
+    iteration", which ended the connecting client's session handling (a CONNACK and nothing
+    after), or the rest of that message's deliveries (amqtt 0.12)."""
+
+    def __iter__(self):
+        return iter(list(dict.keys(self)))
+
+    def items(self):
+        return list(dict.items(self))
+
+
 class BrokerError(Exception):
     """The embedded broker could not start (port taken, bad address, ...)."""
 
@@ -98,6 +113,7 @@ class EmbeddedBroker:
 
                 async def boot() -> None:
                     self._broker = Broker(self.config())
+                    self._broker._subscriptions = _Subscriptions()
                     await self._broker.start()
 
                 loop.run_until_complete(boot())

@@ -70,3 +70,59 @@ def test_a_delivery_nobody_acknowledges_is_told_in_one_line_not_a_traceback(capl
             silent.close()
     told = [r for r in caplog.records if "PUBACK" in r.getMessage() or (r.exc_info and "PUBACK" in str(r.exc_info[1]))]
     assert len(told) == 1 and told[0].exc_info is None, [r.getMessage() for r in told]
+
+
+def _client(broker: EmbeddedBroker, name: str) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    return c
+
+
+def test_clients_connecting_while_others_subscribe_are_all_served():
+    """The broker walks its table of subscriptions, pausing at each to send the retained
+    messages it matches, for every client that connects; a subscription to a new topic
+    filter by another client meanwhile used to end the connecting client's session
+    handling (it got its CONNACK and nothing after: no SUBACK, no message)."""
+    with EmbeddedBroker() as broker:
+        keeper = _client(broker, "keeper")
+        filters = [f"es/v1/test/kept/{i}" for i in range(100)]
+        for t in filters:
+            keeper.publish(t, b"r", qos=1, retain=True).wait_for_publish(5)
+        keeper.subscribe([(t, 0) for t in filters])
+        adding = threading.Event()
+        def subscribe_new() -> None:  # (one at a time: each SUBACK awaited)
+            acked = threading.Semaphore(1)
+            adder = _client(broker, "adder")
+            adder.on_subscribe = lambda *a: acked.release()
+            try:
+                j = 0
+                while not adding.is_set() and acked.acquire(timeout=5):
+                    adder.subscribe(f"es/v1/test/new/{j}", qos=0)
+                    j += 1
+            finally:
+                adder.disconnect()
+                adder.loop_stop()
+        thread = threading.Thread(target=subscribe_new)
+        thread.start()
+        unserved = []
+        try:
+            for k in range(20):
+                subscribed = threading.Event()
+                c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"joiner-{k}", protocol=mqtt.MQTTv311)
+                c.on_connect = lambda c_, *a: c_.subscribe("es/v1/test/joined", qos=1)
+                c.on_subscribe = lambda *a, e=subscribed: e.set()
+                c.connect(broker.host, broker.port)
+                c.loop_start()
+                served = subscribed.wait(3)
+                c.disconnect()
+                c.loop_stop()
+                if not served:
+                    unserved.append(k)
+                    break
+        finally:
+            adding.set()
+            thread.join(10)
+            keeper.disconnect()
+            keeper.loop_stop()
+        assert not unserved, f"clients {unserved} got no SUBACK"
