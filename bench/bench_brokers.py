@@ -127,10 +127,13 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=20, help="swarm-sim node processes")
     p.add_argument("--seconds", type=float, default=10.0, help="swarm-sim load time")
     p.add_argument("--rate", type=float, default=2.0, help="swarm-sim writes per second per writer")
+    p.add_argument("--voters", type=int, default=0, help="swarm-sim nodes that vote, the writers among them "
+                   "(default 0: every node)")
     p.add_argument("--batch", type=int, default=100, help="frames per node.batch() in the batched run")
     p.add_argument("--pairs", type=int, default=3, help="raw and batched runs, in turn")
     args = p.parse_args()
-    workload = Workload(nodes=args.nodes, seconds=args.seconds, rate=args.rate)
+    workload = Workload(nodes=args.nodes, seconds=args.seconds, rate=args.rate, voters=args.voters)
+    workload.check()
     columns: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         brokers = [("embedded amqtt", stack.enter_context(EmbeddedBroker()), "3.1.1", mqtt.MQTTv311)]

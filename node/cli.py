@@ -519,7 +519,7 @@ def cmd_swarm_sim(args: argparse.Namespace) -> int:
     from .harness import HarnessError
     from .swarmsim import Workload, report, run
     w = Workload(nodes=args.nodes, regions=args.regions, writers=args.writers, rate=args.rate, seconds=args.seconds,
-                 conflicts=args.conflicts, outages=args.outages, seed=args.seed)
+                 conflicts=args.conflicts, outages=args.outages, seed=args.seed, voters=args.voters)
     w.check()
     try:
         if args.broker:
@@ -726,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--conflicts", type=float, default=0.05, help="share of writes made as a concurrent pair")
     sp.add_argument("--outages", type=int, default=2, help="nodes (not writers) that lose power for 3 s")
     sp.add_argument("--seed", type=int, default=1)
+    sp.add_argument("--voters", type=int, default=0, help="nodes that are members and vote (the writers among "
+                    "them); the others follow the regions without voting (default 0: every node votes)")
     sp.add_argument("--broker", action="append", metavar="URL", help="a broker to run on instead of an embedded "
                     "one; repeat for a cluster's endpoints (the nodes are spread over them)")
     sp.add_argument("--protocol", default="auto", choices=["auto", "5", "3.1.1"])

@@ -59,6 +59,7 @@ class Workload:
     outages: int = 2  # nodes that lose power during the run
     outage_seconds: float = 3.0
     seed: int = 1
+    voters: int = 0  # nodes that are members (vote; the writers among them), the others follow; 0: every node
 
     def check(self) -> None:
         if self.nodes < 2:
@@ -68,6 +69,9 @@ class Workload:
         if self.regions * self.writers + self.outages > self.nodes:
             raise ValueError(f"{self.regions} regions x {self.writers} writers and {self.outages} outages "
                              f"need more than {self.nodes} nodes")
+        if self.voters and not self.regions * self.writers <= self.voters <= self.nodes:
+            raise ValueError(f"voters is between the {self.regions * self.writers} writers and the {self.nodes} nodes"
+                             " (0: every node)")
         if not 0 <= self.conflicts <= 1:
             raise ValueError("conflicts is a share between 0 and 1")
 
@@ -193,7 +197,8 @@ def run(w: Workload, broker_urls: list[str], protocol: str = "auto", home: Path 
         ids = [Identity.load_or_create(Config(home=h).key_path).node_id for h in homes]
         # several brokers (a cluster's endpoints): node i starts on the i-th, the others to fail over to
         members = [_Member(Config(home=h, regions=[root], broker_urls=broker_urls[i % len(broker_urls):]
-                                  + broker_urls[:i % len(broker_urls)], protocol=protocol, members=ids))
+                                  + broker_urls[:i % len(broker_urls)], protocol=protocol,
+                                  members=ids[:w.voters or None]))
                    for i, h in enumerate(homes)]
         started: list[_Member] = []
         try:
@@ -322,7 +327,9 @@ def _ms(figure: tuple) -> str:
 def report(w: Workload, f: dict, broker: str) -> str:
     conflict = "none" if f["conflict_rate"] is None else f"{f['conflict_rate'] * 100:.1f} % of frames kept a fork"
     lines = [
-        f"swarm-sim: {w.nodes} nodes on {broker}; {w.regions} regions x {w.writers} writers at {w.rate:g}/s "
+        f"swarm-sim: {w.nodes} nodes on {broker}"
+        + (f", {w.voters} of them voting members" if w.voters and w.voters < w.nodes else "")
+        + f"; {w.regions} regions x {w.writers} writers at {w.rate:g}/s "
         f"for {w.seconds:g} s, {w.conflicts * 100:g} % of writes in concurrent pairs, "
         f"{w.outages} power cuts of {w.outage_seconds:g} s",
         f"  convergence {f['convergence'] * 100:.1f} % of (node, frame) on the same consensus; digests "

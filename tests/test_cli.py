@@ -177,6 +177,7 @@ def test_errors_are_one_line(tmp_path):
     assert_one_line_error(cli("put", "plant", "--batch", tmp_path / "none.jsonl", home=home), "none.jsonl")
     assert_one_line_error(cli("put", "plant/+", "k", "{}", home=home), "forbidden character")
     assert_one_line_error(cli("put", "plant", "k", "{}", home=home), "cannot reach broker")
+    assert_one_line_error(cli("swarm-sim", "--voters", "3"), "voters is between the 4 writers and the 20 nodes")
 
     config = home / "config.toml"
     good = config.read_text()
