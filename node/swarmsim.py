@@ -294,6 +294,11 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
     for m in members:
         counters.update(m.call("counters"))
         counters.update(m.sent)
+    followers = members[w.voters:] if w.voters else []
+    followed = Counter()
+    for m in followers:
+        followed.update(m.call("counters"))
+        followed.update(m.sent)
     metrics = [m.call("metrics") for m in members]
     conflict = [x["conflict_rate"] for x in metrics if x["conflict_rate"] is not None]
     depth = [x["trace_depth"] for x in metrics if x["trace_depth"] is not None]
@@ -316,6 +321,7 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
                              if k.startswith("bytes-in.")},
         "cpu_ms_per_write": sum(m.cpu for m in members) * 1000 / frames,
         "first_errors": errors[:3],
+        "followers_votes_out": followed["bytes-out.vote"] + followed["bytes-out.diff"],
     }
 
 
@@ -339,6 +345,8 @@ def report(w: Workload, f: dict, broker: str) -> str:
         f"  conflicts: {conflict}",
         f"  write -> consensus: on the writer {_ms(f['writer_ms'])}; on each node {_ms(f['node_ms'])}; "
         f"on every node up since the write {_ms(f['everywhere_ms'])}",
+        *([f"  diffs and votes published by the nodes that are not members ({w.nodes - w.voters}): "
+           f"{f['followers_votes_out']:,} B"] if w.voters and w.voters < w.nodes else []),
         "  on the writer, each writer's p50 / p99: " + ", ".join(f"{p50:,.0f} / {p99:,.0f} ms"
                                                               for p50, p99, _ in f["by_writer_ms"]),
         f"  trace depth {f['trace_depth'] or 0:.1f} (nodes whose trace confirms a consensus version"

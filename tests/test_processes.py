@@ -170,7 +170,7 @@ def test_a_rewritten_trace_entry_is_caught_by_node_processes(tmp_path, broker, r
 def test_swarm_sim_converges_with_conflicts_and_power_cuts(broker):
     """`edgeswarm swarm-sim`: node processes, concurrent writers, a node losing power; the
     command fails unless every node ends on the same state with no write lost. Four of the
-    five vote; the fifth, the one that loses power, follows without voting."""
+    five are members; the fifth, the one that loses power, follows them."""
     out = subprocess.run([sys.executable, "-m", "edgeswarm.node.cli", "swarm-sim", "--nodes", "5", "--regions", "1",
                           "--writers", "2", "--rate", "4", "--seconds", "3", "--conflicts", "0.2", "--outages", "1",
                           "--voters", "4",
@@ -178,6 +178,7 @@ def test_swarm_sim_converges_with_conflicts_and_power_cuts(broker):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "4 of them voting members" in out.stdout, out.stdout
+    assert "diffs and votes published by the nodes that are not members (1): 0 B" in out.stdout, out.stdout
     assert "convergence 100.0 %" in out.stdout and "frames lost: 0 of" in out.stdout, out.stdout
     written = int(out.stdout.split("frames lost: 0 of ")[1].split()[0])
     assert written >= 20, out.stdout  # 2 writers x 4/s x 3 s, and the conflicting pairs
