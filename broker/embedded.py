@@ -40,7 +40,8 @@ class _Subscriptions(dict):
     each filter matches; for a message, asking the topic plugin about each subscriber. A
     client subscribing to a new filter meanwhile raised "dictionary changed size during
     iteration", which ended the connecting client's session handling (a CONNACK and nothing
-    after), or the rest of that message's deliveries (amqtt 0.12)."""
+    after), or, with a roster, that message's deliveries to the subscribers not yet reached
+    (QoS 1 messages the publisher had been acknowledged, lost: amqtt 0.12)."""
 
     def __iter__(self):
         return iter(list(dict.keys(self)))

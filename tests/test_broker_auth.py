@@ -254,3 +254,46 @@ def test_a_broker_started_with_revocations_refuses_those_nodes_from_the_start(tm
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_every_message_reaches_every_subscriber_while_others_subscribe(roster_broker, admin):
+    """With a roster, the broker asks its topic check about each subscriber of a message, and
+    waits for the answer in the middle of its walk over the subscriptions; a subscription to
+    a new filter by another client meanwhile used to end that walk, and the subscribers after
+    that point did not get the message."""
+    login = (roster.ADMIN_USERNAME, roster.admin_password(admin))
+    keeper, receiver, adder, publisher = (Client(roster_broker, *login) for _ in range(4))
+    got: set[bytes] = set()
+    everything = threading.Event()
+    count = 300
+    def on_message(client, userdata, message) -> None:
+        got.add(message.payload)
+        if len(got) == count:
+            everything.set()
+    receiver.client.on_message = on_message
+    adding = threading.Event()
+    def subscribe_new() -> None:  # (one at a time: each SUBACK awaited)
+        acked = threading.Semaphore(1)
+        adder.client.on_subscribe = lambda *a: acked.release()
+        j = 0
+        while not adding.is_set() and acked.acquire(timeout=5):
+            adder.client.subscribe(f"es/v1/node/n{j}/birth", qos=0)
+            j += 1
+    try:
+        for client, topic in ((keeper, "es/v1/node/flood/#"), (receiver, "es/v1/node/flood/birth")):
+            done = threading.Event()
+            client.client.on_subscribe = lambda *a, e=done: e.set()
+            client.client.subscribe(topic, qos=1)
+            assert done.wait(TIMEOUT)
+        thread = threading.Thread(target=subscribe_new)
+        thread.start()
+        try:
+            for i in range(count):
+                publisher.client.publish("es/v1/node/flood/birth", str(i).encode(), qos=1).wait_for_publish(TIMEOUT)
+            assert everything.wait(TIMEOUT), f"{count - len(got)} of {count} messages never reached the subscriber"
+        finally:
+            adding.set()
+            thread.join(TIMEOUT)
+    finally:
+        for client in (keeper, receiver, adder, publisher):
+            client.close()
