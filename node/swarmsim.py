@@ -291,14 +291,13 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
         if not m.call("has_versions", versions):
             lost.update(v for v in versions if not m.call("has_versions", [v]))
     counters = Counter()
-    for m in members:
-        counters.update(m.call("counters"))
-        counters.update(m.sent)
-    followers = members[w.voters:] if w.voters else []
-    followed = Counter()
-    for m in followers:
-        followed.update(m.call("counters"))
-        followed.update(m.sent)
+    followed = Counter()  # (of the nodes that are not members)
+    for i, m in enumerate(members):
+        mine = Counter(m.call("counters"))
+        mine.update(m.sent)
+        counters.update(mine)
+        if w.voters and i >= w.voters:
+            followed.update(mine)
     metrics = [m.call("metrics") for m in members]
     conflict = [x["conflict_rate"] for x in metrics if x["conflict_rate"] is not None]
     depth = [x["trace_depth"] for x in metrics if x["trace_depth"] is not None]
@@ -332,9 +331,10 @@ def _ms(figure: tuple) -> str:
 
 def report(w: Workload, f: dict, broker: str) -> str:
     conflict = "none" if f["conflict_rate"] is None else f"{f['conflict_rate'] * 100:.1f} % of frames kept a fork"
+    following = w.nodes - w.voters if w.voters else 0  # (nodes that are not members)
     lines = [
         f"swarm-sim: {w.nodes} nodes on {broker}"
-        + (f", {w.voters} of them voting members" if w.voters and w.voters < w.nodes else "")
+        + (f", {w.voters} of them voting members" if following else "")
         + f"; {w.regions} regions x {w.writers} writers at {w.rate:g}/s "
         f"for {w.seconds:g} s, {w.conflicts * 100:g} % of writes in concurrent pairs, "
         f"{w.outages} power cuts of {w.outage_seconds:g} s",
@@ -345,8 +345,8 @@ def report(w: Workload, f: dict, broker: str) -> str:
         f"  conflicts: {conflict}",
         f"  write -> consensus: on the writer {_ms(f['writer_ms'])}; on each node {_ms(f['node_ms'])}; "
         f"on every node up since the write {_ms(f['everywhere_ms'])}",
-        *([f"  diffs and votes published by the nodes that are not members ({w.nodes - w.voters}): "
-           f"{f['followers_votes_out']:,} B"] if w.voters and w.voters < w.nodes else []),
+        *([f"  diffs and votes published by the nodes that are not members ({following}): "
+           f"{f['followers_votes_out']:,} B"] if following else []),
         "  on the writer, each writer's p50 / p99: " + ", ".join(f"{p50:,.0f} / {p99:,.0f} ms"
                                                               for p50, p99, _ in f["by_writer_ms"]),
         f"  trace depth {f['trace_depth'] or 0:.1f} (nodes whose trace confirms a consensus version"
