@@ -326,7 +326,7 @@ def _figures(w: Workload, members: list[_Member], regions: list[str], settled: b
 
 def _ms(figure: tuple) -> str:
     p50, p99, n = figure
-    return f"p50 {p50:,.1f} ms, p99 {p99:,.1f} ms" if n else "none measured"
+    return f"p50 {p50:,.1f} ms, p99 {p99:,.1f} ms (of {n:,})" if n else "none measured"
 
 
 def report(w: Workload, f: dict, broker: str) -> str:
