@@ -135,31 +135,39 @@ def main() -> None:
     workload = Workload(nodes=args.nodes, seconds=args.seconds, rate=args.rate, voters=args.voters)
     workload.check()
     columns: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        brokers = [("embedded amqtt", stack.enter_context(EmbeddedBroker()), "3.1.1", mqtt.MQTTv311)]
+    with tempfile.TemporaryDirectory() as tmp:
+        # (one broker at a time: the embedded one, in this process, would otherwise go on
+        # retrying deliveries to the swarm-sim's stopped nodes while Mosquitto is measured)
+        brokers = [("embedded amqtt", EmbeddedBroker, "3.1.1", mqtt.MQTTv311)]
         if find_mosquitto():
-            brokers.append(("mosquitto", stack.enter_context(MosquittoProcess(Path(tmp))), "5", mqtt.MQTTv5))
+            brokers.append(("mosquitto", lambda: MosquittoProcess(Path(tmp)), "5", mqtt.MQTTv5))
         else:
             print("mosquitto is not installed: only the embedded broker is measured")
-        for name, broker, protocol, paho_protocol in brokers:
-            region = f"bench/brokers/{int(time.time() * 1000)}"
-            pairs = []
-            for i in range(args.pairs):
-                raw = raw_paho(broker.host, broker.port, paho_protocol, region_topic("diff", region + f"/r{i}"),
-                               signed_diffs(region + f"/r{i}", args.frames))
-                batched = edgeswarm_frames(broker.host, broker.port, protocol, region + f"/b{i}", args.frames,
-                                           args.batch)
-                pairs.append((batched / raw, raw, batched))
-                print(f"{name}: raw paho {raw:,.0f} msg/s, edgeswarm {batched:,.0f} frames/s in batches of "
-                      f"{args.batch} ({batched / raw:.0%})", flush=True)
-            _, raw, batched = sorted(pairs)[len(pairs) // 2]
-            frames = edgeswarm_frames(broker.host, broker.port, protocol, region, args.frames, 1)
-            print(f"{name}: edgeswarm {frames:,.0f} frames/s one by one", flush=True)
-            figures = run(workload, [broker.url], protocol)
-            print(report(workload, figures, f"{name} ({broker.url})"), flush=True)
-            columns[name] = {"raw": raw, "frames": frames, "batched": batched, "sim": figures,
-                             "ratios": [r for r, _, _ in pairs]}
+        for name, make, protocol, paho_protocol in brokers:
+            with make() as broker:
+                columns[name] = measure(name, broker, protocol, paho_protocol, args, workload)
     table(columns, args.frames, args.batch, workload)
+
+
+def measure(name: str, broker, protocol: str, paho_protocol: int, args: argparse.Namespace,
+            workload: Workload) -> dict:
+    """Every figure of one broker."""
+    region = f"bench/brokers/{int(time.time() * 1000)}"
+    pairs = []
+    for i in range(args.pairs):
+        raw = raw_paho(broker.host, broker.port, paho_protocol, region_topic("diff", region + f"/r{i}"),
+                       signed_diffs(region + f"/r{i}", args.frames))
+        batched = edgeswarm_frames(broker.host, broker.port, protocol, region + f"/b{i}", args.frames,
+                                   args.batch)
+        pairs.append((batched / raw, raw, batched))
+        print(f"{name}: raw paho {raw:,.0f} msg/s, edgeswarm {batched:,.0f} frames/s in batches of "
+              f"{args.batch} ({batched / raw:.0%})", flush=True)
+    _, raw, batched = sorted(pairs)[len(pairs) // 2]
+    frames = edgeswarm_frames(broker.host, broker.port, protocol, region, args.frames, 1)
+    print(f"{name}: edgeswarm {frames:,.0f} frames/s one by one", flush=True)
+    figures = run(workload, [broker.url], protocol)
+    print(report(workload, figures, f"{name} ({broker.url})"), flush=True)
+    return {"raw": raw, "frames": frames, "batched": batched, "sim": figures, "ratios": [r for r, _, _ in pairs]}
 
 
 def table(columns: dict[str, dict], frames: int, batch: int, w: Workload) -> None:
