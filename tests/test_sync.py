@@ -437,12 +437,12 @@ def test_a_pulls_steps_name_hashes_salted_and_cut_short_to_a_peer_that_answers_t
             assert b.wait_until(lambda: consensus_map(b, region, keys) == expected, TIMEOUT)
             late = Node(configs[2])
             late.transport.persistent = False
-            del requests[:]  # (before it starts: its hello may set off the pull before sync_now)
             late.start()
             assert late.wait_until(lambda: late.presence.saying("own-votes") >= {a.node_id, b.node_id}, TIMEOUT)
             # (of a and b: the broker may still hold the retained birth of a node of another test)
             pair = {a.node_id, b.node_id}
             assert late.presence.saying("packed-walks") & pair == (set() if old else pair)
+            del requests[:]
             late.sync_now()
             assert late.wait_until(lambda: consensus_map(late, region, keys) == expected, TIMEOUT), late.stats()
             for n in (a, b):
