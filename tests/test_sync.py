@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,6 +28,11 @@ TIMEOUT = 20.0
 
 def consensus_map(node, region, keys):
     return {k: (c.version if (c := node.consensus(region, k)) else None) for k in keys}
+
+
+def level1(region: str, key: str) -> int:
+    """The level-1 node of the digest tree that a frame lies in."""
+    return position(region, key) >> (POS_BITS - FANOUT_BITS)
 
 
 def digests_meet(x, y, region, timeout):
@@ -414,8 +420,8 @@ def test_a_pulls_steps_name_hashes_salted_and_cut_short_to_a_peer_that_answers_t
         keys = [f"k{i}" for i in range(300)]
         # The frames changed lie in tree nodes holding more frames than are listed one by one
         # (sync.LEAF_FRAMES): the walk names such a node's children (`nodes`), then frames.
-        level1 = {k: position(region, k) >> (POS_BITS - FANOUT_BITS) for k in keys}
-        crowded = [k for k in keys if sum(n == level1[k] for n in level1.values()) > sync.LEAF_FRAMES]
+        held = Counter(level1(region, k) for k in keys)
+        crowded = [k for k in keys if held[level1(region, k)] > sync.LEAF_FRAMES]
         assert len(crowded) >= 6
         with a.batch():
             for i, k in enumerate(keys):
@@ -913,9 +919,9 @@ def test_a_node_spares_its_answer_when_the_first_answer_tells_what_its_own_would
     up = [Node(configs[i]).start() for i in range(4)]
     first = min(up, key=lambda n: n.node_id)  # (the first of them to answer)
     others = [n for n in up if n is not first]
-    level1 = lambda key: position(region, key) >> (POS_BITS - FANOUT_BITS)  # noqa: E731
     keys = [f"k{i}" for i in range(5)]
-    apart = next(f"far{i}" for i in range(1000) if level1(f"far{i}") not in {level1(k) for k in keys})
+    apart = next(f"far{i}" for i in range(1000)
+                 if level1(region, f"far{i}") not in {level1(region, k) for k in keys})
     late = None
     try:
         if first_holds == "more":
