@@ -9,6 +9,8 @@ from edgeswarm.shared.envelope import canonical, encode
 from edgeswarm.shared.identity import Identity
 from edgeswarm.shared.topics import node_topic, region_topic
 
+from test_relay import relaying
+
 TIMEOUT = 15.0
 
 
@@ -288,8 +290,7 @@ def test_a_waiting_decision_is_written_by_the_worker_in_time(member_configs, reg
     configs = member_configs(4, sync_interval=0, snapshot_interval=0)  # quorum 3; the fourth never runs
     a, b, c = (Node(config).start() for config in configs[:3])
     try:
-        for n in (a, b, c):  # (each knows the others pass votes on)
-            assert n.wait_until(lambda n=n: len(n.relay.authors) == 2, TIMEOUT)
+        relaying([a, b, c])  # (each knows the others pass votes on)
         head = b.store.trace_head(b.node_id)
         version = a.put(region, "k", {"x": 1})
         assert b.wait_until(lambda: (fv := b.consensus(region, "k")) is not None and fv.version == version, TIMEOUT)
