@@ -846,12 +846,25 @@ def test_a_node_that_rejoined_first_follows_one_whose_hello_came_in_its_state(me
         first.start()
         second.start()
         assert first.wait_until(lambda: second.node_id in first.sync._seen.get(region, {}), TIMEOUT)
+        hello = _seen_by(first, region, second.node_id)  # (as its hello came: for a failure's message)
         first.put(region, "own", {"by": "first"})  # (its digest is no longer the one second said hello with)
         for n in rejoining:
             assert n.wait_until(lambda n=n: all(n.store.has_version(v) for v in versions), TIMEOUT), n.stats()
         assert second.counters["sync.pulls"] == 1 and first.counters["sync.pulls"] == 0, \
-            (first.counters, second.counters)
+            (_sync_counters(first), _sync_counters(second), hello, _seen_by(first, region, second.node_id))
         assert first.counters["sync.deferred"] == 1
+
+
+def _sync_counters(n: Node) -> dict:
+    return {k: v for k, v in n.counters.items() if k.startswith("sync.")}
+
+
+def _seen_by(n: Node, region: str, peer: str) -> dict:
+    """What n remembers of peer's last digest for a region (for a failure's message)."""
+    seen = n.sync._seen.get(region, {}).get(peer)
+    return seen and {"welcome": seen.welcome, "pulling": seen.pulling is not None,
+                     "age_s": round(time.monotonic() - seen.at, 2),
+                     "in_state": seen.hashes == n.sync.digest(region)["hashes"]}
 
 
 def test_a_node_that_rejoins_after_a_pull_for_its_state_ended_follows_that_pull(member_configs, region):
