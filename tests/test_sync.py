@@ -22,6 +22,7 @@ from edgeswarm.shared.envelope import canonical, decode, decode_many, encode, me
 from edgeswarm.shared.identity import node_id_of
 from edgeswarm.shared.topics import node_topic
 from helpers import Network, restored, sync_body
+from test_relay import relaying
 
 TIMEOUT = 20.0
 
@@ -217,14 +218,19 @@ def _vote_batches(pulled: list[tuple[bytes, bytes]], node: Node) -> dict[bytes, 
     return out
 
 
+def _carried(body: dict) -> list[bytes]:
+    """The envelopes a sync-resp carries: packed, or as they are (a chunk that packing would
+    not make smaller, say one or two envelopes, goes unpacked to a peer that reads packs too)."""
+    return packing.unpack(body["packed"], 1 << 20) if "packed" in body else list(body.get("envelopes", []))
+
+
 def _pulled_by(attacker, node) -> list[tuple[bytes, bytes]]:
     """What the node's sync responses bring it, as (sender, envelope), from now on."""
     pulled: list[tuple[bytes, bytes]] = []
     subscribed = threading.Event()
     attacker.client.on_subscribe = lambda *a_: subscribed.set()
     attacker.client.on_message = lambda c, u, m: pulled.extend(
-        (env.sender, raw) for env in [decode(m.payload)] if "packed" in env.body
-        for raw in packing.unpack(env.body["packed"], 1 << 20))
+        (env.sender, raw) for env in [decode(m.payload)] for raw in _carried(env.body))
     attacker.client.subscribe(node_topic(node.node_id, "sync-resp"), qos=1)
     assert subscribed.wait(TIMEOUT)
     return pulled
@@ -232,13 +238,21 @@ def _pulled_by(attacker, node) -> list[tuple[bytes, bytes]]:
 
 def _written_in_turn(writers, keys, region, others=()):
     """Each key written by the writers in turn, one at a time, each at consensus on every
-    node before the next: every other member's vote on it is a message signed alone."""
+    node before the next: every other member's vote on it is a message signed alone. Each
+    write's relay (the others' votes, which its writer passes on as it reaches consensus)
+    has come back to every other node before the next write, and before a node started
+    next subscribes: else that node could take the last one live instead of in its pull."""
+    nodes = (*writers, *others)
+    relaying(nodes)  # (every vote goes through its writer)
     for i, k in enumerate(keys):
         writer = writers[i % len(writers)]
+        voters = [n for n in nodes if n is not writer]
+        before = {n: n.counters["own.relayed"] for n in voters}
         writer.put(region, k, {"reading": i})
         version = writer.head(region, k).version
         assert all(n.wait_until(lambda n=n: (c := n.consensus(region, k)) and c.version == version, TIMEOUT)
-                   for n in (*writers, *others))
+                   for n in nodes)
+        assert all(n.wait_until(lambda n=n: n.counters["own.relayed"] > before[n], TIMEOUT) for n in voters)
 
 
 def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_configs, region, attacker):
@@ -271,7 +285,8 @@ def test_a_responders_own_votes_reach_a_puller_under_one_signature(member_config
         assert {(e.sender, e.kind) for e in votes} == {(responder, "vote")}
         alone = [decode(restored(raw, late)) for _, raw in pulled if type(cbor2.loads(raw)[0]) is not list]
         assert sorted((e.sender == other, e.kind) for e in alone) == sorted(
-            [(True, "diff")] * 10 + [(True, "vote")] * 10 + [(False, "diff")] * 10)  # (a write's vote is its diff)
+            [(True, "diff")] * 10 + [(True, "vote")] * 10 + [(False, "diff")] * 10), (  # (a write's vote is its diff)
+            Counter((e.sender == other, e.kind, e.body.get("key")) for e in alone), _sync_counters(late))
         # held as the very messages the responder cast (same ids), each in its item form
         held = {bytes(row[0]) for row in late.store.db.execute(
             "SELECT envelope FROM votes WHERE voter = ? AND length(envelope) != 32",  # (not a diff's id)
