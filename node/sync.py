@@ -720,10 +720,7 @@ class Sync:
         body = self._inflated(env.body)
         peer = env.sender_id
         carries = "packed" in body or "envelopes" in body
-        raws = packing.unpack(body["packed"], self.node.config.max_message_bytes) if "packed" in body \
-            else _list(body, "envelopes")
-        if any(type(raw) is not bytes for raw in raws):
-            raise MalformedError("a sync response carries a list of envelopes")
+        raws = carried(body, self.node.config.max_message_bytes)
         taken, whole = self._take(root, raws, peer)
         if "digest" in body:  # the sender's state after this
             root_, _, counts = _parse_digest(body["digest"])
@@ -1197,6 +1194,15 @@ def _own_list(own: Any) -> bool:
     """Whether a value is [[position, round, round], ...] (an `own` request, an `ask` entry)."""
     return type(own) is list and all(type(e) is list and len(e) == 3 and all(type(x) is int for x in e)
                                      and 0 <= e[1] <= e[2] for e in own)
+
+
+def carried(body: dict, max_bytes: int) -> list[bytes]:
+    """The envelopes a sync-resp carries: packed (to a peer that reads packs, when packing
+    makes them smaller), or as they are."""
+    raws = packing.unpack(body["packed"], max_bytes) if "packed" in body else _list(body, "envelopes")
+    if any(type(raw) is not bytes for raw in raws):
+        raise MalformedError("a sync response carries a list of envelopes")
+    return raws
 
 
 def _list(body: dict, name: str) -> list:

@@ -218,19 +218,14 @@ def _vote_batches(pulled: list[tuple[bytes, bytes]], node: Node) -> dict[bytes, 
     return out
 
 
-def _carried(body: dict) -> list[bytes]:
-    """The envelopes a sync-resp carries: packed, or as they are (a chunk that packing would
-    not make smaller, say one or two envelopes, goes unpacked to a peer that reads packs too)."""
-    return packing.unpack(body["packed"], 1 << 20) if "packed" in body else list(body.get("envelopes", []))
-
-
 def _pulled_by(attacker, node) -> list[tuple[bytes, bytes]]:
     """What the node's sync responses bring it, as (sender, envelope), from now on."""
     pulled: list[tuple[bytes, bytes]] = []
     subscribed = threading.Event()
     attacker.client.on_subscribe = lambda *a_: subscribed.set()
     attacker.client.on_message = lambda c, u, m: pulled.extend(
-        (env.sender, raw) for env in [decode(m.payload)] for raw in _carried(env.body))
+        (env.sender, raw) for env in [decode(m.payload)]  # (packed or not: a chunk that packing
+        for raw in sync.carried(env.body, 1 << 20))       # would not make smaller goes as it is)
     attacker.client.subscribe(node_topic(node.node_id, "sync-resp"), qos=1)
     assert subscribed.wait(TIMEOUT)
     return pulled
